@@ -1,0 +1,194 @@
+"""Typed run configuration: dataclasses, YAML files, ``key.sub=value`` overrides, validation.
+
+Validation runs before anything is compiled and names the setting to change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fax.data import dataset_problems
+from models import ModelConfig, preset
+from parallel import ParallelConfig
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message names it and the fix."""
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay to ``lr * min_lr_ratio``."""
+
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 200
+    batch_size: int = 16  # global, in sequences
+    seq_len: int = 0  # 0: the model's max_seq_len
+    microbatches: int = 1  # gradient accumulation
+    z_loss: float = 0.0
+    log_every: int = 10
+    sample_tokens: int = 200  # tokens generated at the end of fit(); 0 disables
+    sample_prompt: str = "def "
+    peak_flops_per_device: float = 0.0  # 0: from the device table (see fax.metrics)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = ""  # a folder written by `fax prepare`; empty: the Python standard library corpus
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=lambda: preset("gpt-mini"))
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    run_dir: str = "runs/default"
+    seed: int = 0
+
+    @property
+    def seq_len(self) -> int:
+        return self.train.seq_len or self.model.max_seq_len
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    """Check a parsed value against a dataclass field type (ints widen to floats)."""
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is float and isinstance(value, str):  # YAML 1.1 reads '3e-3' (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if typ in (int, float, str, bool) and (type(value) is not typ):
+        raise ConfigError(f"{key}={value!r}: expected {typ.__name__}")
+    return value
+
+
+def _apply(obj: Any, key: str, value: Any, prefix: str = "") -> Any:
+    """A copy of dataclass ``obj`` with dotted ``key`` set to ``value``."""
+    head, _, rest = key.partition(".")
+    full = prefix + head
+    hints = typing.get_type_hints(type(obj))
+    if head not in hints:
+        raise ConfigError(f"unknown setting {full!r}; valid keys here: {', '.join(hints)}")
+    current = getattr(obj, head)
+    if head == "model" and isinstance(obj, Config) and not rest:
+        if isinstance(value, str):
+            return dataclasses.replace(obj, model=preset_or_error(value))
+        if isinstance(value, dict):
+            base = preset_or_error(value.pop("preset")) if "preset" in value else ModelConfig()
+            return dataclasses.replace(obj, model=_apply_dict(base, value, "model."))
+    if dataclasses.is_dataclass(current):
+        if rest:
+            return dataclasses.replace(obj, **{head: _apply(current, rest, value, full + ".")})
+        if not isinstance(value, dict):
+            raise ConfigError(f"{full} is a section; set its keys, e.g. {full}.{next(iter(typing.get_type_hints(type(current))))}=...")
+        return dataclasses.replace(obj, **{head: _apply_dict(current, value, full + ".")})
+    if rest:
+        raise ConfigError(f"{full} is not a section; use {full}=VALUE")
+    return dataclasses.replace(obj, **{head: _coerce(value, hints[head], full)})
+
+
+def _apply_dict(obj: Any, values: dict, prefix: str) -> Any:
+    for k, v in values.items():
+        obj = _apply(obj, str(k), v, prefix)
+    return obj
+
+
+def preset_or_error(name: str) -> ModelConfig:
+    try:
+        return preset(name)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {text!r} is not of the form key.sub=value")
+    return key.strip(), yaml.safe_load(raw) if raw else ""
+
+
+def apply_overrides(cfg: Config, overrides: typing.Sequence[str]) -> Config:
+    """Apply ``key.sub=value`` overrides; a ``model=PRESET`` applies first, field overrides on top."""
+    pairs = sorted((parse_override(o) for o in overrides), key=lambda kv: kv[0] != "model")
+    for key, value in pairs:
+        cfg = _apply(cfg, key, value)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Defaults, then a YAML file, then ``key=value`` overrides."""
+    cfg = Config()
+    if path is not None:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a mapping of settings at the top level")
+        cfg = _apply_dict(cfg, values, "")
+    return apply_overrides(cfg, overrides)
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    return _apply_dict(Config(), values, "")
+
+
+def validate(cfg: Config, n_devices: int) -> dict[str, int]:
+    """Raise ConfigError listing every problem; return the resolved mesh axis sizes."""
+    m, t = cfg.model, cfg.train
+    problems = list(m.problems())
+    try:
+        sizes = cfg.parallel.axis_sizes(n_devices)
+    except ValueError as e:
+        problems.append(str(e))
+        sizes = None
+    for name in ("steps", "batch_size", "microbatches", "log_every"):
+        if getattr(t, name) <= 0:
+            problems.append(f"train.{name} must be positive, got {getattr(t, name)}")
+    if cfg.seq_len > m.max_seq_len:
+        problems.append(f"train.seq_len={cfg.seq_len} is longer than the model's context "
+                        f"model.max_seq_len={m.max_seq_len}; lower train.seq_len or raise model.max_seq_len")
+    if sizes is not None and t.microbatches > 0:
+        shards = sizes["data"] * sizes["fsdp"]
+        if t.batch_size % (shards * t.microbatches):
+            problems.append(f"train.batch_size={t.batch_size} must be divisible by the batch shards "
+                            f"(parallel.data x parallel.fsdp = {shards}) x train.microbatches={t.microbatches}"
+                            f" = {shards * t.microbatches}")
+        tensor = sizes["tensor"]
+        for name in ("n_heads", "n_kv_heads", "d_ff", "vocab_size"):
+            if getattr(m, name) % tensor:
+                problems.append(f"model.{name}={getattr(m, name)} is not divisible by parallel.tensor={tensor}; "
+                                f"choose a tensor size that divides it")
+        if m.d_model % sizes["fsdp"]:
+            problems.append(f"model.d_model={m.d_model} is not divisible by parallel.fsdp={sizes['fsdp']}")
+        if cfg.seq_len % sizes["sequence"]:
+            problems.append(f"train.seq_len={cfg.seq_len} is not divisible by parallel.sequence={sizes['sequence']}")
+    if cfg.data.path:
+        problems.extend(dataset_problems(cfg.data.path, cfg.seq_len))
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+    return sizes

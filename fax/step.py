@@ -1,0 +1,159 @@
+"""Loss, optimizer and the train step: pure functions, then jitted with explicit shardings."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+import models
+from fax.config import Config, OptimConfig
+from models.sharding import activation_sharding, constrain
+from parallel import (BATCH_AXES, activation_resolver, logical_sharding, optimizer_shardings, replicated,
+                      tree_shardings)
+
+State = dict[str, Any]  # {"step": int32 scalar, "params": ..., "opt_state": ...}
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, z_loss: float) -> tuple[jax.Array, jax.Array]:
+    """Mean next-token cross-entropy, and the same plus ``z_loss * mean(logsumexp^2)`` to optimise."""
+    logits = logits.astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    ce = jnp.mean(log_z - target_logits)
+    return ce + z_loss * jnp.mean(log_z**2), ce
+
+
+def lr_schedule(optim: OptimConfig, steps: int) -> optax.Schedule:
+    warmup = min(optim.warmup_steps, max(steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(0.0, optim.lr, warmup_steps=warmup, decay_steps=max(steps, warmup + 1),
+                                              end_value=optim.lr * optim.min_lr_ratio)
+
+
+def decay_mask(params: Any) -> Any:
+    """Weight decay on matrices only: norm scales and biases are exempt."""
+    def decays(path: tuple, _: Any) -> bool:
+        name = path[-1].key
+        return not (name == "scale" or name.endswith("bias"))
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(optim: OptimConfig, steps: int) -> optax.GradientTransformation:
+    return optax.chain(
+        optax.clip_by_global_norm(optim.clip_norm),
+        optax.adamw(lr_schedule(optim, steps), b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                    weight_decay=optim.weight_decay, mask=decay_mask),
+    )
+
+
+def loss_and_grads(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, z_loss: float
+                   ) -> tuple[jax.Array, Any]:
+    """Cross-entropy of one (micro)batch [batch, seq_len + 1] and the gradient of the objective."""
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+
+    def objective(p: Any) -> tuple[jax.Array, jax.Array]:
+        return cross_entropy(models.apply(graphdef, p, inputs), targets, z_loss)
+
+    (_, ce), grads = jax.value_and_grad(objective, has_aux=True)(params)
+    return ce, grads
+
+
+def accumulated_grads(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, microbatches: int, z_loss: float
+                      ) -> tuple[jax.Array, Any]:
+    """Mean loss and gradient over ``microbatches`` equal slices of the batch, one slice at a time.
+
+    Microbatch m takes rows m, m + M, m + 2M, ...: each device's block of the batch then feeds
+    every microbatch, so no microbatch sits on a subset of the devices.
+    """
+    if microbatches == 1:
+        return loss_and_grads(graphdef, params, tokens, z_loss)
+    rows, width = tokens.shape
+    micro = tokens.reshape(rows // microbatches, microbatches, width).swapaxes(0, 1)
+
+    def body(carry: tuple[jax.Array, Any], mb: jax.Array) -> tuple[tuple[jax.Array, Any], None]:
+        loss_sum, grad_sum = carry
+        mb = constrain(mb, BATCH_AXES)
+        loss, grads = loss_and_grads(graphdef, params, mb, z_loss)
+        return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (loss_sum, grad_sum), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), micro)
+    return loss_sum / microbatches, jax.tree.map(lambda g: g / microbatches, grad_sum)
+
+
+def train_step(state: State, tokens: jax.Array, *, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+               schedule: optax.Schedule, microbatches: int, z_loss: float) -> tuple[State, dict[str, jax.Array]]:
+    loss, grads = accumulated_grads(graphdef, state["params"], tokens, microbatches, z_loss)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"])}
+    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+
+
+def eval_loss(params: Any, tokens: jax.Array, *, graphdef: nnx.GraphDef) -> jax.Array:
+    return cross_entropy(models.apply(graphdef, params, tokens[:, :-1]), tokens[:, 1:], 0.0)[1]
+
+
+def init_state(cfg: Config, tx: optax.GradientTransformation) -> State:
+    params = models.init_params(cfg.model, cfg.seed)
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+
+@dataclass
+class ShardedTraining:
+    """Everything compiled for one config on one mesh."""
+
+    mesh: Mesh
+    graphdef: nnx.GraphDef
+    param_axes: Any
+    state_shardings: State
+    batch_sharding: NamedSharding
+    init: Any  # () -> State, created directly in its shardings
+    step: Any  # (State, tokens) -> (State, metrics); donates the state
+    evaluate: Any  # (params, tokens) -> loss
+
+
+def _with_activation_sharding(fn: Any, mesh: Mesh) -> Any:
+    """Trace ``fn`` with logical activation names resolved against ``mesh``."""
+    resolver = activation_resolver(mesh)
+
+    @functools.wraps(fn)
+    def wrapped(*args: Any) -> Any:
+        with activation_sharding(resolver):
+            return fn(*args)
+    return wrapped
+
+
+def build(cfg: Config, mesh: Mesh) -> ShardedTraining:
+    """Shardings from the logical rules, then the jitted init, train step and eval step."""
+    graphdef, abstract_state = models.abstract(cfg.model)
+    param_axes = models.logical_axes(abstract_state)
+    param_shardings = tree_shardings(param_axes, mesh)
+    tx = make_optimizer(cfg.optim, cfg.train.steps)
+    abstract_params = nnx.to_pure_dict(abstract_state)
+    state_shardings = {
+        "step": replicated(mesh),
+        "params": param_shardings,
+        "opt_state": optimizer_shardings(tx, abstract_params, param_shardings, mesh),
+    }
+    batch_sharding = logical_sharding(BATCH_AXES, mesh)
+    step = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=lr_schedule(cfg.optim, cfg.train.steps),
+                             microbatches=cfg.train.microbatches, z_loss=cfg.train.z_loss)
+    return ShardedTraining(
+        mesh=mesh,
+        graphdef=graphdef,
+        param_axes=param_axes,
+        state_shardings=state_shardings,
+        batch_sharding=batch_sharding,
+        init=jax.jit(functools.partial(init_state, cfg, tx), out_shardings=state_shardings),
+        step=jax.jit(_with_activation_sharding(step, mesh), in_shardings=(state_shardings, batch_sharding),
+                     out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,)),
+        evaluate=jax.jit(_with_activation_sharding(functools.partial(eval_loss, graphdef=graphdef), mesh),
+                         in_shardings=(param_shardings, batch_sharding), out_shardings=replicated(mesh)),
+    )

@@ -1,0 +1,108 @@
+"""Model shape: one dataclass shared by the model code, the trainer and (later) the planner.
+
+Parameter counts and FLOPs are computed from the shape alone, so the planner can reason about
+175B-parameter models without allocating them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+NORMS = ("layernorm", "rmsnorm")
+ACTIVATIONS = ("gelu", "swiglu")
+POSITIONS = ("learned", "rope")
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A decoder-only transformer. GPT-2 and Llama are two settings of the same fields."""
+
+    vocab_size: int = 512
+    max_seq_len: int = 256
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 4
+    head_dim: int = 0  # 0: d_model // n_heads
+    d_ff: int = 512
+    norm: str = "layernorm"
+    activation: str = "gelu"
+    position: str = "learned"
+    use_bias: bool = True
+    tie_embeddings: bool = True
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    dtype: str = "float32"  # compute dtype; parameters are always float32
+    remat: str = "none"
+    attention_impl: str = "auto"
+
+    @property
+    def kv_head_dim(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    def replace(self, **changes) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    def problems(self) -> list[str]:
+        """Inconsistent settings, each phrased as the setting to change."""
+        out = []
+        for name, allowed in (("norm", NORMS), ("activation", ACTIVATIONS), ("position", POSITIONS),
+                              ("remat", REMAT_POLICIES), ("attention_impl", ATTENTION_IMPLS),
+                              ("dtype", DTYPES)):
+            if getattr(self, name) not in allowed:
+                out.append(f"model.{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        for name in ("vocab_size", "max_seq_len", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"):
+            if getattr(self, name) <= 0:
+                out.append(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.n_heads > 0 and self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads:
+            out.append(f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={self.n_kv_heads}")
+        if not self.head_dim and self.n_heads > 0 and self.d_model % self.n_heads:
+            out.append(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
+                       "set model.head_dim explicitly")
+        if self.position == "rope" and self.kv_head_dim % 2:
+            out.append(f"RoPE needs an even head dimension, got {self.kv_head_dim}")
+        return out
+
+
+def block_param_count(cfg: ModelConfig) -> int:
+    d, hd = cfg.d_model, cfg.kv_head_dim
+    attn = d * hd * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
+    mlp = (3 if cfg.activation == "swiglu" else 2) * d * cfg.d_ff
+    norms = 2 * d * (2 if cfg.norm == "layernorm" else 1)
+    biases = 0
+    if cfg.use_bias:
+        biases = hd * (cfg.n_heads + 2 * cfg.n_kv_heads) + d + (cfg.d_ff if cfg.activation == "gelu" else 0) + d
+    return attn + mlp + norms + biases
+
+
+def param_count(cfg: ModelConfig) -> int:
+    """Exact number of parameters of the model the config builds."""
+    d = cfg.d_model
+    embed = cfg.vocab_size * d
+    positions = cfg.max_seq_len * d if cfg.position == "learned" else 0
+    final_norm = d * (2 if cfg.norm == "layernorm" else 1)
+    head = 0 if cfg.tie_embeddings else d * cfg.vocab_size
+    return embed + positions + cfg.n_layers * block_param_count(cfg) + final_norm + head
+
+
+def matmul_param_count(cfg: ModelConfig) -> int:
+    """Parameters that take part in a matrix product per token (embedding lookups do not, the head does)."""
+    d, hd = cfg.d_model, cfg.kv_head_dim
+    attn = d * hd * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
+    mlp = (3 if cfg.activation == "swiglu" else 2) * d * cfg.d_ff
+    return cfg.n_layers * (attn + mlp) + d * cfg.vocab_size
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Model FLOPs of one training token (forward + backward, no recomputation).
+
+    6 per matmul parameter, plus 12 * layers * heads * head_dim * seq_len for the attention
+    scores and the weighted sum (counted over the full, not the causal, square, as PaLM does).
+    """
+    attention = 12 * cfg.n_layers * cfg.n_heads * cfg.kv_head_dim * seq_len
+    return 6.0 * matmul_param_count(cfg) + attention

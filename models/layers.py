@@ -1,0 +1,143 @@
+"""Transformer building blocks shared by every model family.
+
+Each parameter carries its logical axis names in the ``out_sharding`` metadata; each key
+activation is constrained by logical names through ``models.sharding.constrain``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.config import ModelConfig
+from models.sharding import constrain
+
+RESIDUAL = ("batch", "length", "embed")
+
+
+def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str | None, ...],
+          init: str | float) -> nnx.Param:
+    """A float32 parameter: ``init`` is 'zeros', 'ones' or the std of a normal."""
+    if init == "zeros":
+        value = jnp.zeros(shape, jnp.float32)
+    elif init == "ones":
+        value = jnp.ones(shape, jnp.float32)
+    else:
+        value = init * jax.random.normal(rngs.params(), shape, jnp.float32)
+    return nnx.Param(value, out_sharding=axes)
+
+
+def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
+    return jnp.dtype(cfg.dtype)
+
+
+class Norm(nnx.Module):
+    """LayerNorm (with bias) or RMSNorm; statistics in float32 whatever the compute dtype."""
+
+    def __init__(self, cfg: ModelConfig):
+        self.kind, self.eps = cfg.norm, cfg.norm_eps
+        self.scale = param(None, (cfg.d_model,), ("norm",), "ones")
+        self.bias = param(None, (cfg.d_model,), ("norm",), "zeros") if cfg.norm == "layernorm" else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = x.astype(jnp.float32)
+        if self.kind == "layernorm":
+            h = h - h.mean(-1, keepdims=True)
+        h = h * jax.lax.rsqrt((h * h).mean(-1, keepdims=True) + self.eps) * self.scale[...]
+        if self.bias is not None:
+            h = h + self.bias[...]
+        return h.astype(x.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding over the last axis of x: [batch, length, heads, head_dim] (rotate-half form)."""
+    half = x.shape[-1] // 2
+    freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles = positions[..., None].astype(jnp.float32) * freqs  # [batch?, length, half]
+    if angles.ndim == 2:
+        angles = angles[None]
+    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Multi-head / grouped-query causal self-attention via ``jax.nn.dot_product_attention``."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, h, kv, hd, std = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.kv_head_dim, cfg.init_std
+        self.cfg = cfg
+        self.wq = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), std)
+        self.wk = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), std)
+        self.wv = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), std)
+        # GPT-2's scaled init of residual projections keeps the residual stream's variance flat.
+        self.wo = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), std / (2 * cfg.n_layers) ** 0.5)
+        if cfg.use_bias:
+            self.q_bias = param(None, (h, hd), ("heads", "head_dim"), "zeros")
+            self.k_bias = param(None, (kv, hd), ("kv_heads", "head_dim"), "zeros")
+            self.v_bias = param(None, (kv, hd), ("kv_heads", "head_dim"), "zeros")
+            self.out_bias = param(None, (d,), ("norm",), "zeros")
+
+    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        cfg, dt = self.cfg, x.dtype
+        q = jnp.einsum("bld,dhk->blhk", x, self.wq[...].astype(dt))
+        k = jnp.einsum("bld,dhk->blhk", x, self.wk[...].astype(dt))
+        v = jnp.einsum("bld,dhk->blhk", x, self.wv[...].astype(dt))
+        if cfg.use_bias:
+            q, k, v = q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt), v + self.v_bias[...].astype(dt)
+        if cfg.position == "rope":
+            q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+        q = constrain(q, ("batch", "length", "heads", "head_dim"))
+        k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
+        v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
+        impl = None if cfg.attention_impl == "auto" else cfg.attention_impl
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+        out = constrain(out, ("batch", "length", "heads", "head_dim"))
+        y = jnp.einsum("blhk,hkd->bld", out, self.wo[...].astype(dt))
+        if cfg.use_bias:
+            y = y + self.out_bias[...].astype(dt)
+        return constrain(y, RESIDUAL)
+
+
+class Mlp(nnx.Module):
+    """GELU MLP (GPT-2) or SwiGLU (Llama)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, f, std = cfg.d_model, cfg.d_ff, cfg.init_std
+        self.cfg = cfg
+        self.wi = param(rngs, (d, f), ("embed", "mlp"), std)
+        if cfg.activation == "swiglu":
+            self.wg = param(rngs, (d, f), ("embed", "mlp"), std)
+        self.wo = param(rngs, (f, d), ("mlp", "embed"), std / (2 * cfg.n_layers) ** 0.5)
+        if cfg.use_bias:
+            self.in_bias = param(None, (f,), ("mlp",), "zeros")
+            self.out_bias = param(None, (d,), ("norm",), "zeros")
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg, dt = self.cfg, x.dtype
+        h = x @ self.wi[...].astype(dt)
+        if cfg.use_bias:
+            h = h + self.in_bias[...].astype(dt)
+        if cfg.activation == "swiglu":
+            h = jax.nn.silu(x @ self.wg[...].astype(dt)) * h
+        else:
+            h = jax.nn.gelu(h, approximate=True)
+        h = constrain(h, ("batch", "length", "mlp"))
+        y = h @ self.wo[...].astype(dt)
+        if cfg.use_bias:
+            y = y + self.out_bias[...].astype(dt)
+        return constrain(y, RESIDUAL)
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.attn_norm, self.attn = Norm(cfg), Attention(cfg, rngs)
+        self.mlp_norm, self.mlp = Norm(cfg), Mlp(cfg, rngs)
+
+    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        x = x + self.attn(self.attn_norm(x), positions)
+        return x + self.mlp(self.mlp_norm(x))

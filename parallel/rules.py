@@ -1,0 +1,90 @@
+"""Logical axis names -> mesh axes, and the shardings of params, optimizer state and batches."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+Rules = Mapping[str, tuple[str, ...]]
+
+# Each logical axis lists the mesh axes it may be sharded over. A mesh axis already used by an
+# earlier dimension of the same array is skipped, so an activation [batch, length, embed] puts
+# fsdp on the batch while the [embed, mlp] weight puts it on embed.
+DEFAULT_RULES: Rules = {
+    "batch": ("data", "fsdp"),
+    "length": ("sequence",),
+    "embed": ("fsdp",),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "mlp": ("tensor",),
+    "vocab": ("tensor",),
+    "head_dim": (),
+    "norm": (),
+    "layers": (),
+}
+
+BATCH_AXES = ("batch", "length")
+
+
+def logical_to_spec(axes: Sequence[str | None], mesh: Mesh, rules: Rules = DEFAULT_RULES) -> PartitionSpec:
+    """PartitionSpec for an array whose dimensions have logical names ``axes``."""
+    used: set[str] = set()
+    spec = []
+    for name in axes:
+        if name is not None and name not in rules:
+            raise ValueError(f"logical axis {name!r} has no sharding rule; known axes: {', '.join(rules)}")
+        mesh_axes = tuple(a for a in rules.get(name, ()) if a not in used and mesh.shape[a] > 1)
+        used.update(mesh_axes)
+        spec.append(mesh_axes[0] if len(mesh_axes) == 1 else (mesh_axes or None))
+    return PartitionSpec(*spec)
+
+
+def logical_sharding(axes: Sequence[str | None], mesh: Mesh, rules: Rules = DEFAULT_RULES) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(axes, mesh, rules))
+
+
+def _is_axes(x: Any) -> bool:
+    return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
+
+
+def tree_shardings(axes_tree: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
+    """NamedSharding for every leaf of a tree of logical-axis tuples."""
+    return jax.tree.map(lambda axes: logical_sharding(axes, mesh, rules), axes_tree, is_leaf=_is_axes)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def optimizer_shardings(tx: optax.GradientTransformation, abstract_params: Any, param_shardings: Any,
+                        mesh: Mesh) -> Any:
+    """Optimizer state sharded like the params it mirrors (Adam moments); counters replicated."""
+    abstract_state = jax.eval_shape(tx.init, abstract_params)
+    return optax.tree_map_params(tx, lambda _, sharding: sharding, abstract_state, param_shardings,
+                                 transform_non_params=lambda _: replicated(mesh))
+
+
+def indivisible(shapes: Any, axes_tree: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> list[str]:
+    """Arrays whose dimensions do not divide evenly over the mesh axes the rules give them."""
+    problems = []
+    flat_axes = dict(jax.tree_util.tree_leaves_with_path(axes_tree, is_leaf=_is_axes))
+    for path, leaf in jax.tree_util.tree_leaves_with_path(shapes):
+        axes = flat_axes[path]
+        for dim, entry in zip(leaf.shape, logical_to_spec(axes, mesh, rules)):
+            names = (entry,) if isinstance(entry, str) else (entry or ())
+            ways = 1
+            for n in names:
+                ways *= mesh.shape[n]
+            if dim % ways:
+                problems.append(f"{jax.tree_util.keystr(path)} has a dimension of {dim} that does not "
+                                f"divide over mesh axes {names} ({ways} ways)")
+    return problems
+
+
+def activation_resolver(mesh: Mesh, rules: Rules = DEFAULT_RULES):
+    """The resolver models.sharding.constrain uses inside a traced step."""
+    return lambda axes: logical_sharding(axes, mesh, rules)

@@ -1,0 +1,23 @@
+"""8 emulated CPU devices, set before jax initialises its backend."""
+
+import os
+
+os.environ.setdefault("FAX_CACHE", os.path.join(os.path.dirname(__file__), "..", ".cache"))
+
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 8)
+jax.config.update("jax_platforms", "cpu")
+
+import pytest  # noqa: E402
+
+from fax.data import prepare, stdlib_dir, text_files  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory):
+    """A prepared dataset of a few standard-library modules (fast to build)."""
+    files = [stdlib_dir() / name for name in ("json/decoder.py", "json/encoder.py", "textwrap.py", "string.py")]
+    out = tmp_path_factory.mktemp("corpus")
+    prepare(text_files(files), out)
+    return out

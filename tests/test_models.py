@@ -1,0 +1,75 @@
+"""Model shapes, annotations and the attention's invariants."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import models
+from models.layers import rope
+from parallel import DEFAULT_RULES
+
+
+@pytest.mark.parametrize("name", models.preset_names())
+def test_presets_count_params_without_allocating(name):
+    cfg = models.preset(name)
+    _, state = models.abstract(cfg)  # shapes only, even for 175B
+    assert sum(x.size for x in jax.tree.leaves(state)) == models.param_count(cfg)
+
+
+def test_published_sizes():
+    assert round(models.param_count(models.preset("llama-7b")) / 1e9, 2) == 6.74
+    assert round(models.param_count(models.preset("llama-70b")) / 1e9, 1) == 69.0
+    assert round(models.param_count(models.preset("gpt3-175b")) / 1e9) == 175
+
+
+def test_train_flops_per_token_by_hand():
+    cfg = models.preset("llama-7b")
+    d, layers = cfg.d_model, cfg.n_layers
+    not_in_matmuls = cfg.vocab_size * d + (2 * layers + 1) * d  # input embedding and RMSNorm scales
+    expected = 6 * (models.param_count(cfg) - not_in_matmuls) + 12 * layers * d * 2048
+    assert models.train_flops_per_token(cfg, 2048) == expected
+
+
+@pytest.mark.parametrize("name", ["gpt-tiny", "llama-tiny"])
+def test_every_param_has_known_logical_axes(name):
+    _, state = models.abstract(models.preset(name))
+    axes = models.logical_axes(state)
+    shapes = jax.tree.map(lambda x: x.shape, jax.tree.leaves(state))
+    flat_axes = jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple))
+    assert len(flat_axes) == len(shapes)
+    for ax, shape in zip(flat_axes, shapes):
+        assert len(ax) == len(shape)
+        assert all(a is None or a in DEFAULT_RULES for a in ax)
+    assert axes["blocks"]["attn"]["wq"][0] == "layers"
+
+
+@pytest.mark.parametrize("name", ["gpt-tiny", "llama-tiny"])
+def test_causal_future_tokens_do_not_change_past_logits(name):
+    cfg = models.preset(name)
+    model = models.build(cfg, seed=1)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 24)), jnp.int32)
+    changed = tokens.at[:, 12:].set((tokens[:, 12:] + 7) % cfg.vocab_size)
+    a, b = model(tokens), model(changed)
+    np.testing.assert_allclose(a[:, :12], b[:, :12], atol=1e-5)
+    assert not np.allclose(a[:, 12:], b[:, 12:], atol=1e-3)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    rng = np.random.default_rng(0)
+    q, k = (jnp.asarray(rng.normal(size=(1, 1, 1, 16)), jnp.float32) for _ in range(2))
+
+    def score(pq, pk):
+        return float(jnp.sum(rope(q, jnp.array([pq]), 1e4) * rope(k, jnp.array([pk]), 1e4)))
+
+    assert score(5, 2) == pytest.approx(score(103, 100), rel=1e-4)
+    assert score(5, 2) != pytest.approx(score(5, 4), rel=1e-3)
+
+
+def test_bfloat16_compute_tracks_float32():
+    cfg = models.preset("llama-tiny")
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 32)), jnp.int32)
+    f32 = models.build(cfg, seed=0)(tokens)
+    bf16 = models.build(cfg.replace(dtype="bfloat16"), seed=0)(tokens)
+    assert bf16.dtype == jnp.float32  # logits always come out in float32 for the loss
+    np.testing.assert_allclose(bf16, f32, atol=5e-2)

@@ -1,0 +1,112 @@
+"""Shardings follow the logical rules; every mesh computes the same step as one device."""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from fax import step as step_lib
+from fax.config import load_config
+from parallel import make_mesh
+
+MESHES = {"2x2x2": (2, 2, 2), "8x1x1": (8, 1, 1), "1x8x1": (1, 8, 1), "1x1x8": (1, 1, 8)}
+
+
+def config(model: str, mesh: tuple[int, int, int], *extra: str):
+    data, fsdp, tensor = mesh
+    return load_config(overrides=[f"model={model}", f"parallel.data={data}", f"parallel.fsdp={fsdp}",
+                                  f"parallel.tensor={tensor}", "train.batch_size=16", "train.seq_len=32", *extra])
+
+
+def build(cfg, n_devices: int):
+    return step_lib.build(cfg, make_mesh(cfg.parallel, jax.devices()[:n_devices]))
+
+
+def batch(cfg, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.seq_len + 1)).astype(np.int32)
+
+
+def one_step(cfg, n_devices: int, tokens: np.ndarray):
+    training = build(cfg, n_devices)
+    state, metrics = training.step(training.init(), jax.device_put(tokens, training.batch_sharding))
+    return training, state, {k: float(v) for k, v in metrics.items()}
+
+
+# What the default rules must give each kind of weight, by mesh (data, fsdp, tensor).
+EXPECTED = {
+    # path in params                      2x2x2                                  8x1x1                1x8x1                           1x1x8
+    ("embed",): {"2x2x2": P("tensor", "fsdp"), "8x1x1": P(None, None), "1x8x1": P(None, "fsdp"), "1x1x8": P("tensor", None)},
+    ("blocks", "attn", "wq"): {"2x2x2": P(None, "fsdp", "tensor", None), "8x1x1": P(None, None, None, None),
+                               "1x8x1": P(None, "fsdp", None, None), "1x1x8": P(None, None, "tensor", None)},
+    ("blocks", "attn", "wo"): {"2x2x2": P(None, "tensor", None, "fsdp"), "8x1x1": P(None, None, None, None),
+                               "1x8x1": P(None, None, None, "fsdp"), "1x1x8": P(None, "tensor", None, None)},
+    ("blocks", "mlp", "wi"): {"2x2x2": P(None, "fsdp", "tensor"), "8x1x1": P(None, None, None),
+                              "1x8x1": P(None, "fsdp", None), "1x1x8": P(None, None, "tensor")},
+    ("blocks", "mlp_norm", "scale"): {m: P(None, None) for m in MESHES},
+}
+
+
+def _get(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+@pytest.mark.parametrize("mesh_name", list(MESHES))
+def test_param_and_optimizer_shardings_follow_rules(mesh_name):
+    cfg = config("gpt-tiny", MESHES[mesh_name])
+    training = build(cfg, 8)
+    state = training.init()
+    for path, by_mesh in EXPECTED.items():
+        assert _get(state["params"], path).sharding.spec == by_mesh[mesh_name], path
+    # Adam's moments are sharded exactly like the params they mirror, on the arrays themselves.
+    adam = state["opt_state"][1][0]
+    for moments in (adam.mu, adam.nu):
+        got = jax.tree.map(lambda x: x.sharding, moments)
+        want = jax.tree.map(lambda x: x.sharding, state["params"])
+        assert got == want
+    # The batch is split over data and fsdp together.
+    batch_rows = {"2x2x2": ("data", "fsdp"), "8x1x1": "data", "1x8x1": "fsdp", "1x1x8": None}[mesh_name]
+    assert training.batch_sharding.spec == P(batch_rows, None)
+    # A step keeps every array where it was (donation does not move anything).
+    new_state, _ = training.step(state, jax.device_put(batch(cfg), training.batch_sharding))
+    assert jax.tree.map(lambda x: x.sharding, new_state) == training.state_shardings
+
+
+@pytest.mark.parametrize("model", ["gpt-tiny", "llama-tiny"])
+def test_every_mesh_matches_one_device(model):
+    tokens = batch(config(model, (1, 1, 1)))
+    _, _, reference = one_step(config(model, (1, 1, 1)), 1, tokens)
+    for name, mesh in MESHES.items():
+        _, _, metrics = one_step(config(model, mesh), 8, tokens)
+        np.testing.assert_allclose(metrics["loss"], reference["loss"], rtol=1e-5, err_msg=f"{model} {name}")
+        np.testing.assert_allclose(metrics["grad_norm"], reference["grad_norm"], rtol=1e-5, err_msg=f"{model} {name}")
+
+
+@pytest.mark.parametrize("model", ["gpt-tiny", "llama-tiny"])
+def test_gradient_accumulation_equals_full_batch(model):
+    tokens = batch(config(model, (2, 2, 2)))
+    _, full_state, full = one_step(config(model, (2, 2, 2)), 8, tokens)
+    _, acc_state, acc = one_step(config(model, (2, 2, 2), "train.microbatches=4"), 8, tokens)
+    np.testing.assert_allclose(acc["loss"], full["loss"], rtol=1e-5)
+    np.testing.assert_allclose(acc["grad_norm"], full["grad_norm"], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 acc_state["params"], full_state["params"])
+
+
+def test_remat_policies_do_not_change_the_step():
+    tokens = batch(config("llama-tiny", (2, 2, 2)))
+    _, _, none = one_step(config("llama-tiny", (2, 2, 2)), 8, tokens)
+    for policy in ("full", "dots_saveable"):
+        _, _, metrics = one_step(config("llama-tiny", (2, 2, 2), f"model.remat={policy}"), 8, tokens)
+        np.testing.assert_allclose(metrics["grad_norm"], none["grad_norm"], rtol=1e-5, err_msg=policy)
+
+
+def test_step_compiles_without_involuntary_rematerialisation(capfd):
+    cfg = config("llama-tiny", (2, 2, 2))
+    training = build(cfg, 8)
+    state = training.init()
+    spec = jax.ShapeDtypeStruct((16, 33), np.int32, sharding=training.batch_sharding)
+    training.step.lower(state, spec).compile()
+    assert "Involuntary full rematerialization" not in capfd.readouterr().err
