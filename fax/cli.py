@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 from collections.abc import Sequence
 
 
@@ -11,8 +13,62 @@ def _train(args: argparse.Namespace) -> int:
     from fax.config import load_config
     from fax.trainer import Trainer
 
+    from fax.trainer import PREEMPTED_EXIT_CODE, Preempted
+
     config = load_config(args.config, args.overrides)
-    Trainer(config).fit()
+    try:
+        Trainer(config).fit()
+    except Preempted as e:
+        print(f"fax: {e}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
+    return 0
+
+
+def _open_checkpoints(run_dir: str):
+    from fax.checkpoint import Checkpointer, checkpoint_dir
+    from fax.config import ConfigError, load_config
+
+    config_path = Path(run_dir) / "config.yaml"
+    if not config_path.exists():
+        raise ConfigError(f"{run_dir!r} is not a fax run directory (no config.yaml)")
+    cfg = load_config(config_path)
+    return Checkpointer(checkpoint_dir(run_dir, cfg.checkpoint), cfg.checkpoint, read_only=True)
+
+
+def _checkpoint_ls(args: argparse.Namespace) -> int:
+    from fax.metrics import mesh_desc
+
+    ckpt = _open_checkpoints(args.run_dir)
+    print(f"{'step':>8}  {'size':>10}  {'loss':>8}  mesh")
+    for step in ckpt.steps():
+        meta = ckpt.meta(step)
+        mesh = mesh_desc(meta["mesh"])
+        loss = meta.get("metrics", {}).get("loss")
+        print(f"{step:>8}  {ckpt.size_bytes(step) / 2**20:>8.1f}MB  {loss if loss is None else f'{loss:8.4f}'}  {mesh}")
+    for name in ckpt.partial():
+        print(f"{'partial':>8}  {name}  (an interrupted save; ignored on restore)")
+    return 0
+
+
+def _checkpoint_info(args: argparse.Namespace) -> int:
+    from fax.config import ConfigError
+    from fax.metrics import mesh_desc
+
+    ckpt = _open_checkpoints(args.run_dir)
+    step = args.step if args.step is not None else ckpt.latest_step()
+    if step is None or step not in ckpt.steps():
+        raise ConfigError(f"no complete checkpoint {'' if step is None else f'of step {step} '}in {args.run_dir!r}; "
+                          f"steps: {ckpt.steps()}")
+    meta = ckpt.meta(step)
+    print(f"step {step}, {ckpt.size_bytes(step) / 2**20:.1f}MB, saved on {meta['devices']} {meta['device_kind']} "
+          f"device(s), mesh {mesh_desc(meta['mesh'])}")
+    print("metrics: " + json.dumps(meta.get("metrics")))
+    import jax
+
+    for path, (shape, dtype) in jax.tree_util.tree_leaves_with_path(
+            ckpt.array_metadata(step), is_leaf=lambda x: isinstance(x, tuple) and len(x) == 2
+            and isinstance(x[1], str)):
+        print(f"  params{jax.tree_util.keystr(path):<40} {dtype:<8} {shape}")
     return 0
 
 
@@ -55,6 +111,16 @@ def parser() -> argparse.ArgumentParser:
     prep.add_argument("--tokenizer", default="byte")
     prep.add_argument("--suffix", action="append", help="only files with this suffix (repeatable), e.g. .txt")
     prep.set_defaults(run=_prepare)
+
+    ckpt = sub.add_parser("checkpoint", help="inspect a run's checkpoints")
+    ckpt_sub = ckpt.add_subparsers(dest="checkpoint_command", required=True)
+    ls = ckpt_sub.add_parser("ls", help="steps, sizes, losses and meshes of the complete checkpoints")
+    ls.add_argument("run_dir")
+    ls.set_defaults(run=_checkpoint_ls)
+    info = ckpt_sub.add_parser("info", help="one checkpoint: mesh, metrics, parameter shapes and dtypes")
+    info.add_argument("run_dir")
+    info.add_argument("step", nargs="?", type=int, help="default: the latest")
+    info.set_defaults(run=_checkpoint_info)
 
     presets = sub.add_parser("presets", help="list the named model shapes")
     presets.set_defaults(run=_presets)

@@ -55,13 +55,24 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class CheckpointConfig:
+    every_n_steps: int = 100  # 0: only at the end of training (and on preemption)
+    max_to_keep: int = 3  # the most recent checkpoints kept; 0 keeps all
+    keep_every_n_steps: int = 0  # steps divisible by this are kept for good (milestones); 0: none
+    async_save: bool = True
+    dir: str = ""  # empty: RUN_DIR/checkpoints. Multi-host: a path every host sees (e.g. gs://...)
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=lambda: preset("gpt-mini"))
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run_dir: str = "runs/default"
+    resume: bool = True  # continue from the run directory's latest complete checkpoint, if any
     seed: int = 0
 
     @property
@@ -166,6 +177,9 @@ def validate(cfg: Config, n_devices: int) -> dict[str, int]:
     except ValueError as e:
         problems.append(str(e))
         sizes = None
+    for name in ("every_n_steps", "max_to_keep", "keep_every_n_steps"):
+        if getattr(cfg.checkpoint, name) < 0:
+            problems.append(f"checkpoint.{name} must be >= 0, got {getattr(cfg.checkpoint, name)}")
     for name in ("steps", "batch_size", "microbatches", "log_every"):
         if getattr(t, name) <= 0:
             problems.append(f"train.{name} must be positive, got {getattr(t, name)}")

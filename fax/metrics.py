@@ -48,9 +48,11 @@ def mfu(flops_per_token: float, tokens_per_s: float, peak_per_device: float, n_d
 class MetricsLog:
     """One JSON object per logged step, appended and flushed so a crash loses nothing logged."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, keep: list[dict[str, Any]] = ()):
         self.path = Path(path)
-        self._file = open(self.path, "a")
+        self._file = open(self.path, "w")
+        for record in keep:
+            self.write(record)
 
     def write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record) + "\n")
@@ -62,3 +64,8 @@ class MetricsLog:
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def mesh_desc(axis_sizes: dict[str, int]) -> str:
+    """'data=2 x tensor=4': the axes that split anything."""
+    return " x ".join(f"{k}={v}" for k, v in axis_sizes.items() if v > 1) or "1 device"

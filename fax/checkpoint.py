@@ -1,0 +1,116 @@
+"""Sharded, asynchronous orbax checkpoints of a run, and restore onto any mesh.
+
+A checkpoint of step s is the folder ``RUN_DIR/checkpoints/<s>`` with three items:
+``params`` and ``opt_state`` (each process writes its own shards) and ``meta`` (JSON: step,
+sampler position, the resolved config, the mesh it was saved on, the metrics at that step).
+orbax writes into a temporary folder and renames it when every item is complete, so only
+finished steps are listed; an interrupted save leaves a ``*.orbax-checkpoint-tmp*`` folder
+that restore ignores and reports, and that nothing deletes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+from fax.config import CheckpointConfig
+
+TMP_MARKER = ".orbax-checkpoint-tmp"
+# Model settings that change only how the step is computed, not the shapes a checkpoint holds.
+COMPUTE_ONLY_MODEL_KEYS = {"dtype", "remat", "attention_impl"}
+
+
+def checkpoint_dir(run_dir: str | Path, cfg: CheckpointConfig) -> str:
+    return cfg.dir or str(Path(run_dir).absolute() / "checkpoints")
+
+
+def abstract_like(tree: Any, shardings: Any) -> Any:
+    """Restore targets: the shape and dtype of ``tree``'s leaves with the *current* shardings."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+class Checkpointer:
+    """Owns the orbax CheckpointManager of one run directory."""
+
+    def __init__(self, directory: str, cfg: CheckpointConfig = CheckpointConfig(), read_only: bool = False):
+        self.directory = epath.Path(directory)
+        if read_only:  # for inspection: no keep policy to apply, nothing created
+            options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+        else:
+            options = ocp.CheckpointManagerOptions(max_to_keep=cfg.max_to_keep or None,
+                                                   keep_period=cfg.keep_every_n_steps or None,
+                                                   enable_async_checkpointing=cfg.async_save)
+        handlers = {"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
+                    "meta": ocp.JsonCheckpointHandler()}
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def partial(self) -> list[str]:
+        """Folders of saves that never completed (the process died while writing)."""
+        if not self.directory.exists():
+            return []
+        return sorted(p.name for p in self.directory.iterdir() if TMP_MARKER in p.name)
+
+    def save(self, state: dict[str, Any], meta: dict[str, Any], wait: bool = False) -> None:
+        """Start writing ``state`` at its step; returns once the arrays are copied off the devices
+        unless ``wait``. The previous save, if still writing, is finished first."""
+        step = int(meta["step"])
+        self.manager.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(state["params"]),
+            opt_state=ocp.args.StandardSave(state["opt_state"]),
+            meta=ocp.args.JsonSave(meta),
+        ), force=True)
+        if wait:
+            self.manager.wait_until_finished()
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def restore(self, step: int, target: dict[str, Any], shardings: dict[str, Any]) -> tuple[dict[str, Any], dict]:
+        """The train state of ``step`` placed in ``shardings`` (any mesh), and its metadata."""
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_like(target["params"], shardings["params"])),
+            opt_state=ocp.args.StandardRestore(abstract_like(target["opt_state"], shardings["opt_state"])),
+            meta=ocp.args.JsonRestore(),
+        ))
+        step_array = jax.device_put(jax.numpy.int32(restored.meta["step"]), shardings["step"])
+        return {"step": step_array, "params": restored.params, "opt_state": restored.opt_state}, restored.meta
+
+    def restore_params(self, step: int, target: Any, shardings: Any) -> Any:
+        """Parameters alone (for evaluation and serving): the optimizer state is never read."""
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_like(target, shardings))))
+        return restored.params
+
+    def meta(self, step: int) -> dict[str, Any]:
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+    def array_metadata(self, step: int) -> dict[str, Any]:
+        """Shapes and dtypes of the saved params, read from the checkpoint's own metadata."""
+        tree = self.manager.item_metadata(step)["params"]
+        return jax.tree.map(lambda m: (tuple(m.shape), str(m.dtype)), tree,
+                            is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+
+    def size_bytes(self, step: int) -> int:
+        root = Path(str(self.directory / str(step)))
+        return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def incompatible_keys(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Model settings that differ between a saved config and the current one and change shapes."""
+    saved_model, model = saved.get("model", {}), current["model"]
+    return sorted(f"model.{k} (saved {saved_model.get(k)!r}, now {v!r})" for k, v in model.items()
+                  if k not in COMPUTE_ONLY_MODEL_KEYS and saved_model.get(k) != v)

@@ -1,0 +1,182 @@
+"""Checkpoints: bit-exact resume, restore onto any mesh, crash- and preemption-safety, keep policy."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from fax import ConfigError, Trainer, apply_overrides, load_config
+from fax.checkpoint import TMP_MARKER, Checkpointer
+from fax.config import CheckpointConfig
+from fax.metrics import read_metrics
+
+
+def overrides(run_dir, corpus, *extra):
+    return ["model=gpt-tiny", f"run_dir={run_dir}", f"data.path={corpus}", "train.batch_size=16",
+            "train.seq_len=32", "train.sample_tokens=0", "train.log_every=1", *extra]
+
+
+def quiet(cfg, devices=None, messages=None):
+    return Trainer(cfg, devices=devices, echo=(messages.append if messages is not None else lambda _: None))
+
+
+def assert_trees_equal(a, b):
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(leaves_a) == len(leaves_b)
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_resume_is_bit_exact(tmp_path, small_corpus):
+    straight = quiet(load_config(overrides=overrides(tmp_path / "a", small_corpus, "train.steps=8")))
+    straight.fit()
+    cfg = load_config(overrides=overrides(tmp_path / "b", small_corpus, "train.steps=8"))
+    quiet(cfg).fit(until_step=4)
+    messages = []
+    resumed = quiet(cfg, messages=messages)
+    resumed.fit()
+    assert "fax: resumed from the checkpoint of step 4" in messages
+    losses = lambda d: [(r["step"], r["loss"]) for r in read_metrics(d / "metrics.jsonl")]  # noqa: E731
+    assert losses(tmp_path / "b") == losses(tmp_path / "a")
+    assert [s for s, _ in losses(tmp_path / "b")] == list(range(1, 9))
+    assert_trees_equal(resumed.state["params"], straight.state["params"])
+    assert_trees_equal(resumed.state["opt_state"], straight.state["opt_state"])
+
+
+def test_restore_onto_other_meshes(tmp_path, small_corpus):
+    base = overrides(tmp_path / "saved", small_corpus, "train.steps=5", "parallel.data=2", "parallel.fsdp=2",
+                     "parallel.tensor=2")
+    saver = quiet(load_config(overrides=base))
+    saver.fit(until_step=4)
+    saved_params = jax.device_get(saver.state["params"])
+
+    def continue_on(name, mesh, devices):
+        shutil.copytree(tmp_path / "saved", tmp_path / name)
+        data, fsdp, tensor = mesh
+        cfg = load_config(overrides=[*base, f"run_dir={tmp_path / name}", f"parallel.data={data}",
+                                     f"parallel.fsdp={fsdp}", f"parallel.tensor={tensor}"])
+        trainer = quiet(cfg, devices=devices)
+        history = trainer.fit()
+        return trainer, history[-1]
+
+    _, reference = continue_on("same", (2, 2, 2), jax.devices())
+    for name, mesh, devices in [("dp8", (8, 1, 1), jax.devices()), ("tp8", (1, 1, 8), jax.devices()),
+                                ("four", (2, 1, 2), jax.devices()[:4]), ("one", (1, 1, 1), jax.devices()[:1])]:
+        ckpt = Checkpointer(str(tmp_path / "saved" / "checkpoints"))
+        trainer, record = continue_on(name, mesh, devices)
+        restored = ckpt.restore_params(4, saved_params, trainer.training.state_shardings["params"])
+        assert jax.tree.leaves(restored)[0].sharding.mesh.devices.size == len(devices)
+        assert_trees_equal(restored, saved_params)
+        assert record["step"] == 5
+        np.testing.assert_allclose(record["loss"], reference["loss"], rtol=1e-5, err_msg=name)
+
+
+def test_keep_policy(tmp_path):
+    ckpt = Checkpointer(str(tmp_path), CheckpointConfig(max_to_keep=3, keep_every_n_steps=5, async_save=True))
+    state = {"params": {"w": np.arange(4.0)}, "opt_state": {"m": np.zeros(4)}}
+    for step in range(1, 11):
+        ckpt.save(state, {"step": step})
+    ckpt.wait()
+    assert ckpt.steps() == [5, 8, 9, 10]
+    ckpt.close()
+
+
+def test_resume_refuses_a_different_model_and_resume_false(tmp_path, small_corpus):
+    cfg = load_config(overrides=overrides(tmp_path, small_corpus, "train.steps=2"))
+    quiet(cfg).fit()
+    with pytest.raises(ConfigError, match=r"model differs: model.d_model \(saved 64, now 128\); model.n_layers \(saved 2, now 3\)"):
+        quiet(apply_overrides(cfg, ["model.d_model=128", "model.n_layers=3"]))
+    with pytest.raises(ConfigError, match="holds checkpoints .latest step 2. but resume=false"):
+        quiet(apply_overrides(cfg, ["resume=false"]))
+    quiet(apply_overrides(cfg, ["model.remat=full", "parallel.tensor=2", "train.steps=3"])).fit()  # compute-only
+
+
+CRASH_DURING_SAVE = """
+import os, signal, sys, time
+import jax
+jax.config.update("jax_num_cpu_devices", 8)
+from pathlib import Path
+from fax import Trainer
+from fax.checkpoint import TMP_MARKER
+
+trainer = Trainer(overrides=sys.argv[1:], echo=lambda _: None)
+folder = Path(trainer.checkpointer.directory)
+save = trainer.checkpointer.save
+
+def save_then_die(state, meta, wait=False):
+    save(state, meta, wait)
+    if meta["step"] == 4:  # the save of step 4 is in flight: die while its folder is still temporary
+        deadline = time.time() + 60
+        while time.time() < deadline and not any(TMP_MARKER in p.name for p in folder.iterdir()):
+            time.sleep(0.0005)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+trainer.checkpointer.save = save_then_die
+trainer.fit()
+"""
+
+
+def test_killed_during_async_save_resumes_from_the_previous_step(tmp_path, small_corpus):
+    # A big embedding makes the save long enough to be caught half-written.
+    args = overrides(tmp_path, small_corpus, "train.steps=6", "checkpoint.every_n_steps=2",
+                     "model.vocab_size=131072", "train.batch_size=8")
+    proc = subprocess.run([sys.executable, "-c", CRASH_DURING_SAVE, *args], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    partial = [p.name for p in (tmp_path / "checkpoints").iterdir() if TMP_MARKER in p.name]
+    assert partial and partial[0].startswith("4")
+    messages = []
+    trainer = quiet(load_config(overrides=args), messages=messages)
+    assert trainer.resume_step == 2
+    trainer.fit(until_step=3)
+    assert any("ignoring incomplete checkpoint 4" in m for m in messages), messages
+    assert "fax: resumed from the checkpoint of step 2" in messages
+    assert partial[0] in os.listdir(tmp_path / "checkpoints")  # reported, never deleted silently
+
+
+def test_sigterm_saves_and_exits_with_resume_hint(tmp_path, small_corpus):
+    args = overrides(tmp_path, small_corpus, "train.steps=100000", "checkpoint.every_n_steps=0",
+                     "train.log_every=5")
+    code = "import sys; from fax.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.Popen([sys.executable, "-c", code, "train", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (tmp_path / "metrics.jsonl").exists() or \
+            not (tmp_path / "metrics.jsonl").read_text().strip():
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err
+    assert "a checkpoint of that step is saved. Resume with: fax train --config" in err
+    ckpt = Checkpointer(str(tmp_path / "checkpoints"))
+    stopped = ckpt.latest_step()
+    assert stopped and stopped >= 5
+    assert read_metrics(tmp_path / "metrics.jsonl")[-1]["step"] <= stopped
+    messages = []
+    quiet(load_config(overrides=[*args, f"train.steps={stopped + 2}"]), messages=messages).fit()
+    assert f"fax: resumed from the checkpoint of step {stopped}" in messages
+    assert Checkpointer(str(tmp_path / "checkpoints")).latest_step() == stopped + 2
+
+
+def test_checkpoint_cli_lists_and_describes(tmp_path, small_corpus):
+    quiet(load_config(overrides=overrides(tmp_path, small_corpus, "train.steps=4",
+                                          "checkpoint.every_n_steps=2"))).fit()
+    run = lambda *a: subprocess.run([sys.executable, "-m", "fax.cli", "checkpoint", *a],  # noqa: E731
+                                    capture_output=True, text=True, timeout=300)
+    ls = run("ls", str(tmp_path))
+    assert ls.returncode == 0, ls.stderr
+    rows = [line.split() for line in ls.stdout.splitlines()[1:]]
+    assert [r[0] for r in rows] == ["2", "4"] and all(r[-1] == "fsdp=8" for r in rows)
+    info = run("info", str(tmp_path), "2")
+    assert info.returncode == 0, info.stderr
+    assert "step 2" in info.stdout and "['blocks']['attn']['wq']" in info.stdout and "(2, 64, 8, 8)" in info.stdout
+    missing = run("info", str(tmp_path), "3")
+    assert missing.returncode == 2 and "no complete checkpoint of step 3" in missing.stderr
