@@ -96,10 +96,6 @@ def train_step(state: State, tokens: jax.Array, *, graphdef: nnx.GraphDef, tx: o
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
 
-def eval_loss(params: Any, tokens: jax.Array, *, graphdef: nnx.GraphDef) -> jax.Array:
-    return cross_entropy(models.apply(graphdef, params, tokens[:, :-1]), tokens[:, 1:], 0.0)[1]
-
-
 def init_state(cfg: Config, tx: optax.GradientTransformation) -> State:
     params = models.init_params(cfg.model, cfg.seed)
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
@@ -116,7 +112,6 @@ class ShardedTraining:
     batch_sharding: NamedSharding
     init: Any  # () -> State, created directly in its shardings
     step: Any  # (State, tokens) -> (State, metrics); donates the state
-    evaluate: Any  # (params, tokens) -> loss
 
 
 def _with_activation_sharding(fn: Any, mesh: Mesh) -> Any:
@@ -154,6 +149,4 @@ def build(cfg: Config, mesh: Mesh) -> ShardedTraining:
         init=jax.jit(functools.partial(init_state, cfg, tx), out_shardings=state_shardings),
         step=jax.jit(_with_activation_sharding(step, mesh), in_shardings=(state_shardings, batch_sharding),
                      out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,)),
-        evaluate=jax.jit(_with_activation_sharding(functools.partial(eval_loss, graphdef=graphdef), mesh),
-                         in_shardings=(param_shardings, batch_sharding), out_shardings=replicated(mesh)),
     )

@@ -68,23 +68,6 @@ def optimizer_shardings(tx: optax.GradientTransformation, abstract_params: Any, 
                                  transform_non_params=lambda _: replicated(mesh))
 
 
-def indivisible(shapes: Any, axes_tree: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> list[str]:
-    """Arrays whose dimensions do not divide evenly over the mesh axes the rules give them."""
-    problems = []
-    flat_axes = dict(jax.tree_util.tree_leaves_with_path(axes_tree, is_leaf=_is_axes))
-    for path, leaf in jax.tree_util.tree_leaves_with_path(shapes):
-        axes = flat_axes[path]
-        for dim, entry in zip(leaf.shape, logical_to_spec(axes, mesh, rules)):
-            names = (entry,) if isinstance(entry, str) else (entry or ())
-            ways = 1
-            for n in names:
-                ways *= mesh.shape[n]
-            if dim % ways:
-                problems.append(f"{jax.tree_util.keystr(path)} has a dimension of {dim} that does not "
-                                f"divide over mesh axes {names} ({ways} ways)")
-    return problems
-
-
 def activation_resolver(mesh: Mesh, rules: Rules = DEFAULT_RULES):
     """The resolver models.sharding.constrain uses inside a traced step."""
     return lambda axes: logical_sharding(axes, mesh, rules)
