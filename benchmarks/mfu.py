@@ -70,7 +70,7 @@ def main() -> None:
         results.append(result)
         print(f"{args.model} ({result['params'] / 1e9:.2f}B) batch {batch} x {args.seq_len} on {len(devices)} "
               f"{devices[0].device_kind}: {step_s * 1e3:.0f} ms/step, {tokens_per_s:,.0f} tokens/s, "
-              f"MFU {100 * result['mfu']:.1f}% of {peak / 1e12:.0f} TFLOP/s/device")
+              f"MFU {100 * result['mfu']:.1f}% of {peak / 1e12:.3g} TFLOP/s/device")
         break  # the largest batch that fits
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
