@@ -62,7 +62,7 @@ def main() -> None:
         step_s = (time.perf_counter() - start) / args.steps
         tokens_per_s = batch * args.seq_len / step_s
         flops = models.train_flops_per_token(cfg.model, args.seq_len)
-        peak = peak_flops_per_device(devices[0], len(devices))
+        peak = peak_flops_per_device(devices[0].device_kind, devices[0].platform, len(devices))
         result = {"model": args.model, "params": models.param_count(cfg.model), "batch": batch,
                   "seq_len": args.seq_len, "device": devices[0].device_kind, "devices": len(devices),
                   "step_s": step_s, "tokens_per_s": tokens_per_s, "mfu": mfu(flops, tokens_per_s, peak, len(devices)),

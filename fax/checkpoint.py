@@ -10,6 +10,7 @@ that restore ignores and reports, and that nothing deletes.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,16 @@ from fax.config import CheckpointConfig
 TMP_MARKER = ".orbax-checkpoint-tmp"
 # Model settings that change only how the step is computed, not the shapes a checkpoint holds.
 COMPUTE_ONLY_MODEL_KEYS = {"dtype", "remat", "attention_impl"}
+
+
+class _QuietReadOnly(logging.Filter):
+    """orbax warns on every read-only manager; inspecting a run's checkpoints is what read-only is for."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Given directory is read only")
+
+
+logging.getLogger("absl").addFilter(_QuietReadOnly())
 
 
 def checkpoint_dir(run_dir: str | Path, cfg: CheckpointConfig) -> str:

@@ -15,9 +15,14 @@ def _train(args: argparse.Namespace) -> int:
 
     from fax.trainer import PREEMPTED_EXIT_CODE, Preempted
 
-    config = load_config(args.config, args.overrides)
+    flags = [f"cluster.{key}={value}" for key, value in (
+        ("ray", "true" if args.ray or args.emulate_hosts or args.address else None),
+        ("address", args.address), ("emulate_hosts", args.emulate_hosts),
+        ("devices_per_host", args.devices_per_host)) if value is not None]
+    config = load_config(args.config, [*flags, *args.overrides])
     try:
-        Trainer(config).fit()
+        with Trainer(config) as trainer:
+            trainer.fit()
     except Preempted as e:
         print(f"fax: {e}", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
@@ -103,6 +108,14 @@ def parser() -> argparse.ArgumentParser:
                                        "`fax train model=llama-tiny train.steps=30 run_dir=runs/a`.")
     train.add_argument("overrides", nargs="*", metavar="key=value")
     train.add_argument("--config", help="a YAML file of settings, applied before the overrides")
+    ray_mode = train.add_argument_group("Ray mode (one worker per host; see the README)")
+    ray_mode.add_argument("--ray", action="store_true", help="run on a Ray cluster (cluster.ray=true)")
+    ray_mode.add_argument("--address", help="the Ray cluster to join, e.g. auto (cluster.address); "
+                                            "default: start a local one")
+    ray_mode.add_argument("--emulate-hosts", type=int, metavar="N",
+                          help="a local cluster of N emulated CPU hosts (cluster.emulate_hosts)")
+    ray_mode.add_argument("--devices-per-host", type=int, metavar="K",
+                          help="emulated CPU devices per host (cluster.devices_per_host, default 4)")
     train.set_defaults(run=_train)
 
     prep = sub.add_parser("prepare", help="tokenize text files into the dataset format `data.path` reads")

@@ -64,6 +64,22 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """Ray mode: this process is the head and drives one HostWorker actor per host (fax.cluster)."""
+
+    ray: bool = False
+    address: str = ""  # "auto": join the running Ray cluster; "": start a local one
+    hosts: int = 0  # 0: every host the cluster has
+    emulate_hosts: int = 0  # > 0: a local cluster of this many emulated CPU hosts (laptops, tests)
+    devices_per_host: int = 4  # emulated CPU devices on each emulated host
+    startup_timeout_s: float = 180.0  # actors placed and jax.distributed joined within this
+    step_timeout_s: float = 600.0  # a step (or save) taking longer counts as a hung worker
+    heartbeat_timeout_s: int = 30  # jax.distributed: a silent peer is declared dead after this
+    max_restarts: int = 3  # fresh actors + restore after a worker failure, at most this often
+    ray_temp_dir: str = ""  # a local cluster's files; empty: RUN_DIR/ray (see the README)
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=lambda: preset("gpt-mini"))
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -71,6 +87,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     run_dir: str = "runs/default"
     resume: bool = True  # continue from the run directory's latest complete checkpoint, if any
     seed: int = 0

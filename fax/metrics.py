@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import jax
 
 # Dense bf16 peak FLOP/s per device, matched against jax's device_kind (lower-cased, first hit wins).
 PEAK_FLOPS = (
@@ -30,15 +29,14 @@ PEAK_FLOPS = (
 CPU_FLOPS_PER_CORE = 100e9
 
 
-def peak_flops_per_device(device: jax.Device, n_local_devices: int) -> float:
-    kind = device.device_kind.lower()
+def peak_flops_per_device(device_kind: str, platform: str, n_local_devices: int) -> float:
+    kind = device_kind.lower()
     for key, flops in PEAK_FLOPS:
         if key in kind:
             return flops
-    if device.platform == "cpu":
+    if platform == "cpu":
         return CPU_FLOPS_PER_CORE * (os.cpu_count() or 1) / n_local_devices
-    raise ValueError(f"no peak FLOP/s known for device kind {device.device_kind!r}; "
-                     "set train.peak_flops_per_device")
+    raise ValueError(f"no peak FLOP/s known for device kind {device_kind!r}; set train.peak_flops_per_device")
 
 
 def mfu(flops_per_token: float, tokens_per_s: float, peak_per_device: float, n_devices: int) -> float:

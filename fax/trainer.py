@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 from tqdm.auto import tqdm
 
 import models
@@ -20,8 +19,7 @@ from fax.checkpoint import Checkpointer, checkpoint_dir, incompatible_keys
 from fax.config import Config, ConfigError, apply_overrides, validate
 from fax.data import Sampler, TokenDataset, dataset_problems, default_corpus, get_tokenizer
 from fax.metrics import MetricsLog, mesh_desc, mfu, peak_flops_per_device, read_metrics
-from fax.sample import generate
-from parallel import make_mesh
+from fax.runtime import HostRuntime, WorkerFailure
 
 Hook = Callable[[int, dict[str, Any]], None]
 
@@ -62,7 +60,8 @@ class Trainer:
 
     Settings are validated here, before anything compiles; a run directory with checkpoints is
     resumed from its latest complete one. ``add_hook(every, fn)`` calls ``fn(step, metrics)``
-    every ``every`` steps.
+    every ``every`` steps. With ``cluster.ray=true`` this process is the head of a Ray-mode run
+    (fax.cluster): the same loop, with the steps running on one actor per host.
     """
 
     def __init__(self, config: Config | None = None, *, overrides: Sequence[str] = (),
@@ -71,84 +70,122 @@ class Trainer:
         if overrides:
             config = apply_overrides(config, overrides)
         self.config = config
-        self.devices = list(jax.devices() if devices is None else devices)
         self.echo = echo
-        self.axis_sizes = validate(config, len(self.devices))
+        self.runtime: Any = None
+        if config.cluster.ray:
+            from fax.cluster import RayRuntime  # Ray is imported only where it is used
+
+            self.runtime = RayRuntime(config, echo)
+            n_devices = self.runtime.device_count
+        else:
+            self.devices = list(jax.devices() if devices is None else devices)
+            n_devices = len(self.devices)
+        self.axis_sizes = validate(config, n_devices)
         self.data_path = Path(config.data.path) if config.data.path else default_corpus()
         problems = dataset_problems(self.data_path, config.seq_len)
         self.dataset = None if problems else TokenDataset.open(self.data_path)
         if self.dataset is not None and self.dataset.meta["vocab_size"] > config.model.vocab_size:
             problems.append(f"the dataset's tokenizer has {self.dataset.meta['vocab_size']} tokens but "
                             f"model.vocab_size={config.model.vocab_size}; raise model.vocab_size")
-        self.checkpointer = Checkpointer(checkpoint_dir(config.run_dir, config.checkpoint), config.checkpoint)
-        self.resume_step = self.checkpointer.latest_step()
+        self.resume_step = self._checkpoints().latest_step()
         if self.resume_step is not None:
             if not config.resume:
                 problems.append(f"run_dir={config.run_dir!r} holds checkpoints (latest step {self.resume_step}) "
                                 "but resume=false; choose a new run_dir, or resume=true to continue")
             else:
-                differs = incompatible_keys(self.checkpointer.meta(self.resume_step)["config"], config.to_dict())
+                differs = incompatible_keys(self._checkpoints().meta(self.resume_step)["config"], config.to_dict())
                 if differs:
                     problems.append(f"cannot resume from run_dir={config.run_dir!r}, the model differs: "
                                     f"{'; '.join(differs)}. Use the saved settings or a new run_dir")
         if problems:
+            if self.runtime is not None:
+                self.runtime.close()
             raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
         self.hooks: list[tuple[int, Hook]] = []
-        self.state: step_lib.State | None = None
+        self.history: list[dict[str, Any]] = []
+        self.restarts: list[str] = []
+
+    def _checkpoints(self) -> Checkpointer:
+        """A read-only view of the run's checkpoints, as they are now (the writers live in the runtime)."""
+        return Checkpointer(checkpoint_dir(self.config.run_dir, self.config.checkpoint), read_only=True)
 
     def add_hook(self, every: int, fn: Hook) -> None:
         if every <= 0:
             raise ValueError(f"hook interval must be positive, got {every}")
         self.hooks.append((every, fn))
 
-    def _start(self, training: step_lib.ShardedTraining) -> tuple[step_lib.State, int]:
-        """A fresh state, or the latest complete checkpoint placed on this mesh."""
-        for name in self.checkpointer.partial():
-            self.echo(f"fax: ignoring incomplete checkpoint {name} (a save that never finished; left in place)")
-        if self.resume_step is None:
-            return training.init(), 0
-        target = jax.eval_shape(training.init)
-        state, meta = self.checkpointer.restore(self.resume_step, target, training.state_shardings)
-        self.echo(f"fax: resumed from the checkpoint of step {meta['step']}")
-        return state, int(meta["step"])
+    @property
+    def state(self) -> step_lib.State | None:
+        """The local train state (local mode; in Ray mode the state lives on the hosts)."""
+        return getattr(self.runtime, "state", None)
+
+    @property
+    def training(self) -> step_lib.ShardedTraining:
+        return self.runtime.training
 
     def fit(self, until_step: int | None = None) -> list[dict[str, Any]]:
-        """Train to ``train.steps`` (or stop early at ``until_step``, saving a checkpoint there)."""
-        cfg, t = self.config, self.config.train
-        last = min(until_step or t.steps, t.steps)
+        """Train to ``train.steps`` (or stop early at ``until_step``, saving a checkpoint there).
+
+        In Ray mode a worker that dies or hangs costs a restart: fresh actors restore the latest
+        complete checkpoint and the run goes on, at most ``cluster.max_restarts`` times."""
+        cfg = self.config
+        last = min(until_step or cfg.train.steps, cfg.train.steps)
         run_dir = Path(cfg.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
-        mesh = make_mesh(cfg.parallel, self.devices)
-        seq_len, n_dev = cfg.seq_len, len(self.devices)
+        if self.runtime is None:
+            self.runtime = HostRuntime(cfg, self.devices)
+        while True:
+            try:
+                self._run(last)
+                break
+            except WorkerFailure as failure:
+                if len(self.restarts) >= cfg.cluster.max_restarts:
+                    raise RuntimeError(f"giving up after {len(self.restarts)} restarts "
+                                       f"(cluster.max_restarts={cfg.cluster.max_restarts}): {failure}") from failure
+                self.restarts.append(str(failure))
+                self.echo(f"fax: restart {len(self.restarts)}/{cfg.cluster.max_restarts}: {failure}; "
+                          "starting fresh workers from the latest complete checkpoint")
+                self.runtime.restart()
+        if cfg.train.sample_tokens and last == cfg.train.steps:
+            self.echo("fax: sample ->\n" + self.sample(cfg.train.sample_prompt, cfg.train.sample_tokens))
+        return self.history
+
+    def _run(self, last: int) -> None:
+        """Start (or restart) the runtime from the latest complete checkpoint and train to ``last``."""
+        cfg, t, runtime = self.config, self.config.train, self.runtime
+        checkpoints = self._checkpoints()
+        for name in checkpoints.partial():
+            self.echo(f"fax: ignoring incomplete checkpoint {name} (a save that never finished; left in place)")
+        resume = checkpoints.latest_step()
+        seconds = runtime.start(resume)
+        first = 0 if resume is None else resume
+        if resume is not None:
+            self.echo(f"fax: resumed from the checkpoint of step {resume}")
+        info = runtime.describe()
+        seq_len, n_dev = cfg.seq_len, info["devices"]
+        hosts = f" on {info['process_count']} hosts" if info["process_count"] > 1 else ""
+        self.echo(f"fax: {models.param_count(cfg.model) / 1e6:.2f}M params on {n_dev} {info['device_kind']} "
+                  f"device(s){hosts}, mesh {mesh_desc(self.axis_sizes)}; {t.batch_size} x {seq_len} tokens/step; "
+                  f"run dir {cfg.run_dir}; initialised and compiled in {seconds:.1f}s")
         flops_per_token = models.train_flops_per_token(cfg.model, seq_len)
-        local = [d for d in self.devices if d.process_index == jax.process_index()]
-        peak = t.peak_flops_per_device or peak_flops_per_device(self.devices[0], len(local))
-        self.echo(f"fax: {models.param_count(cfg.model) / 1e6:.2f}M params on {n_dev} {self.devices[0].device_kind} "
-                  f"device(s), mesh {mesh_desc(self.axis_sizes)}; {t.batch_size} x {seq_len} tokens/step; run dir {run_dir}")
-
-        training = step_lib.build(cfg, mesh)
-        started = time.perf_counter()
-        state, first = self._start(training)
-        batch_spec = jax.ShapeDtypeStruct((t.batch_size, seq_len + 1), np.int32, sharding=training.batch_sharding)
-        compiled = training.step.lower(state, batch_spec).compile()
-        self.echo(f"fax: initialised and compiled in {time.perf_counter() - started:.1f}s")
-
-        log_path = run_dir / "metrics.jsonl"
+        peak = t.peak_flops_per_device or peak_flops_per_device(info["device_kind"], info["platform"],
+                                                                info["local_devices"])
+        log_path = Path(cfg.run_dir) / "metrics.jsonl"
         kept = [r for r in read_metrics(log_path) if r["step"] <= first] if first and log_path.exists() else []
         log = MetricsLog(log_path, keep=kept)  # a resumed run drops what it logged past its checkpoint
+        self.history = [r for r in self.history if r["step"] <= first]
         sampler = Sampler(self.dataset, t.batch_size, seq_len, cfg.seed)
         tokens_per_step = t.batch_size * seq_len
-        history: list[dict[str, Any]] = []
         every_save = cfg.checkpoint.every_n_steps
-        next_batch = jax.device_put(sampler.batch(first), training.batch_sharding)
+        batch = sampler.batch(first)
         window_start, window_steps = time.perf_counter(), 0
         with _stop_on_signals() as stop, tqdm(total=t.steps, initial=first, desc="train", unit="step",
                                                disable=None) as bar:
             for s in range(first, last):
-                state, metrics = compiled(state, next_batch)
-                if s + 1 < last:  # the next batch goes out while this step runs
-                    next_batch = jax.device_put(sampler.batch(s + 1), training.batch_sharding)
+                handle = runtime.submit(batch)
+                if s + 1 < last:  # the next batch is built while this step runs
+                    batch = sampler.batch(s + 1)
                 bar.update(1)
                 window_steps += 1
                 done = s + 1
@@ -158,45 +195,50 @@ class Trainer:
                 hooks_due = [fn for every, fn in self.hooks if done % every == 0]
                 if not (log_due or save_due or hooks_due):
                     continue
-                values = jax.device_get(metrics)  # waits for this step
+                values = runtime.metrics(handle)  # waits for this step
                 now = time.perf_counter()
                 step_time = (now - window_start) / window_steps
-                record = {"step": done, **{k: float(v) for k, v in values.items()},
-                          "tokens_per_s": tokens_per_step / step_time, "step_time_s": step_time}
+                record = {"step": done, **values, "tokens_per_s": tokens_per_step / step_time,
+                          "step_time_s": step_time}
                 record["mfu"] = mfu(flops_per_token, record["tokens_per_s"], peak, n_dev)
                 if log_due:
-                    history.append(record)
+                    self.history.append(record)
                     log.write(record)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", mfu=f"{100 * record['mfu']:.1f}%")
                     bar.write(_format(record)) if not bar.disable else self.echo(_format(record))
                 for fn in hooks_due:
                     fn(done, record)
                 if save_due:
-                    self.checkpointer.save(state, self._meta(done, record), wait=done == last or stopping)
+                    runtime.save(self._meta(done, record, info), wait=done == last or stopping)
                 window_start, window_steps = time.perf_counter(), 0  # saves and hooks are not step time
                 if stopping:
                     log.close()
                     raise Preempted(done, cfg.run_dir)
         log.close()
-        self.checkpointer.wait()
-        self.state, self.training = state, training
-        if t.sample_tokens and last == t.steps:
-            self.echo("fax: sample ->\n" + self.sample(t.sample_prompt, t.sample_tokens))
-        return history
+        runtime.wait()
 
-    def _meta(self, step: int, record: dict[str, Any]) -> dict[str, Any]:
+    def _meta(self, step: int, record: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
         """What a checkpoint records beside the arrays (readable JSON)."""
         return {"format": "fax-checkpoint-v1", "step": step, "config": self.config.to_dict(),
                 "sampler": {"seed": self.config.seed, "next_step": step}, "mesh": self.axis_sizes,
-                "devices": len(self.devices), "device_kind": self.devices[0].device_kind,
-                "process_count": jax.process_count(), "metrics": record, "saved_at": time.time()}
+                "devices": info["devices"], "device_kind": info["device_kind"],
+                "process_count": info["process_count"], "metrics": record, "saved_at": time.time()}
 
     def sample(self, prompt: str, new_tokens: int, temperature: float = 0.8) -> str:
         """Continue ``prompt`` with the trained model (after fit)."""
-        if self.state is None:
+        if not self.history:
             raise RuntimeError("call fit() before sample()")
         tok = get_tokenizer(self.dataset.meta["tokenizer"])
-        ids = generate(self.training.graphdef, self.state["params"], tok.encode(prompt), new_tokens,
-                       window=self.config.seq_len, temperature=temperature, seed=self.config.seed,
-                       vocab_limit=tok.eos_id)
+        ids = self.runtime.generate([int(i) for i in tok.encode(prompt)], new_tokens, temperature, tok.eos_id)
         return prompt + tok.decode(ids)
+
+    def close(self) -> None:
+        """Finish pending checkpoint writes; in Ray mode, stop the workers."""
+        if self.runtime is not None:
+            self.runtime.close()
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -5,7 +5,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 import jax
@@ -104,21 +103,21 @@ import jax
 jax.config.update("jax_num_cpu_devices", 8)
 from pathlib import Path
 from fax import Trainer
-from fax.checkpoint import TMP_MARKER
+from fax.checkpoint import TMP_MARKER, Checkpointer
 
 trainer = Trainer(overrides=sys.argv[1:], echo=lambda _: None)
-folder = Path(trainer.checkpointer.directory)
-save = trainer.checkpointer.save
+folder = Path(trainer.config.run_dir) / "checkpoints"
+save = Checkpointer.save
 
-def save_then_die(state, meta, wait=False):
-    save(state, meta, wait)
+def save_then_die(self, state, meta, wait=False):
+    save(self, state, meta, wait)
     if meta["step"] == 4:  # the save of step 4 is in flight: die while its folder is still temporary
         deadline = time.time() + 60
         while time.time() < deadline and not any(TMP_MARKER in p.name for p in folder.iterdir()):
             time.sleep(0.0005)
         os.kill(os.getpid(), signal.SIGKILL)
 
-trainer.checkpointer.save = save_then_die
+Checkpointer.save = save_then_die
 trainer.fit()
 """
 

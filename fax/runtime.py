@@ -1,0 +1,131 @@
+"""One JAX process's share of a run: its mesh, sharded state, compiled step and checkpoint writer.
+
+In local mode the Trainer drives one ``HostRuntime`` in its own process; in Ray mode every
+``HostWorker`` actor holds one and the head drives them all with the same calls (fax.cluster).
+Either way the head hands over the *global* batch of a step, or just this process's rows of it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from fax import step as step_lib
+from fax.checkpoint import Checkpointer, checkpoint_dir
+from fax.config import Config
+from fax.sample import generate
+from parallel import make_mesh
+
+RowRanges = list[tuple[int, int]]
+
+
+class WorkerFailure(RuntimeError):
+    """A host of a Ray-mode run died or hung; the head restarts the group from the latest checkpoint."""
+
+
+def host_rows(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> RowRanges:
+    """The sorted, merged ``[start, stop)`` row ranges of a global array this process's devices hold."""
+    spans = sorted({(s[0].start or 0, shape[0] if s[0].stop is None else s[0].stop)
+                    for s in sharding.addressable_devices_indices_map(shape).values()})
+    merged: RowRanges = []
+    for start, stop in spans:
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(stop, merged[-1][1]))
+        else:
+            merged.append((start, stop))
+    return merged
+
+
+def take_rows(batch: np.ndarray, rows: RowRanges) -> np.ndarray:
+    """A host's slice of the global batch: its row ranges, concatenated in order."""
+    return np.concatenate([batch[start:stop] for start, stop in rows])
+
+
+def global_batch(local: np.ndarray, rows: RowRanges, sharding: jax.sharding.Sharding,
+                 shape: tuple[int, ...]) -> jax.Array:
+    """The global array whose rows ``rows`` are ``local`` (this process's part), placed per device."""
+    offset, position = {}, 0
+    for start, stop in rows:
+        offset[start] = position
+        position += stop - start
+    if position != local.shape[0]:
+        raise ValueError(f"this host holds {position} rows of the batch but was given {local.shape[0]}")
+
+    def local_rows(index: tuple[slice, ...]) -> np.ndarray:
+        start = index[0].start or 0
+        block = next(b for b in rows if b[0] <= start < b[1])
+        begin = offset[block[0]] + start - block[0]
+        stop = shape[0] if index[0].stop is None else index[0].stop
+        return local[(slice(begin, begin + stop - start), *index[1:])]
+
+    per_device = [jax.device_put(local_rows(index), device)
+                  for device, index in sharding.addressable_devices_indices_map(shape).items()]
+    return jax.make_array_from_single_device_arrays(shape, sharding, per_device)
+
+
+class HostRuntime:
+    """Builds everything one process needs from the config; every process of a run builds the same."""
+
+    def __init__(self, config: Config, devices: list[jax.Device] | None = None):
+        self.config = config
+        self.devices = list(jax.devices() if devices is None else devices)
+        self.training = step_lib.build(config, make_mesh(config.parallel, self.devices))
+        self.batch_shape = (config.train.batch_size, config.seq_len + 1)
+        self.rows = host_rows(self.training.batch_sharding, self.batch_shape)
+        self.checkpointer = Checkpointer(checkpoint_dir(config.run_dir, config.checkpoint), config.checkpoint)
+        self.state: step_lib.State | None = None
+        self.compiled: Any = None
+
+    def start(self, resume_step: int | None) -> float:
+        """A fresh state, or the checkpoint of ``resume_step`` placed on this mesh; then compile.
+        Returns the seconds it took."""
+        started = time.perf_counter()
+        training = self.training
+        if resume_step is None:
+            self.state = training.init()
+        else:
+            target = jax.eval_shape(training.init)
+            self.state, _ = self.checkpointer.restore(resume_step, target, training.state_shardings)
+        batch_spec = jax.ShapeDtypeStruct(self.batch_shape, np.int32, sharding=training.batch_sharding)
+        self.compiled = training.step.lower(self.state, batch_spec).compile()
+        return time.perf_counter() - started
+
+    def step_rows(self, local: np.ndarray) -> dict[str, jax.Array]:
+        """Run one step on this process's rows of the global batch; returns before it finishes."""
+        tokens = global_batch(local, self.rows, self.training.batch_sharding, self.batch_shape)
+        self.state, metrics = self.compiled(self.state, tokens)
+        return metrics
+
+    # The head-side interface (fax.cluster.RayRuntime offers the same methods).
+
+    def submit(self, batch: np.ndarray) -> dict[str, jax.Array]:
+        return self.step_rows(take_rows(batch, self.rows))
+
+    @staticmethod
+    def metrics(handle: dict[str, jax.Array]) -> dict[str, float]:
+        """The values of a submitted step (waits for it)."""
+        return {k: float(v) for k, v in jax.device_get(handle).items()}
+
+    def save(self, meta: dict[str, Any], wait: bool) -> None:
+        self.checkpointer.save(self.state, meta, wait=wait)
+
+    def wait(self) -> None:
+        self.checkpointer.wait()
+
+    def generate(self, prompt: list[int], new_tokens: int, temperature: float, vocab_limit: int) -> list[int]:
+        return generate(self.training.graphdef, self.state["params"], np.asarray(prompt, np.int32), new_tokens,
+                        window=self.config.seq_len, temperature=temperature, seed=self.config.seed,
+                        vocab_limit=vocab_limit)
+
+    def describe(self) -> dict[str, Any]:
+        """The devices of the run as this process sees them (what the head logs and checkpoints record)."""
+        return {"devices": len(self.devices), "device_kind": self.devices[0].device_kind,
+                "platform": self.devices[0].platform,
+                "local_devices": sum(d.process_index == jax.process_index() for d in self.devices),
+                "process_index": jax.process_index(), "process_count": jax.process_count()}
+
+    def close(self) -> None:
+        self.checkpointer.close()

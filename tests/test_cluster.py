@@ -1,0 +1,150 @@
+"""Ray mode: 2 emulated hosts x 4 CPU devices, one HostWorker actor and one JAX process each."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from fax import Trainer, load_config  # noqa: E402
+from fax import step as step_lib  # noqa: E402
+from fax.checkpoint import Checkpointer  # noqa: E402
+from fax.cluster import ClusterError  # noqa: E402
+from fax.data import Sampler, TokenDataset  # noqa: E402
+from fax.metrics import read_metrics  # noqa: E402
+from parallel import make_mesh  # noqa: E402
+
+STEPS = 6
+
+
+def settings(run_dir, corpus, *extra):
+    return ["model=gpt-tiny", f"run_dir={run_dir}", f"data.path={corpus}", "train.batch_size=8",
+            "train.seq_len=32", "train.sample_tokens=0", "train.log_every=1", f"train.steps={STEPS}",
+            "checkpoint.every_n_steps=2", "cluster.heartbeat_timeout_s=10", *extra]
+
+
+def losses(run_dir):
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")}
+
+
+def saved_params(run_dir, step):
+    """A checkpoint's params, restored onto one device of this process."""
+    cfg = load_config(overrides=["model=gpt-tiny"])
+    training = step_lib.build(cfg, make_mesh(cfg.parallel, jax.devices()[:1]))
+    target = jax.eval_shape(training.init)["params"]
+    return Checkpointer(str(run_dir / "checkpoints"), read_only=True).restore_params(
+        step, target, training.state_shardings["params"])
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray cluster offering two emulated hosts (short temp path: Unix sockets live there)."""
+    temp = tempfile.mkdtemp(prefix="faxr", dir="/tmp")
+    ray.init(resources={"fax_host": 2}, _temp_dir=temp, include_dashboard=False)
+    yield
+    ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory, small_corpus):
+    run_dir = tmp_path_factory.mktemp("local")
+    Trainer(load_config(overrides=settings(run_dir, small_corpus)), echo=lambda _: None).fit()
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def ray_run(tmp_path_factory, small_corpus, ray_cluster):
+    """The same run in Ray mode, and what its hosts reported (asked before the workers stop)."""
+    run_dir = tmp_path_factory.mktemp("ray")
+    with Trainer(load_config(overrides=settings(run_dir, small_corpus, "cluster.ray=true")),
+                 echo=lambda _: None) as trainer:
+        trainer.fit()
+        runtime = trainer.runtime
+        seen = ray.get([w.last_rows.remote() for w in runtime.workers])
+        report = {"built": runtime.built, "rows": runtime.rows, "pids": runtime.worker_pids(), "seen": seen}
+    return report, run_dir
+
+
+def test_bring_up_gives_each_host_its_rows(ray_run, small_corpus):
+    report, _ = ray_run
+    assert [b["devices"] for b in report["built"]] == [8, 8]
+    assert [b["process_index"] for b in report["built"]] == [0, 1]
+    assert [b["local_devices"] for b in report["built"]] == [4, 4]
+    assert len(set(report["pids"])) == 2 and os.getpid() not in report["pids"]
+    assert report["rows"] == [[(0, 4)], [(4, 8)]]  # the batch is sharded over fsdp=8: 4 devices' rows per host
+    last_batch = Sampler(TokenDataset.open(small_corpus), 8, 32, seed=0).batch(STEPS - 1)
+    seen = report["seen"]
+    np.testing.assert_array_equal(seen[0], last_batch[0:4])
+    np.testing.assert_array_equal(seen[1], last_batch[4:8])
+
+
+def test_ray_mode_matches_local_mode(ray_run, local_run):
+    _, ray_dir = ray_run
+    local, remote = losses(local_run), losses(ray_dir)
+    assert sorted(remote) == list(range(1, STEPS + 1))
+    np.testing.assert_allclose([remote[s] for s in sorted(local)], [local[s] for s in sorted(local)], rtol=1e-5)
+
+
+def test_killed_worker_restarts_and_finishes_bit_exact(ray_run, tmp_path, small_corpus):
+    _, reference_dir = ray_run
+    messages = []
+    trainer = Trainer(load_config(overrides=settings(tmp_path, small_corpus, "cluster.ray=true")),
+                      echo=messages.append)
+    killed = []
+
+    def kill_worker_once(step, _):
+        if not killed:
+            killed.append(trainer.runtime.worker_pids()[1])
+            os.kill(killed[0], signal.SIGKILL)
+
+    trainer.add_hook(3, kill_worker_once)
+    with trainer:
+        trainer.fit()
+    assert killed and len(trainer.restarts) == 1 and "host worker 1 died" in trainer.restarts[0]
+    assert any(m.startswith("fax: restart 1/3: a train step: host worker 1 died") for m in messages), messages
+    assert "fax: resumed from the checkpoint of step 2" in messages
+    assert sorted(losses(tmp_path)) == list(range(1, STEPS + 1))
+    for ours, theirs in zip(jax.tree.leaves(saved_params(tmp_path, STEPS)),
+                            jax.tree.leaves(saved_params(reference_dir, STEPS))):
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+
+
+def test_checkpoints_move_between_ray_and_local_mode(ray_run, local_run, tmp_path, small_corpus):
+    _, ray_dir = ray_run
+    shutil.copytree(ray_dir, tmp_path / "to_local", ignore=shutil.ignore_patterns("ray"))
+    shutil.copytree(local_run, tmp_path / "to_ray")
+    more = [f"train.steps={STEPS + 2}"]
+    messages = []
+    Trainer(load_config(overrides=settings(tmp_path / "to_local", small_corpus, *more)), echo=messages.append).fit()
+    assert f"fax: resumed from the checkpoint of step {STEPS}" in messages
+    # The other way through the command line, which starts its own local cluster of 2 emulated hosts.
+    cli = [sys.executable, "-m", "fax.cli", "train", "--emulate-hosts", "2", "--devices-per-host", "4",
+           *settings(tmp_path / "to_ray", small_corpus, *more, "cluster.ray_temp_dir=" + tempfile.mkdtemp(dir="/tmp"))]
+    proc = subprocess.run(cli, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"fax: resumed from the checkpoint of step {STEPS}" in proc.stdout
+    assert "fax: 2 host workers joined (8 cpu devices" in proc.stdout
+    to_local, to_ray = losses(tmp_path / "to_local"), losses(tmp_path / "to_ray")
+    for step in (STEPS + 1, STEPS + 2):
+        np.testing.assert_allclose(to_ray[step], to_local[step], rtol=1e-5)
+
+
+def test_a_host_that_never_joins_is_a_clear_error(ray_cluster, tmp_path, small_corpus):
+    cfg = load_config(overrides=settings(tmp_path, small_corpus, "cluster.ray=true", "cluster.hosts=3",
+                                         "cluster.startup_timeout_s=5", "parallel.data=3", "parallel.fsdp=4",
+                                         "train.batch_size=12"))
+    started = time.monotonic()
+    with pytest.raises(ClusterError, match=r"could not place 3 host workers of \{'fax_host': 1\} each within "
+                                           r"cluster.startup_timeout_s=5s"):
+        Trainer(cfg, echo=lambda _: None).fit()
+    assert time.monotonic() - started < 60
+    assert ray.available_resources().get("fax_host") == 2  # nothing left reserved
