@@ -3,7 +3,9 @@
 Same model, mesh (fsdp=8), batch and seed, one after the other in one run: steps/s (median
 over the steps after the first two), the time from ``fit()`` to the first finished step, and the
 time a Ray-mode run needs to recover from a killed worker (kill -> the next finished step, which
-includes bring-up, restore and recompile).
+includes bring-up, restore and recompile). Ray mode with one host of 8 devices separates the cost
+of the runtime (actor calls, batches through the object store) from that of cross-process
+collectives (gloo over TCP between the two emulated hosts, which share this machine's cores).
 
     python benchmarks/runtime.py [--model gpt-mini --steps 20]
 """
@@ -63,21 +65,24 @@ def main() -> None:
                 f"cluster.ray_temp_dir={root / 'ray'}", "cluster.heartbeat_timeout_s=10"]
 
     local = timed_fit([*base, f"run_dir={root / 'local'}"])
+    one_host = timed_fit([*base, *ray_mode, "cluster.emulate_hosts=1", "cluster.devices_per_host=8",
+                          f"run_dir={root / 'ray_one'}"])
     ray = timed_fit([*base, *ray_mode, f"run_dir={root / 'ray_run'}"])
     recovery = timed_fit([*base, *ray_mode, f"run_dir={root / 'ray_kill'}"], kill_at=args.steps // 2 + 2)
 
     print(f"{args.model}, fsdp=8, {args.steps} steps")
-    print(f"{'':<28}{'local 1x8':>12}{'ray 2x4':>12}{'ray/local':>11}")
-    print(f"{'steps/s':<28}{local['steps_per_s']:>12.3f}{ray['steps_per_s']:>12.3f}"
-          f"{ray['steps_per_s'] / local['steps_per_s']:>11.2f}")
-    print(f"{'fit() -> first step (s)':<28}{local['first_step_s']:>12.1f}{ray['first_step_s']:>12.1f}"
-          f"{ray['first_step_s'] / local['first_step_s']:>11.2f}")
-    print(f"{'final loss':<28}{local['final_loss']:>12.5f}{ray['final_loss']:>12.5f}")
+    runs = {"local 1x8": local, "ray 1x8": one_host, "ray 2x4": ray}
+    print(f"{'':<26}" + "".join(f"{name:>12}" for name in runs) + f"{'1x8/local':>11}{'2x4/local':>11}")
+    for key, label, fmt in (("steps_per_s", "steps/s", ".3f"), ("first_step_s", "fit() -> first step (s)", ".1f"),
+                            ("final_loss", "final loss", ".5f")):
+        ratios = "" if key == "final_loss" else \
+            f"{one_host[key] / local[key]:>11.2f}{ray[key] / local[key]:>11.2f}"
+        print(f"{label:<26}" + "".join(f"{r[key]:>12{fmt}}" for r in runs.values()) + ratios)
     print(f"recovery from a killed worker: {recovery['recovery_s']:.1f}s (kill -> next finished step, "
           f"{recovery['restarts']} restart), final loss {recovery['final_loss']:.5f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": args.model, "steps": args.steps, "local": local, "ray": ray,
+    out.write_text(json.dumps({"model": args.model, "steps": args.steps, "local": local, "ray_one_host": one_host, "ray": ray,
                                "recovery": recovery}, indent=2))
 
 

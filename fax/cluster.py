@@ -15,7 +15,7 @@ import socket
 import tempfile
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -57,8 +57,11 @@ class HostWorker:
 
     def initialize(self, coordinator: str, num_processes: int, process_id: int, timeout_s: int,
                    heartbeat_s: int) -> dict[str, Any]:
-        jax.distributed.initialize(coordinator, num_processes, process_id, initialization_timeout=timeout_s,
-                                   heartbeat_timeout_seconds=heartbeat_s, coordinator_bind_address=coordinator)
+        """Join the multi-process JAX job. A job of one process stays single-process: on CPU,
+        jax.distributed would route even its in-process collectives through gloo over TCP."""
+        if num_processes > 1:
+            jax.distributed.initialize(coordinator, num_processes, process_id, initialization_timeout=timeout_s,
+                                       heartbeat_timeout_seconds=heartbeat_s, coordinator_bind_address=coordinator)
         return {"process_index": jax.process_index(), "devices": jax.device_count(),
                 "local_devices": jax.local_device_count()}
 
@@ -93,10 +96,15 @@ class HostLayout:
     devices_per_host: int
     bundle: dict[str, float]
     strategy: str  # placement group strategy: accelerator hosts are distinct nodes
+    first_host: dict[str, float] = field(default_factory=dict)  # extra asks of worker 0 (a TPU slice's head)
 
     @property
     def devices(self) -> int:
         return self.hosts * self.devices_per_host
+
+    @property
+    def bundles(self) -> list[dict[str, float]]:
+        return [{**self.bundle, **(self.first_host if i == 0 else {})} for i in range(self.hosts)]
 
 
 def host_layout(cluster_resources: dict[str, float], nodes: list[dict[str, Any]], hosts: int,
@@ -106,7 +114,10 @@ def host_layout(cluster_resources: dict[str, float], nodes: list[dict[str, Any]]
     for kind, resource in (("tpu", "TPU"), ("gpu", "GPU")):
         counts = [int(r[resource]) for r in alive if r.get(resource)]
         if counts:
-            return HostLayout(kind, hosts or len(counts), min(counts), {resource: min(counts)}, "STRICT_SPREAD")
+            # A TPU slice's worker 0 offers `TPU-<type>-head`: our worker 0 (the coordinator) goes there.
+            heads = sorted(k for k in cluster_resources if k.startswith("TPU-") and k.endswith("-head"))
+            first = {heads[0]: 1} if kind == "tpu" and heads else {}
+            return HostLayout(kind, hosts or len(counts), min(counts), {resource: min(counts)}, "STRICT_SPREAD", first)
     if cluster_resources.get(HOST_RESOURCE):
         return HostLayout("cpu", hosts or int(cluster_resources[HOST_RESOURCE]), devices_per_host,
                           {HOST_RESOURCE: 1}, "PACK")
@@ -176,7 +187,7 @@ class RayRuntime:
 
     def _bring_up(self) -> None:
         c, layout = self.config.cluster, self.layout
-        self.group = placement_group([dict(layout.bundle)] * layout.hosts, strategy=layout.strategy)
+        self.group = placement_group(layout.bundles, strategy=layout.strategy)
         ready, _ = ray.wait([self.group.ready()], timeout=c.startup_timeout_s)
         if not ready:
             raise ClusterError(
@@ -187,11 +198,12 @@ class RayRuntime:
         cpus = 1 if layout.kind == "node" else 0
         cls = ray.remote(HostWorker)
         self.workers = [
-            cls.options(num_cpus=cpus, num_gpus=layout.bundle.get("GPU", 0),
-                        resources={k: v for k, v in layout.bundle.items() if k not in ("CPU", "GPU")},
-                        runtime_env={"env_vars": env}, scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, i))
+            cls.options(num_cpus=cpus, num_gpus=bundle.get("GPU", 0),
+                        resources={k: v for k, v in bundle.items() if k not in ("CPU", "GPU")},
+                        runtime_env={"env_vars": env},
+                        scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, i))
             .remote(layout.devices_per_host if env else 0)
-            for i in range(layout.hosts)]
+            for i, bundle in enumerate(layout.bundles)]
         self.places = self._gather([w.where.remote() for w in self.workers], c.startup_timeout_s,
                                    "starting the host workers", bring_up=True)
         ips = {p["ip"] for p in self.places}

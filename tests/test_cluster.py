@@ -17,7 +17,7 @@ ray = pytest.importorskip("ray")
 from fax import Trainer, load_config  # noqa: E402
 from fax import step as step_lib  # noqa: E402
 from fax.checkpoint import Checkpointer  # noqa: E402
-from fax.cluster import ClusterError  # noqa: E402
+from fax.cluster import ClusterError, host_layout  # noqa: E402
 from fax.data import Sampler, TokenDataset  # noqa: E402
 from fax.metrics import read_metrics  # noqa: E402
 from parallel import make_mesh  # noqa: E402
@@ -42,6 +42,22 @@ def saved_params(run_dir, step):
     target = jax.eval_shape(training.init)["params"]
     return Checkpointer(str(run_dir / "checkpoints"), read_only=True).restore_params(
         step, target, training.state_shardings["params"])
+
+
+def test_host_layout_pins_one_worker_per_host():
+    def node(**resources):
+        return {"Alive": True, "Resources": {"CPU": 96.0, **resources}}
+
+    tpu = host_layout({"TPU": 16.0, "TPU-v4-32-head": 1.0}, [node(TPU=4.0) for _ in range(4)] + [node()], 0, 4)
+    assert (tpu.kind, tpu.hosts, tpu.devices, tpu.strategy) == ("tpu", 4, 16, "STRICT_SPREAD")
+    assert tpu.bundles == [{"TPU": 4, "TPU-v4-32-head": 1}] + [{"TPU": 4}] * 3  # worker 0 on the slice head
+    gpu = host_layout({"GPU": 16.0}, [node(GPU=8.0), node(GPU=8.0), {"Alive": False, "Resources": {"GPU": 8.0}}], 0, 4)
+    assert (gpu.kind, gpu.hosts, gpu.devices, gpu.bundles) == ("gpu", 2, 16, [{"GPU": 8}] * 2)
+    emulated = host_layout({"CPU": 2.0, "fax_host": 2.0}, [node()], 0, 4)
+    assert (emulated.kind, emulated.hosts, emulated.devices, emulated.strategy) == ("cpu", 2, 8, "PACK")
+    plain = host_layout({"CPU": 192.0}, [node(), node()], 0, 2)
+    assert (plain.kind, plain.hosts, plain.devices, plain.bundles) == ("node", 2, 4, [{"CPU": 1}] * 2)
+    assert host_layout({"CPU": 2.0, "fax_host": 2.0}, [node()], 3, 4).hosts == 3  # asked for more than exist
 
 
 @pytest.fixture(scope="module")
