@@ -86,6 +86,28 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from fax.serve import Engine, SamplingParams, TextStream, run_config, run_tokenizer
+
+    tokenizer = run_tokenizer(run_config(args.run_dir))
+    engine = Engine.from_run_dir(args.run_dir, step=args.step, max_batch=1)
+    sampling = SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, seed=args.seed, stop=tuple(args.stop or ()))
+    prompt = [int(t) for t in tokenizer.encode(args.prompt)]
+    problems = engine.check(prompt, sampling)
+    if problems:
+        from fax.config import ConfigError
+
+        raise ConfigError("; ".join(problems))
+    text = TextStream(tokenizer, sampling.stop)
+    print(args.prompt, end="", flush=True)
+    for (token,) in engine.stream([prompt], [sampling]):
+        if token is not None and not text.stopped:
+            print(text.push(token), end="", flush=True)
+    print(text.flush())
+    return 0
+
+
 def _presets(args: argparse.Namespace) -> int:
     import models
 
@@ -134,6 +156,18 @@ def parser() -> argparse.ArgumentParser:
     info.add_argument("run_dir")
     info.add_argument("step", nargs="?", type=int, help="default: the latest")
     info.set_defaults(run=_checkpoint_info)
+
+    gen = sub.add_parser("generate", help="continue a prompt with a trained run's model (KV cache, streamed)")
+    gen.add_argument("run_dir")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-tokens", type=int, default=100)
+    gen.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    gen.add_argument("--top-k", type=int, default=0, help="0: no limit")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--stop", action="append", help="stop before this text (repeatable)")
+    gen.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    gen.set_defaults(run=_generate)
 
     presets = sub.add_parser("presets", help="list the named model shapes")
     presets.set_defaults(run=_presets)

@@ -114,7 +114,7 @@ class ShardedTraining:
     step: Any  # (State, tokens) -> (State, metrics); donates the state
 
 
-def _with_activation_sharding(fn: Any, mesh: Mesh) -> Any:
+def with_activation_sharding(fn: Any, mesh: Mesh) -> Any:
     """Trace ``fn`` with logical activation names resolved against ``mesh``."""
     resolver = activation_resolver(mesh)
 
@@ -147,6 +147,6 @@ def build(cfg: Config, mesh: Mesh) -> ShardedTraining:
         state_shardings=state_shardings,
         batch_sharding=batch_sharding,
         init=jax.jit(functools.partial(init_state, cfg, tx), out_shardings=state_shardings),
-        step=jax.jit(_with_activation_sharding(step, mesh), in_shardings=(state_shardings, batch_sharding),
+        step=jax.jit(with_activation_sharding(step, mesh), in_shardings=(state_shardings, batch_sharding),
                      out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,)),
     )

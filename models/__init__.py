@@ -2,7 +2,9 @@
 
 from models.config import ModelConfig, param_count, train_flops_per_token
 from models.presets import preset, preset_names
-from models.transformer import DecoderLM, abstract, apply, build, init_params, logical_axes
+from models.transformer import (CACHE_LOGICAL_AXES, DecoderLM, abstract, apply, apply_cached, build, empty_cache,
+                                init_params, logical_axes)
 
-__all__ = ["DecoderLM", "ModelConfig", "abstract", "apply", "build", "init_params", "logical_axes",
+__all__ = ["CACHE_LOGICAL_AXES", "DecoderLM", "ModelConfig", "abstract", "apply", "apply_cached", "build",
+           "empty_cache", "init_params", "logical_axes",
            "param_count", "preset", "preset_names", "train_flops_per_token"]

@@ -80,7 +80,7 @@ class Attention(nnx.Module):
             self.v_bias = param(None, (kv, hd), ("kv_heads", "head_dim"), "zeros")
             self.out_bias = param(None, (d,), ("norm",), "zeros")
 
-    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+    def _project(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         cfg, dt = self.cfg, x.dtype
         q = jnp.einsum("bld,dhk->blhk", x, self.wq[...].astype(dt))
         k = jnp.einsum("bld,dhk->blhk", x, self.wk[...].astype(dt))
@@ -92,13 +92,43 @@ class Attention(nnx.Module):
         q = constrain(q, ("batch", "length", "heads", "head_dim"))
         k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
-        impl = None if cfg.attention_impl == "auto" else cfg.attention_impl
-        out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+        return q, k, v
+
+    def _output(self, out: jax.Array) -> jax.Array:
         out = constrain(out, ("batch", "length", "heads", "head_dim"))
-        y = jnp.einsum("blhk,hkd->bld", out, self.wo[...].astype(dt))
-        if cfg.use_bias:
-            y = y + self.out_bias[...].astype(dt)
+        y = jnp.einsum("blhk,hkd->bld", out, self.wo[...].astype(out.dtype))
+        if self.cfg.use_bias:
+            y = y + self.out_bias[...].astype(out.dtype)
         return constrain(y, RESIDUAL)
+
+    @property
+    def _impl(self) -> str | None:
+        return None if self.cfg.attention_impl == "auto" else self.cfg.attention_impl
+
+    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        q, k, v = self._project(x, positions)
+        return self._output(jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self._impl))
+
+    def cached(self, x: jax.Array, positions: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Attend from new tokens at per-row ``positions`` [batch, length] (consecutive in each row)
+        to everything cached at or before them, after writing their keys and values into ``cache``."""
+        q, k, v = self._project(x, positions)
+        cache = tuple(write_cache(c, new, positions[:, 0]) for c, new in zip(cache, (k, v)))
+        visible = jnp.arange(cache[0].shape[1])[None, None, :] <= positions[:, :, None]  # [batch, length, slots]
+        out = jax.nn.dot_product_attention(q.astype(cache[0].dtype), *cache, mask=visible[:, None],
+                                           implementation="xla")
+        return self._output(out.astype(x.dtype)), cache
+
+
+KVCache = tuple[jax.Array, jax.Array]  # keys, values: [batch, slots, kv_heads, head_dim]
+CACHE_AXES = ("batch", None, "kv_heads", "head_dim")  # sharded like the attention heads
+
+
+def write_cache(cache: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
+    """Row b of ``new`` [batch, length, ...] written into ``cache`` at slot ``starts[b]``."""
+    def one(row: jax.Array, update: jax.Array, start: jax.Array) -> jax.Array:
+        return jax.lax.dynamic_update_slice_in_dim(row, update.astype(row.dtype), start, axis=0)
+    return constrain(jax.vmap(one)(cache, new, starts), CACHE_AXES)
 
 
 class Mlp(nnx.Module):
@@ -141,3 +171,8 @@ class Block(nnx.Module):
     def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         x = x + self.attn(self.attn_norm(x), positions)
         return x + self.mlp(self.mlp_norm(x))
+
+    def cached(self, x: jax.Array, positions: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        h, cache = self.attn.cached(self.attn_norm(x), positions, cache)
+        x = x + h
+        return x + self.mlp(self.mlp_norm(x)), cache

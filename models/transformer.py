@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.config import ModelConfig
-from models.layers import RESIDUAL, Block, Norm, compute_dtype, param
+from models.layers import CACHE_AXES, RESIDUAL, Block, KVCache, Norm, compute_dtype, param
 from models.sharding import constrain
 
 Params = dict[str, Any]
@@ -41,30 +41,55 @@ class DecoderLM(nnx.Module):
         if not cfg.tie_embeddings:
             self.head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std)
 
-    def __call__(self, tokens: jax.Array) -> jax.Array:
-        """Logits (float32) for int tokens [batch, length]."""
+    def _embed(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
         cfg, dt = self.cfg, compute_dtype(self.cfg)
-        length = tokens.shape[1]
-        positions = jnp.arange(length)
         # Gather from a table whole along embed, so the lookup needs no resharding of its output.
         x = constrain(self.embed[...].astype(dt), ("vocab", None))[tokens]
         if cfg.position == "learned":
-            x = x + self.pos_embed[...][:length].astype(dt)
-        x = constrain(x, RESIDUAL)
+            x = x + self.pos_embed[...][positions].astype(dt)
+        return constrain(x, RESIDUAL)
 
+    def _logits(self, x: jax.Array) -> jax.Array:
+        x = self.final_norm(x)
+        head = self.embed[...].T if self.cfg.tie_embeddings else self.head[...]
+        logits = jnp.einsum("bld,dv->blv", x, head.astype(x.dtype), preferred_element_type=jnp.float32)
+        return constrain(logits, ("batch", "length", "vocab"))
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        """Logits (float32) for int tokens [batch, length]."""
+        positions = jnp.arange(tokens.shape[1])
         graphdef, layer_params = nnx.split(self.blocks)
 
         def layer(h: jax.Array, params: Params) -> tuple[jax.Array, None]:
             return nnx.merge(graphdef, params)(h, positions), None
 
-        if cfg.remat != "none":
-            layer = jax.checkpoint(layer, policy=REMAT_POLICY[cfg.remat], prevent_cse=False)
-        x, _ = jax.lax.scan(layer, x, layer_params)
+        if self.cfg.remat != "none":
+            layer = jax.checkpoint(layer, policy=REMAT_POLICY[self.cfg.remat], prevent_cse=False)
+        x, _ = jax.lax.scan(layer, self._embed(tokens, positions), layer_params)
+        return self._logits(x)
 
-        x = self.final_norm(x)
-        head = self.embed[...].T if cfg.tie_embeddings else self.head[...]
-        logits = jnp.einsum("bld,dv->blv", x, head.astype(dt), preferred_element_type=jnp.float32)
-        return constrain(logits, ("batch", "length", "vocab"))
+    def cached(self, tokens: jax.Array, positions: jax.Array, cache: KVCache,
+               last: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+        """Inference with a KV cache: ``tokens`` [batch, length] at per-row ``positions``, ``cache``
+        stacked over layers ([layers, batch, slots, kv_heads, head_dim] keys and values). Returns the
+        logits at index ``last[b]`` of each row (default: the last) and the updated cache."""
+        graphdef, layer_params = nnx.split(self.blocks)
+
+        def layer(h: jax.Array, xs: tuple[Params, jax.Array, jax.Array]) -> tuple[jax.Array, KVCache]:
+            params, keys, values = xs
+            return nnx.merge(graphdef, params).cached(h, positions, (keys, values))
+
+        x, cache = jax.lax.scan(layer, self._embed(tokens, positions), (layer_params, *cache))
+        if last is None:
+            last = jnp.full((tokens.shape[0],), tokens.shape[1] - 1)
+        x = jnp.take_along_axis(x, last[:, None, None], axis=1)
+        return self._logits(x)[:, 0], cache
+
+
+def empty_cache(cfg: ModelConfig, batch: int, slots: int) -> KVCache:
+    """Zeroed keys and values for ``batch`` sequences of up to ``slots`` tokens, in the compute dtype."""
+    shape = (cfg.n_layers, batch, slots, cfg.n_kv_heads, cfg.kv_head_dim)
+    return jnp.zeros(shape, compute_dtype(cfg)), jnp.zeros(shape, compute_dtype(cfg))
 
 
 def build(cfg: ModelConfig, seed: int = 0) -> DecoderLM:
@@ -94,3 +119,11 @@ def init_params(cfg: ModelConfig, seed: int) -> Params:
 
 def apply(graphdef: nnx.GraphDef, params: Params, tokens: jax.Array) -> jax.Array:
     return nnx.merge(graphdef, params)(tokens)
+
+
+def apply_cached(graphdef: nnx.GraphDef, params: Params, tokens: jax.Array, positions: jax.Array,
+                 cache: KVCache, last: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+    return nnx.merge(graphdef, params).cached(tokens, positions, cache, last)
+
+
+CACHE_LOGICAL_AXES = ("layers", *CACHE_AXES)

@@ -1,0 +1,123 @@
+"""Serving engine: KV-cache decode equals recomputation, sharded logits equal one device, sampling."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import models
+from fax.data import ByteTokenizer
+from fax.serve import Engine, SamplingParams, TextStream, filter_logits, serving_mesh
+
+PROMPTS = [[5, 17, 99, 3, 42], [7] * 11 + [300], [1, 2, 3]]
+
+
+def model(name):
+    """Random weights, scaled up so that greedy continuations are varied (not one repeated token)."""
+    cfg = dataclasses.replace(models.preset(name), init_std=0.3)
+    graphdef, state = nnx.split(models.build(cfg, seed=1))
+    return cfg, graphdef, nnx.to_pure_dict(state)
+
+
+@functools.lru_cache
+def full_forward(graphdef):
+    return jax.jit(functools.partial(models.apply, graphdef))
+
+
+def greedy_by_recomputing(graphdef, params, prompt, new_tokens, window=32):
+    """The whole forward pass again for every token, over one right-padded window (causal attention
+    keeps the padding out of earlier positions), so it compiles once."""
+    tokens = list(prompt)
+    for _ in range(new_tokens):
+        padded = np.zeros((1, window), np.int32)
+        padded[0, :len(tokens)] = tokens
+        tokens.append(int(jnp.argmax(full_forward(graphdef)(params, padded)[0, len(tokens) - 1])))
+    return tokens[len(prompt):]
+
+
+@pytest.mark.parametrize("name", ["gpt-tiny", "llama-tiny"])
+@pytest.mark.parametrize("n_devices", [1, 8])
+def test_kv_cache_greedy_equals_recomputing(name, n_devices):
+    cfg, graphdef, params = model(name)
+    engine = Engine(cfg, params, serving_mesh(cfg, jax.devices()[:n_devices]))
+    assert engine.mesh.shape["tensor"] == n_devices
+    greedy = SamplingParams(max_new_tokens=12, temperature=0.0)
+    got = engine.generate(PROMPTS, [greedy] * len(PROMPTS))
+    for prompt, tokens in zip(PROMPTS, got):
+        expected = greedy_by_recomputing(graphdef, params, prompt, 12)
+        assert tokens == expected
+    assert len(set(got[0])) > 2  # a real continuation, not one token repeated
+
+
+def test_sharded_engine_logits_equal_one_device_forward():
+    cfg, graphdef, params = model("llama-tiny")
+    engine = Engine(cfg, params, serving_mesh(cfg, jax.devices()))
+    leaf = jax.tree.leaves(engine.params)[0]
+    assert leaf.sharding.mesh.devices.size == 8
+    logits = engine.prefill_logits(PROMPTS)
+    for prompt, row in zip(PROMPTS, logits):
+        reference = models.apply(graphdef, params, jnp.asarray([prompt]))[0, -1]
+        np.testing.assert_allclose(row, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_a_requests_samples_do_not_depend_on_its_batch():
+    cfg, _, params = model("gpt-tiny")
+    engine = Engine(cfg, params, serving_mesh(cfg, jax.devices()))
+    hot = SamplingParams(max_new_tokens=10, temperature=0.9, top_k=50, top_p=0.95, seed=7)
+    alone = engine.generate([PROMPTS[0]], [hot])[0]
+    batched = engine.generate(PROMPTS, [hot, SamplingParams(max_new_tokens=3, seed=1), hot])[0]
+    assert alone == batched and len(alone) == 10
+    other_seed = engine.generate([PROMPTS[0]], [dataclasses.replace(hot, seed=8)])[0]
+    assert other_seed != alone
+
+
+def test_top_k_and_top_p_keep_the_right_tokens():
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05], [0.5, 0.3, 0.15, 0.05], [0.1, 0.2, 0.3, 0.4]]))
+    kept = np.isfinite(np.asarray(filter_logits(logits, jnp.array([2, 0, 0]), jnp.array([1.0, 0.7, 1.0]))))
+    assert kept.tolist() == [[True, True, False, False],  # top_k=2
+                             [True, True, False, False],  # top_p=0.7: 0.5 + 0.3 reach it
+                             [True, True, True, True]]  # no filter
+
+
+def test_requests_the_engine_cannot_serve_are_refused_with_reasons():
+    cfg, _, params = model("gpt-tiny")
+    engine = Engine(cfg, params, serving_mesh(cfg, jax.devices()[:1]))
+    assert engine.check([1] * 100, SamplingParams(max_new_tokens=64)) == [
+        "prompt (100 tokens) + max_tokens (64) exceeds the model's context of 128 tokens; "
+        "shorten the prompt or lower max_tokens"]
+    assert engine.check([], SamplingParams(max_new_tokens=0, temperature=-1, top_p=0)) == [
+        "max_tokens must be positive, got 0", "temperature must be >= 0, got -1",
+        "top_p must be in (0, 1], got 0", "prompt is empty"]
+    with pytest.raises(ValueError, match="request 0: prompt is empty"):
+        next(engine.stream([[]], [SamplingParams()]))
+
+
+def test_generate_command_continues_a_trained_run(tmp_path, small_corpus, capsys):
+    from fax import Trainer, load_config
+    from fax.cli import main
+
+    Trainer(load_config(overrides=["model=gpt-tiny", f"run_dir={tmp_path}", f"data.path={small_corpus}",
+                                   "train.steps=2", "train.batch_size=8", "train.seq_len=32",
+                                   "train.sample_tokens=0"]), echo=lambda _: None).fit()
+    engine = Engine.from_run_dir(tmp_path)
+    assert engine.step == 2 and engine.mesh.shape["tensor"] == 8  # tensor-parallel over every device
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path), "--prompt", "def ", "--max-tokens", "6", "--temperature", "0"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("def ") and len(out) > len("def \n")
+    assert main(["generate", str(tmp_path), "--prompt", "x" * 120, "--max-tokens", "20"]) == 2
+    assert "exceeds the model's context of 128 tokens" in capsys.readouterr().err
+
+
+def test_text_stream_ends_at_a_stop_sequence_and_completes_characters():
+    tok = ByteTokenizer()
+    stream = TextStream(tok, stop=["\n\n"])
+    out = "".join(stream.push(int(t)) for t in tok.encode("é ok\nmore\n\nnever"))
+    assert out == "é ok\nmore" and stream.stopped
+    partial = TextStream(tok)
+    first, second = (partial.push(int(t)) for t in "é".encode())
+    assert (first, second) == ("", "é")  # half a character is held back
