@@ -1,0 +1,86 @@
+"""Decode throughput of the serving engine, side by side in one run on the same model and prompts:
+KV-cache decode vs recomputing the whole forward pass for every token, and tokens/s at batch 1, 4, 16.
+
+    python benchmarks/generate.py [--model gpt-mini --new-tokens 64]
+
+(The comparison with Hugging Face transformers' `generate` is still to come: see the serving issue.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import time
+from pathlib import Path
+
+import jax
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="gpt-mini")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--cpu-devices", type=int, default=8)
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "generate.json"))
+    args = p.parse_args()
+    jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    import models
+    from fax.serve import Engine, SamplingParams, serving_mesh
+
+    cfg = models.preset(args.model)
+    window = args.prompt_tokens + args.new_tokens
+    cfg = dataclasses.replace(cfg, max_seq_len=max(cfg.max_seq_len, window))
+    graphdef, state = nnx.split(models.build(cfg, seed=0))
+    params = nnx.to_pure_dict(state)
+    rng = np.random.default_rng(0)
+    prompts = [list(rng.integers(0, 256, args.prompt_tokens)) for _ in range(16)]
+    greedy = SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0)
+
+    def timed(fn) -> float:
+        fn()  # compile
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    results: dict[str, float] = {}
+    engine = Engine(cfg, params, serving_mesh(cfg, jax.devices()[:1]), max_batch=16)
+    forward = jax.jit(functools.partial(models.apply, graphdef))
+
+    def recompute(batch: int) -> None:
+        tokens = np.zeros((batch, window), np.int32)
+        tokens[:, :args.prompt_tokens] = np.array(prompts[:batch])
+        for i in range(args.prompt_tokens, window):
+            tokens[:, i] = np.asarray(jnp.argmax(forward(params, tokens)[:, i - 1], axis=-1))
+
+    results["recompute_b1"] = args.new_tokens / timed(lambda: recompute(1))
+    for batch in (1, 4, 16):
+        results[f"kv_b{batch}"] = batch * args.new_tokens / timed(
+            lambda: engine.generate(prompts[:batch], [greedy] * batch))
+    sharded = Engine(cfg, params, serving_mesh(cfg, jax.devices()), max_batch=16)
+    results["kv_b16_tensor_parallel"] = 16 * args.new_tokens / timed(
+        lambda: sharded.generate(prompts, [greedy] * 16))
+
+    print(f"{args.model} ({models.param_count(cfg) / 1e6:.1f}M params), prompt {args.prompt_tokens} + "
+          f"{args.new_tokens} new tokens, greedy, one CPU device unless noted")
+    print(f"  recompute everything, batch 1: {results['recompute_b1']:8.1f} tokens/s")
+    for batch in (1, 4, 16):
+        print(f"  KV cache, batch {batch:>2}:             {results[f'kv_b{batch}']:8.1f} tokens/s")
+    print(f"  KV cache, batch 16, tensor-parallel over {len(jax.devices())} devices: "
+          f"{results['kv_b16_tensor_parallel']:.1f} tokens/s")
+    print(f"  KV cache / recompute at batch 1: {results['kv_b1'] / results['recompute_b1']:.2f}x; "
+          f"batch 16 / batch 1: {results['kv_b16'] / results['kv_b1']:.2f}x")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"model": args.model, "tokens_per_s": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
