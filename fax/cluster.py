@@ -269,10 +269,9 @@ class RayRuntime:
 
     def metrics(self, handle: list[ray.ObjectRef]) -> dict[str, float]:
         values = self._gather(handle, self.config.cluster.step_timeout_s, "a train step")
-        while self.pending and self.pending[0] is not handle:
-            self.pending.popleft()  # earlier steps finished before this one (each actor runs in order)
-        if self.pending:
-            self.pending.popleft()
+        if any(h is handle for h in self.pending):
+            while self.pending.popleft() is not handle:
+                pass  # earlier steps finished before this one: each actor runs its calls in order
         return values[0]  # replicated: every host computed the same scalars
 
     def _on_all(self, what: str, method: str, *args: Any) -> list[Any]:

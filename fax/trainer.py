@@ -87,13 +87,14 @@ class Trainer:
         if self.dataset is not None and self.dataset.meta["vocab_size"] > config.model.vocab_size:
             problems.append(f"the dataset's tokenizer has {self.dataset.meta['vocab_size']} tokens but "
                             f"model.vocab_size={config.model.vocab_size}; raise model.vocab_size")
-        self.resume_step = self._checkpoints().latest_step()
+        checkpoints = self._checkpoints()
+        self.resume_step = checkpoints.latest_step()
         if self.resume_step is not None:
             if not config.resume:
                 problems.append(f"run_dir={config.run_dir!r} holds checkpoints (latest step {self.resume_step}) "
                                 "but resume=false; choose a new run_dir, or resume=true to continue")
             else:
-                differs = incompatible_keys(self._checkpoints().meta(self.resume_step)["config"], config.to_dict())
+                differs = incompatible_keys(checkpoints.meta(self.resume_step)["config"], config.to_dict())
                 if differs:
                     problems.append(f"cannot resume from run_dir={config.run_dir!r}, the model differs: "
                                     f"{'; '.join(differs)}. Use the saved settings or a new run_dir")
