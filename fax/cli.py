@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from collections.abc import Sequence
 
 
@@ -31,12 +30,9 @@ def _train(args: argparse.Namespace) -> int:
 
 def _open_checkpoints(run_dir: str):
     from fax.checkpoint import Checkpointer, checkpoint_dir
-    from fax.config import ConfigError, load_config
+    from fax.config import run_config
 
-    config_path = Path(run_dir) / "config.yaml"
-    if not config_path.exists():
-        raise ConfigError(f"{run_dir!r} is not a fax run directory (no config.yaml)")
-    cfg = load_config(config_path)
+    cfg = run_config(run_dir)
     return Checkpointer(checkpoint_dir(run_dir, cfg.checkpoint), cfg.checkpoint, read_only=True)
 
 
@@ -87,7 +83,8 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from fax.serve import Engine, SamplingParams, TextStream, run_config, run_tokenizer
+    from fax.config import run_config
+    from fax.serve import Engine, SamplingParams, TextStream, run_tokenizer
 
     tokenizer = run_tokenizer(run_config(args.run_dir))
     engine = Engine.from_run_dir(args.run_dir, step=args.step, max_batch=1)

@@ -181,6 +181,14 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     return apply_overrides(cfg, overrides)
 
 
+def run_config(run_dir: str | Path) -> Config:
+    """The resolved config a run directory was trained with."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        raise ConfigError(f"{str(run_dir)!r} is not a fax run directory (no config.yaml)")
+    return load_config(path)
+
+
 def config_from_dict(values: dict[str, Any]) -> Config:
     return _apply_dict(Config(), values, "")
 

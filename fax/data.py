@@ -106,6 +106,11 @@ def default_corpus() -> Path:
     return out
 
 
+def dataset_path(path: str) -> Path:
+    """A ``data.path`` setting as a folder: empty means the standard-library corpus."""
+    return Path(path) if path else default_corpus()
+
+
 def dataset_problems(path: str | Path, seq_len: int) -> list[str]:
     index = Path(path) / "index.json"
     if not Path(path).exists():

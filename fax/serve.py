@@ -22,8 +22,8 @@ from flax import nnx
 
 import models
 from fax.checkpoint import Checkpointer, checkpoint_dir
-from fax.config import Config, ConfigError, load_config
-from fax.data import TokenDataset, default_corpus, get_tokenizer
+from fax.config import Config, ConfigError, run_config
+from fax.data import TokenDataset, dataset_path, get_tokenizer
 from fax.step import with_activation_sharding
 from parallel import ParallelConfig, logical_sharding, make_mesh, replicated, tree_shardings
 
@@ -50,6 +50,15 @@ class SamplingParams:
         if not 0 < self.top_p <= 1:
             found.append(f"top_p must be in (0, 1], got {self.top_p}")
         return found
+
+
+GREEDY_PAD = SamplingParams(max_new_tokens=1, temperature=0.0)  # the rows that fill a batch bucket
+
+
+def _controls(rows: Sequence[SamplingParams]) -> tuple[np.ndarray, ...]:
+    """Per-row sampling settings as the arrays the compiled functions take."""
+    return (np.array([s.seed for s in rows], np.uint32), np.array([s.temperature for s in rows], np.float32),
+            np.array([s.top_k for s in rows], np.int32), np.array([s.top_p for s in rows], np.float32))
 
 
 def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
@@ -103,6 +112,12 @@ def serving_mesh(cfg: models.ModelConfig, devices: Sequence[jax.Device], tensor:
     return make_mesh(ParallelConfig(fsdp=1, tensor=tensor), list(devices)[:tensor])
 
 
+def param_layout(cfg: models.ModelConfig, mesh: jax.sharding.Mesh) -> tuple[nnx.GraphDef, Any, Any]:
+    """The model's graph, its params' shapes (no memory) and their shardings on ``mesh``."""
+    graphdef, abstract_state = models.abstract(cfg)
+    return graphdef, nnx.to_pure_dict(abstract_state), tree_shardings(models.logical_axes(abstract_state), mesh)
+
+
 class Engine:
     """Batched generation over a mesh; every shape comes from a few static buckets."""
 
@@ -110,8 +125,7 @@ class Engine:
                  eos_id: int | None = None):
         self.cfg, self.mesh, self.eos_id = cfg, mesh, eos_id
         self.step: int | None = None  # the checkpoint step the params came from, if any
-        self.graphdef, abstract_state = models.abstract(cfg)
-        shardings = tree_shardings(models.logical_axes(abstract_state), mesh)
+        self.graphdef, _, shardings = param_layout(cfg, mesh)
         self.params = jax.device_put(params, shardings)
         self.batch_buckets = buckets(max_batch, 1)
         self.length_buckets = buckets(cfg.max_seq_len, min(16, cfg.max_seq_len))
@@ -133,9 +147,7 @@ class Engine:
             raise ConfigError(f"{str(run_dir)!r} has no complete checkpoint{'' if step is None else f' of step {step}'}"
                               f"; steps: {ckpt.steps()}. Train first (fax train run_dir={run_dir})")
         mesh = serving_mesh(config.model, jax.devices() if devices is None else devices, tensor)
-        _, abstract_state = models.abstract(config.model)
-        target = nnx.to_pure_dict(abstract_state)
-        shardings = tree_shardings(models.logical_axes(abstract_state), mesh)
+        _, target, shardings = param_layout(config.model, mesh)
         engine = cls(config.model, ckpt.restore_params(step, target, shardings), mesh, max_batch,
                      run_tokenizer(config).eos_id)
         engine.step = step
@@ -162,13 +174,8 @@ class Engine:
         n = len(prompts)
         tokens, lengths = self._pack(prompts)
         batch = len(lengths)
-        pad = SamplingParams(max_new_tokens=1, temperature=0.0)
-        rows = [*sampling, *[pad] * (batch - n)]
-        seeds = np.array([s.seed for s in rows], np.uint32)
-        temperature = np.array([s.temperature for s in rows], np.float32)
-        top_k = np.array([s.top_k for s in rows], np.int32)
-        top_p = np.array([s.top_p for s in rows], np.float32)
-        controls = (seeds, temperature, top_k, top_p)
+        rows = [*sampling, *[GREEDY_PAD] * (batch - n)]
+        controls = _controls(rows)
         token, cache, _ = self._prefill(self.params, self._empty_cache(batch), tokens, lengths, *controls)
         budget = np.array([s.max_new_tokens for s in rows])
         done = np.zeros(batch, bool)
@@ -198,9 +205,8 @@ class Engine:
         """The next-token logits after each prompt (for checks against the training forward pass)."""
         tokens, lengths = self._pack(prompts)
         batch = len(lengths)
-        controls = (np.zeros(batch, np.uint32), np.zeros(batch, np.float32), np.zeros(batch, np.int32),
-                    np.ones(batch, np.float32))
-        logits = self._prefill(self.params, self._empty_cache(batch), tokens, lengths, *controls)[2]
+        logits = self._prefill(self.params, self._empty_cache(batch), tokens, lengths,
+                               *_controls([GREEDY_PAD] * batch))[2]
         return np.asarray(logits)[:len(prompts)]
 
     def _pack(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -216,17 +222,9 @@ class Engine:
         return jax.device_put(models.empty_cache(self.cfg, batch, self.cfg.max_seq_len), self.cache_sharding)
 
 
-def run_config(run_dir: str | Path) -> Config:
-    path = Path(run_dir) / "config.yaml"
-    if not path.exists():
-        raise ConfigError(f"{str(run_dir)!r} is not a fax run directory (no config.yaml)")
-    return load_config(path)
-
-
 def run_tokenizer(config: Config):
     """The tokenizer the run's dataset was written with."""
-    path = Path(config.data.path) if config.data.path else default_corpus()
-    return get_tokenizer(TokenDataset.open(path).meta["tokenizer"])
+    return get_tokenizer(TokenDataset.open(dataset_path(config.data.path)).meta["tokenizer"])
 
 
 class TextStream:

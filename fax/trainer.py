@@ -17,7 +17,7 @@ import models
 from fax import step as step_lib
 from fax.checkpoint import Checkpointer, checkpoint_dir, incompatible_keys
 from fax.config import Config, ConfigError, apply_overrides, validate
-from fax.data import Sampler, TokenDataset, dataset_problems, default_corpus, get_tokenizer
+from fax.data import Sampler, TokenDataset, dataset_path, dataset_problems, get_tokenizer
 from fax.metrics import MetricsLog, mesh_desc, mfu, peak_flops_per_device, read_metrics
 from fax.runtime import HostRuntime, WorkerFailure
 
@@ -81,7 +81,7 @@ class Trainer:
             self.devices = list(jax.devices() if devices is None else devices)
             n_devices = len(self.devices)
         self.axis_sizes = validate(config, n_devices)
-        self.data_path = Path(config.data.path) if config.data.path else default_corpus()
+        self.data_path = dataset_path(config.data.path)
         problems = dataset_problems(self.data_path, config.seq_len)
         self.dataset = None if problems else TokenDataset.open(self.data_path)
         if self.dataset is not None and self.dataset.meta["vocab_size"] > config.model.vocab_size:
