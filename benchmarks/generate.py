@@ -33,7 +33,7 @@ def main() -> None:
     from flax import nnx
 
     import models
-    from fax.serve import Engine, SamplingParams, serving_mesh
+    from fax.serve import Engine, SamplingParams, generate, serving_mesh
 
     cfg = models.preset(args.model)
     window = args.prompt_tokens + args.new_tokens
@@ -63,10 +63,10 @@ def main() -> None:
     results["recompute_b1"] = args.new_tokens / timed(lambda: recompute(1))
     for batch in (1, 4, 16):
         results[f"kv_b{batch}"] = batch * args.new_tokens / timed(
-            lambda: engine.generate(prompts[:batch], [greedy] * batch))
+            lambda: generate(engine, prompts[:batch], [greedy] * batch))
     sharded = Engine(cfg, params, serving_mesh(cfg, jax.devices()), max_batch=16)
     results["kv_b16_tensor_parallel"] = 16 * args.new_tokens / timed(
-        lambda: sharded.generate(prompts, [greedy] * 16))
+        lambda: generate(sharded, prompts, [greedy] * 16))
 
     print(f"{args.model} ({models.param_count(cfg) / 1e6:.1f}M params), prompt {args.prompt_tokens} + "
           f"{args.new_tokens} new tokens, greedy, one CPU device unless noted")

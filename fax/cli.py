@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 from collections.abc import Sequence
 
 
@@ -84,24 +85,48 @@ def _prepare(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     from fax.config import run_config
-    from fax.serve import Engine, SamplingParams, TextStream, run_tokenizer
+    from fax.serve import Engine, SamplingParams, TextStream, request_problems, run_tokenizer, stream
 
     tokenizer = run_tokenizer(run_config(args.run_dir))
     engine = Engine.from_run_dir(args.run_dir, step=args.step, max_batch=1)
     sampling = SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, seed=args.seed, stop=tuple(args.stop or ()))
     prompt = [int(t) for t in tokenizer.encode(args.prompt)]
-    problems = engine.check(prompt, sampling)
+    problems = request_problems(engine.cfg, prompt, sampling)
     if problems:
         from fax.config import ConfigError
 
         raise ConfigError("; ".join(problems))
     text = TextStream(tokenizer, sampling.stop)
     print(args.prompt, end="", flush=True)
-    for (token,) in engine.stream([prompt], [sampling]):
+    for (token,) in stream(engine, [prompt], [sampling]):
         if token is not None and not text.stopped:
             print(text.push(token), end="", flush=True)
     print(text.flush())
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import ray
+
+    from fax.config import ClusterConfig, ServeConfig
+    from fax.server import start, stop
+
+    settings = ServeConfig(host=args.host, port=args.port, max_batch=args.max_batch,
+                           max_concurrent=args.max_concurrent, max_prompt_tokens=args.max_prompt_tokens,
+                           max_tokens=args.max_tokens, model_name=args.model_name)
+    cluster = ClusterConfig(ray=True, address=args.address, hosts=args.hosts, emulate_hosts=args.emulate_hosts,
+                            devices_per_host=args.devices_per_host)
+    owns_ray = not ray.is_initialized()
+    try:
+        start(args.run_dir, settings, cluster, args.cpu_devices)
+        print("fax: Ctrl-C stops the server", flush=True)
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if ray.is_initialized():
+            stop(owns_ray)
     return 0
 
 
@@ -165,6 +190,22 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", help="stop before this text (repeatable)")
     gen.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     gen.set_defaults(run=_generate)
+
+    srv = sub.add_parser("serve", help="serve a trained run over HTTP: /v1/completions (streaming), /v1/models, "
+                                       "/health, on Ray Serve with continuous batching")
+    srv.add_argument("run_dir")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
+    srv.add_argument("--max-concurrent", type=int, default=64, help="requests running or queued; more get 429")
+    srv.add_argument("--max-prompt-tokens", type=int, default=0, help="0: the model's context")
+    srv.add_argument("--max-tokens", type=int, default=0, help="the most a request may ask for; 0: the context")
+    srv.add_argument("--model-name", default="", help="the id in /v1/models (default: the run directory's name)")
+    srv.add_argument("--address", default="", help="join this Ray cluster ('auto': the running one)")
+    srv.add_argument("--hosts", type=int, default=0, help="hosts the engine spans (default 1, or every emulated host)")
+    srv.add_argument("--emulate-hosts", type=int, default=0, help="a local cluster of N emulated CPU hosts")
+    srv.add_argument("--devices-per-host", type=int, default=4, help="emulated CPU devices per emulated host")
+    srv.set_defaults(run=_serve)
 
     presets = sub.add_parser("presets", help="list the named model shapes")
     presets.set_defaults(run=_presets)

@@ -17,7 +17,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -26,7 +26,7 @@ from ray.exceptions import RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from fax.config import Config, ConfigError, config_from_dict
+from fax.config import Config, ConfigError, config_from_dict, run_config
 from fax.runtime import HostRuntime, RowRanges, WorkerFailure, take_rows
 
 HOST_RESOURCE = "fax_host"  # one unit per emulated CPU host (`ray start --resources='{"fax_host": 1}'`)
@@ -45,6 +45,7 @@ class HostWorker:
         if cpu_devices:  # must precede the first use of the CPU backend
             jax.config.update("jax_num_cpu_devices", cpu_devices)
         self.runtime: HostRuntime | None = None
+        self.engine: Any = None  # a serving Engine, when the workers serve instead of train
         self.rows_seen: np.ndarray | None = None
 
     def where(self) -> dict[str, Any]:
@@ -85,6 +86,16 @@ class HostWorker:
 
     def generate(self, prompt: list[int], new_tokens: int, temperature: float, vocab_limit: int) -> list[int]:
         return self.runtime.generate(prompt, new_tokens, temperature, vocab_limit)
+
+    def load_engine(self, run_dir: str, step: int | None, max_batch: int) -> dict[str, Any]:
+        """This host's share of a serving engine over the global mesh (params restored onto it)."""
+        from fax.serve import Engine
+
+        self.engine = Engine.from_run_dir(run_dir, step=step, max_batch=max_batch)
+        return {"step": self.engine.step, "tensor": self.engine.mesh.shape["tensor"]}
+
+    def engine_call(self, method: str, *args: Any) -> Any:
+        return getattr(self.engine, method)(*args)
 
 
 @dataclass(frozen=True)
@@ -133,6 +144,30 @@ def ray_temp_dir(config: Config) -> str:
     return tempfile.mkdtemp(prefix="fax-ray-")
 
 
+def connect(config: Config, echo: Callable[[str], None]) -> bool:
+    """Join ``cluster.address`` or start a local cluster (with emulated hosts if asked); True if
+    this process started Ray and so shuts it down."""
+    c = config.cluster
+    if ray.is_initialized():
+        return False
+    if c.address:
+        ray.init(address=c.address, log_to_driver=True)
+        return True
+    temp = ray_temp_dir(config)
+    resources = {HOST_RESOURCE: c.emulate_hosts} if c.emulate_hosts else None
+    ray.init(resources=resources, _temp_dir=temp, include_dashboard=False, log_to_driver=True)
+    echo(f"fax: started a local Ray cluster (files under {temp})")
+    return True
+
+
+def actor_options(layout: HostLayout, bundle: dict[str, float]) -> dict[str, Any]:
+    """How an actor asks for one host's bundle; on CPU hosts it sees only the (emulated) CPU devices."""
+    env = {"JAX_PLATFORMS": "cpu"} if layout.kind in ("cpu", "node") else {}
+    return {"num_cpus": 1 if layout.kind == "node" else 0, "num_gpus": bundle.get("GPU", 0),
+            "resources": {k: v for k, v in bundle.items() if k not in ("CPU", "GPU")},
+            "runtime_env": {"env_vars": env}}
+
+
 def _free_hosts() -> dict[str, float]:
     """The free resources a host bundle can ask for (Ray's own bookkeeping entries left out)."""
     return {k: v for k, v in sorted(ray.available_resources().items()) if k in ("CPU", "GPU", "TPU", HOST_RESOURCE)}
@@ -161,9 +196,7 @@ class RayRuntime:
             if getattr(c, name) <= 0:
                 raise ConfigError(f"cluster.{name} must be positive, got {getattr(c, name)}")
         self.config, self.echo = config, echo
-        self.owns_ray = not ray.is_initialized()
-        if self.owns_ray:
-            self._connect()
+        self.owns_ray = connect(config, echo)
         self.layout = host_layout(ray.cluster_resources(), ray.nodes(), c.hosts or c.emulate_hosts,
                                   c.devices_per_host)
         self.device_count = self.layout.devices
@@ -173,17 +206,17 @@ class RayRuntime:
         self.built: list[dict[str, Any]] = []
         self.pending: deque[list[ray.ObjectRef]] = deque()
 
-    def _connect(self) -> None:
-        c = self.config.cluster
-        if c.address:
-            ray.init(address=c.address, log_to_driver=True)
-            return
-        temp = ray_temp_dir(self.config)
-        resources = {HOST_RESOURCE: c.emulate_hosts} if c.emulate_hosts else None
-        ray.init(resources=resources, _temp_dir=temp, include_dashboard=False, log_to_driver=True)
-        self.echo(f"fax: started a local Ray cluster (files under {temp})")
-
     # Bring-up.
+
+    def bring_up(self) -> None:
+        """Place one actor per host and join them into one JAX job (once; ``restart`` undoes it)."""
+        if self.workers:
+            return
+        try:
+            self._bring_up()
+        except BaseException:
+            self.restart()  # release the placement group and whatever actors did start
+            raise
 
     def _bring_up(self) -> None:
         c, layout = self.config.cluster, self.layout
@@ -194,15 +227,11 @@ class RayRuntime:
                 f"could not place {layout.hosts} host workers of {layout.bundle} each within "
                 f"cluster.startup_timeout_s={c.startup_timeout_s:.0f}s; free now: {_free_hosts()}. "
                 "Start more hosts or lower cluster.hosts")
-        env = {"JAX_PLATFORMS": "cpu"} if layout.kind in ("cpu", "node") else {}
-        cpus = 1 if layout.kind == "node" else 0
+        emulated = layout.devices_per_host if layout.kind in ("cpu", "node") else 0
         cls = ray.remote(HostWorker)
         self.workers = [
-            cls.options(num_cpus=cpus, num_gpus=bundle.get("GPU", 0),
-                        resources={k: v for k, v in bundle.items() if k not in ("CPU", "GPU")},
-                        runtime_env={"env_vars": env},
-                        scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, i))
-            .remote(layout.devices_per_host if env else 0)
+            cls.options(**actor_options(layout, bundle),
+                        scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, i)).remote(emulated)
             for i, bundle in enumerate(layout.bundles)]
         self.places = self._gather([w.where.remote() for w in self.workers], c.startup_timeout_s,
                                    "starting the host workers", bring_up=True)
@@ -244,12 +273,7 @@ class RayRuntime:
     # The HostRuntime interface.
 
     def start(self, resume_step: int | None) -> float:
-        if not self.workers:
-            try:
-                self._bring_up()
-            except BaseException:
-                self.restart()  # release the placement group and whatever actors did start
-                raise
+        self.bring_up()
         config = self.config.to_dict()
         self.built = self._gather([w.build.remote(config, resume_step) for w in self.workers],
                                   self.config.cluster.step_timeout_s, "building the model and compiling the step")
@@ -311,3 +335,42 @@ class RayRuntime:
             self.restart()
             if self.owns_ray:
                 ray.shutdown()
+
+
+class ClusterEngine:
+    """A serving engine whose processes are the host workers (one global mesh, for models that need
+    more than one host): the engine calls a ``Batcher`` makes, made on every host; the tokens are
+    replicated, so worker 0's answer is everyone's."""
+
+    def __init__(self, runtime: RayRuntime, run_dir: str, step: int | None, max_batch: int):
+        from fax.serve import buckets, run_tokenizer
+
+        self.runtime = runtime
+        runtime.bring_up()
+        loaded = runtime._gather([w.load_engine.remote(run_dir, step, max_batch) for w in runtime.workers],
+                                 runtime.config.cluster.step_timeout_s, "restoring the params onto the hosts")
+        self.step = loaded[0]["step"]
+        config = run_config(run_dir)
+        self.cfg, self.eos_id = config.model, run_tokenizer(config).eos_id
+        self.batch_buckets = buckets(max_batch, 1)
+        runtime.echo(f"fax: serving step {self.step} on {runtime.layout.hosts} hosts "
+                     f"(tensor parallel over {loaded[0]['tensor']} devices)")
+
+    @property
+    def max_batch(self) -> int:
+        return self.batch_buckets[-1]
+
+    def _call(self, method: str, *args: Any) -> Any:
+        return self.runtime._on_all(f"engine {method}", "engine_call", method, *args)[0]
+
+    def reset(self, rows: int) -> None:
+        self._call("reset", rows)
+
+    def prefill(self, rows: Sequence[int], prompts: Sequence[Sequence[int]], sampling: Sequence[Any]) -> np.ndarray:
+        return self._call("prefill", list(rows), [list(p) for p in prompts], list(sampling))
+
+    def decode(self, tokens: np.ndarray, positions: np.ndarray, steps: np.ndarray, sampling: Sequence[Any]) -> np.ndarray:
+        return self._call("decode", tokens, positions, steps, list(sampling))
+
+    def close(self) -> None:
+        self.runtime.close()

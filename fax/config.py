@@ -80,6 +80,30 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
+class ServeConfig:
+    """`fax serve`: where it listens and what it accepts. Requests beyond a limit get a 4xx that names it."""
+
+    host: str = "127.0.0.1"  # 0.0.0.0 to accept connections from other machines
+    port: int = 8000
+    max_batch: int = 16  # requests decoded together (rows of the KV cache)
+    max_concurrent: int = 64  # requests running or queued; more get 429
+    max_prompt_tokens: int = 0  # 0: up to the model's context
+    max_tokens: int = 0  # the most tokens one request may ask for; 0: up to the model's context
+    default_max_tokens: int = 16  # when a request does not say
+    model_name: str = ""  # what /v1/models reports and requests may name; empty: the run directory's name
+
+    def problems(self) -> list[str]:
+        found = [] if 0 < self.port < 65536 else [f"serve.port={self.port} must be in 1..65535"]
+        for name in ("max_batch", "max_concurrent", "default_max_tokens"):
+            if getattr(self, name) <= 0:
+                found.append(f"serve.{name} must be positive, got {getattr(self, name)}")
+        for name in ("max_prompt_tokens", "max_tokens"):
+            if getattr(self, name) < 0:
+                found.append(f"serve.{name} must be >= 0 (0: the model's context), got {getattr(self, name)}")
+        return found
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=lambda: preset("gpt-mini"))
     parallel: ParallelConfig = field(default_factory=ParallelConfig)

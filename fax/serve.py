@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterator, Sequence
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +54,17 @@ class SamplingParams:
         return found
 
 
+def request_problems(cfg: models.ModelConfig, prompt: Sequence[int], sampling: SamplingParams) -> list[str]:
+    """What is wrong with a request, in words a client can act on (empty: nothing)."""
+    found = sampling.problems()
+    if not len(prompt):
+        found.append("prompt is empty")
+    elif len(prompt) + sampling.max_new_tokens > cfg.max_seq_len:
+        found.append(f"prompt ({len(prompt)} tokens) + max_tokens ({sampling.max_new_tokens}) exceeds the "
+                     f"model's context of {cfg.max_seq_len} tokens; shorten the prompt or lower max_tokens")
+    return found
+
+
 GREEDY_PAD = SamplingParams(max_new_tokens=1, temperature=0.0)  # the rows that fill a batch bucket
 
 
@@ -74,33 +87,45 @@ def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.
     return jnp.where(logits < cutoff, -jnp.inf, logits)
 
 
-def sample(logits: jax.Array, seeds: jax.Array, step: jax.Array, temperature: jax.Array, top_k: jax.Array,
+def sample(logits: jax.Array, seeds: jax.Array, steps: jax.Array, temperature: jax.Array, top_k: jax.Array,
            top_p: jax.Array) -> jax.Array:
-    """One token per row; row b's randomness depends only on (seeds[b], step), not on its batch."""
-    keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), step))(seeds)
+    """One token per row; row b's randomness depends only on (seeds[b], steps[b]), not on its batch."""
+    keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(seeds, steps)
     scaled = filter_logits(logits / jnp.maximum(temperature, 1e-6)[:, None], top_k, top_p)
     drawn = jax.vmap(jax.random.categorical)(keys, scaled)
     return jnp.where(temperature > 0, drawn, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
 
 
 def _prefill(graphdef: nnx.GraphDef, params: Any, cache: Any, tokens: jax.Array, lengths: jax.Array,
-             seeds: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> tuple[jax.Array, Any, jax.Array]:
-    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    logits, cache = models.apply_cached(graphdef, params, tokens, positions, cache, last=lengths - 1)
-    return sample(logits, seeds, jnp.int32(0), temperature, top_k, top_p), cache, logits
+             rows: jax.Array, *controls: jax.Array) -> tuple[jax.Array, Any, jax.Array]:
+    """Right-padded prompts through the model into a cache of their own length, which is then
+    copied into ``rows`` of the serving cache (out-of-range rows: padding, dropped)."""
+    batch, length = tokens.shape
+    fresh = tuple(jnp.zeros((c.shape[0], batch, length, *c.shape[3:]), c.dtype) for c in cache)
+    positions = jnp.broadcast_to(jnp.arange(length), tokens.shape)
+    logits, fresh = models.apply_cached(graphdef, params, tokens, positions, fresh, last=lengths - 1)
+    cache = tuple(c.at[:, rows, :length].set(f, mode="drop") for c, f in zip(cache, fresh))
+    return sample(logits, controls[0], jnp.zeros_like(lengths), *controls[1:]), cache, logits
 
 
 def _decode(graphdef: nnx.GraphDef, params: Any, cache: Any, tokens: jax.Array, positions: jax.Array,
-            step: jax.Array, seeds: jax.Array, temperature: jax.Array, top_k: jax.Array,
-            top_p: jax.Array) -> tuple[jax.Array, Any]:
-    logits, cache = models.apply_cached(graphdef, params, tokens[:, None], positions[:, None], cache)
-    return sample(logits, seeds, step, temperature, top_k, top_p), cache
+            steps: jax.Array, *controls: jax.Array) -> tuple[jax.Array, Any]:
+    """One token for each of the first ``len(tokens)`` cache rows (the rest of the cache is untouched)."""
+    width = tokens.shape[0]
+    rows = tuple(c[:, :width] for c in cache)
+    logits, rows = models.apply_cached(graphdef, params, tokens[:, None], positions[:, None], rows)
+    cache = tuple(c.at[:, :width].set(r) for c, r in zip(cache, rows))
+    return sample(logits, controls[0], steps, *controls[1:]), cache
 
 
 def buckets(limit: int, smallest: int) -> tuple[int, ...]:
     """Powers of two from ``smallest`` up to ``limit`` (``limit`` itself always included)."""
     sizes = [smallest * 2 ** i for i in range(max(0, math.ceil(math.log2(max(limit / smallest, 1)))))]
     return tuple(sorted({s for s in sizes if s < limit} | {limit}))
+
+
+def bucket(sizes: Sequence[int], n: int) -> int:
+    return next(b for b in sizes if b >= n)
 
 
 def serving_mesh(cfg: models.ModelConfig, devices: Sequence[jax.Device], tensor: int = 0) -> jax.sharding.Mesh:
@@ -119,7 +144,9 @@ def param_layout(cfg: models.ModelConfig, mesh: jax.sharding.Mesh) -> tuple[nnx.
 
 
 class Engine:
-    """Batched generation over a mesh; every shape comes from a few static buckets."""
+    """The device side of generation: params, one KV cache (a row per request), and two compiled
+    functions whose shapes all come from a few static buckets. A ``Batcher`` decides what runs;
+    every process of a multi-host engine receives the same calls."""
 
     def __init__(self, cfg: models.ModelConfig, params: Any, mesh: jax.sharding.Mesh, max_batch: int = 8,
                  eos_id: int | None = None):
@@ -130,11 +157,17 @@ class Engine:
         self.batch_buckets = buckets(max_batch, 1)
         self.length_buckets = buckets(cfg.max_seq_len, min(16, cfg.max_seq_len))
         self.cache_sharding = logical_sharding(models.CACHE_LOGICAL_AXES, mesh)
-        rep = replicated(mesh)
+        self.cache: Any = None
+        self._replicated = replicated(mesh)
+        rep = self._replicated
         self._prefill = jax.jit(with_activation_sharding(functools.partial(_prefill, self.graphdef), mesh),
                                 out_shardings=(rep, self.cache_sharding, rep), donate_argnums=(1,))
         self._decode = jax.jit(with_activation_sharding(functools.partial(_decode, self.graphdef), mesh),
                                out_shardings=(rep, self.cache_sharding), donate_argnums=(1,))
+
+    @property
+    def max_batch(self) -> int:
+        return self.batch_buckets[-1]
 
     @classmethod
     def from_run_dir(cls, run_dir: str | Path, devices: Sequence[jax.Device] | None = None, tensor: int = 0,
@@ -153,73 +186,248 @@ class Engine:
         engine.step = step
         return engine
 
-    def check(self, prompt: Sequence[int], sampling: SamplingParams) -> list[str]:
-        """What is wrong with a request, in words a client can act on (empty: nothing)."""
-        found = sampling.problems()
-        if not len(prompt):
-            found.append("prompt is empty")
-        elif len(prompt) + sampling.max_new_tokens > self.cfg.max_seq_len:
-            found.append(f"prompt ({len(prompt)} tokens) + max_tokens ({sampling.max_new_tokens}) exceeds the "
-                         f"model's context of {self.cfg.max_seq_len} tokens; shorten the prompt or lower max_tokens")
-        return found
+    def reset(self, rows: int) -> None:
+        """A fresh, empty cache of ``rows`` rows (a batch bucket)."""
+        self.cache = None  # free the old cache before allocating the new one
+        shape = jax.eval_shape(lambda: models.empty_cache(self.cfg, rows, self.cfg.max_seq_len))
+        self.cache = jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shape),
+                             out_shardings=self.cache_sharding)()
 
-    def stream(self, prompts: Sequence[Sequence[int]], sampling: Sequence[SamplingParams]) -> Iterator[list[int | None]]:
-        """Yield, step by step, each row's next token (None once a row is done: it reached its
-        max_new_tokens or produced the end-of-text token). Rows may have different lengths."""
-        problems = [f"request {i}: {p}" for i, (ids, s) in enumerate(zip(prompts, sampling)) for p in self.check(ids, s)]
-        if problems:
-            raise ValueError("; ".join(problems))
-        if len(prompts) > self.batch_buckets[-1]:
-            raise ValueError(f"{len(prompts)} prompts exceed the engine's max_batch={self.batch_buckets[-1]}")
-        n = len(prompts)
+    def prefill(self, rows: Sequence[int], prompts: Sequence[Sequence[int]],
+                sampling: Sequence[SamplingParams]) -> np.ndarray:
+        """Write the prompts into cache ``rows``; their first sampled tokens."""
         tokens, lengths = self._pack(prompts)
-        batch = len(lengths)
-        rows = [*sampling, *[GREEDY_PAD] * (batch - n)]
-        controls = _controls(rows)
-        token, cache, _ = self._prefill(self.params, self._empty_cache(batch), tokens, lengths, *controls)
-        budget = np.array([s.max_new_tokens for s in rows])
-        done = np.zeros(batch, bool)
-        positions = lengths.copy()
-        for step in range(1, int(budget[:n].max()) + 1):
-            ids = np.asarray(token)
-            out: list[int | None] = []
-            for i in range(n):
-                stop = done[i] or (self.eos_id is not None and ids[i] == self.eos_id)
-                done[i] = stop or step >= budget[i]
-                out.append(None if stop else int(ids[i]))
-            yield out
-            if done[:n].all():
-                return
-            token, cache = self._decode(self.params, cache, ids, positions, np.int32(step), *controls)
-            positions = positions + 1
+        pad = len(lengths) - len(prompts)
+        targets = np.array([*rows, *[self.cache[0].shape[1]] * pad], np.int32)  # padding points past the cache
+        first, self.cache, _ = self._prefill(self.params, self.cache, *self._put(
+            tokens, lengths, targets, *_controls([*sampling, *[GREEDY_PAD] * pad])))
+        return np.asarray(first)[:len(prompts)]
 
-    def generate(self, prompts: Sequence[Sequence[int]], sampling: Sequence[SamplingParams]) -> list[list[int]]:
-        out: list[list[int]] = [[] for _ in prompts]
-        for step in self.stream(prompts, sampling):
-            for row, token in zip(out, step):
-                if token is not None:
-                    row.append(token)
-        return out
+    def decode(self, tokens: np.ndarray, positions: np.ndarray, steps: np.ndarray,
+               sampling: Sequence[SamplingParams]) -> np.ndarray:
+        """Feed one token to each of the first ``len(tokens)`` cache rows; the next token of each."""
+        out, self.cache = self._decode(self.params, self.cache, *self._put(
+            tokens.astype(np.int32), positions.astype(np.int32), steps.astype(np.int32), *_controls(sampling)))
+        return np.asarray(out)
 
     def prefill_logits(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
         """The next-token logits after each prompt (for checks against the training forward pass)."""
+        self.reset(bucket(self.batch_buckets, len(prompts)))
         tokens, lengths = self._pack(prompts)
-        batch = len(lengths)
-        logits = self._prefill(self.params, self._empty_cache(batch), tokens, lengths,
-                               *_controls([GREEDY_PAD] * batch))[2]
+        targets = np.arange(len(lengths), dtype=np.int32)
+        logits = self._prefill(self.params, self.cache, *self._put(
+            tokens, lengths, targets, *_controls([GREEDY_PAD] * len(lengths))))[2]
+        self.cache = None
         return np.asarray(logits)[:len(prompts)]
 
     def _pack(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
         """Prompts right-padded into the smallest batch and length buckets that hold them."""
-        batch = next(b for b in self.batch_buckets if b >= len(prompts))
+        batch = bucket(self.batch_buckets, len(prompts))
         lengths = np.array([len(p) for p in prompts] + [1] * (batch - len(prompts)), np.int32)
-        tokens = np.zeros((batch, next(b for b in self.length_buckets if b >= lengths.max())), np.int32)
+        tokens = np.zeros((batch, bucket(self.length_buckets, lengths.max())), np.int32)
         for i, ids in enumerate(prompts):
             tokens[i, :len(ids)] = ids
         return tokens, lengths
 
-    def _empty_cache(self, batch: int) -> Any:
-        return jax.device_put(models.empty_cache(self.cfg, batch, self.cfg.max_seq_len), self.cache_sharding)
+    def _put(self, *arrays: np.ndarray) -> tuple[jax.Array, ...]:
+        """Host arrays as replicated global arrays (every process passes the same values)."""
+        return tuple(jax.make_array_from_process_local_data(self._replicated, a) for a in arrays)
+
+
+Event = tuple[Any, int | None, bool]  # (request key, its new token or None at end-of-text, finished)
+
+
+@dataclass
+class _Row:
+    """A request occupying one cache row."""
+
+    key: Any
+    sampling: SamplingParams
+    position: int  # where the next token fed to the model goes
+    token: int = 0  # the last sampled token: fed at the next decode
+    emitted: int = 0
+
+
+class Batcher:
+    """Continuous batching over an engine's cache rows: requests join free rows between decode
+    steps and leave as soon as they finish, so a long generation never holds back a short one.
+    Decode runs over the smallest batch bucket that covers the occupied rows. One batcher drives
+    an engine at a time; the engine may be a proxy for the processes of a multi-host engine."""
+
+    def __init__(self, engine: Any, rows: int | None = None):
+        self.engine = engine
+        self.rows: list[_Row | None] = [None] * (rows or engine.max_batch)
+        engine.reset(len(self.rows))
+
+    def clear(self) -> None:
+        """Drop every request and start from an empty cache."""
+        self.rows = [None] * len(self.rows)
+        self.engine.reset(len(self.rows))
+
+    @property
+    def free(self) -> int:
+        return self.rows.count(None)
+
+    @property
+    def active(self) -> int:
+        return len(self.rows) - self.free
+
+    def admit(self, requests: Sequence[tuple[Any, tuple[Sequence[int], SamplingParams]]]) -> list[Event]:
+        """Prefill requests (key, (prompt, sampling)) into free rows (at most ``free`` of them)."""
+        if not requests:
+            return []
+        if len(requests) > self.free:
+            raise ValueError(f"{len(requests)} requests but only {self.free} free cache rows")
+        rows = [i for i, r in enumerate(self.rows) if r is None][:len(requests)]
+        for i, (key, (prompt, sampling)) in zip(rows, requests):
+            self.rows[i] = _Row(key, sampling, len(prompt))
+        first = self.engine.prefill(rows, [p for _, (p, _) in requests], [s for _, (_, s) in requests])
+        return [self._emit(i, int(t)) for i, t in zip(rows, first)]
+
+    def step(self) -> list[Event]:
+        """One decode step for every occupied row."""
+        occupied = [i for i, r in enumerate(self.rows) if r is not None]
+        if not occupied:
+            return []
+        rows = self.rows[:bucket(self.engine.batch_buckets, occupied[-1] + 1)]
+        tokens, positions, emitted = (np.array([getattr(r, name) if r else 0 for r in rows])
+                                      for name in ("token", "position", "emitted"))
+        tokens = self.engine.decode(tokens, positions, emitted, [r.sampling if r else GREEDY_PAD for r in rows])
+        events = []
+        for i in occupied:
+            self.rows[i].position += 1
+            events.append(self._emit(i, int(tokens[i])))
+        return events
+
+    def cancel(self, key: Any) -> None:
+        """Free the row of a request nobody waits for any more."""
+        self.rows = [None if r is not None and r.key == key else r for r in self.rows]
+
+    def _emit(self, i: int, token: int) -> Event:
+        row = self.rows[i]
+        eos = self.engine.eos_id is not None and token == self.engine.eos_id
+        if not eos:
+            row.token, row.emitted = token, row.emitted + 1
+        finished = eos or row.emitted >= row.sampling.max_new_tokens
+        if finished:
+            self.rows[i] = None
+        return row.key, None if eos else token, finished
+
+
+def stream(engine: Any, prompts: Sequence[Sequence[int]],
+           sampling: Sequence[SamplingParams]) -> Iterator[list[int | None]]:
+    """Yield, step by step, each prompt's next token (None once it is done: it reached its
+    max_new_tokens or produced the end-of-text token). Prompts may have different lengths;
+    ``engine`` is an ``Engine`` or a multi-host one."""
+    problems = [f"request {i}: {p}" for i, (ids, s) in enumerate(zip(prompts, sampling))
+                for p in request_problems(engine.cfg, ids, s)]
+    if problems:
+        raise ValueError("; ".join(problems))
+    if len(prompts) > engine.max_batch:
+        raise ValueError(f"{len(prompts)} prompts exceed the engine's max_batch={engine.max_batch}")
+    batcher = Batcher(engine, bucket(engine.batch_buckets, len(prompts)))
+    events = batcher.admit(list(enumerate(zip(prompts, sampling))))
+    while events:
+        out: list[int | None] = [None] * len(prompts)
+        for row, token, _ in events:
+            out[row] = token
+        yield out
+        events = batcher.step()
+
+
+def generate(engine: Any, prompts: Sequence[Sequence[int]], sampling: Sequence[SamplingParams]) -> list[list[int]]:
+    """Each prompt's continuation (see ``stream``)."""
+    out: list[list[int]] = [[] for _ in prompts]
+    for step in stream(engine, prompts, sampling):
+        for row, token in zip(out, step):
+            if token is not None:
+                row.append(token)
+    return out
+
+
+class Busy(RuntimeError):
+    """More requests than ``max_pending`` are running or waiting."""
+
+
+Sink = Callable[[tuple[int | None, bool] | BaseException], None]  # receives (token, finished) or the failure
+
+
+class Scheduler:
+    """A ``Batcher`` on a thread of its own. Callers on any thread submit requests and receive
+    each token through a callback as it is produced; queued requests join the running batch as
+    soon as rows free up. An engine failure fails the requests it touched, not the scheduler."""
+
+    def __init__(self, engine: Any, max_pending: int):
+        self.engine, self.max_pending = engine, max_pending
+        self.batcher = Batcher(engine)
+        self._queue: deque[tuple[object, tuple[list[int], SamplingParams]]] = deque()
+        self._sinks: dict[object, Sink] = {}
+        self._cancelled: set[object] = set()
+        self._wake = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="fax-scheduler", daemon=True)
+        self._thread.start()
+
+    def submit(self, prompt: list[int], sampling: SamplingParams, sink: Sink) -> object:
+        with self._wake:
+            if len(self._sinks) >= self.max_pending:
+                raise Busy(f"{len(self._sinks)} requests are running or queued (the limit, max_concurrent="
+                           f"{self.max_pending}); retry later")
+            key = object()
+            self._sinks[key] = sink
+            self._queue.append((key, (prompt, sampling)))
+            self._wake.notify()
+        return key
+
+    def cancel(self, key: object) -> None:
+        """Stop a request nobody waits for any more (a no-op once it has finished)."""
+        with self._wake:
+            if self._sinks.pop(key, None) is not None:
+                self._cancelled.add(key)
+                self._wake.notify()
+
+    def load(self) -> dict[str, int]:
+        with self._wake:
+            return {"running": len(self._sinks) - len(self._queue), "queued": len(self._queue)}
+
+    def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                self._wake.wait_for(lambda: self._closed or self._queue or self._cancelled or self.batcher.active)
+                if self._closed:
+                    return
+                for key in self._cancelled:
+                    self.batcher.cancel(key)
+                self._queue = deque(item for item in self._queue if item[0] not in self._cancelled)
+                self._cancelled.clear()
+                joining = [self._queue.popleft() for _ in range(min(len(self._queue), self.batcher.free))]
+            try:
+                events = self.batcher.admit(joining) + self.batcher.step()
+            except Exception as error:  # noqa: BLE001 - reported to every request it touched
+                self._fail([key for key, _ in joining] + [r.key for r in self.batcher.rows if r], error)
+                continue
+            with self._wake:
+                for key, token, finished in events:
+                    sink = self._sinks.pop(key, None) if finished else self._sinks.get(key)
+                    if sink is not None:
+                        sink((token, finished))
+
+    def _fail(self, keys: list[object], error: Exception) -> None:
+        with self._wake:
+            for key in keys:
+                sink = self._sinks.pop(key, None)
+                if sink is not None:
+                    sink(error)
+        try:
+            self.batcher.clear()
+        except Exception:  # noqa: BLE001 - the engine is unusable: the next requests fail with its error
+            pass
 
 
 def run_tokenizer(config: Config):

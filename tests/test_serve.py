@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+import time
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,8 @@ from flax import nnx
 
 import models
 from fax.data import ByteTokenizer
-from fax.serve import Engine, SamplingParams, TextStream, filter_logits, serving_mesh
+from fax.serve import (Busy, Engine, Scheduler, SamplingParams, TextStream, filter_logits, generate, request_problems, serving_mesh,
+                       stream)
 
 PROMPTS = [[5, 17, 99, 3, 42], [7] * 11 + [300], [1, 2, 3]]
 
@@ -46,7 +48,7 @@ def test_kv_cache_greedy_equals_recomputing(name, n_devices):
     engine = Engine(cfg, params, serving_mesh(cfg, jax.devices()[:n_devices]))
     assert engine.mesh.shape["tensor"] == n_devices
     greedy = SamplingParams(max_new_tokens=12, temperature=0.0)
-    got = engine.generate(PROMPTS, [greedy] * len(PROMPTS))
+    got = generate(engine, PROMPTS, [greedy] * len(PROMPTS))
     for prompt, tokens in zip(PROMPTS, got):
         expected = greedy_by_recomputing(graphdef, params, prompt, 12)
         assert tokens == expected
@@ -68,10 +70,10 @@ def test_a_requests_samples_do_not_depend_on_its_batch():
     cfg, _, params = model("gpt-tiny")
     engine = Engine(cfg, params, serving_mesh(cfg, jax.devices()))
     hot = SamplingParams(max_new_tokens=10, temperature=0.9, top_k=50, top_p=0.95, seed=7)
-    alone = engine.generate([PROMPTS[0]], [hot])[0]
-    batched = engine.generate(PROMPTS, [hot, SamplingParams(max_new_tokens=3, seed=1), hot])[0]
+    alone = generate(engine, [PROMPTS[0]], [hot])[0]
+    batched = generate(engine, PROMPTS, [hot, SamplingParams(max_new_tokens=3, seed=1), hot])[0]
     assert alone == batched and len(alone) == 10
-    other_seed = engine.generate([PROMPTS[0]], [dataclasses.replace(hot, seed=8)])[0]
+    other_seed = generate(engine, [PROMPTS[0]], [dataclasses.replace(hot, seed=8)])[0]
     assert other_seed != alone
 
 
@@ -86,14 +88,14 @@ def test_top_k_and_top_p_keep_the_right_tokens():
 def test_requests_the_engine_cannot_serve_are_refused_with_reasons():
     cfg, _, params = model("gpt-tiny")
     engine = Engine(cfg, params, serving_mesh(cfg, jax.devices()[:1]))
-    assert engine.check([1] * 100, SamplingParams(max_new_tokens=64)) == [
+    assert request_problems(cfg, [1] * 100, SamplingParams(max_new_tokens=64)) == [
         "prompt (100 tokens) + max_tokens (64) exceeds the model's context of 128 tokens; "
         "shorten the prompt or lower max_tokens"]
-    assert engine.check([], SamplingParams(max_new_tokens=0, temperature=-1, top_p=0)) == [
+    assert request_problems(cfg, [], SamplingParams(max_new_tokens=0, temperature=-1, top_p=0)) == [
         "max_tokens must be positive, got 0", "temperature must be >= 0, got -1",
         "top_p must be in (0, 1], got 0", "prompt is empty"]
     with pytest.raises(ValueError, match="request 0: prompt is empty"):
-        next(engine.stream([[]], [SamplingParams()]))
+        next(stream(engine, [[]], [SamplingParams()]))
 
 
 def test_generate_command_continues_a_trained_run(tmp_path, small_corpus, capsys):
@@ -121,3 +123,30 @@ def test_text_stream_ends_at_a_stop_sequence_and_completes_characters():
     partial = TextStream(tok)
     first, second = (partial.push(int(t)) for t in "é".encode())
     assert (first, second) == ("", "é")  # half a character is held back
+
+
+def test_requests_joining_a_running_batch_get_what_they_would_alone():
+    cfg, _, params = model("gpt-tiny")
+    engine = Engine(cfg, params, serving_mesh(cfg, jax.devices()[:2]), max_batch=4)
+    requests = [(PROMPTS[i % 3], SamplingParams(max_new_tokens=4 + 3 * i, temperature=0.8, top_k=20, seed=i))
+                for i in range(6)]
+    alone = [generate(engine, [p], [s])[0] for p, s in requests]
+    got: dict[int, list] = {i: [] for i in range(len(requests))}
+
+    def sink(i):
+        return lambda item: got[i].append(item[0])
+
+    scheduler = Scheduler(engine, max_pending=len(requests))
+    try:
+        for i, (prompt, sampling) in enumerate(requests):  # 6 requests, 4 rows: two wait for a free row
+            scheduler.submit(prompt, sampling, sink(i))
+            time.sleep(0.05 * i)  # the later ones arrive while the batch runs
+        with pytest.raises(Busy, match="max_concurrent=6"):
+            scheduler.submit(PROMPTS[0], SamplingParams(), sink(99))
+        deadline = time.monotonic() + 60
+        while scheduler.load() != {"running": 0, "queued": 0} and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        scheduler.close()
+    assert [[t for t in got[i] if t is not None] for i in range(len(requests))] == alone
+    assert [len(a) for a in alone] == [4 + 3 * i for i in range(6)]

@@ -1,0 +1,272 @@
+"""`fax serve`: an OpenAI-style completions API on Ray Serve over a continuously batched engine.
+
+The ingress replica holds a ``Scheduler``: requests from the HTTP event loop are queued, join the
+running batch as rows free up, and get their tokens back through the loop as they are produced
+(plain JSON or server-sent events). The engine is in the replica (one host) or on the host workers
+of a Ray cluster (``hosts > 1``: one global mesh, the same actors as training).
+"""
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+
+from fax.config import ClusterConfig, ConfigError, ServeConfig, run_config
+from fax.serve import Busy, SamplingParams, Scheduler, TextStream, request_problems, run_tokenizer
+
+MAX_STOP_SEQUENCES = 4
+
+
+class RequestError(Exception):
+    """A request the server refuses: the HTTP status and a message the client can act on."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.message, self.param, self.status, self.kind = message, param, status, kind
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"error": {"message": self.message, "type": self.kind, "param": self.param}},
+                            status_code=self.status)
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A validated request."""
+
+    prompt: list[int]
+    sampling: SamplingParams
+    stream: bool
+
+
+def _typed(body: dict[str, Any], name: str, kinds: tuple[type, ...], default: Any, what: str) -> Any:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        raise RequestError(f"{name} must be {what}, got {json.dumps(value)[:40]}", name)
+    return value
+
+
+def _prompt_ids(prompt: Any, encode: Callable[[str], list[int]], vocab_size: int) -> list[int]:
+    """A string, a one-string list (what OpenAI clients send), or token ids."""
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return encode(prompt)
+    if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        if any(not 0 <= t < vocab_size for t in prompt):
+            raise RequestError(f"prompt token ids must be in [0, {vocab_size})", "prompt")
+        return prompt
+    raise RequestError("prompt must be a string or a list of token ids", "prompt")
+
+
+def parse_completion(body: Any, encode: Callable[[str], list[int]], settings: ServeConfig,
+                     model: Any, model_name: str) -> Completion:
+    """A /v1/completions body checked against the settings and the model, every problem named."""
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    if "prompt" not in body:
+        raise RequestError("prompt is required", "prompt")
+    if body.get("model") not in (None, model_name):
+        raise RequestError(f"model {body['model']!r} is not served here; this server serves {model_name!r}",
+                           "model", 404, "model_not_found")
+    if _typed(body, "n", (int,), 1, "an integer") != 1:
+        raise RequestError("n must be 1 (one completion per request)", "n")
+    prompt = _prompt_ids(body["prompt"], encode, model.vocab_size)
+    context = model.max_seq_len
+    max_prompt = settings.max_prompt_tokens or context - 1
+    if len(prompt) > max_prompt:
+        raise RequestError(f"prompt is {len(prompt)} tokens; this server accepts at most {max_prompt} "
+                           "(serve.max_prompt_tokens)", "prompt")
+    max_tokens = _typed(body, "max_tokens", (int,), settings.default_max_tokens, "an integer")
+    limit = settings.max_tokens or context
+    if max_tokens > limit:
+        raise RequestError(f"max_tokens={max_tokens} is above this server's limit of {limit} (serve.max_tokens)",
+                           "max_tokens")
+    stop = body.get("stop")
+    stop = [stop] if isinstance(stop, str) else stop or []
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > MAX_STOP_SEQUENCES:
+        raise RequestError(f"stop must be a string or a list of at most {MAX_STOP_SEQUENCES} strings", "stop")
+    seed = _typed(body, "seed", (int,), None, "an integer")
+    if seed is not None and not 0 <= seed < 2 ** 32:
+        raise RequestError("seed must be in [0, 2**32)", "seed")
+    sampling = SamplingParams(
+        max_new_tokens=max_tokens, temperature=float(_typed(body, "temperature", (int, float), 1.0, "a number")),
+        top_k=_typed(body, "top_k", (int,), 0, "an integer"),
+        top_p=float(_typed(body, "top_p", (int, float), 1.0, "a number")),
+        seed=secrets.randbelow(2 ** 32) if seed is None else seed, stop=tuple(stop))
+    problems = request_problems(model, prompt, sampling)
+    if problems:
+        raise RequestError("; ".join(problems))
+    return Completion(prompt, sampling, _typed(body, "stream", (bool,), False, "true or false"))
+
+
+def serving_hosts(cluster: ClusterConfig) -> int:
+    return cluster.hosts or cluster.emulate_hosts or 1
+
+
+def _engine(run_dir: str, settings: ServeConfig, cluster: ClusterConfig) -> Any:
+    """The engine in this process, or spread over host workers when it needs more than one host."""
+    if serving_hosts(cluster) > 1:
+        from fax.cluster import ClusterEngine, RayRuntime
+
+        config = dataclasses.replace(run_config(run_dir), run_dir=run_dir, cluster=cluster)
+        return ClusterEngine(RayRuntime(config), run_dir, None, settings.max_batch)
+    from fax.serve import Engine
+
+    return Engine.from_run_dir(run_dir, max_batch=settings.max_batch)
+
+
+api = FastAPI(title="fax")
+
+
+@serve.deployment
+@serve.ingress(api)
+class CompletionServer:
+    """The HTTP ingress: parses requests, queues them on the scheduler, streams the text back."""
+
+    def __init__(self, run_dir: str, settings: ServeConfig, cluster: ClusterConfig, cpu_devices: int):
+        import jax
+
+        jax.config.update("jax_num_cpu_devices", cpu_devices)  # before the CPU backend starts
+        self.settings = settings
+        self.model_name = settings.model_name or Path(run_dir).resolve().name
+        config = run_config(run_dir)
+        self.model = config.model
+        self.tokenizer = run_tokenizer(config)
+        self.engine = _engine(run_dir, settings, cluster)
+        self.scheduler = Scheduler(self.engine, settings.max_concurrent)
+        self.created = int(time.time())
+
+    def __del__(self) -> None:
+        if hasattr(self, "scheduler"):  # not when __init__ failed
+            self.scheduler.close()
+
+    @api.get("/health")
+    def health(self) -> dict[str, Any]:
+        return {"status": "ok", "model": self.model_name, "checkpoint_step": self.engine.step,
+                **self.scheduler.load()}
+
+    @api.get("/v1/models")
+    def models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
+                                             "owned_by": "fax", "max_model_len": self.model.max_seq_len}]}
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request) -> Any:
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return RequestError(f"the request body is not valid JSON: {e}").response()
+        try:
+            completion = parse_completion(body, self._encode, self.settings, self.model, self.model_name)
+            pieces = self._pieces(completion)
+            await anext(pieces)  # queued, or refused before any response is sent
+        except RequestError as e:
+            return e.response()
+        except Busy as e:
+            return RequestError(str(e), status=429, kind="server_busy").response()
+        rid = f"cmpl-{uuid.uuid4().hex[:24]}"
+        if completion.stream:
+            return StreamingResponse(self._events(rid, pieces), media_type="text/event-stream")
+        text, reason, used = "", None, 0
+        try:
+            async with contextlib.aclosing(pieces):
+                async for delta, reason, used in pieces:
+                    text += delta
+        except Exception as e:  # noqa: BLE001 - the engine failed this request; the server goes on
+            return RequestError(f"generation failed: {e}", status=500, kind="server_error").response()
+        return self._body(rid, text, reason) | {"usage": {
+            "prompt_tokens": len(completion.prompt), "completion_tokens": used,
+            "total_tokens": len(completion.prompt) + used}}
+
+    def _encode(self, text: str) -> list[int]:
+        return [int(t) for t in self.tokenizer.encode(text)]
+
+    def _body(self, rid: str, text: str, reason: str | None) -> dict[str, Any]:
+        return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": self.model_name,
+                "choices": [{"index": 0, "text": text, "finish_reason": reason, "logprobs": None}]}
+
+    async def _events(self, rid: str, pieces: AsyncIterator[tuple[str, str | None, int]]) -> AsyncIterator[str]:
+        """Server-sent events: one per text delta, then ``[DONE]``; a failure mid-way is an error event."""
+        async with contextlib.aclosing(pieces):
+            try:
+                async for delta, reason, _ in pieces:
+                    yield f"data: {json.dumps(self._body(rid, delta, reason))}\n\n"
+            except Exception as e:  # noqa: BLE001 - the status line has gone out: say it in the stream
+                yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error'}})}\n\n"
+        yield "data: [DONE]\n\n"
+
+    async def _pieces(self, completion: Completion) -> AsyncIterator[tuple[str, str | None, int]]:
+        """(text delta, finish reason once finished, tokens so far), after a first empty piece that
+        says the request is queued: a refusal surfaces before any response has started."""
+        loop = asyncio.get_running_loop()
+        tokens: asyncio.Queue = asyncio.Queue()
+        key = self.scheduler.submit(completion.prompt, completion.sampling,
+                                    lambda item: loop.call_soon_threadsafe(tokens.put_nowait, item))
+        text, used = TextStream(self.tokenizer, completion.sampling.stop), 0
+        try:
+            yield "", None, 0
+            while True:
+                item = await tokens.get()
+                if isinstance(item, BaseException):
+                    raise item
+                token, finished = item
+                used += token is not None
+                delta = text.push(token) if token is not None else ""
+                if text.stopped:
+                    yield delta, "stop", used
+                    return
+                if finished:  # out of tokens (a token came) or end-of-text (none came)
+                    yield delta + text.flush(), "length" if token is not None else "stop", used
+                    return
+                if delta:
+                    yield delta, None, used
+        finally:
+            self.scheduler.cancel(key)
+
+
+def start(run_dir: str | Path, settings: ServeConfig, cluster: ClusterConfig, cpu_devices: int,
+          echo: Callable[[str], None] = print) -> str:
+    """Start Ray (unless running), Ray Serve's HTTP proxy and the ingress; the server's base URL."""
+    import ray
+
+    from fax.cluster import actor_options, connect, host_layout
+
+    problems = settings.problems()
+    if problems:
+        raise ConfigError("invalid serve settings:\n  - " + "\n  - ".join(problems))
+    run_dir = str(Path(run_dir).absolute())
+    config = run_config(run_dir)  # a clear error for a directory that is not a run, before Ray starts
+    connect(dataclasses.replace(config, run_dir=run_dir, cluster=cluster), echo)
+    if serving_hosts(cluster) > 1:
+        options: dict[str, Any] = {"num_cpus": 0}  # the engine is on the host workers
+    else:
+        layout = host_layout(ray.cluster_resources(), ray.nodes(), 1, cpu_devices)
+        options = actor_options(layout, layout.bundle)
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    app = CompletionServer.options(max_ongoing_requests=settings.max_concurrent + 8, ray_actor_options=options)
+    serve.run(app.bind(run_dir, settings, cluster, cpu_devices), name="fax", route_prefix="/")
+    url = f"http://{settings.host}:{settings.port}"
+    echo(f"fax: serving {run_dir} at {url} (POST /v1/completions, GET /v1/models, GET /health)")
+    return url
+
+
+def stop(shutdown_ray: bool) -> None:
+    import ray
+
+    serve.shutdown()
+    if shutdown_ray:
+        ray.shutdown()
