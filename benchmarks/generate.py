@@ -1,9 +1,10 @@
-"""Decode throughput of the serving engine, side by side in one run on the same model and prompts:
-KV-cache decode vs recomputing the whole forward pass for every token, and tokens/s at batch 1, 4, 16.
+"""Decode throughput of the serving engine, side by side in one run on the same model shape and
+prompts: KV-cache decode vs recomputing the whole forward pass for every token, vs Hugging Face
+transformers' `generate` (PyTorch on the CPU, the same GPT-2 shape with random weights, its KV
+cache), at batch 1, 4 and 16.
 
+    pip install torch==2.13.0 transformers   # the CPU wheel; see the README
     python benchmarks/generate.py [--model gpt-mini --new-tokens 64]
-
-(The comparison with Hugging Face transformers' `generate` is still to come: see the serving issue.)
 """
 
 from __future__ import annotations
@@ -16,6 +17,28 @@ import time
 from pathlib import Path
 
 import jax
+
+
+def transformers_baseline(cfg, prompts: list[list[int]], new_tokens: int):
+    """Hugging Face GPT-2 of the same shape (random weights): greedy `generate` with its KV cache.
+    None (and a note) where torch or transformers is not installed."""
+    try:
+        import torch
+        import transformers
+    except ImportError as e:
+        print(f"(no transformers baseline: {e}; pip install torch==2.13.0 transformers)")
+        return None
+    config = transformers.GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.max_seq_len, n_embd=cfg.d_model,
+                                     n_layer=cfg.n_layers, n_head=cfg.n_heads, n_inner=cfg.d_ff)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    print(f"transformers {transformers.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads)")
+
+    def run(batch: int) -> None:
+        ids = torch.tensor(prompts[:batch])
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=0)
+    return run
 
 
 def main() -> None:
@@ -60,10 +83,13 @@ def main() -> None:
         for i in range(args.prompt_tokens, window):
             tokens[:, i] = np.asarray(jnp.argmax(forward(params, tokens)[:, i - 1], axis=-1))
 
+    hf_generate = transformers_baseline(cfg, prompts, args.new_tokens)
     results["recompute_b1"] = args.new_tokens / timed(lambda: recompute(1))
     for batch in (1, 4, 16):
         results[f"kv_b{batch}"] = batch * args.new_tokens / timed(
             lambda: generate(engine, prompts[:batch], [greedy] * batch))
+        if hf_generate:
+            results[f"transformers_b{batch}"] = batch * args.new_tokens / timed(lambda: hf_generate(batch))
     sharded = Engine(cfg, params, serving_mesh(cfg, jax.devices()), max_batch=16)
     results["kv_b16_tensor_parallel"] = 16 * args.new_tokens / timed(
         lambda: generate(sharded, prompts, [greedy] * 16))
@@ -72,7 +98,9 @@ def main() -> None:
           f"{args.new_tokens} new tokens, greedy, one CPU device unless noted")
     print(f"  recompute everything, batch 1: {results['recompute_b1']:8.1f} tokens/s")
     for batch in (1, 4, 16):
-        print(f"  KV cache, batch {batch:>2}:             {results[f'kv_b{batch}']:8.1f} tokens/s")
+        hf = results.get(f"transformers_b{batch}")
+        versus = f"   transformers {hf:8.1f} tokens/s, fax / transformers {results[f'kv_b{batch}'] / hf:.2f}x" if hf else ""
+        print(f"  KV cache, batch {batch:>2}:             {results[f'kv_b{batch}']:8.1f} tokens/s{versus}")
     print(f"  KV cache, batch 16, tensor-parallel over {len(jax.devices())} devices: "
           f"{results['kv_b16_tensor_parallel']:.1f} tokens/s")
     print(f"  KV cache / recompute at batch 1: {results['kv_b1'] / results['recompute_b1']:.2f}x; "

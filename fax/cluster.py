@@ -82,7 +82,8 @@ class HostWorker:
         self.runtime.save(meta, wait)
 
     def wait(self) -> None:
-        self.runtime.wait()
+        if self.runtime is not None:  # a serving worker has no checkpoint writes
+            self.runtime.wait()
 
     def generate(self, prompt: list[int], new_tokens: int, temperature: float, vocab_limit: int) -> list[int]:
         return self.runtime.generate(prompt, new_tokens, temperature, vocab_limit)

@@ -65,6 +65,7 @@ def request_problems(cfg: models.ModelConfig, prompt: Sequence[int], sampling: S
     return found
 
 
+TOKENS_PER_CALL = 8  # decode steps per device call: fewer host round trips, tokens arrive in bursts
 GREEDY_PAD = SamplingParams(max_new_tokens=1, temperature=0.0)  # the rows that fill a batch bucket
 
 
@@ -90,10 +91,16 @@ def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.
 def sample(logits: jax.Array, seeds: jax.Array, steps: jax.Array, temperature: jax.Array, top_k: jax.Array,
            top_p: jax.Array) -> jax.Array:
     """One token per row; row b's randomness depends only on (seeds[b], steps[b]), not on its batch."""
-    keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(seeds, steps)
-    scaled = filter_logits(logits / jnp.maximum(temperature, 1e-6)[:, None], top_k, top_p)
-    drawn = jax.vmap(jax.random.categorical)(keys, scaled)
-    return jnp.where(temperature > 0, drawn, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def drawn() -> jax.Array:
+        keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(seeds, steps)
+        scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+        filtered = jax.lax.cond(jnp.any(top_k > 0) | jnp.any(top_p < 1),  # the sorts cost more than the model
+                                lambda: filter_logits(scaled, top_k, top_p), lambda: scaled)
+        return jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+
+    return jnp.where(temperature > 0, jax.lax.cond(jnp.any(temperature > 0), drawn, lambda: greedy), greedy)
 
 
 def _prefill(graphdef: nnx.GraphDef, params: Any, cache: Any, tokens: jax.Array, lengths: jax.Array,
@@ -101,21 +108,27 @@ def _prefill(graphdef: nnx.GraphDef, params: Any, cache: Any, tokens: jax.Array,
     """Right-padded prompts through the model into a cache of their own length, which is then
     copied into ``rows`` of the serving cache (out-of-range rows: padding, dropped)."""
     batch, length = tokens.shape
-    fresh = tuple(jnp.zeros((c.shape[0], batch, length, *c.shape[3:]), c.dtype) for c in cache)
+    fresh = jax.tree.map(lambda c: jnp.zeros((batch, c.shape[1], length, c.shape[3]), c.dtype), cache)
     positions = jnp.broadcast_to(jnp.arange(length), tokens.shape)
     logits, fresh = models.apply_cached(graphdef, params, tokens, positions, fresh, last=lengths - 1)
-    cache = tuple(c.at[:, rows, :length].set(f, mode="drop") for c, f in zip(cache, fresh))
+    cache = jax.tree.map(lambda c, f: c.at[rows, :, :length].set(f, mode="drop"), cache, fresh)
     return sample(logits, controls[0], jnp.zeros_like(lengths), *controls[1:]), cache, logits
 
 
-def _decode(graphdef: nnx.GraphDef, params: Any, cache: Any, tokens: jax.Array, positions: jax.Array,
-            steps: jax.Array, *controls: jax.Array) -> tuple[jax.Array, Any]:
-    """One token for each of the first ``len(tokens)`` cache rows (the rest of the cache is untouched)."""
-    width = tokens.shape[0]
-    rows = tuple(c[:, :width] for c in cache)
-    logits, rows = models.apply_cached(graphdef, params, tokens[:, None], positions[:, None], rows)
-    cache = tuple(c.at[:, :width].set(r) for c, r in zip(cache, rows))
-    return sample(logits, controls[0], steps, *controls[1:]), cache
+def _decode(graphdef: nnx.GraphDef, tokens_per_call: int, span: int, params: Any, cache: Any, tokens: jax.Array,
+            positions: jax.Array, steps: jax.Array, *controls: jax.Array) -> tuple[jax.Array, Any]:
+    """``tokens_per_call`` tokens [rows, n] for each of the first ``len(tokens)`` cache rows, each
+    fed back for the next, in one device call (the rest of the cache is untouched). Attention
+    reads the first ``span`` cache slots only."""
+    def one(carry: tuple[jax.Array, Any], i: jax.Array) -> tuple[tuple[jax.Array, Any], jax.Array]:
+        token, cache = carry
+        logits, cache = models.apply_cached(graphdef, params, token[:, None], (positions + i)[:, None], cache,
+                                            span=span)
+        token = sample(logits, controls[0], steps + i, *controls[1:])
+        return (token, cache), token
+
+    (_, cache), out = jax.lax.scan(one, (tokens, cache), jnp.arange(tokens_per_call))
+    return out.T, cache
 
 
 def buckets(limit: int, smallest: int) -> tuple[int, ...]:
@@ -149,21 +162,21 @@ class Engine:
     every process of a multi-host engine receives the same calls."""
 
     def __init__(self, cfg: models.ModelConfig, params: Any, mesh: jax.sharding.Mesh, max_batch: int = 8,
-                 eos_id: int | None = None):
+                 eos_id: int | None = None, tokens_per_call: int = TOKENS_PER_CALL):
         self.cfg, self.mesh, self.eos_id = cfg, mesh, eos_id
         self.step: int | None = None  # the checkpoint step the params came from, if any
         self.graphdef, _, shardings = param_layout(cfg, mesh)
-        self.params = jax.device_put(params, shardings)
+        self.params = models.unstack_layers(jax.device_put(params, shardings))
         self.batch_buckets = buckets(max_batch, 1)
         self.length_buckets = buckets(cfg.max_seq_len, min(16, cfg.max_seq_len))
-        self.cache_sharding = logical_sharding(models.CACHE_LOGICAL_AXES, mesh)
+        self.cache_sharding = logical_sharding(models.CACHE_AXES, mesh)  # every layer's keys and values
         self.cache: Any = None
         self._replicated = replicated(mesh)
         rep = self._replicated
         self._prefill = jax.jit(with_activation_sharding(functools.partial(_prefill, self.graphdef), mesh),
                                 out_shardings=(rep, self.cache_sharding, rep), donate_argnums=(1,))
-        self._decode = jax.jit(with_activation_sharding(functools.partial(_decode, self.graphdef), mesh),
-                               out_shardings=(rep, self.cache_sharding), donate_argnums=(1,))
+        self.tokens_per_call = tokens_per_call
+        self._decoders: dict[int, Callable] = {}  # by attention span (a length bucket)
 
     @property
     def max_batch(self) -> int:
@@ -189,24 +202,33 @@ class Engine:
     def reset(self, rows: int) -> None:
         """A fresh, empty cache of ``rows`` rows (a batch bucket)."""
         self.cache = None  # free the old cache before allocating the new one
-        shape = jax.eval_shape(lambda: models.empty_cache(self.cfg, rows, self.cfg.max_seq_len))
-        self.cache = jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shape),
-                             out_shardings=self.cache_sharding)()
+        self.cache = self._empty_cache(rows)()
+
+    @functools.cache
+    def _empty_cache(self, rows: int) -> Callable[[], Any]:
+        return jax.jit(functools.partial(models.empty_cache, self.cfg, rows, self.cfg.max_seq_len),
+                       out_shardings=self.cache_sharding)
 
     def prefill(self, rows: Sequence[int], prompts: Sequence[Sequence[int]],
                 sampling: Sequence[SamplingParams]) -> np.ndarray:
         """Write the prompts into cache ``rows``; their first sampled tokens."""
         tokens, lengths = self._pack(prompts)
         pad = len(lengths) - len(prompts)
-        targets = np.array([*rows, *[self.cache[0].shape[1]] * pad], np.int32)  # padding points past the cache
+        targets = np.array([*rows, *[self.cache[0][0].shape[0]] * pad], np.int32)  # padding points past the cache
         first, self.cache, _ = self._prefill(self.params, self.cache, *self._put(
             tokens, lengths, targets, *_controls([*sampling, *[GREEDY_PAD] * pad])))
         return np.asarray(first)[:len(prompts)]
 
     def decode(self, tokens: np.ndarray, positions: np.ndarray, steps: np.ndarray,
                sampling: Sequence[SamplingParams]) -> np.ndarray:
-        """Feed one token to each of the first ``len(tokens)`` cache rows; the next token of each."""
-        out, self.cache = self._decode(self.params, self.cache, *self._put(
+        """Feed a token to each of the first ``len(tokens)`` cache rows; the next tokens of each [rows, n]."""
+        span = bucket(self.length_buckets, min(int(positions.max()) + self.tokens_per_call, self.cfg.max_seq_len))
+        if span not in self._decoders:
+            self._decoders[span] = jax.jit(
+                with_activation_sharding(functools.partial(_decode, self.graphdef, self.tokens_per_call, span),
+                                         self.mesh), out_shardings=(self._replicated, self.cache_sharding),
+                donate_argnums=(1,))
+        out, self.cache = self._decoders[span](self.params, self.cache, *self._put(
             tokens.astype(np.int32), positions.astype(np.int32), steps.astype(np.int32), *_controls(sampling)))
         return np.asarray(out)
 
@@ -229,8 +251,11 @@ class Engine:
             tokens[i, :len(ids)] = ids
         return tokens, lengths
 
-    def _put(self, *arrays: np.ndarray) -> tuple[jax.Array, ...]:
-        """Host arrays as replicated global arrays (every process passes the same values)."""
+    def _put(self, *arrays: np.ndarray) -> tuple[jax.Array | np.ndarray, ...]:
+        """Host arrays as replicated global arrays (every process passes the same values); one
+        process passes them as they are (cheaper)."""
+        if jax.process_count() == 1:
+            return arrays
         return tuple(jax.make_array_from_process_local_data(self._replicated, a) for a in arrays)
 
 
@@ -285,7 +310,7 @@ class Batcher:
         return [self._emit(i, int(t)) for i, t in zip(rows, first)]
 
     def step(self) -> list[Event]:
-        """One decode step for every occupied row."""
+        """One decode call (several tokens) for every occupied row."""
         occupied = [i for i, r in enumerate(self.rows) if r is not None]
         if not occupied:
             return []
@@ -295,8 +320,11 @@ class Batcher:
         tokens = self.engine.decode(tokens, positions, emitted, [r.sampling if r else GREEDY_PAD for r in rows])
         events = []
         for i in occupied:
-            self.rows[i].position += 1
-            events.append(self._emit(i, int(tokens[i])))
+            for token in tokens[i]:  # the tokens after its end (length or end-of-text) are dropped
+                self.rows[i].position += 1
+                events.append(self._emit(i, int(token)))
+                if self.rows[i] is None:
+                    break
         return events
 
     def cancel(self, key: Any) -> None:
@@ -328,10 +356,11 @@ def stream(engine: Any, prompts: Sequence[Sequence[int]],
     batcher = Batcher(engine, bucket(engine.batch_buckets, len(prompts)))
     events = batcher.admit(list(enumerate(zip(prompts, sampling))))
     while events:
-        out: list[int | None] = [None] * len(prompts)
-        for row, token, _ in events:
-            out[row] = token
-        yield out
+        per_row: list[list[int | None]] = [[] for _ in prompts]
+        for row, token, _ in events:  # a decode call gives each row several tokens
+            per_row[row].append(token)
+        for i in range(max(map(len, per_row))):
+            yield [tokens[i] if i < len(tokens) else None for tokens in per_row]
         events = batcher.step()
 
 

@@ -109,26 +109,29 @@ class Attention(nnx.Module):
         q, k, v = self._project(x, positions)
         return self._output(jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self._impl))
 
-    def cached(self, x: jax.Array, positions: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
-        """Attend from new tokens at per-row ``positions`` [batch, length] (consecutive in each row)
-        to everything cached at or before them, after writing their keys and values into ``cache``."""
+    def cached(self, x: jax.Array, positions: jax.Array, cache: KVCache,
+               span: int | None = None) -> tuple[jax.Array, KVCache]:
+        """New tokens of rows 0..b-1 (``x`` [b, length], at ``positions`` [b, length]) write their keys
+        and values into those rows of ``cache`` (which may hold more rows; positions past its end
+        are dropped), then attend to everything cached at or before them, reading only the first
+        ``span`` slots (all if None; every position must lie below it). The update is a scatter
+        into the donated cache: no copy of the cache per token."""
         q, k, v = self._project(x, positions)
-        cache = tuple(write_cache(c, new, positions[:, 0]) for c, new in zip(cache, (k, v)))
-        visible = jnp.arange(cache[0].shape[1])[None, None, :] <= positions[:, :, None]  # [batch, length, slots]
-        out = jax.nn.dot_product_attention(q.astype(cache[0].dtype), *cache, mask=visible[:, None],
-                                           implementation="xla")
-        return self._output(out.astype(x.dtype)), cache
+        rows = jnp.arange(x.shape[0])[:, None]
+        cache = tuple(constrain(c.at[rows, :, positions].set(new.astype(c.dtype), mode="drop"), CACHE_AXES)
+                      for c, new in zip(cache, (k, v)))
+        keys, values = (c[:x.shape[0], :, :span] for c in cache)
+        batch, length, heads, head_dim = q.shape
+        groups = q.reshape(batch, length, keys.shape[1], heads // keys.shape[1], head_dim).astype(keys.dtype)
+        scores = jnp.einsum("btkgd,bksd->bkgts", groups, keys, preferred_element_type=jnp.float32) / head_dim ** 0.5
+        visible = jnp.arange(keys.shape[2])[None, :] <= positions[:, :, None]  # [batch, length, slots]
+        weights = jax.nn.softmax(jnp.where(visible[:, None, None], scores, -jnp.inf), axis=-1)
+        out = jnp.einsum("bkgts,bksd->btkgd", weights.astype(values.dtype), values)
+        return self._output(out.reshape(batch, length, heads, head_dim).astype(x.dtype)), cache
 
 
-KVCache = tuple[jax.Array, jax.Array]  # keys, values: [batch, slots, kv_heads, head_dim]
-CACHE_AXES = ("batch", None, "kv_heads", "head_dim")  # sharded like the attention heads
-
-
-def write_cache(cache: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
-    """Row b of ``new`` [batch, length, ...] written into ``cache`` at slot ``starts[b]``."""
-    def one(row: jax.Array, update: jax.Array, start: jax.Array) -> jax.Array:
-        return jax.lax.dynamic_update_slice_in_dim(row, update.astype(row.dtype), start, axis=0)
-    return constrain(jax.vmap(one)(cache, new, starts), CACHE_AXES)
+KVCache = tuple[jax.Array, jax.Array]  # one layer's keys, values: [batch, kv_heads, slots, head_dim]
+CACHE_AXES = ("batch", "kv_heads", None, "head_dim")  # sharded like the attention heads; a head's slots contiguous
 
 
 class Mlp(nnx.Module):
@@ -172,7 +175,8 @@ class Block(nnx.Module):
         x = x + self.attn(self.attn_norm(x), positions)
         return x + self.mlp(self.mlp_norm(x))
 
-    def cached(self, x: jax.Array, positions: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
-        h, cache = self.attn.cached(self.attn_norm(x), positions, cache)
+    def cached(self, x: jax.Array, positions: jax.Array, cache: KVCache,
+               span: int | None = None) -> tuple[jax.Array, KVCache]:
+        h, cache = self.attn.cached(self.attn_norm(x), positions, cache, span)
         x = x + h
         return x + self.mlp(self.mlp_norm(x)), cache

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.config import ModelConfig
-from models.layers import CACHE_AXES, RESIDUAL, Block, KVCache, Norm, compute_dtype, param
+from models.layers import RESIDUAL, Block, KVCache, Norm, compute_dtype, param
 from models.sharding import constrain
 
 Params = dict[str, Any]
@@ -68,28 +68,10 @@ class DecoderLM(nnx.Module):
         x, _ = jax.lax.scan(layer, self._embed(tokens, positions), layer_params)
         return self._logits(x)
 
-    def cached(self, tokens: jax.Array, positions: jax.Array, cache: KVCache,
-               last: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
-        """Inference with a KV cache: ``tokens`` [batch, length] at per-row ``positions``, ``cache``
-        stacked over layers ([layers, batch, slots, kv_heads, head_dim] keys and values). Returns the
-        logits at index ``last[b]`` of each row (default: the last) and the updated cache."""
-        graphdef, layer_params = nnx.split(self.blocks)
-
-        def layer(h: jax.Array, xs: tuple[Params, jax.Array, jax.Array]) -> tuple[jax.Array, KVCache]:
-            params, keys, values = xs
-            return nnx.merge(graphdef, params).cached(h, positions, (keys, values))
-
-        x, cache = jax.lax.scan(layer, self._embed(tokens, positions), (layer_params, *cache))
-        if last is None:
-            last = jnp.full((tokens.shape[0],), tokens.shape[1] - 1)
-        x = jnp.take_along_axis(x, last[:, None, None], axis=1)
-        return self._logits(x)[:, 0], cache
-
-
-def empty_cache(cfg: ModelConfig, batch: int, slots: int) -> KVCache:
-    """Zeroed keys and values for ``batch`` sequences of up to ``slots`` tokens, in the compute dtype."""
-    shape = (cfg.n_layers, batch, slots, cfg.n_kv_heads, cfg.kv_head_dim)
-    return jnp.zeros(shape, compute_dtype(cfg)), jnp.zeros(shape, compute_dtype(cfg))
+def empty_cache(cfg: ModelConfig, batch: int, slots: int) -> list[KVCache]:
+    """Zeroed keys and values, one pair per layer, for ``batch`` sequences of up to ``slots`` tokens."""
+    shape = (batch, cfg.n_kv_heads, slots, cfg.kv_head_dim)
+    return [(jnp.zeros(shape, compute_dtype(cfg)), jnp.zeros(shape, compute_dtype(cfg))) for _ in range(cfg.n_layers)]
 
 
 def build(cfg: ModelConfig, seed: int = 0) -> DecoderLM:
@@ -121,9 +103,30 @@ def apply(graphdef: nnx.GraphDef, params: Params, tokens: jax.Array) -> jax.Arra
     return nnx.merge(graphdef, params)(tokens)
 
 
+def unstack_layers(params: Params) -> Params:
+    """The blocks' params as one tree per layer: inference indexes no stacked arrays (which would
+    copy every layer's weights at every token)."""
+    n = jax.tree.leaves(params["blocks"])[0].shape[0]
+    return {**params, "blocks": [jax.tree.map(lambda p, i=i: p[i], params["blocks"]) for i in range(n)]}
+
+
 def apply_cached(graphdef: nnx.GraphDef, params: Params, tokens: jax.Array, positions: jax.Array,
-                 cache: KVCache, last: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
-    return nnx.merge(graphdef, params).cached(tokens, positions, cache, last)
-
-
-CACHE_LOGICAL_AXES = ("layers", *CACHE_AXES)
+                 cache: list[KVCache], last: jax.Array | None = None,
+                 span: int | None = None) -> tuple[jax.Array, list[KVCache]]:
+    """Inference with a KV cache: ``tokens`` [b, length] at ``positions`` go into rows 0..b-1 of
+    ``cache`` (one (keys, values) per layer, [rows, kv_heads, slots, head_dim]). ``params`` has its
+    layers unstacked (``unstack_layers``); attention reads the first ``span`` slots (default: all).
+    Returns the logits at index ``last[b]`` of each row (default: the last) and the updated cache."""
+    layers = params["blocks"]
+    # The stacked blocks are only there to rebuild the module; nothing reads them, so XLA drops them.
+    model = nnx.merge(graphdef, {**params, "blocks": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)})
+    block = nnx.graphdef(model.blocks)
+    x = model._embed(tokens, positions)
+    updated = []
+    for layer, layer_cache in zip(layers, cache):
+        x, layer_cache = nnx.merge(block, layer).cached(x, positions, layer_cache, span)
+        updated.append(layer_cache)
+    if last is None:
+        last = jnp.full((tokens.shape[0],), tokens.shape[1] - 1)
+    x = jnp.take_along_axis(x, last[:, None, None], axis=1)
+    return model._logits(x)[:, 0], updated

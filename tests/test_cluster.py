@@ -1,5 +1,6 @@
 """Ray mode: 2 emulated hosts x 4 CPU devices, one HostWorker actor and one JAX process each."""
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -17,9 +18,10 @@ ray = pytest.importorskip("ray")
 from fax import Trainer, load_config  # noqa: E402
 from fax import step as step_lib  # noqa: E402
 from fax.checkpoint import Checkpointer  # noqa: E402
-from fax.cluster import ClusterError, host_layout  # noqa: E402
+from fax.cluster import ClusterEngine, ClusterError, RayRuntime, host_layout  # noqa: E402
 from fax.data import Sampler, TokenDataset  # noqa: E402
 from fax.metrics import read_metrics  # noqa: E402
+from fax.serve import Engine, SamplingParams, generate  # noqa: E402
 from parallel import make_mesh  # noqa: E402
 
 STEPS = 6
@@ -164,3 +166,22 @@ def test_a_host_that_never_joins_is_a_clear_error(ray_cluster, tmp_path, small_c
         Trainer(cfg, echo=lambda _: None).fit()
     assert time.monotonic() - started < 60
     assert ray.available_resources().get("fax_host") == 2  # nothing left reserved
+
+
+def test_engine_on_two_hosts_generates_what_one_process_does(ray_cluster, local_run):
+    """Serving a model over the host workers' global mesh: the same tokens as the local engine."""
+    config = load_config(local_run / "config.yaml", [f"run_dir={local_run}", "cluster.ray=true"])
+    engine = ClusterEngine(RayRuntime(config, echo=lambda _: None), str(local_run), None, max_batch=4)
+    try:
+        assert engine.step == STEPS
+        hot = SamplingParams(max_new_tokens=10, temperature=0.9, top_k=40, seed=5)
+        prompts = [[5, 17, 99, 3], [7] * 9, [1, 2]]
+        sampling = [hot, SamplingParams(max_new_tokens=6, temperature=0.0), dataclasses.replace(hot, seed=6)]
+        local = Engine.from_run_dir(local_run, max_batch=4)
+        assert generate(engine, prompts, sampling) == generate(local, prompts, sampling)
+    finally:
+        engine.close()
+    deadline = time.monotonic() + 30  # the placement group is released asynchronously
+    while ray.available_resources().get("fax_host") != 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("fax_host") == 2
