@@ -130,6 +130,40 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from fax.config import ConfigError, preset_or_error
+    from parallel.hardware import cluster_preset, present_cluster
+    from parallel.planner import plan
+
+    try:
+        cluster = cluster_preset(args.cluster) if args.cluster else present_cluster()
+        result = plan(preset_or_error(args.model), cluster, args.global_batch, args.seq, args.model, args.top,
+                      max_stages=1 if cluster.present else None)  # pipelines run only in analytical plans yet
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if args.json:
+        print(result.to_json())
+        return 0
+    d = cluster.device
+    print(f"{args.model} on {cluster.name}: {cluster.hosts} host(s) x {cluster.devices_per_host} {d.name} "
+          f"({d.peak_flops / 1e12:.3g} TFLOP/s, {d.hbm_bytes / 2 ** 30:.0f} GiB), batch {args.global_batch} x "
+          f"{args.seq} tokens; {result.searched} layouts in {result.seconds:.2f} s"
+          + ("" if cluster.present else " (analytical: this cluster is not present)"))
+    print(f"{'#':>3}  {'layout':<52}{'step s':>9}{'tokens/s':>12}{'MFU':>6}{'GiB/dev':>9}{'comm':>6}")
+    for i, e in enumerate(result.ranked, 1):
+        print(f"{i:>3}  {e.candidate.describe():<52}{e.step_s:>9.3f}{e.tokens_per_s:>12,.0f}{e.mfu:>6.2f}"
+              f"{e.memory_bytes / 2 ** 30:>9.1f}{e.comm_share:>6.0%}")
+    print("templates:")
+    for name, e in result.templates.items():
+        told = e if isinstance(e, str) else (f"{e.candidate.describe()}: {e.step_s:.3f} s/step, MFU {e.mfu:.2f}, "
+                                            f"pick is {e.step_s / result.best.step_s:.2f}x faster")
+        print(f"  {name:<12} {told}")
+    print("rejected:")
+    for reason, count in result.rejected.items():
+        print(f"  {count:>6} {reason}, e.g. {result.examples[reason]}")
+    return 0
+
+
 def _presets(args: argparse.Namespace) -> int:
     import models
 
@@ -206,6 +240,16 @@ def parser() -> argparse.ArgumentParser:
     srv.add_argument("--emulate-hosts", type=int, default=0, help="a local cluster of N emulated CPU hosts")
     srv.add_argument("--devices-per-host", type=int, default=4, help="emulated CPU devices per emulated host")
     srv.set_defaults(run=_serve)
+
+    pl = sub.add_parser("plan", help="search pipeline x sharding x microbatch x remat layouts; rank, explain")
+    pl.add_argument("--model", default="gpt-mini", help="a model preset (fax presets)")
+    pl.add_argument("--cluster", default="", help="a cluster preset, e.g. v4-1024, h100-1024, cpu-8 "
+                                                  "(default: this machine's devices)")
+    pl.add_argument("--global-batch", type=int, default=16, help="sequences per step")
+    pl.add_argument("--seq", type=int, default=128, help="tokens per sequence")
+    pl.add_argument("--top", type=int, default=10)
+    pl.add_argument("--json", action="store_true", help="the whole plan as JSON")
+    pl.set_defaults(run=_plan)
 
     presets = sub.add_parser("presets", help="list the named model shapes")
     presets.set_defaults(run=_presets)

@@ -1,0 +1,170 @@
+"""Analytical cost of one training step under a candidate layout: compute, communication per mesh
+axis, pipeline bubble, memory per device. Small pure functions; the figures they assume are named.
+
+Collectives are costed as rings: all-gather / reduce-scatter of a buffer of B bytes over n devices
+moves (n-1)/n * B per device in n-1 steps; all-reduce is both. A mesh axis crosses hosts when the
+axes inside it (``MESH_AXES`` order: tensor innermost) span more devices than a host has.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from models import ModelConfig
+from models.config import param_count, train_flops_per_token
+from parallel.hardware import ClusterSpec, Link
+from parallel.mesh import MESH_AXES
+
+PEAK_EFFICIENCY = 0.6  # the best fraction of peak a large matmul reaches
+EFFICIENCY_KNEE = 512.0  # per-device GEMM rows (tokens) x cols (features/512) at which efficiency is half the best
+OVERLAP = 0.8  # fraction of compute that can hide fsdp/data collectives (XLA's async collectives)
+MEMORY_HEADROOM = 0.9  # the share of device memory a plan may use (fragmentation, compiler temps)
+REMAT_FORWARDS = {"none": 0.0, "dots_saveable": 0.25, "full": 1.0}  # extra forward passes recomputed
+OPTIMIZER_BYTES = 8.0  # Adam: two fp32 moments per parameter
+PARAM_BYTES = 4.0  # fp32 master parameters and gradients
+
+
+@dataclass(frozen=True)
+class Candidate:
+    stages: int = 1
+    microbatches: int = 1
+    data: int = 1
+    fsdp: int = 1
+    sequence: int = 1
+    tensor: int = 1
+    remat: str = "none"
+
+    @property
+    def axes(self) -> dict[str, int]:
+        return {"stage": self.stages, "data": self.data, "fsdp": self.fsdp, "sequence": self.sequence,
+                "tensor": self.tensor}
+
+    def describe(self) -> str:
+        mesh = " ".join(f"{k}={v}" for k, v in self.axes.items() if v > 1) or "1 device"
+        return f"{mesh}, mb={self.microbatches}, remat={self.remat}"
+
+
+@dataclass(frozen=True)
+class Estimate:
+    candidate: Candidate
+    step_s: float
+    compute_s: float
+    bubble_s: float
+    comm_s: dict[str, float]  # by mesh axis, before overlap
+    exposed_comm_s: float
+    memory: dict[str, float]  # bytes per device by kind
+    tokens_per_s: float
+    mfu: float
+    fits: bool
+
+    @property
+    def memory_bytes(self) -> float:
+        return sum(self.memory.values())
+
+    @property
+    def comm_share(self) -> float:
+        return self.exposed_comm_s / self.step_s
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "memory_bytes": self.memory_bytes, "comm_share": self.comm_share}
+
+
+@dataclass(frozen=True)
+class Workload:
+    model: ModelConfig
+    global_batch: int  # sequences per step
+    seq_len: int
+    compute_bytes: int = 2  # bf16 activations and communicated params
+    flops_per_token: float = field(init=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "flops_per_token", train_flops_per_token(self.model, self.seq_len))
+
+    @property
+    def tokens(self) -> int:
+        return self.global_batch * self.seq_len
+
+
+def ring_time(link: Link, participants: int, nbytes: float, passes: int = 1) -> float:
+    """``passes`` ring passes (1: all-gather or reduce-scatter; 2: all-reduce) of a buffer of ``nbytes``."""
+    if participants <= 1:
+        return 0.0
+    return passes * ((participants - 1) / participants * nbytes / link.bandwidth + (participants - 1) * link.latency)
+
+
+def axis_links(c: Candidate, cluster: ClusterSpec) -> dict[str, Link]:
+    """The link each mesh axis crosses: the host's own, or the one between hosts."""
+    links, inner = {}, 1
+    for axis in reversed(MESH_AXES):
+        inner *= c.axes[axis]
+        links[axis] = cluster.intra if inner <= cluster.devices_per_host else cluster.inter
+    return links
+
+
+def efficiency(rows: float, cols: float) -> float:
+    """Fraction of peak for per-device matmuls of ``rows`` tokens by ``cols`` features."""
+    size = rows * min(1.0, cols / 512.0)
+    return PEAK_EFFICIENCY * size / (size + EFFICIENCY_KNEE)
+
+
+def microbatch_tokens(c: Candidate, w: Workload) -> float:
+    """Tokens one device holds in one microbatch."""
+    return w.tokens / (c.data * c.fsdp * c.microbatches * c.sequence)
+
+
+def memory(c: Candidate, w: Workload) -> dict[str, float]:
+    """Bytes per device: parameters, gradients, optimizer state, activations, logits."""
+    m, b = w.model, w.compute_bytes
+    shard = c.stages * c.fsdp * c.tensor
+    params = param_count(m) / shard
+    layers = m.n_layers / c.stages
+    tokens = microbatch_tokens(c, w)
+    per_token_layer = {  # bytes per token per layer (Megatron-LM's count, scaled to the compute dtype)
+        "none": (10 * m.d_model + 24 * m.d_model / c.tensor + 5 * m.n_heads * w.seq_len / c.tensor) * b / 2,
+        "dots_saveable": (4 * m.d_model + 12 * m.d_model / c.tensor) * b / 2,
+        "full": m.d_model * b,
+    }[c.remat]
+    in_flight = min(c.microbatches, c.stages) if c.stages > 1 else 1  # 1F1B keeps <= stages microbatches
+    recompute = 0 if c.remat == "none" else (10 * m.d_model + 24 * m.d_model / c.tensor) * b / 2 * tokens
+    return {"params": params * PARAM_BYTES, "grads": params * PARAM_BYTES, "optimizer": params * OPTIMIZER_BYTES,
+            "activations": per_token_layer * layers * tokens * in_flight + recompute,
+            "logits": tokens * m.vocab_size / c.tensor * 4 * (1 if c.stages == 1 else 1 / c.stages)}
+
+
+def comm_times(c: Candidate, w: Workload, cluster: ClusterSpec) -> dict[str, float]:
+    """Seconds of communication per step on each mesh axis (before any overlap)."""
+    m, b, links = w.model, w.compute_bytes, axis_links(c, cluster)
+    stage_params = param_count(m) / c.stages
+    tokens = microbatch_tokens(c, w)
+    layers = m.n_layers / c.stages
+    activation = tokens * m.d_model * b
+    tensor_collectives = 4 + (2 if c.remat == "full" else 0)  # all-reduces per layer: 2 forward, 2 backward
+    kv = 2 * tokens * m.n_kv_heads * m.kv_head_dim / c.tensor * b * c.sequence
+    return {
+        # fsdp: gather params for forward and backward, scatter gradients, for every microbatch
+        "fsdp": c.microbatches * (2 * ring_time(links["fsdp"], c.fsdp, stage_params * b / c.tensor)
+                                  + ring_time(links["fsdp"], c.fsdp, stage_params * PARAM_BYTES / c.tensor)),
+        "data": ring_time(links["data"], c.data, stage_params * PARAM_BYTES / (c.fsdp * c.tensor), passes=2),
+        "tensor": c.microbatches * layers * tensor_collectives * ring_time(links["tensor"], c.tensor, activation, 2),
+        "sequence": c.microbatches * layers * 2 * ring_time(links["sequence"], c.sequence, kv),
+        "stage": 0.0 if c.stages == 1 else 2 * c.microbatches * (
+            activation / links["stage"].bandwidth + links["stage"].latency),
+    }
+
+
+def estimate(c: Candidate, w: Workload, cluster: ClusterSpec) -> Estimate:
+    m = w.model
+    devices = cluster.devices
+    flops = w.flops_per_token * w.tokens
+    recomputed = flops / 3 * REMAT_FORWARDS[c.remat]  # a forward pass is a third of forward + backward
+    rate = cluster.device.peak_flops * efficiency(microbatch_tokens(c, w), m.d_model / c.tensor)
+    compute = (flops + recomputed) / devices / rate
+    bubble = compute * (c.stages - 1) / c.microbatches  # GPipe/1F1B: (p - 1) idle slots of m
+    comm = comm_times(c, w, cluster)
+    hidden = comm["fsdp"] + comm["data"]
+    exposed = max(0.0, hidden - OVERLAP * compute) + comm["tensor"] + comm["sequence"] + comm["stage"]
+    step = compute + bubble + exposed
+    mem = memory(c, w)
+    return Estimate(c, step, compute, bubble, comm, exposed, mem, w.tokens / step,
+                    flops / (step * devices * cluster.device.peak_flops),
+                    sum(mem.values()) <= MEMORY_HEADROOM * cluster.device.hbm_bytes)

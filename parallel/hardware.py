@@ -1,0 +1,95 @@
+"""Clusters the planner can plan for: devices, hosts and the links each mesh axis may cross.
+
+Datasheet figures (dense bf16 peak, HBM size and bandwidth, per-device link bandwidth in one
+direction). TPU slices are ICI-connected across hosts, so a TPU slice has one link kind; GPU nodes
+have NVLink inside a node and InfiniBand (8 NICs per node) across nodes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+GiB = 2 ** 30
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    peak_flops: float  # dense bf16 FLOP/s
+    hbm_bytes: float
+    hbm_bandwidth: float  # bytes/s
+
+
+@dataclass(frozen=True)
+class Link:
+    bandwidth: float  # bytes/s per device, one direction
+    latency: float  # seconds per collective step
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    name: str
+    device: Device
+    hosts: int
+    devices_per_host: int
+    intra: Link  # between devices of one host (ICI, NVLink, shared memory)
+    inter: Link  # between hosts (ICI within a TPU slice, InfiniBand, DCN)
+    present: bool = False  # the devices of this process (plans can be compiled and run)
+
+    @property
+    def devices(self) -> int:
+        return self.hosts * self.devices_per_host
+
+
+DEVICES = {
+    "v4": Device("TPU v4", 275e12, 32 * GiB, 1.2e12),
+    "v5e": Device("TPU v5e", 197e12, 16 * GiB, 0.82e12),
+    "v5p": Device("TPU v5p", 459e12, 95 * GiB, 2.76e12),
+    "a100": Device("A100 80GB SXM", 312e12, 80 * GiB, 2.04e12),
+    "h100": Device("H100 80GB SXM", 989e12, 80 * GiB, 3.35e12),
+    "cpu": Device("CPU (emulated device)", 12.5e9, 2 * GiB, 5e9),
+}
+# (devices per host, intra-host link, inter-host link, how the name counts devices)
+FAMILIES = {
+    "v4": (4, Link(45e9, 5e-6), Link(45e9, 5e-6), "cores"),  # 2 TensorCores per chip in the name
+    "v5p": (4, Link(90e9, 5e-6), Link(90e9, 5e-6), "cores"),
+    "v5e": (4, Link(45e9, 5e-6), Link(45e9, 5e-6), "chips"),
+    "a100": (8, Link(300e9, 8e-6), Link(25e9, 15e-6), "chips"),  # NVLink 3; 8 x 200 Gb/s HDR per node
+    "h100": (8, Link(450e9, 8e-6), Link(50e9, 15e-6), "chips"),  # NVLink 4; 8 x 400 Gb/s NDR per node
+    "cpu": (8, Link(5e9, 50e-6), Link(1e9, 100e-6), "chips"),  # emulated devices: memcpy, TCP (gloo)
+}
+PRESET_EXAMPLES = ("v4-8", "v4-1024", "v5e-256", "v5p-512", "a100-64", "h100-1024", "cpu-8")
+
+
+def cluster_preset(name: str) -> ClusterSpec:
+    """``<family>-<count>``: ``v4-1024`` (TPU names count TensorCores for v4/v5p), ``h100-1024``, ``cpu-8``."""
+    match = re.fullmatch(r"([a-z0-9]+)-(\d+)", name)
+    if not match or match.group(1) not in FAMILIES:
+        raise ValueError(f"unknown cluster {name!r}; use <family>-<count> with family one of "
+                         f"{', '.join(FAMILIES)}, e.g. {', '.join(PRESET_EXAMPLES)}")
+    family, count = match.group(1), int(match.group(2))
+    per_host, intra, inter, counts = FAMILIES[family]
+    chips = count // 2 if counts == "cores" else count
+    if chips < 1 or (chips > per_host and chips % per_host):
+        raise ValueError(f"{name}: {chips} devices do not fill whole hosts of {per_host}")
+    hosts, per_host = (1, chips) if chips <= per_host else (chips // per_host, per_host)
+    return ClusterSpec(name, DEVICES[family], hosts, per_host, intra, inter)
+
+
+def present_cluster(devices: list | None = None) -> ClusterSpec:
+    """The devices this process sees (datasheet figures by device kind; CPU: nominal)."""
+    import jax
+
+    devices = jax.devices() if devices is None else devices
+    kind = devices[0].device_kind.lower()
+    family = next((f for f in ("h100", "a100", "v5p", "v5e", "v4") if f in kind.replace(" ", "")), "cpu")
+    per_host = sum(d.process_index == devices[0].process_index for d in devices)
+    _, intra, inter, _ = FAMILIES[family]
+    device = DEVICES[family]
+    if family == "cpu":  # the cores are shared by the emulated devices
+        cores = os.cpu_count() or 1
+        device = Device(device.name, 50e9 * cores / per_host, device.hbm_bytes, device.hbm_bandwidth)
+    return ClusterSpec(f"{family}-{len(devices)} (present)", device, len(devices) // per_host, per_host,
+                       intra, inter, present=True)

@@ -1,0 +1,147 @@
+"""Search pipeline stages x per-stage sharding x microbatches x remat for the fastest layout that fits.
+
+Every candidate is first checked for divisibility (cheap, exact), then for memory, and only then
+costed (``parallel.cost``). The practitioners' templates are part of the search, so the pick is never
+predicted slower than the best of them. The same inputs always give the same plan.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from models import ModelConfig
+from parallel.cost import REMAT_FORWARDS, Candidate, Estimate, Workload, estimate
+from parallel.hardware import ClusterSpec
+
+MAX_MICROBATCHES = 64
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def factorizations(n: int, parts: int) -> Iterator[tuple[int, ...]]:
+    """Every ordered way to write ``n`` as a product of ``parts`` factors."""
+    if parts == 1:
+        yield (n,)
+        return
+    for d in divisors(n):
+        for rest in factorizations(n // d, parts - 1):
+            yield (d, *rest)
+
+
+def problems(c: Candidate, w: Workload) -> list[tuple[str, str]]:
+    """Why a layout cannot run this model and batch at all, as (kind, message) (empty: it can)."""
+    m, found = w.model, []
+    if m.n_layers % c.stages:
+        found.append(("stages", f"{m.n_layers} layers do not split into {c.stages} stages"))
+    for name in ("n_heads", "n_kv_heads", "d_ff", "vocab_size"):
+        if getattr(m, name) % c.tensor:
+            found.append(("tensor", f"tensor={c.tensor} does not divide {name}={getattr(m, name)}"))
+            break
+    if m.d_model % c.fsdp:
+        found.append(("fsdp", f"fsdp={c.fsdp} does not divide d_model={m.d_model}"))
+    if w.global_batch % (c.data * c.fsdp * c.microbatches):
+        found.append(("batch", f"batch {w.global_batch} does not split into data x fsdp x microbatches = "
+                               f"{c.data * c.fsdp * c.microbatches}"))
+    if w.seq_len % c.sequence:
+        found.append(("sequence", f"sequence={c.sequence} does not divide the sequence length {w.seq_len}"))
+    return found
+
+
+def templates(cluster: ClusterSpec, w: Workload) -> dict[str, Candidate]:
+    """What practitioners pick by hand: FSDP everywhere; Megatron (tensor inside a host, pipeline
+    across hosts, data outermost); tensor inside a host with FSDP across."""
+    n, host = cluster.devices, cluster.devices_per_host
+    tensor = max(t for t in divisors(min(host, n)) if all(
+        getattr(w.model, a) % t == 0 for a in ("n_heads", "n_kv_heads", "d_ff", "vocab_size")))
+    stages = max((s for s in divisors(cluster.hosts) if w.model.n_layers % s == 0), default=1)
+    rest = n // (tensor * stages)
+    micro = next((mb for mb in (4 * stages, 2 * stages, stages, 1)
+                  if w.global_batch % (rest * mb) == 0), 1)
+    return {"fsdp": Candidate(fsdp=n, remat="full"),
+            "megatron": Candidate(stages=stages, microbatches=micro, data=rest, tensor=tensor, remat="full"),
+            "tensor+fsdp": Candidate(fsdp=n // tensor, tensor=tensor, remat="full")}
+
+
+def candidates(cluster: ClusterSpec, w: Workload, max_stages: int | None = None) -> Iterator[Candidate]:
+    for stages in divisors(cluster.devices):
+        if max_stages is not None and stages > max_stages or stages > w.model.n_layers:
+            continue
+        for data, fsdp, sequence, tensor in factorizations(cluster.devices // stages, 4):
+            for mb in (2 ** i for i in range(7)):
+                if mb > MAX_MICROBATCHES or w.global_batch % (data * fsdp * mb):
+                    continue
+                for remat in REMAT_FORWARDS:
+                    yield Candidate(stages, mb, data, fsdp, sequence, tensor, remat)
+
+
+@dataclass
+class Plan:
+    """The chosen layout, the runners-up, what was rejected and why, and the predictions."""
+
+    cluster: str
+    model: str
+    global_batch: int
+    seq_len: int
+    best: Estimate
+    ranked: list[Estimate]
+    templates: dict[str, Estimate | str]
+    rejected: dict[str, int] = field(default_factory=dict)  # reason -> candidates
+    examples: dict[str, str] = field(default_factory=dict)  # reason -> one candidate it rejected
+    searched: int = 0
+    seconds: float = 0.0
+    analytical: bool = True  # not compiled on present devices
+
+    def to_dict(self) -> dict:
+        return {"cluster": self.cluster, "model": self.model, "global_batch": self.global_batch,
+                "seq_len": self.seq_len, "analytical": self.analytical, "searched": self.searched,
+                "seconds": self.seconds, "best": self.best.to_dict(), "ranked": [e.to_dict() for e in self.ranked],
+                "templates": {k: v if isinstance(v, str) else v.to_dict() for k, v in self.templates.items()},
+                "rejected": self.rejected, "examples": self.examples}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def plan(model: ModelConfig, cluster: ClusterSpec, global_batch: int, seq_len: int, name: str = "",
+         top: int = 10, max_stages: int | None = None) -> Plan:
+    """The fastest predicted layout that fits, with the ``top`` best and the rejected ones counted."""
+    started = time.perf_counter()
+    w = Workload(model, global_batch, seq_len)
+    rejected: Counter[str] = Counter()
+    examples: dict[str, str] = {}
+    fitting: list[Estimate] = []
+    searched = 0
+    named = templates(cluster, w)
+    for c in itertools.chain(named.values(), candidates(cluster, w, max_stages)):
+        searched += 1
+        found = problems(c, w)
+        if not found:
+            e = estimate(c, w, cluster)
+            if e.fits:
+                fitting.append(e)
+                continue
+            found = [("memory", f"needs {e.memory_bytes / 2 ** 30:.1f} GiB per device of "
+                                f"{cluster.device.hbm_bytes / 2 ** 30:.0f} GiB")]
+        kind, message = found[0]
+        reason = "out of memory" if kind == "memory" else f"indivisible {kind}"
+        rejected[reason] += 1
+        examples.setdefault(reason, f"{c.describe()}: {message}")
+    unique = {e.candidate: e for e in fitting}
+    ranked = sorted(unique.values(), key=lambda e: (e.step_s, e.memory_bytes, repr(e.candidate)))
+    if not ranked:
+        raise ValueError(f"no layout of {name or 'the model'} fits {cluster.name} with batch {global_batch} x "
+                         f"{seq_len}: " + "; ".join(examples[r] for r, _ in rejected.most_common(3)))
+    by_template = {}
+    for key, c in named.items():
+        issue = problems(c, w)
+        by_template[key] = "; ".join(m for _, m in issue) if issue else (unique.get(c) or "out of memory")
+    return Plan(cluster.name, name, global_batch, seq_len, ranked[0], ranked[:top], by_template,
+                dict(rejected.most_common()), examples, searched, time.perf_counter() - started,
+                analytical=not cluster.present)
