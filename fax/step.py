@@ -137,7 +137,7 @@ def build(cfg: Config, mesh: Mesh) -> ShardedTraining:
         "params": param_shardings,
         "opt_state": optimizer_shardings(tx, abstract_params, param_shardings, mesh),
     }
-    batch_sharding = logical_sharding(BATCH_AXES, mesh)
+    batch_sharding = logical_sharding(("batch", None), mesh)  # rows of seq_len + 1 tokens: split by the step
     step = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=lr_schedule(cfg.optim, cfg.train.steps),
                              microbatches=cfg.train.microbatches, z_loss=cfg.train.z_loss)
     return ShardedTraining(
