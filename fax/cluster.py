@@ -26,7 +26,7 @@ from ray.exceptions import RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from fax.config import Config, ConfigError, config_from_dict, run_config
+from fax.config import Config, ConfigError, config_from_dict
 from fax.runtime import HostRuntime, RowRanges, WorkerFailure, take_rows
 
 HOST_RESOURCE = "fax_host"  # one unit per emulated CPU host (`ray start --resources='{"fax_host": 1}'`)
@@ -93,7 +93,9 @@ class HostWorker:
         from fax.serve import Engine
 
         self.engine = Engine.from_run_dir(run_dir, step=step, max_batch=max_batch)
-        return {"step": self.engine.step, "tensor": self.engine.mesh.shape["tensor"]}
+        e = self.engine
+        return {"step": e.step, "cfg": e.cfg, "eos_id": e.eos_id, "batch_buckets": e.batch_buckets,
+                "tensor": e.mesh.shape["tensor"]}
 
     def engine_call(self, method: str, *args: Any) -> Any:
         return getattr(self.engine, method)(*args)
@@ -344,18 +346,14 @@ class ClusterEngine:
     replicated, so worker 0's answer is everyone's."""
 
     def __init__(self, runtime: RayRuntime, run_dir: str, step: int | None, max_batch: int):
-        from fax.serve import buckets, run_tokenizer
-
         self.runtime = runtime
         runtime.bring_up()
         loaded = runtime._gather([w.load_engine.remote(run_dir, step, max_batch) for w in runtime.workers],
-                                 runtime.config.cluster.step_timeout_s, "restoring the params onto the hosts")
-        self.step = loaded[0]["step"]
-        config = run_config(run_dir)
-        self.cfg, self.eos_id = config.model, run_tokenizer(config).eos_id
-        self.batch_buckets = buckets(max_batch, 1)
+                                 runtime.config.cluster.step_timeout_s, "restoring the params onto the hosts")[0]
+        self.step, self.cfg, self.eos_id = loaded["step"], loaded["cfg"], loaded["eos_id"]
+        self.batch_buckets = loaded["batch_buckets"]  # what the Batcher reads of an engine, as the hosts built it
         runtime.echo(f"fax: serving step {self.step} on {runtime.layout.hosts} hosts "
-                     f"(tensor parallel over {loaded[0]['tensor']} devices)")
+                     f"(tensor parallel over {loaded['tensor']} devices)")
 
     @property
     def max_batch(self) -> int:

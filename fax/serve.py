@@ -172,11 +172,12 @@ class Engine:
         self.cache_sharding = logical_sharding(models.CACHE_AXES, mesh)  # every layer's keys and values
         self.cache: Any = None
         self._replicated = replicated(mesh)
-        rep = self._replicated
         self._prefill = jax.jit(with_activation_sharding(functools.partial(_prefill, self.graphdef), mesh),
-                                out_shardings=(rep, self.cache_sharding, rep), donate_argnums=(1,))
+                                out_shardings=(self._replicated, self.cache_sharding, self._replicated),
+                                donate_argnums=(1,))
         self.tokens_per_call = tokens_per_call
         self._decoders: dict[int, Callable] = {}  # by attention span (a length bucket)
+        self._empty_caches: dict[int, Callable] = {}  # by rows
 
     @property
     def max_batch(self) -> int:
@@ -202,22 +203,26 @@ class Engine:
     def reset(self, rows: int) -> None:
         """A fresh, empty cache of ``rows`` rows (a batch bucket)."""
         self.cache = None  # free the old cache before allocating the new one
-        self.cache = self._empty_cache(rows)()
-
-    @functools.cache
-    def _empty_cache(self, rows: int) -> Callable[[], Any]:
-        return jax.jit(functools.partial(models.empty_cache, self.cfg, rows, self.cfg.max_seq_len),
-                       out_shardings=self.cache_sharding)
+        if rows not in self._empty_caches:
+            self._empty_caches[rows] = jax.jit(functools.partial(models.empty_cache, self.cfg, rows,
+                                                                 self.cfg.max_seq_len),
+                                               out_shardings=self.cache_sharding)
+        self.cache = self._empty_caches[rows]()
 
     def prefill(self, rows: Sequence[int], prompts: Sequence[Sequence[int]],
                 sampling: Sequence[SamplingParams]) -> np.ndarray:
         """Write the prompts into cache ``rows``; their first sampled tokens."""
+        return self._prefill_rows(rows, prompts, sampling)[0]
+
+    def _prefill_rows(self, rows: Sequence[int], prompts: Sequence[Sequence[int]],
+                      sampling: Sequence[SamplingParams]) -> tuple[np.ndarray, np.ndarray]:
+        """The prompts' first sampled tokens and next-token logits, their cache written into ``rows``."""
         tokens, lengths = self._pack(prompts)
         pad = len(lengths) - len(prompts)
         targets = np.array([*rows, *[self.cache[0][0].shape[0]] * pad], np.int32)  # padding points past the cache
-        first, self.cache, _ = self._prefill(self.params, self.cache, *self._put(
+        first, self.cache, logits = self._prefill(self.params, self.cache, *self._put(
             tokens, lengths, targets, *_controls([*sampling, *[GREEDY_PAD] * pad])))
-        return np.asarray(first)[:len(prompts)]
+        return np.asarray(first)[:len(prompts)], np.asarray(logits)[:len(prompts)]
 
     def decode(self, tokens: np.ndarray, positions: np.ndarray, steps: np.ndarray,
                sampling: Sequence[SamplingParams]) -> np.ndarray:
@@ -235,12 +240,9 @@ class Engine:
     def prefill_logits(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
         """The next-token logits after each prompt (for checks against the training forward pass)."""
         self.reset(bucket(self.batch_buckets, len(prompts)))
-        tokens, lengths = self._pack(prompts)
-        targets = np.arange(len(lengths), dtype=np.int32)
-        logits = self._prefill(self.params, self.cache, *self._put(
-            tokens, lengths, targets, *_controls([GREEDY_PAD] * len(lengths))))[2]
+        logits = self._prefill_rows(range(len(prompts)), prompts, [GREEDY_PAD] * len(prompts))[1]
         self.cache = None
-        return np.asarray(logits)[:len(prompts)]
+        return logits
 
     def _pack(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
         """Prompts right-padded into the smallest batch and length buckets that hold them."""
