@@ -3,9 +3,10 @@
     python benchmarks/planner.py [--measure 12]
 
 Speed: seconds to plan GPT-3 175B on h100-1024 and Llama 70B on v4-1024 (goal < 10 s each).
-Quality: on the 8 emulated devices, the step time of the planner's top ``--measure`` candidates
-(remat none, for two model sizes) is measured; printed: the pick's measured time / the best
-measured, and Spearman's rank correlation between predicted and measured step times.
+Pipeline: the measured bubble of the GPipe schedule against its formula.
+Quality: on the 8 emulated devices, the step time of ``--measure`` layouts (remat none, the pick and
+others spread over the ranking; two model sizes) is measured; printed: the pick's measured time /
+the best measured, and Spearman's rank correlation between predicted and measured step times.
 """
 
 from __future__ import annotations
@@ -25,41 +26,58 @@ def spearman(a: list[float], b: list[float]) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def measure(model: str, candidate, batch: int, seq: int, steps: int = 3) -> float:
+def measure_bubble(stages: int = 4, micro_rows: int = 8, width: int = 256, layers: int = 8) -> list[dict]:
+    """Forward + backward of a pipelined stack alone, for a growing number of microbatches of a fixed
+    size: time = a * M + b; the measured bubble at M is b / (a * M + b), the schedule's (S - 1) / (M + S - 1)."""
+    import jax.numpy as jnp
     import numpy as np
 
-    from fax import load_config
-    from fax import step as step_lib
-    from parallel import make_mesh
+    from fax.step import with_activation_sharding
+    from parallel import ParallelConfig, logical_sharding, make_mesh
+    from parallel.pipeline import bubble_fraction, gpipe
 
-    c = candidate
-    cfg = load_config(overrides=[f"model={model}", f"train.batch_size={batch}", f"train.seq_len={seq}",
-                                 f"train.microbatches={c.microbatches}", f"model.remat={c.remat}",
-                                 *(f"parallel.{k}={v}" for k, v in c.axes.items())])
-    training = step_lib.build(cfg, make_mesh(cfg.parallel, jax.devices()))
-    state = training.init()
-    tokens = jax.device_put(np.random.default_rng(0).integers(0, 256, (batch, seq + 1), dtype=np.int32),
-                            training.batch_sharding)
-    state, metrics = training.step(state, tokens)
-    jax.block_until_ready(metrics)
-    started = time.perf_counter()
-    for _ in range(steps):
-        state, metrics = training.step(state, tokens)
-    jax.block_until_ready(metrics)
-    return (time.perf_counter() - started) / steps
+    mesh = make_mesh(ParallelConfig(stage=stages, fsdp=-1))
+    rng = np.random.default_rng(0)
+    params = {k: jax.device_put(rng.normal(0, width ** -0.5, (layers, width, width)).astype(np.float32),
+                                logical_sharding(("layers", "embed", None), mesh)) for k in ("w1", "w2")}
+
+    def layer(h, p):
+        return h + jnp.tanh(h @ p["w1"]) @ p["w2"]
+
+    rows, times = [], []
+    for micro in (1, 2, 4, 8, 16):
+        run = gpipe(stages, micro)
+        loss = jax.jit(with_activation_sharding(jax.grad(lambda p, x: jnp.sum(run(layer, p, x) ** 2)), mesh))
+        x = jax.device_put(rng.normal(size=(micro * micro_rows, 64, width)).astype(np.float32),
+                           logical_sharding(("batch", "length", "embed"), mesh))
+        jax.block_until_ready(loss(params, x))
+        started = time.perf_counter()
+        for _ in range(5):
+            out = loss(params, x)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - started) / 5)
+        rows.append({"microbatches": micro, "step_s": times[-1], "formula": bubble_fraction(stages, micro)})
+    slope, intercept = np.polyfit([r["microbatches"] for r in rows], times, 1)
+    for r in rows:
+        r["measured"] = float(intercept / (slope * r["microbatches"] + intercept))
+    return rows
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--measure", type=int, default=12, help="candidates measured per model on this machine")
+    p.add_argument("--measure", type=int, default=12, help="layouts measured per model, spread over the ranking")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "planner.json"))
     args = p.parse_args()
     jax.config.update("jax_num_cpu_devices", 8)
+    import numpy as np
+
     import models
+    from fax import load_config
+    from fax.trainer import layout_timer
     from parallel.hardware import cluster_preset, present_cluster
     from parallel.planner import plan
 
-    results: dict = {"speed_s": {}, "quality": {}}
+    results: dict = {"speed_s": {}, "quality": {}, "bubble": []}
     for name, cluster, batch, seq in (("gpt3-175b", "h100-1024", 1536, 2048), ("llama-70b", "v4-1024", 1024, 4096)):
         started = time.perf_counter()
         best = plan(models.preset(name), cluster_preset(cluster), batch, seq, name)
@@ -67,20 +85,30 @@ def main() -> None:
         results["speed_s"][f"{name}@{cluster}"] = seconds
         print(f"plan {name} on {cluster}: {seconds:.2f} s, {best.searched} layouts; pick "
               f"{best.best.candidate.describe()}, predicted MFU {best.best.mfu:.2f}")
+    print("pipeline bubble, 4 stages, microbatches of a fixed size (forward + backward of the stack):")
+    for r in measure_bubble():
+        results["bubble"].append(r)
+        print(f"    M={r['microbatches']:>2}  {r['step_s'] * 1e3:8.1f} ms  bubble measured {r['measured']:.2f}"
+              f"  formula (S-1)/(M+S-1) {r['formula']:.2f}")
     here = present_cluster()
     for name, batch, seq in (("gpt-tiny", 16, 128), ("gpt-mini", 16, 128)):
-        result = plan(models.preset(name), here, batch, seq, name, top=10_000, max_stages=1)
-        pool = [e for e in result.ranked if e.candidate.remat == "none"][:args.measure]
-        measured = [measure(name, e.candidate, batch, seq) for e in pool]
+        result = plan(models.preset(name), here, batch, seq, name, top=10_000)
+        ranked = [e for e in result.ranked if e.candidate.remat == "none"]
+        picks = sorted({round(i) for i in np.linspace(0, len(ranked) - 1, args.measure)})
+        pool = [ranked[i] for i in picks]  # the pick and layouts spread over the whole ranking
+        timer = layout_timer(load_config(overrides=[f"model={name}", f"train.batch_size={batch}",
+                                                    f"train.seq_len={seq}"]), jax.devices())
+        measured = [timer(e.candidate) for e in pool]
         predicted = [e.step_s for e in pool]
         ratio = measured[0] / min(measured)
         rho = spearman(predicted, measured)
-        results["quality"][name] = {"pick_over_best": ratio, "spearman": rho,
+        results["quality"][name] = {"pick_over_best": ratio, "spearman": rho, "ranks": picks,
                                     "rows": [(e.candidate.describe(), e.step_s, m) for e, m in zip(pool, measured)]}
-        print(f"{name}: {len(pool)} layouts measured; pick / measured best = {ratio:.2f}, "
-              f"rank correlation predicted vs measured = {rho:.2f}")
-        for e, m in sorted(zip(pool, measured), key=lambda x: x[1]):
-            print(f"    {e.candidate.describe():<44} predicted {e.step_s * 1e3:8.1f} ms  measured {m * 1e3:8.1f} ms")
+        print(f"{name}: {len(pool)} of {len(ranked)} layouts (remat none) measured; pick / measured best = "
+              f"{ratio:.2f}, rank correlation predicted vs measured = {rho:.2f}")
+        for rank, e, m in sorted(zip(picks, pool, measured), key=lambda x: x[2]):
+            print(f"    #{rank + 1:<4}{e.candidate.describe():<48} predicted {e.step_s * 1e3:8.1f} ms  "
+                  f"measured {m * 1e3:8.1f} ms")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))

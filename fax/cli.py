@@ -131,14 +131,32 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from fax.config import ConfigError, preset_or_error
+    from fax.config import ConfigError, load_config, preset_or_error
     from parallel.hardware import cluster_preset, present_cluster
     from parallel.planner import plan
 
+    if args.calibrate:
+        import jax
+
+        from parallel.calibrate import calibrate
+
+        profile = calibrate(jax.devices())
+        link = (f"; all-reduce over {profile['devices']} devices: {profile['link_bandwidth'] / 1e9:.2f} GB/s, "
+                f"{profile['link_latency'] * 1e6:.0f} us per step" if "link_bandwidth" in profile else "")
+        print(f"calibrated {profile['device_kind']}: best matmul {profile['best_matmul_flops'] / 1e9:.1f} GFLOP/s"
+              f"{link}; saved {profile['path']}")
     try:
         cluster = cluster_preset(args.cluster) if args.cluster else present_cluster()
-        result = plan(preset_or_error(args.model), cluster, args.global_batch, args.seq, args.model, args.top,
-                      max_stages=1 if cluster.present else None)  # pipelines run only in analytical plans yet
+        if cluster.present:  # compiled (and with --measure timed) on these devices
+            import jax
+
+            from fax.trainer import plan_here
+
+            config = load_config(overrides=[f"model={args.model}", f"train.batch_size={args.global_batch}",
+                                            f"train.seq_len={args.seq}"])
+            result = plan_here(config, jax.devices(), args.model, args.top, args.validate, args.measure)
+        else:
+            result = plan(preset_or_error(args.model), cluster, args.global_batch, args.seq, args.model, args.top)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if args.json:
@@ -158,9 +176,31 @@ def _plan(args: argparse.Namespace) -> int:
         told = e if isinstance(e, str) else (f"{e.candidate.describe()}: {e.step_s:.3f} s/step, MFU {e.mfu:.2f}, "
                                             f"pick is {e.step_s / result.best.step_s:.2f}x faster")
         print(f"  {name:<12} {told}")
+    if result.validated:
+        print("compiled on the present devices (predicted vs what XLA reports per device):")
+        print(f"     {'layout':<52}{'pred ms':>9}{'pred MiB':>10}{'XLA MiB':>9}{'fits':>6}{'meas ms':>9}  collectives")
+        for c in result.validated:
+            measured = f"{c.measured_s * 1e3:>9.1f}" if c.measured_s is not None else f"{'-':>9}"
+            ops = ", ".join(f"{k} {v}" for k, v in c.collectives.items()) or "none"
+            print(f"     {c.layout:<52}{c.predicted_s * 1e3:>9.1f}{c.predicted_memory_bytes / 2 ** 20:>10.1f}"
+                  f"{c.memory_bytes / 2 ** 20:>9.1f}{'yes' if c.fits else 'NO':>6}{measured}  {ops}")
+        print(f"pick: {result.best.candidate.describe()}")
     print("rejected:")
     for reason, count in result.rejected.items():
         print(f"  {count:>6} {reason}, e.g. {result.examples[reason]}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from fax.config import ConfigError
+    from fax.hf import export_run
+
+    try:
+        out, step = export_run(args.run_dir, args.out, args.step)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    print(f"fax: wrote the checkpoint of step {step} of {args.run_dir} as a Hugging Face model to {out} "
+          "(load it with transformers.AutoModelForCausalLM.from_pretrained)")
     return 0
 
 
@@ -202,6 +242,12 @@ def parser() -> argparse.ArgumentParser:
     prep.add_argument("--tokenizer", default="byte")
     prep.add_argument("--suffix", action="append", help="only files with this suffix (repeatable), e.g. .txt")
     prep.set_defaults(run=_prepare)
+
+    export = sub.add_parser("export", help="write a run's checkpoint as a Hugging Face GPT-2/Llama directory")
+    export.add_argument("run_dir")
+    export.add_argument("--out", required=True, help="output folder (config.json + model.safetensors)")
+    export.add_argument("--step", type=int, help="default: the latest complete checkpoint")
+    export.set_defaults(run=_export)
 
     ckpt = sub.add_parser("checkpoint", help="inspect a run's checkpoints")
     ckpt_sub = ckpt.add_subparsers(dest="checkpoint_command", required=True)
@@ -249,6 +295,11 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("--seq", type=int, default=128, help="tokens per sequence")
     pl.add_argument("--top", type=int, default=10)
     pl.add_argument("--json", action="store_true", help="the whole plan as JSON")
+    pl.add_argument("--validate", type=int, default=3, help="present devices: compile ranked layouts until this "
+                                                            "many fit; the pick is the first (or fastest measured)")
+    pl.add_argument("--calibrate", action="store_true", help="measure this machine's matmul rate and collective "
+                                                              "bandwidth first; later plans here use the profile")
+    pl.add_argument("--measure", action="store_true", help="present devices: also time real steps of those")
     pl.set_defaults(run=_plan)
 
     presets = sub.add_parser("presets", help="list the named model shapes")

@@ -16,6 +16,7 @@ import yaml
 from fax.data import dataset_problems
 from models import ModelConfig, preset
 from parallel import ParallelConfig
+from parallel.cost import Candidate
 
 
 class ConfigError(ValueError):
@@ -114,6 +115,8 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     run_dir: str = "runs/default"
     resume: bool = True  # continue from the run directory's latest complete checkpoint, if any
+    plan: str = ""  # "auto": the planner picks parallel.*, train.microbatches, model.remat; or a plan JSON file
+    init_from: str = ""  # hf:/path/to/dir: start from a Hugging Face GPT-2/Llama checkpoint (its shape wins)
     seed: int = 0
 
     @property
@@ -125,6 +128,12 @@ class Config:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def with_layout(cfg: Config, layout: Candidate) -> Config:
+    """``cfg`` laid out as a plan says: mesh axis sizes, microbatches, remat policy."""
+    return dataclasses.replace(cfg, parallel=ParallelConfig(**layout.axes), model=cfg.model.replace(remat=layout.remat),
+                               train=dataclasses.replace(cfg.train, microbatches=layout.microbatches))
 
 
 def _coerce(value: Any, typ: Any, key: str) -> Any:
@@ -248,6 +257,9 @@ def validate(cfg: Config, n_devices: int) -> dict[str, int]:
                                 f"choose a tensor size that divides it")
         if m.d_model % sizes["fsdp"]:
             problems.append(f"model.d_model={m.d_model} is not divisible by parallel.fsdp={sizes['fsdp']}")
+        if m.n_layers % sizes["stage"]:
+            problems.append(f"model.n_layers={m.n_layers} does not split into parallel.stage={sizes['stage']} "
+                            "pipeline stages; choose a stage count that divides it")
         if cfg.seq_len % sizes["sequence"]:
             problems.append(f"train.seq_len={cfg.seq_len} is not divisible by parallel.sequence={sizes['sequence']}")
     if cfg.data.path:

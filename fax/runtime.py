@@ -86,11 +86,15 @@ class HostRuntime:
         training = self.training
         if resume_step is None:
             self.state = training.init()
+            if self.config.init_from:  # the optimizer state starts empty either way
+                from fax.hf import hf_dir, import_params
+
+                self.state["params"] = import_params(hf_dir(self.config.init_from), self.config.model,
+                                                     training.state_shardings["params"])
         else:
             target = jax.eval_shape(training.init)
             self.state, _ = self.checkpointer.restore(resume_step, target, training.state_shardings)
-        batch_spec = jax.ShapeDtypeStruct(self.batch_shape, np.int32, sharding=training.batch_sharding)
-        self.compiled = training.step.lower(self.state, batch_spec).compile()
+        self.compiled = step_lib.compile_step(training, self.state, self.batch_shape)
         return time.perf_counter() - started
 
     def step_rows(self, local: np.ndarray) -> dict[str, jax.Array]:

@@ -156,6 +156,18 @@ def param_layout(cfg: models.ModelConfig, mesh: jax.sharding.Mesh) -> tuple[nnx.
     return graphdef, nnx.to_pure_dict(abstract_state), tree_shardings(models.logical_axes(abstract_state), mesh)
 
 
+def run_params(run_dir: str | Path, config: Config, mesh: jax.sharding.Mesh, step: int | None = None
+               ) -> tuple[Any, int]:
+    """A run's params of ``step`` (default: its latest complete checkpoint), restored onto ``mesh``."""
+    ckpt = Checkpointer(checkpoint_dir(run_dir, config.checkpoint), read_only=True)
+    step = ckpt.latest_step() if step is None else step
+    if step is None or step not in ckpt.steps():
+        raise ConfigError(f"{str(run_dir)!r} has no complete checkpoint{'' if step is None else f' of step {step}'}"
+                          f"; steps: {ckpt.steps()}. Train first (fax train run_dir={run_dir})")
+    _, target, shardings = param_layout(config.model, mesh)
+    return ckpt.restore_params(step, target, shardings), step
+
+
 class Engine:
     """The device side of generation: params, one KV cache (a row per request), and two compiled
     functions whose shapes all come from a few static buckets. A ``Batcher`` decides what runs;
@@ -188,15 +200,9 @@ class Engine:
                      step: int | None = None, max_batch: int = 8) -> Engine:
         """The params of a run directory's latest (or ``step``'s) checkpoint, restored onto this mesh."""
         config = run_config(run_dir)
-        ckpt = Checkpointer(checkpoint_dir(run_dir, config.checkpoint), read_only=True)
-        step = ckpt.latest_step() if step is None else step
-        if step is None or step not in ckpt.steps():
-            raise ConfigError(f"{str(run_dir)!r} has no complete checkpoint{'' if step is None else f' of step {step}'}"
-                              f"; steps: {ckpt.steps()}. Train first (fax train run_dir={run_dir})")
         mesh = serving_mesh(config.model, jax.devices() if devices is None else devices, tensor)
-        _, target, shardings = param_layout(config.model, mesh)
-        engine = cls(config.model, ckpt.restore_params(step, target, shardings), mesh, max_batch,
-                     run_tokenizer(config).eos_id)
+        params, step = run_params(run_dir, config, mesh, step)
+        engine = cls(config.model, params, mesh, max_batch, run_tokenizer(config).eos_id)
         engine.step = step
         return engine
 

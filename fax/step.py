@@ -17,6 +17,7 @@ from fax.config import Config, OptimConfig
 from models.sharding import activation_sharding, constrain
 from parallel import (BATCH_AXES, activation_resolver, logical_sharding, optimizer_shardings, replicated,
                       tree_shardings)
+from parallel.pipeline import gpipe, split_microbatches
 
 State = dict[str, Any]  # {"step": int32 scalar, "params": ..., "opt_state": ...}
 
@@ -52,13 +53,13 @@ def make_optimizer(optim: OptimConfig, steps: int) -> optax.GradientTransformati
     )
 
 
-def loss_and_grads(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, z_loss: float
-                   ) -> tuple[jax.Array, Any]:
+def loss_and_grads(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, z_loss: float,
+                   run_layers: models.RunLayers = models.scan_layers) -> tuple[jax.Array, Any]:
     """Cross-entropy of one (micro)batch [batch, seq_len + 1] and the gradient of the objective."""
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
 
     def objective(p: Any) -> tuple[jax.Array, jax.Array]:
-        return cross_entropy(models.apply(graphdef, p, inputs), targets, z_loss)
+        return cross_entropy(models.apply(graphdef, p, inputs, run_layers), targets, z_loss)
 
     (_, ce), grads = jax.value_and_grad(objective, has_aux=True)(params)
     return ce, grads
@@ -73,8 +74,7 @@ def accumulated_grads(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, mi
     """
     if microbatches == 1:
         return loss_and_grads(graphdef, params, tokens, z_loss)
-    rows, width = tokens.shape
-    micro = tokens.reshape(rows // microbatches, microbatches, width).swapaxes(0, 1)
+    micro = split_microbatches(tokens, microbatches)
 
     def body(carry: tuple[jax.Array, Any], mb: jax.Array) -> tuple[tuple[jax.Array, Any], None]:
         loss_sum, grad_sum = carry
@@ -87,9 +87,19 @@ def accumulated_grads(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, mi
     return loss_sum / microbatches, jax.tree.map(lambda g: g / microbatches, grad_sum)
 
 
+def batch_grads(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, microbatches: int, stages: int,
+                z_loss: float) -> tuple[jax.Array, Any]:
+    """Loss and gradient of a batch: with pipeline stages the microbatches flow through the pipeline,
+    otherwise they accumulate one after another."""
+    if stages > 1:
+        return loss_and_grads(graphdef, params, tokens, z_loss, gpipe(stages, microbatches))
+    return accumulated_grads(graphdef, params, tokens, microbatches, z_loss)
+
+
 def train_step(state: State, tokens: jax.Array, *, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-               schedule: optax.Schedule, microbatches: int, z_loss: float) -> tuple[State, dict[str, jax.Array]]:
-    loss, grads = accumulated_grads(graphdef, state["params"], tokens, microbatches, z_loss)
+               schedule: optax.Schedule, microbatches: int, stages: int, z_loss: float
+               ) -> tuple[State, dict[str, jax.Array]]:
+    loss, grads = batch_grads(graphdef, state["params"], tokens, microbatches, stages, z_loss)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"])}
@@ -112,6 +122,12 @@ class ShardedTraining:
     batch_sharding: NamedSharding
     init: Any  # () -> State, created directly in its shardings
     step: Any  # (State, tokens) -> (State, metrics); donates the state
+
+
+def compile_step(training: ShardedTraining, state: Any, batch_shape: tuple[int, int]) -> Any:
+    """The step compiled ahead of time for ``state`` (arrays, or abstract shapes with shardings)."""
+    tokens = jax.ShapeDtypeStruct(batch_shape, jnp.int32, sharding=training.batch_sharding)
+    return training.step.lower(state, tokens).compile()
 
 
 def with_activation_sharding(fn: Any, mesh: Mesh) -> Any:
@@ -139,7 +155,7 @@ def build(cfg: Config, mesh: Mesh) -> ShardedTraining:
     }
     batch_sharding = logical_sharding(("batch", None), mesh)  # rows of seq_len + 1 tokens: split by the step
     step = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=lr_schedule(cfg.optim, cfg.train.steps),
-                             microbatches=cfg.train.microbatches, z_loss=cfg.train.z_loss)
+                             microbatches=cfg.train.microbatches, stages=mesh.shape["stage"], z_loss=cfg.train.z_loss)
     return ShardedTraining(
         mesh=mesh,
         graphdef=graphdef,

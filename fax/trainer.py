@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import threading
 import time
@@ -11,15 +12,22 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 from tqdm.auto import tqdm
 
 import models
 from fax import step as step_lib
-from fax.checkpoint import Checkpointer, checkpoint_dir, incompatible_keys
-from fax.config import Config, ConfigError, apply_overrides, validate
+from fax.checkpoint import Checkpointer, abstract_like, checkpoint_dir, incompatible_keys
+from fax.config import Config, ConfigError, apply_overrides, validate, with_layout
 from fax.data import Sampler, TokenDataset, dataset_path, dataset_problems, get_tokenizer
 from fax.metrics import MetricsLog, mesh_desc, mfu, peak_flops_per_device, read_metrics
 from fax.runtime import HostRuntime, WorkerFailure
+from parallel import make_mesh
+from parallel.cost import Candidate
+from parallel.hardware import present_cluster
+from parallel.planner import Plan, load_layout
+from parallel.planner import plan as plan_layouts
+from parallel.planner import validate as validate_plan
 
 Hook = Callable[[int, dict[str, Any]], None]
 
@@ -55,6 +63,74 @@ def _stop_on_signals() -> Iterator[threading.Event]:
             signal.signal(sig, handler)
 
 
+PLAN_CANDIDATES = 50  # ranked layouts kept for compile validation
+
+
+def _load_layout(path: str) -> Candidate:
+    try:
+        return load_layout(path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"plan={path!r} is not a readable plan ({e}); write one with `fax plan ... --json`") from None
+
+
+def layout_compiler(config: Config, devices: list[jax.Device]) -> Callable[[Candidate], Any]:
+    """Compiles ``config``'s train step under a layout, ahead of time (nothing allocated)."""
+    def compile_layout(layout: Candidate) -> Any:
+        cfg = with_layout(config, layout)
+        training = step_lib.build(cfg, make_mesh(cfg.parallel, devices))
+        state = abstract_like(jax.eval_shape(training.init), training.state_shardings)
+        return step_lib.compile_step(training, state, (cfg.train.batch_size, cfg.seq_len + 1))
+    return compile_layout
+
+
+def layout_timer(config: Config, devices: list[jax.Device], steps: int = 3) -> Callable[[Candidate], float]:
+    """Seconds per real train step of ``config`` under a layout (after one warm-up step)."""
+    def time_layout(layout: Candidate) -> float:
+        cfg = with_layout(config, layout)
+        training = step_lib.build(cfg, make_mesh(cfg.parallel, devices))
+        tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.seq_len + 1))
+        tokens = jax.device_put(tokens.astype(np.int32), training.batch_sharding)
+        state, metrics = training.step(training.init(), tokens)
+        jax.block_until_ready(metrics)
+        started = time.perf_counter()
+        for _ in range(steps):
+            state, metrics = training.step(state, tokens)
+        jax.block_until_ready(metrics)
+        return (time.perf_counter() - started) / steps
+    return time_layout
+
+
+def plan_here(config: Config, devices: list[jax.Device], name: str = "", top: int = PLAN_CANDIDATES,
+              validate: int = 1, measure: bool = False) -> Plan:
+    """Plan ``config``'s model and batch for ``devices``, then compile the ranked layouts until ``validate``
+    fit (timing each with ``measure``); raises ConfigError before any compile on bad settings."""
+    problems = config.model.problems()
+    if config.seq_len > config.model.max_seq_len:
+        problems.append(f"train.seq_len={config.seq_len} is longer than model.max_seq_len={config.model.max_seq_len}")
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+    cluster = present_cluster(devices)
+    try:
+        result = plan_layouts(config.model, cluster, config.train.batch_size, config.seq_len, name, top=top)
+        return validate_plan(result, layout_compiler(config, devices), cluster.device.hbm_bytes, k=validate,
+                             measure=layout_timer(config, devices) if measure else None)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def laid_out(config: Config, devices: list[jax.Device], echo: Callable[[str], None]) -> tuple[Config, Plan | None]:
+    """``config`` with the layout ``config.plan`` names: a plan file, or ``auto``: plan for these devices,
+    compile the ranked layouts until one fits, take it (the plan is returned to be saved)."""
+    if config.plan != "auto":
+        return with_layout(config, _load_layout(config.plan)), None
+    result = plan_here(config, devices)
+    best, compiled = result.best, result.validated[-1]
+    echo(f"fax: plan=auto picked {best.candidate.describe()} of {result.searched} layouts on {result.cluster}: "
+         f"predicted {best.step_s * 1e3:.1f} ms/step and {best.memory_bytes / 2 ** 20:.0f} MiB/device, "
+         f"compiled {compiled.memory_bytes / 2 ** 20:.0f} MiB/device")
+    return with_layout(config, best.candidate), result
+
+
 class Trainer:
     """``Trainer(config).fit()`` trains and returns the logged metrics, one dict per logged step.
 
@@ -64,22 +140,40 @@ class Trainer:
     (fax.cluster): the same loop, with the steps running on one actor per host.
     """
 
-    def __init__(self, config: Config | None = None, *, overrides: Sequence[str] = (),
+    def __init__(self, config: Config | None = None, *, overrides: Sequence[str] = (), plan: str | None = None,
                  devices: Sequence[jax.Device] | None = None, echo: Callable[[str], None] = print):
         config = config or Config()
         if overrides:
             config = apply_overrides(config, overrides)
-        self.config = config
+        if plan is not None:
+            config = dataclasses.replace(config, plan=plan)
+        if config.init_from:
+            from fax.hf import init_model  # before planning and validation: the checkpoint sets the shape
+
+            try:
+                config = dataclasses.replace(config, model=init_model(config.init_from, config.model))
+            except (OSError, ValueError, KeyError) as e:
+                raise ConfigError(f"init_from={config.init_from!r}: {e}") from None
         self.echo = echo
         self.runtime: Any = None
+        self.plan: Plan | None = None
         if config.cluster.ray:
             from fax.cluster import RayRuntime  # Ray is imported only where it is used
 
+            if config.plan == "auto":
+                raise ConfigError("plan='auto' compiles candidates on this process's devices, which a Ray head "
+                                  "does not have; write a plan with `fax plan --cluster ... --json > plan.json` "
+                                  "and pass plan=plan.json")
+            if config.plan:
+                config = with_layout(config, _load_layout(config.plan))
             self.runtime = RayRuntime(config, echo)
             n_devices = self.runtime.device_count
         else:
             self.devices = list(jax.devices() if devices is None else devices)
             n_devices = len(self.devices)
+            if config.plan:
+                config, self.plan = laid_out(config, self.devices, echo)
+        self.config = config
         self.axis_sizes = validate(config, n_devices)
         self.data_path = dataset_path(config.data.path)
         problems = dataset_problems(self.data_path, config.seq_len)
@@ -134,6 +228,8 @@ class Trainer:
         run_dir = Path(cfg.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        if self.plan is not None:
+            (run_dir / "plan.json").write_text(self.plan.to_json())
         if self.runtime is None:
             self.runtime = HostRuntime(cfg, self.devices)
         while True:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -13,6 +14,14 @@ from models.layers import RESIDUAL, Block, KVCache, Norm, compute_dtype, param
 from models.sharding import constrain
 
 Params = dict[str, Any]
+LayerFn = Callable[[jax.Array, Any], jax.Array]  # (hidden, one layer's params) -> hidden
+# (layer, the layers' params stacked on axis 0, hidden) -> hidden: how the stack of blocks runs.
+RunLayers = Callable[[LayerFn, Any, jax.Array], jax.Array]
+
+
+def scan_layers(layer: LayerFn, layer_params: Any, x: jax.Array) -> jax.Array:
+    """One layer after another, compiled once (the default way to run the stack)."""
+    return jax.lax.scan(lambda h, p: (layer(h, p), None), x, layer_params)[0]
 
 REMAT_POLICY = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -55,18 +64,17 @@ class DecoderLM(nnx.Module):
         logits = jnp.einsum("bld,dv->blv", x, head.astype(x.dtype), preferred_element_type=jnp.float32)
         return constrain(logits, ("batch", "length", "vocab"))
 
-    def __call__(self, tokens: jax.Array) -> jax.Array:
-        """Logits (float32) for int tokens [batch, length]."""
+    def __call__(self, tokens: jax.Array, run_layers: RunLayers = scan_layers) -> jax.Array:
+        """Logits (float32) for int tokens [batch, length]; ``run_layers`` may pipeline the blocks."""
         positions = jnp.arange(tokens.shape[1])
         graphdef, layer_params = nnx.split(self.blocks)
 
-        def layer(h: jax.Array, params: Params) -> tuple[jax.Array, None]:
-            return nnx.merge(graphdef, params)(h, positions), None
+        def layer(h: jax.Array, params: Params) -> jax.Array:
+            return nnx.merge(graphdef, params)(h, positions)
 
         if self.cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=REMAT_POLICY[self.cfg.remat], prevent_cse=False)
-        x, _ = jax.lax.scan(layer, self._embed(tokens, positions), layer_params)
-        return self._logits(x)
+        return self._logits(run_layers(layer, layer_params, self._embed(tokens, positions)))
 
 def empty_cache(cfg: ModelConfig, batch: int, slots: int) -> list[KVCache]:
     """Zeroed keys and values, one pair per layer, for ``batch`` sequences of up to ``slots`` tokens."""
@@ -99,8 +107,9 @@ def init_params(cfg: ModelConfig, seed: int) -> Params:
     return nnx.to_pure_dict(nnx.state(build(cfg, seed), nnx.Param))
 
 
-def apply(graphdef: nnx.GraphDef, params: Params, tokens: jax.Array) -> jax.Array:
-    return nnx.merge(graphdef, params)(tokens)
+def apply(graphdef: nnx.GraphDef, params: Params, tokens: jax.Array,
+          run_layers: RunLayers = scan_layers) -> jax.Array:
+    return nnx.merge(graphdef, params)(tokens, run_layers)
 
 
 def unstack_layers(params: Params) -> Params:

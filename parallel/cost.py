@@ -14,6 +14,7 @@ from models import ModelConfig
 from models.config import param_count, train_flops_per_token
 from parallel.hardware import ClusterSpec, Link
 from parallel.mesh import MESH_AXES
+from parallel.pipeline import ticks
 
 PEAK_EFFICIENCY = 0.6  # the best fraction of peak a large matmul reaches
 EFFICIENCY_KNEE = 512.0  # per-device GEMM rows (tokens) x cols (features/512) at which efficiency is half the best
@@ -124,11 +125,11 @@ def memory(c: Candidate, w: Workload) -> dict[str, float]:
         "dots_saveable": (4 * m.d_model + 12 * m.d_model / c.tensor) * b / 2,
         "full": m.d_model * b,
     }[c.remat]
-    in_flight = min(c.microbatches, c.stages) if c.stages > 1 else 1  # 1F1B keeps <= stages microbatches
+    in_flight = ticks(c.stages, c.microbatches) if c.stages > 1 else 1  # GPipe keeps every tick's activations
     recompute = 0 if c.remat == "none" else (10 * m.d_model + 24 * m.d_model / c.tensor) * b / 2 * tokens
     return {"params": params * PARAM_BYTES, "grads": params * PARAM_BYTES, "optimizer": params * OPTIMIZER_BYTES,
             "activations": per_token_layer * layers * tokens * in_flight + recompute,
-            "logits": tokens * m.vocab_size / c.tensor * 4 * (1 if c.stages == 1 else 1 / c.stages)}
+            "logits": tokens * m.vocab_size / c.tensor * 4 * (c.microbatches if c.stages > 1 else 1)}  # a pipeline's head sees the whole batch
 
 
 def comm_times(c: Candidate, w: Workload, cluster: ClusterSpec) -> dict[str, float]:
@@ -157,8 +158,9 @@ def estimate(c: Candidate, w: Workload, cluster: ClusterSpec) -> Estimate:
     devices = cluster.devices
     flops = w.flops_per_token * w.tokens
     recomputed = flops / 3 * REMAT_FORWARDS[c.remat]  # a forward pass is a third of forward + backward
+    head_repeats = 6.0 * m.d_model * m.vocab_size * w.tokens * (c.stages - 1)  # every stage runs the LM head
     rate = cluster.device.peak_flops * efficiency(microbatch_tokens(c, w), m.d_model / c.tensor)
-    compute = (flops + recomputed) / devices / rate
+    compute = (flops + recomputed + head_repeats) / devices / rate
     bubble = compute * (c.stages - 1) / c.microbatches  # GPipe/1F1B: (p - 1) idle slots of m
     comm = comm_times(c, w, cluster)
     hidden = comm["fsdp"] + comm["data"]

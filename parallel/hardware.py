@@ -7,9 +7,12 @@ have NVLink inside a node and InfiniBand (8 NICs per node) across nodes.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from dataclasses import dataclass
+
+from parallel.calibrate import load_profile
 
 GiB = 2 ** 30
 
@@ -91,5 +94,14 @@ def present_cluster(devices: list | None = None) -> ClusterSpec:
     if family == "cpu":  # the cores are shared by the emulated devices
         cores = os.cpu_count() or 1
         device = Device(device.name, 50e9 * cores / per_host, device.hbm_bytes, device.hbm_bandwidth)
-    return ClusterSpec(f"{family}-{len(devices)} (present)", device, len(devices) // per_host, per_host,
-                       intra, inter, present=True)
+    name = f"{family}-{len(devices)} (present)"
+    profile = load_profile(devices[0].device_kind, len(devices))
+    if profile is not None:  # measured by `fax plan --calibrate`
+        from parallel.cost import PEAK_EFFICIENCY
+
+        concurrent = per_host if family == "cpu" else 1  # emulated devices share the cores one device used
+        device = dataclasses.replace(device, peak_flops=profile["best_matmul_flops"] / PEAK_EFFICIENCY / concurrent)
+        if "link_bandwidth" in profile:
+            intra = Link(profile["link_bandwidth"], profile["link_latency"])
+        name = f"{family}-{len(devices)} (present, calibrated)"
+    return ClusterSpec(name, device, len(devices) // per_host, per_host, intra, inter, present=True)

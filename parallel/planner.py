@@ -7,15 +7,17 @@ predicted slower than the best of them. The same inputs always give the same pla
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import time
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from models import ModelConfig
-from parallel.cost import REMAT_FORWARDS, Candidate, Estimate, Workload, estimate
+from parallel.cost import MEMORY_HEADROOM, REMAT_FORWARDS, Candidate, Estimate, Workload, estimate
 from parallel.hardware import ClusterSpec
 
 MAX_MICROBATCHES = 64
@@ -81,6 +83,35 @@ def candidates(cluster: ClusterSpec, w: Workload, max_stages: int | None = None)
                     yield Candidate(stages, mb, data, fsdp, sequence, tensor, remat)
 
 
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "collective-permute", "all-to-all")
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """What XLA reports for a candidate's step compiled on the present devices (per device)."""
+
+    layout: str
+    predicted_s: float
+    predicted_memory_bytes: float
+    memory_bytes: float  # arguments + outputs - donated + temporaries
+    fits: bool
+    flops: float  # XLA's count, which takes a loop body once: a floor for scanned layers
+    collectives: dict[str, int]  # op -> occurrences in the partitioned program
+    compile_s: float
+    measured_s: float | None = None
+
+
+def compiled_figures(e: Estimate, compiled: Any, compile_s: float, hbm_bytes: float) -> Compiled:
+    mem = compiled.memory_analysis()
+    used = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+            + mem.temp_size_in_bytes)
+    hlo = compiled.as_text()
+    ops = {op: hlo.count(f" {op}(") + hlo.count(f" {op}-start(") for op in COLLECTIVES}
+    return Compiled(e.candidate.describe(), e.step_s, e.memory_bytes, float(used), used <= MEMORY_HEADROOM * hbm_bytes,
+                    float((compiled.cost_analysis() or {}).get("flops", 0.0)), {k: v for k, v in ops.items() if v},
+                    compile_s)
+
+
 @dataclass
 class Plan:
     """The chosen layout, the runners-up, what was rejected and why, and the predictions."""
@@ -97,13 +128,15 @@ class Plan:
     searched: int = 0
     seconds: float = 0.0
     analytical: bool = True  # not compiled on present devices
+    validated: list[Compiled] = field(default_factory=list)  # the candidates compiled, in ranked order
 
     def to_dict(self) -> dict:
         return {"cluster": self.cluster, "model": self.model, "global_batch": self.global_batch,
                 "seq_len": self.seq_len, "analytical": self.analytical, "searched": self.searched,
                 "seconds": self.seconds, "best": self.best.to_dict(), "ranked": [e.to_dict() for e in self.ranked],
                 "templates": {k: v if isinstance(v, str) else v.to_dict() for k, v in self.templates.items()},
-                "rejected": self.rejected, "examples": self.examples}
+                "rejected": self.rejected, "examples": self.examples,
+                "validated": [asdict(c) for c in self.validated]}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -145,3 +178,47 @@ def plan(model: ModelConfig, cluster: ClusterSpec, global_batch: int, seq_len: i
     return Plan(cluster.name, name, global_batch, seq_len, ranked[0], ranked[:top], by_template,
                 dict(rejected.most_common()), examples, searched, time.perf_counter() - started,
                 analytical=not cluster.present)
+
+
+def load_layout(path: str) -> Candidate:
+    """The layout a plan file picks: a ``fax plan --json`` plan, or a hand-written
+    ``{"stages": 1, "data": 2, "fsdp": 4, "tensor": 1, "microbatches": 1, "remat": "none"}``."""
+    with open(path) as f:
+        values = json.load(f)
+    layout = values["best"]["candidate"] if "best" in values else values
+    unknown = set(layout) - {f.name for f in dataclasses.fields(Candidate)}
+    if unknown:
+        raise ValueError(f"plan {path}: unknown layout keys {sorted(unknown)}; "
+                         f"known: {[f.name for f in dataclasses.fields(Candidate)]}")
+    return Candidate(**layout)
+
+
+def validate(result: Plan, compile_candidate: Callable[[Candidate], Any], hbm_bytes: float, k: int = 3,
+             measure: Callable[[Candidate], float] | None = None) -> Plan:
+    """Compile the ranked candidates on the present devices until ``k`` fit (or the list ends); those
+    that do not fit are rejected. The pick is the first that fits, or with ``measure`` the fastest
+    measured. Predicted and compiled figures are recorded side by side."""
+    fitting: list[tuple[Estimate, Compiled]] = []
+    for e in result.ranked:
+        started = time.perf_counter()
+        compiled = compile_candidate(e.candidate)
+        figures = compiled_figures(e, compiled, time.perf_counter() - started, hbm_bytes)
+        if figures.fits and measure is not None:
+            figures = dataclasses.replace(figures, measured_s=measure(e.candidate))
+        result.validated.append(figures)
+        if not figures.fits:
+            result.rejected["out of memory (compiled)"] = result.rejected.get("out of memory (compiled)", 0) + 1
+            result.examples.setdefault("out of memory (compiled)", f"{figures.layout}: XLA needs "
+                                       f"{figures.memory_bytes / 2 ** 30:.2f} GiB per device")
+            continue
+        fitting.append((e, figures))
+        if len(fitting) == k:
+            break
+    if not fitting:
+        raise ValueError(f"none of the {len(result.ranked)} best layouts of {result.model or 'the model'} fits "
+                         f"the present devices once compiled: " + "; ".join(result.examples.values()))
+    if measure is not None:
+        fitting.sort(key=lambda pair: pair[1].measured_s)
+    result.best = fitting[0][0]
+    result.analytical = False
+    return result

@@ -24,7 +24,8 @@ DEFAULT_RULES: Rules = {
     "vocab": ("tensor",),
     "head_dim": (),
     "norm": (),
-    "layers": (),
+    "layers": ("stage",),  # consecutive layers per pipeline stage
+    "stage": ("stage",),
 }
 
 BATCH_AXES = ("batch", "length")

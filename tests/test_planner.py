@@ -2,6 +2,7 @@
 
 import json
 import time
+from dataclasses import asdict
 
 import jax
 import numpy as np
@@ -9,11 +10,12 @@ import pytest
 
 import models
 from fax import load_config
-from fax import step as step_lib
 from fax.cli import main
+from fax.config import ConfigError
+from fax.trainer import Trainer, layout_compiler, plan_here
 from models.config import param_count, train_flops_per_token
-from parallel import make_mesh
-from parallel.cost import Candidate, Workload, axis_links, efficiency, estimate, memory
+from parallel import ParallelConfig, planner
+from parallel.cost import MEMORY_HEADROOM, Candidate, Workload, axis_links, efficiency, estimate, memory
 from parallel.hardware import cluster_preset, present_cluster
 from parallel.planner import plan, problems
 
@@ -98,19 +100,50 @@ def test_large_plans_take_seconds_are_deterministic_and_beat_the_templates():
         assert 0.2 < result.best.mfu < 0.7  # the datasheet peak is never reached, nor is it a toy figure
 
 
-def test_present_plans_compile_on_the_present_devices():
-    result = plan(models.preset("gpt-tiny"), present_cluster(), 16, 64, "gpt-tiny", max_stages=1)
-    assert not result.analytical
-    for e in result.ranked[:2]:
-        c = e.candidate
-        cfg = load_config(overrides=["model=gpt-tiny", "train.batch_size=16", "train.seq_len=64",
-                                     f"train.microbatches={c.microbatches}", f"model.remat={c.remat}",
-                                     *(f"parallel.{k}={v}" for k, v in c.axes.items())])
-        training = step_lib.build(cfg, make_mesh(cfg.parallel, jax.devices()))
-        state = jax.eval_shape(training.init)
-        batch = jax.ShapeDtypeStruct((16, 65), np.int32, sharding=training.batch_sharding)
-        compiled = training.step.lower(state, batch).compile()
-        assert compiled.memory_analysis() is not None
+def tiny_config(*extra: str):
+    return load_config(overrides=["model=gpt-tiny", "train.batch_size=16", "train.seq_len=64", *extra])
+
+
+def test_present_plans_are_compiled_and_those_that_do_not_fit_are_rejected():
+    result = plan_here(tiny_config(), jax.devices(), "gpt-tiny", validate=3)
+    assert not result.analytical and len(result.validated) == 3 and all(c.fits for c in result.validated)
+    assert result.best.candidate.describe() == result.validated[0].layout  # first fitting in predicted order
+    assert all(c.memory_bytes > 0 and c.compile_s > 0 for c in result.validated)
+    assert any(c.collectives for c in result.validated)  # sharded layouts communicate, and it is recorded
+    needs = sorted({c.memory_bytes for c in result.validated})
+    # A device that holds only the smallest of them: the others are rejected once compiled.
+    small = planner.plan(models.preset("gpt-tiny"), present_cluster(), 16, 64, "gpt-tiny", top=50)
+    small = planner.validate(small, layout_compiler(tiny_config(), jax.devices()),
+                             hbm_bytes=needs[0] / MEMORY_HEADROOM, k=1)
+    assert all(c.memory_bytes <= needs[0] for c in small.validated if c.fits)
+    assert small.rejected.get("out of memory (compiled)", 0) == sum(not c.fits for c in small.validated)
+    with pytest.raises(ValueError, match="fits the present devices once compiled"):
+        planner.validate(planner.plan(models.preset("gpt-tiny"), present_cluster(), 16, 64, top=2),
+                         layout_compiler(tiny_config(), jax.devices()), hbm_bytes=1.0)
+
+
+def test_plan_auto_and_plan_files_train_end_to_end(tmp_path):
+    trainer = Trainer(tiny_config("train.steps=4", "train.log_every=2", "train.sample_tokens=0",
+                                  f"run_dir={tmp_path / 'auto'}"), plan="auto", echo=lambda _: None)
+    picked = trainer.plan.best.candidate
+    assert trainer.config.parallel == ParallelConfig(**picked.axes)
+    assert trainer.config.train.microbatches == picked.microbatches and trainer.config.model.remat == picked.remat
+    history = trainer.fit()
+    trainer.close()
+    assert json.loads((tmp_path / "auto" / "plan.json").read_text())["best"]["candidate"] == asdict(picked)
+    assert all(np.isfinite(r["loss"]) for r in history)
+    # A hand-written plan with two pipeline stages runs the pipelined step.
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps({"stages": 2, "fsdp": 4, "microbatches": 2}))
+    piped = Trainer(tiny_config("train.steps=4", "train.log_every=2", "train.sample_tokens=0",
+                                f"run_dir={tmp_path / 'piped'}", f"plan={path}"), echo=lambda _: None)
+    assert piped.config.parallel == ParallelConfig(stage=2, data=1, fsdp=4, sequence=1, tensor=1)
+    losses = [r["loss"] for r in piped.fit()]
+    piped.close()
+    np.testing.assert_allclose(losses, [r["loss"] for r in history], rtol=1e-4)  # same data, same model
+    path.write_text(json.dumps({"stages": 2, "pipes": 4}))
+    with pytest.raises(ConfigError, match=r"unknown layout keys \['pipes'\]"):
+        Trainer(tiny_config(f"plan={path}"))
 
 
 def test_plan_command_prints_a_table_and_json(capsys):
@@ -118,7 +151,27 @@ def test_plan_command_prints_a_table_and_json(capsys):
                  "--top", "3"]) == 0
     out = capsys.readouterr().out
     assert "analytical: this cluster is not present" in out and "templates:" in out and "rejected:" in out
+    assert main(["plan", "--model", "gpt-tiny", "--seq", "64", "--validate", "1", "--measure"]) == 0
+    out = capsys.readouterr().out
+    assert "compiled on the present devices" in out and "pick: " in out
     assert main(["plan", "--model", "gpt-tiny", "--cluster", "cpu-8", "--json"]) == 0
     parsed = json.loads(capsys.readouterr().out)
     assert parsed["best"]["candidate"]["fsdp"] * parsed["best"]["candidate"]["data"] >= 1
     assert main(["plan", "--model", "llama-70b", "--cluster", "v4-8", "--global-batch", "64", "--seq", "4096"]) == 2
+
+
+def test_calibration_measures_the_devices_and_the_planner_uses_it(tmp_path, monkeypatch):
+    from parallel.calibrate import calibrate, link_from_allreduce
+
+    # The ring model inverted: times made from a known link give that link back.
+    n, bandwidth, latency = 8, 3e9, 20e-6
+    times = {b: 2 * (n - 1) / n * b / bandwidth + 2 * (n - 1) * latency for b in (4096, 2 ** 24)}
+    assert link_from_allreduce(times, n) == pytest.approx((bandwidth, latency), rel=1e-6)
+    monkeypatch.setenv("FAX_CACHE", str(tmp_path))
+    nominal = present_cluster()
+    profile = calibrate(jax.devices())
+    assert profile["best_matmul_flops"] > 1e8 and profile["link_bandwidth"] > 0
+    assert json.loads((tmp_path / "calibration" / "cpu-8.json").read_text())["devices"] == 8
+    calibrated = present_cluster()
+    assert "calibrated" in calibrated.name and calibrated.intra.bandwidth == profile["link_bandwidth"]
+    assert calibrated.device.peak_flops != nominal.device.peak_flops
