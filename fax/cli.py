@@ -78,8 +78,11 @@ def _prepare(args: argparse.Namespace) -> int:
     from fax.data import prepare, text_files
 
     suffixes = tuple(args.suffix) if args.suffix else None
-    index = prepare(text_files(args.inputs, suffixes), args.out, args.tokenizer)
-    print(f"wrote {index['num_tokens']:,} tokens from {index['num_documents']:,} documents to {args.out}")
+    index = prepare(text_files(args.inputs, suffixes), args.out, args.tokenizer, vocab_size=args.vocab_size,
+                    val_fraction=args.val_fraction, text_field=args.text_field, engine=args.engine, progress=True)
+    print(f"wrote {index['num_tokens']:,} tokens from {index['num_documents']:,} documents to {args.out} "
+          f"(validation: {index['val_tokens']:,} tokens, {index['val_documents']:,} documents; "
+          f"tokenizer {index['tokenizer']}, {index['vocab_size']:,} tokens)")
     return 0
 
 
@@ -236,10 +239,16 @@ def parser() -> argparse.ArgumentParser:
                           help="emulated CPU devices per host (cluster.devices_per_host, default 4)")
     train.set_defaults(run=_train)
 
-    prep = sub.add_parser("prepare", help="tokenize text files into the dataset format `data.path` reads")
+    prep = sub.add_parser("prepare", help="tokenize text, JSONL and Parquet files into the dataset format `data.path` reads")
     prep.add_argument("inputs", nargs="+", help="files or folders (walked recursively)")
     prep.add_argument("--out", required=True, help="output folder")
-    prep.add_argument("--tokenizer", default="byte")
+    prep.add_argument("--tokenizer", default="byte", help="byte, bpe (trained here on the inputs), or the path of "
+                                                          "a tokenizer.json (e.g. one shipped with a HF checkpoint)")
+    prep.add_argument("--vocab-size", type=int, default=8192, help="tokens of a bpe tokenizer")
+    prep.add_argument("--val-fraction", type=float, default=0.0, help="share of documents kept for validation")
+    prep.add_argument("--text-field", default="text", help="the text of a JSONL record / Parquet row")
+    prep.add_argument("--engine", choices=("ray", "local"), default="ray",
+                      help="ray: tokenize files in parallel with Ray Data (default); local: this process")
     prep.add_argument("--suffix", action="append", help="only files with this suffix (repeatable), e.g. .txt")
     prep.set_defaults(run=_prepare)
 

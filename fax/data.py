@@ -1,20 +1,27 @@
 """Tokenizer, the on-disk token format, the embedded corpus, and the deterministic sampler.
 
-Format of a prepared dataset folder: ``tokens.bin`` (flat uint16/uint32 tokens, documents
-separated by the tokenizer's end-of-document id) and ``index.json``. index.json is written last,
+Format of a prepared dataset folder: ``tokens.bin`` (flat uint16/uint32 tokens, each document
+followed by the tokenizer's end-of-document id), ``val.bin`` (the validation split, same format),
+``index.json`` (tokenizer, dtype, counts), ``tokenizer.json`` for a non-byte tokenizer, and
+``shards/`` (one file's tokens each, what makes a re-run incremental). index.json is written last,
 by rename, so a folder without it is never taken for a complete dataset.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import sysconfig
+import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 FORMAT = "fax-tokens-v1"
 
@@ -33,13 +40,60 @@ class ByteTokenizer:
         return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
 
 
-TOKENIZERS = {"byte": ByteTokenizer}
+class HFTokenizer:
+    """A ``tokenizer.json`` of the ``tokenizers`` library: one trained here (``bpe``) or one shipped
+    with a Hugging Face checkpoint. Its end-of-document id is its end-of-text special token."""
+
+    name = "tokenizer.json"  # the file a dataset folder and a run directory keep it in
+    EOS_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eot_id|>")
+
+    def __init__(self, path: str | Path):
+        from tokenizers import Tokenizer
+
+        self.path = Path(path)
+        self.tok = Tokenizer.from_file(str(path))
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        ids = [self.tok.token_to_id(t) for t in self.EOS_TOKENS]
+        found = [i for i in ids if i is not None]
+        if not found:
+            raise ValueError(f"{path}: no end-of-text token ({', '.join(self.EOS_TOKENS)}) to separate documents")
+        self.eos_id = found[0]
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self.tok.encode(text, add_special_tokens=False).ids, np.uint32)
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [np.asarray(e.ids, np.uint32) for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tok.decode([int(i) for i in ids if int(i) != self.eos_id])
 
 
-def get_tokenizer(name: str) -> ByteTokenizer:
-    if name not in TOKENIZERS:
-        raise ValueError(f"unknown tokenizer {name!r}; choose one of: {', '.join(TOKENIZERS)}")
-    return TOKENIZERS[name]()
+Tokenizer = ByteTokenizer | HFTokenizer
+
+
+def get_tokenizer(name: str, folder: str | Path | None = None) -> Tokenizer:
+    """``byte``, or the ``tokenizer.json`` kept in ``folder`` (a dataset folder or a run directory)."""
+    if name == "byte":
+        return ByteTokenizer()
+    if name == HFTokenizer.name and folder is not None:
+        return HFTokenizer(Path(folder) / name)
+    raise ValueError(f"unknown tokenizer {name!r}; use byte, bpe (trained by fax prepare) or a tokenizer.json path")
+
+
+def train_bpe(documents: Iterable[str], vocab_size: int, path: str | Path) -> HFTokenizer:
+    """A byte-level BPE tokenizer trained on ``documents`` (lossless on any text), saved to ``path``."""
+    from tokenizers import Tokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(documents, trainer)
+    tok.save(str(path))
+    return HFTokenizer(path)
 
 
 def text_files(paths: Iterable[str | Path], suffixes: tuple[str, ...] | None = None) -> list[Path]:
@@ -55,38 +109,181 @@ def text_files(paths: Iterable[str | Path], suffixes: tuple[str, ...] | None = N
     return out
 
 
-def prepare(files: list[Path], out_dir: str | Path, tokenizer: str = "byte") -> dict:
-    """Tokenize ``files`` (one document each) into ``out_dir``; returns the index."""
-    tok = get_tokenizer(tokenizer)
+def read_documents(path: Path, text_field: str = "text") -> list[str]:
+    """The documents of one file: a line of JSONL, a row of Parquet (field ``text_field``), or a whole
+    text file. A file that is not UTF-8 text holds none."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        if text_field not in table.column_names:
+            raise ValueError(f"{path}: no column {text_field!r} (columns: {', '.join(table.column_names)}); "
+                             "set --text-field")
+        return [t for t in table.column(text_field).to_pylist() if t]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        return []
+    if path.suffix == ".jsonl":
+        docs = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                row = json.loads(line)
+                if text_field not in row:
+                    raise ValueError(f"{path}:{n}: no field {text_field!r}; set --text-field")
+                docs.append(row[text_field])
+        return [d for d in docs if d]
+    return [text] if text else []
+
+
+def tokenize_file(path: Path, tok: Tokenizer, dtype: np.dtype, text_field: str) -> tuple[np.ndarray, int]:
+    """All documents of ``path``, each followed by the end-of-document id; and how many there were."""
+    docs = read_documents(path, text_field)
+    encoded = tok.encode_batch(docs) if isinstance(tok, HFTokenizer) else [tok.encode(d) for d in docs]
+    parts = [p for ids in encoded if len(ids) for p in (ids.astype(dtype), np.array([tok.eos_id], dtype))]
+    return (np.concatenate(parts) if parts else np.zeros(0, dtype)), len(parts) // 2
+
+
+def _fingerprint(*parts: object) -> str:
+    return hashlib.sha1(json.dumps(parts, default=str).encode()).hexdigest()[:16]
+
+
+def _file_key(path: Path, tokenizer_id: str, text_field: str) -> str:
+    stat = path.stat()
+    return _fingerprint(str(path.absolute()), stat.st_size, stat.st_mtime_ns, tokenizer_id, text_field)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+class _ShardWriter:
+    """Tokenizes one file into its shard (``shards/KEY-DOCS.npy``); what Ray Data runs on its workers."""
+
+    def __init__(self, out: str, tokenizer: str, dtype: str, text_field: str):
+        self.out, self.dtype, self.text_field = Path(out), np.dtype(dtype), text_field
+        self.tok = get_tokenizer(tokenizer, self.out)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        docs = []
+        for path, key in zip(batch["path"], batch["key"]):
+            tokens, n = tokenize_file(Path(path), self.tok, self.dtype, self.text_field)
+            buffer = io.BytesIO()
+            np.save(buffer, tokens)
+            _write_atomic(self.out / "shards" / f"{key}-{n}.npy", buffer.getvalue())
+            docs.append(n)
+        return {"key": list(batch["key"]), "documents": docs}
+
+
+def _shard(out: Path, key: str) -> Path | None:
+    return next(iter((out / "shards").glob(f"{key}-*.npy")), None)
+
+
+def prepare(files: list[Path], out_dir: str | Path, tokenizer: str = "byte", *, vocab_size: int = 8192,
+            val_fraction: float = 0.0, text_field: str = "text", engine: str = "local",
+            progress: bool = False) -> dict:
+    """Tokenize ``files`` into ``out_dir``; returns the index.
+
+    ``tokenizer``: ``byte``, ``bpe`` (trained here on the files, ``vocab_size`` tokens) or a path to a
+    ``tokenizer.json``; either of the last two is kept in the folder. ``engine``: ``local`` (this
+    process) or ``ray`` (Ray Data ``map_batches``, one file per task). Each file's tokens land in a
+    shard named by the file's path, size, mtime and tokenizer, so a re-run tokenizes only what
+    changed; a re-run with nothing changed returns at once. Documents go to the validation split
+    (``val.bin``) with probability ``val_fraction``, decided by their position alone, so both
+    engines write the same bytes. ``index.json`` is written last.
+    """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
-    eos = np.array([tok.eos_id], dtype)
-    n_tokens = n_docs = 0
-    (out / "index.json").unlink(missing_ok=True)  # the folder is incomplete until the new index lands
-    tmp_tokens = out / f"tokens.bin.tmp-{os.getpid()}"
-    with open(tmp_tokens, "wb") as f:
-        for path in files:
-            try:
-                text = path.read_text(encoding="utf-8")
-            except UnicodeDecodeError:
-                continue  # not a text file
-            ids = tok.encode(text).astype(dtype)
-            if not len(ids):
-                continue
-            f.write(ids.tobytes())
-            f.write(eos.tobytes())
-            n_tokens += len(ids) + 1
-            n_docs += 1
-    if n_docs == 0:
-        tmp_tokens.unlink()
-        raise ValueError(f"no text found in {len(files)} input file(s)")
-    os.replace(tmp_tokens, out / "tokens.bin")
-    index = {"format": FORMAT, "tokenizer": tok.name, "vocab_size": tok.vocab_size, "dtype": np.dtype(dtype).name,
-             "num_tokens": n_tokens, "num_documents": n_docs}
-    tmp = out / f"index.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(index, indent=2))
-    os.replace(tmp, out / "index.json")
+    (out / "shards").mkdir(parents=True, exist_ok=True)
+    if not files:
+        raise ValueError("no input files")
+    if tokenizer == "bpe":
+        if not (out / HFTokenizer.name).exists():
+            train_bpe((d for f in files for d in read_documents(f, text_field)), vocab_size, out / HFTokenizer.name)
+        tokenizer = HFTokenizer.name
+    elif tokenizer != "byte":
+        source = Path(tokenizer)
+        if not source.is_file():
+            raise ValueError(f"tokenizer {tokenizer!r}: use byte, bpe, or the path of a tokenizer.json")
+        if source.absolute() != (out / HFTokenizer.name).absolute():
+            _write_atomic(out / HFTokenizer.name, source.read_bytes())
+        tokenizer = HFTokenizer.name
+    tok = get_tokenizer(tokenizer, out)
+    tokenizer_id = tokenizer if tokenizer == "byte" else _fingerprint((out / tokenizer).read_text())
+    dtype = np.dtype(np.uint16 if tok.vocab_size <= 2 ** 16 else np.uint32)
+    keys = [_file_key(f, tokenizer_id, text_field) for f in files]
+    fingerprint = _fingerprint(keys, val_fraction)
+    index_path = out / "index.json"
+    if index_path.exists() and json.loads(index_path.read_text()).get("fingerprint") == fingerprint:
+        return json.loads(index_path.read_text())
+    index_path.unlink(missing_ok=True)  # the folder is incomplete until the new index lands
+    todo = [(str(f), k) for f, k in zip(files, keys) if _shard(out, k) is None]
+    writer_args = (str(out), tokenizer, dtype.name, text_field)
+    bar = tqdm(total=len(files), initial=len(files) - len(todo), desc="tokenize", unit="file", disable=not progress)
+    if engine == "ray" and todo:
+        _tokenize_on_ray(todo, writer_args, bar)
+    elif engine == "local":
+        writer = _ShardWriter(*writer_args)
+        for path, key in todo:
+            writer({"path": [path], "key": [key]})
+            bar.update(1)
+    elif engine != "ray":
+        raise ValueError(f"engine {engine!r}: use local or ray")
+    bar.close()
+    return _assemble(out, files, keys, tok, dtype, tokenizer, val_fraction, fingerprint)
+
+
+def _tokenize_on_ray(todo: list[tuple[str, str]], writer_args: tuple, bar: Any) -> None:
+    import ray
+
+    owns = not ray.is_initialized()
+    if owns:
+        ray.init(_temp_dir=tempfile.mkdtemp(prefix="fax-ray-", dir="/tmp"), include_dashboard=False,
+                 log_to_driver=False, configure_logging=False)
+    try:
+        import ray.data
+
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        files = ray.data.from_items([{"path": p, "key": k} for p, k in todo], override_num_blocks=len(todo))
+        written = files.map_batches(_ShardWriter, fn_constructor_args=writer_args, batch_size=1,
+                                    concurrency=(1, max(1, int(ray.available_resources().get("CPU", 1)))))
+        for _ in written.iter_rows():
+            bar.update(1)
+    finally:
+        if owns:
+            ray.shutdown()
+
+
+def _assemble(out: Path, files: list[Path], keys: list[str], tok: Tokenizer, dtype: np.dtype, tokenizer: str,
+              val_fraction: float, fingerprint: str) -> dict:
+    """Concatenate the shards in input order into tokens.bin and val.bin, then write the index."""
+    counts = {"train": [0, 0], "val": [0, 0]}  # tokens, documents
+    tmp = {split: out / f"{split}.bin.tmp-{os.getpid()}" for split in counts}
+    with open(tmp["train"], "wb") as train, open(tmp["val"], "wb") as val:
+        for k, key in enumerate(keys):
+            tokens = np.load(_shard(out, key))
+            ends = np.flatnonzero(tokens == tok.eos_id) + 1
+            to_val = np.random.default_rng([k]).random(len(ends)) < val_fraction
+            for doc, is_val in zip(np.split(tokens, ends[:-1]) if len(ends) else [], to_val):
+                split = "val" if is_val else "train"
+                (val if is_val else train).write(doc.tobytes())
+                counts[split][0] += len(doc)
+                counts[split][1] += 1
+    if counts["train"][1] == 0:
+        for t in tmp.values():
+            t.unlink()
+        raise ValueError(f"no text found in {len(files)} input file(s)" + (" outside the validation split"
+                                                                          if counts["val"][1] else ""))
+    os.replace(tmp["train"], out / "tokens.bin")
+    os.replace(tmp["val"], out / "val.bin")
+    index = {"format": FORMAT, "tokenizer": tokenizer, "vocab_size": tok.vocab_size, "dtype": dtype.name,
+             "num_tokens": counts["train"][0], "num_documents": counts["train"][1],
+             "val_tokens": counts["val"][0], "val_documents": counts["val"][1], "files": len(files),
+             "fingerprint": fingerprint}
+    _write_atomic(out / "index.json", json.dumps(index, indent=2).encode())
+    for stale in set((out / "shards").glob("*.npy")) - {_shard(out, k) for k in keys}:
+        stale.unlink()  # shards of files no longer among the inputs (or changed since)
     return index
 
 
@@ -133,11 +330,17 @@ class TokenDataset:
     meta: dict
 
     @classmethod
-    def open(cls, path: str | Path) -> TokenDataset:
+    def open(cls, path: str | Path, split: str = "train") -> TokenDataset:
+        """The training tokens, or with ``split="val"`` the validation split."""
         path = Path(path)
         meta = json.loads((path / "index.json").read_text())
-        tokens = np.memmap(path / "tokens.bin", dtype=meta["dtype"], mode="r", shape=(meta["num_tokens"],))
+        count = meta["num_tokens"] if split == "train" else meta.get("val_tokens", 0)
+        name = "tokens.bin" if split == "train" else "val.bin"
+        tokens = np.memmap(path / name, dtype=meta["dtype"], mode="r", shape=(count,)) if count else np.zeros(0)
         return cls(tokens, meta)
+
+    def tokenizer(self, folder: str | Path) -> Tokenizer:
+        return get_tokenizer(self.meta["tokenizer"], folder)
 
 
 class Sampler:

@@ -25,7 +25,7 @@ from flax import nnx
 import models
 from fax.checkpoint import Checkpointer, checkpoint_dir
 from fax.config import Config, ConfigError, run_config
-from fax.data import TokenDataset, dataset_path, get_tokenizer
+from fax.data import HFTokenizer, TokenDataset, dataset_path, get_tokenizer
 from fax.step import with_activation_sharding
 from parallel import ParallelConfig, logical_sharding, make_mesh, replicated, tree_shardings
 
@@ -468,8 +468,11 @@ class Scheduler:
 
 
 def run_tokenizer(config: Config):
-    """The tokenizer the run's dataset was written with."""
-    return get_tokenizer(TokenDataset.open(dataset_path(config.data.path)).meta["tokenizer"])
+    """The tokenizer the run was trained with: its own copy, else the one of its dataset."""
+    if (Path(config.run_dir) / HFTokenizer.name).exists():
+        return get_tokenizer(HFTokenizer.name, config.run_dir)
+    path = dataset_path(config.data.path)
+    return TokenDataset.open(path).tokenizer(path)
 
 
 class TextStream:

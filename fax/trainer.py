@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import signal
 import threading
 import time
@@ -19,7 +20,7 @@ import models
 from fax import step as step_lib
 from fax.checkpoint import Checkpointer, abstract_like, checkpoint_dir, incompatible_keys
 from fax.config import Config, ConfigError, apply_overrides, validate, with_layout
-from fax.data import Sampler, TokenDataset, dataset_path, dataset_problems, get_tokenizer
+from fax.data import Sampler, TokenDataset, dataset_path, dataset_problems
 from fax.metrics import MetricsLog, mesh_desc, mfu, peak_flops_per_device, read_metrics
 from fax.runtime import HostRuntime, WorkerFailure
 from parallel import make_mesh
@@ -228,6 +229,8 @@ class Trainer:
         run_dir = Path(cfg.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        if self.dataset.meta["tokenizer"] != "byte":  # generate and serve decode with the run's own copy
+            shutil.copyfile(self.data_path / self.dataset.meta["tokenizer"], run_dir / self.dataset.meta["tokenizer"])
         if self.plan is not None:
             (run_dir / "plan.json").write_text(self.plan.to_json())
         if self.runtime is None:
@@ -325,7 +328,7 @@ class Trainer:
         """Continue ``prompt`` with the trained model (after fit)."""
         if not self.history:
             raise RuntimeError("call fit() before sample()")
-        tok = get_tokenizer(self.dataset.meta["tokenizer"])
+        tok = self.dataset.tokenizer(self.data_path)
         ids = self.runtime.generate([int(i) for i in tok.encode(prompt)], new_tokens, temperature, tok.eos_id)
         return prompt + tok.decode(ids)
 

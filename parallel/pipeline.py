@@ -56,19 +56,17 @@ def gpipe(stages: int, microbatches: int) -> RunLayers:
         inputs = split_microbatches(x, microbatches)
         run_stages = jax.vmap(lambda p, h: scan_layers(layer, p, h), spmd_axis_name="stage")
 
-        def tick(carry: tuple[jax.Array, jax.Array], t: jax.Array) -> tuple[tuple[jax.Array, jax.Array], None]:
-            state, outputs = carry
+        def tick(state: jax.Array, incoming: jax.Array) -> tuple[jax.Array, jax.Array]:
             done = run_stages(staged, state)
-            # The last stage finishes microbatch t - (S - 1); before that it writes scratch into slot 0,
-            # which the real microbatch 0 overwrites at t = S - 1.
-            outputs = jax.lax.dynamic_update_index_in_dim(outputs, done[-1], jnp.maximum(t - stages + 1, 0), 0)
-            incoming = jax.lax.dynamic_index_in_dim(inputs, jnp.minimum(t + 1, microbatches - 1), 0)
-            state = constrain(jnp.concatenate([incoming, done[:-1]], axis=0), STAGE_STATE)
-            return (state, outputs), None
+            state = constrain(jnp.concatenate([incoming[None], done[:-1]], axis=0), STAGE_STATE)
+            return state, done[-1]
 
+        n = ticks(stages, microbatches)
+        # Stage 0 takes microbatch t + 1 after tick t (past the last, a repeat whose result is dropped).
+        incoming = inputs[jnp.minimum(jnp.arange(1, n + 1), microbatches - 1)]
         first = jnp.concatenate([inputs[:1], jnp.zeros((stages - 1, *inputs.shape[1:]), x.dtype)], axis=0)
-        (_, outputs), _ = jax.lax.scan(tick, (constrain(first, STAGE_STATE), jnp.zeros_like(inputs)),
-                                       jnp.arange(ticks(stages, microbatches)))
-        return merge_microbatches(outputs)
+        _, finished = jax.lax.scan(tick, constrain(first, STAGE_STATE), incoming)
+        # The last stage finishes microbatch t - (S - 1) at tick t: the first S - 1 ticks' results are scratch.
+        return merge_microbatches(finished[stages - 1:])
 
     return run

@@ -63,3 +63,59 @@ def test_batches_are_windows_of_the_corpus(small_corpus):
     for row in batch:
         starts = np.flatnonzero(flat[: len(flat) - 16] == row[0])
         assert any(np.array_equal(flat[s:s + 17], row) for s in starts)
+
+
+def mixed_folder(root):
+    """Text, JSONL and Parquet files, and one binary file that holds no text."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root.mkdir()
+    (root / "notes.txt").write_text("plain text, one document ✓\n")
+    (root / "sub").mkdir()
+    (root / "sub" / "rows.jsonl").write_text("\n".join(json.dumps({"text": f"record {i} " * (i + 1), "id": i})
+                                                       for i in range(40)) + "\n")
+    pq.write_table(pa.table({"text": [f"parquet row {i}: " + "xyz " * i for i in range(30)]}), root / "t.parquet")
+    (root / "blob.bin").write_bytes(b"\xff\xfe\x00")
+    for i in range(6):
+        (root / f"doc{i}.md").write_text(f"# doc {i}\n" + "lorem ipsum " * (10 * i + 1))
+    return root
+
+
+def test_prepare_on_ray_data_equals_one_process_and_reruns_skip_what_is_done(tmp_path):
+    files = text_files([mixed_folder(tmp_path / "in")])
+    local = prepare(files, tmp_path / "local", val_fraction=0.25)
+    on_ray = prepare(files, tmp_path / "ray", val_fraction=0.25, engine="ray")
+    for name in ("tokens.bin", "val.bin"):
+        assert (tmp_path / "local" / name).read_bytes() == (tmp_path / "ray" / name).read_bytes(), name
+    assert {k: v for k, v in local.items()} == on_ray
+    assert local["num_documents"] + local["val_documents"] == 1 + 40 + 30 + 6 and local["val_documents"] > 0
+    # Documents in input order, each ended by the end-of-document id.
+    first = bytes(TokenDataset.open(tmp_path / "local").tokens[:5].astype(np.uint8))
+    assert first in (b"# doc", b"plain")
+    # A re-run with nothing changed returns at once; a changed file is the only one tokenized again.
+    shards = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "local" / "shards").iterdir()}
+    assert prepare(files, tmp_path / "local", val_fraction=0.25) == local
+    (tmp_path / "in" / "notes.txt").write_text("changed text\n")
+    again = prepare(files, tmp_path / "local", val_fraction=0.25)
+    after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "local" / "shards").iterdir()}
+    assert len(set(after) - set(shards)) == 1 and all(after[n] == t for n, t in shards.items() if n in after)
+    assert again["num_tokens"] + again["val_tokens"] != local["num_tokens"] + local["val_tokens"]
+
+
+def test_bpe_tokenizer_round_trips_the_corpus_and_travels_with_the_data(tmp_path):
+    from fax.data import HFTokenizer, read_documents
+
+    files = text_files([mixed_folder(tmp_path / "in")])
+    index = prepare(files, tmp_path / "bpe", "bpe", vocab_size=400)
+    assert index["tokenizer"] == "tokenizer.json" and 256 < index["vocab_size"] <= 400  # merges the corpus has
+    tok = HFTokenizer(tmp_path / "bpe" / "tokenizer.json")
+    docs = [d for f in files for d in read_documents(f)]
+    assert all(tok.decode(tok.encode(d)) == d for d in docs)
+    assert index["num_tokens"] < sum(len(d.encode()) for d in docs) / 1.5  # merges shorten the text
+    # Any tokenizer.json (e.g. one shipped with a Hugging Face checkpoint) gives the same tokens.
+    copied = prepare(files, tmp_path / "from_file", str(tmp_path / "bpe" / "tokenizer.json"))
+    assert (tmp_path / "from_file" / "tokens.bin").read_bytes() == (tmp_path / "bpe" / "tokens.bin").read_bytes()
+    assert copied["vocab_size"] == index["vocab_size"]
+    with pytest.raises(ValueError, match="tokenizer 'nope.json'"):
+        prepare(files, tmp_path / "bad", "nope.json")
