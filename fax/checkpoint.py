@@ -121,7 +121,13 @@ class Checkpointer:
 
 
 def incompatible_keys(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Model settings that differ between a saved config and the current one and change shapes."""
+    """Model and adapter settings that differ between a saved config and the current one and change
+    what the checkpoint holds."""
     saved_model, model = saved.get("model", {}), current["model"]
-    return sorted(f"model.{k} (saved {saved_model.get(k)!r}, now {v!r})" for k, v in model.items()
-                  if k not in COMPUTE_ONLY_MODEL_KEYS and saved_model.get(k) != v)
+    differs = [f"model.{k} (saved {saved_model.get(k)!r}, now {v!r})" for k, v in model.items()
+               if k not in COMPUTE_ONLY_MODEL_KEYS and saved_model.get(k) != v]
+    saved_lora = saved.get("lora") or {"rank": 0, "targets": []}
+    adapters = {"rank": saved_lora["rank"], "targets": list(saved_lora["targets"]) if saved_lora["rank"] else []}
+    now = {"rank": current["lora"]["rank"], "targets": list(current["lora"]["targets"]) if current["lora"]["rank"] else []}
+    differs += [f"lora.{k} (saved {adapters[k]!r}, now {now[k]!r})" for k in adapters if adapters[k] != now[k]]
+    return sorted(differs)

@@ -196,14 +196,14 @@ def _plan(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from fax.config import ConfigError
-    from fax.hf import export_run
+    from fax.hf import export_adapters, export_run
 
     try:
-        out, step = export_run(args.run_dir, args.out, args.step)
+        out, step = (export_adapters if args.adapters_only else export_run)(args.run_dir, args.out, args.step)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    print(f"fax: wrote the checkpoint of step {step} of {args.run_dir} as a Hugging Face model to {out} "
-          "(load it with transformers.AutoModelForCausalLM.from_pretrained)")
+    what = "LoRA adapters" if args.adapters_only else "Hugging Face model (adapters merged)"
+    print(f"fax: wrote the checkpoint of step {step} of {args.run_dir} as a {what} to {out}")
     return 0
 
 
@@ -256,6 +256,7 @@ def parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir")
     export.add_argument("--out", required=True, help="output folder (config.json + model.safetensors)")
     export.add_argument("--step", type=int, help="default: the latest complete checkpoint")
+    export.add_argument("--adapters-only", action="store_true", help="a LoRA run's adapters alone (safetensors)")
     export.set_defaults(run=_export)
 
     ckpt = sub.add_parser("checkpoint", help="inspect a run's checkpoints")

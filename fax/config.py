@@ -15,6 +15,7 @@ import yaml
 
 from fax.data import dataset_problems
 from models import ModelConfig, preset
+from models.lora import TARGETS
 from parallel import ParallelConfig
 from parallel.cost import Candidate
 
@@ -53,6 +54,32 @@ class TrainConfig:
 @dataclass(frozen=True)
 class DataConfig:
     path: str = ""  # a folder written by `fax prepare`; empty: the Python standard library corpus
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters on the named weights; the base weights stay frozen (and out of the optimizer)."""
+
+    rank: int = 0  # 0: train every weight
+    alpha: float = 16.0  # the update is (alpha / rank) * A @ B
+    targets: tuple[str, ...] = ("attn.wq", "attn.wv")  # of attn.wq/wk/wv/wo, mlp.wi/wg/wo
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def problems(self, model: ModelConfig) -> list[str]:
+        if self.rank < 0:
+            return [f"lora.rank must be >= 0 (0: no adapters), got {self.rank}"]
+        if not self.rank:
+            return []
+        unknown = [t for t in self.targets if t not in TARGETS]
+        found = [f"lora.targets: unknown {', '.join(unknown)}; choose from {', '.join(TARGETS)}"] if unknown else []
+        if "mlp.wg" in self.targets and model.activation != "swiglu":
+            found.append("lora.targets: mlp.wg exists only with model.activation=swiglu")
+        if not self.targets:
+            found.append("lora.targets is empty; name the weights to adapt, e.g. [attn.wq, attn.wv]")
+        return found
 
 
 @dataclass(frozen=True)
@@ -111,6 +138,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     run_dir: str = "runs/default"
@@ -145,6 +173,8 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
             return float(value)
         except ValueError:
             pass
+    if typing.get_origin(typ) is tuple and isinstance(value, (list, tuple)):
+        return tuple(value)
     if typ in (int, float, str, bool) and (type(value) is not typ):
         raise ConfigError(f"{key}={value!r}: expected {typ.__name__}")
     return value
@@ -229,7 +259,7 @@ def config_from_dict(values: dict[str, Any]) -> Config:
 def validate(cfg: Config, n_devices: int) -> dict[str, int]:
     """Raise ConfigError listing every problem; return the resolved mesh axis sizes."""
     m, t = cfg.model, cfg.train
-    problems = list(m.problems())
+    problems = list(m.problems()) + cfg.lora.problems(m)
     try:
         sizes = cfg.parallel.axis_sizes(n_devices)
     except ValueError as e:

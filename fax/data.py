@@ -245,9 +245,13 @@ def _tokenize_on_ray(todo: list[tuple[str, str]], writer_args: tuple, bar: Any) 
         import ray.data
 
         ray.data.DataContext.get_current().enable_progress_bars = False
-        files = ray.data.from_items([{"path": p, "key": k} for p, k in todo], override_num_blocks=len(todo))
-        written = files.map_batches(_ShardWriter, fn_constructor_args=writer_args, batch_size=1,
-                                    concurrency=(1, max(1, int(ray.available_resources().get("CPU", 1)))))
+        cpus = max(1, int(ray.available_resources().get("CPU", 1)))
+        files = ray.data.from_items([{"path": p, "key": k} for p, k in todo],
+                                    override_num_blocks=min(len(todo), 4 * cpus))  # a few files per task
+        # One tokenizer thread per worker: the pool, not each worker, spreads over the cores.
+        written = files.map_batches(_ShardWriter, fn_constructor_args=writer_args, batch_size=None,
+                                    compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cpus),
+                                    runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
         for _ in written.iter_rows():
             bar.update(1)
     finally:

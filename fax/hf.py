@@ -260,16 +260,44 @@ def export_params(params: Params, cfg: ModelConfig, out_dir: str | Path,
     return out
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None) -> tuple[Path, int]:
-    """A run directory's checkpoint (default: the latest) as a HF directory; returns it and the step."""
+def _run_on_one_device(run_dir: str | Path, step: int | None, merged: bool) -> tuple[Any, Params, int]:
     from fax.config import run_config
     from fax.serve import run_params
     from parallel import ParallelConfig, make_mesh
 
     config = run_config(run_dir)
-    family(config.model)  # fails before anything is read
-    params, step = run_params(run_dir, config, make_mesh(ParallelConfig(fsdp=1), jax.devices()[:1]), step)
+    params, step = run_params(run_dir, config, make_mesh(ParallelConfig(fsdp=1), jax.devices()[:1]), step, merged)
+    return config, params, step
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None) -> tuple[Path, int]:
+    """A run directory's checkpoint (default: the latest; LoRA adapters merged in) as a HF directory;
+    returns it and the step."""
+    from fax.config import run_config
+
+    family(run_config(run_dir).model)  # fails before anything is read
+    config, params, step = _run_on_one_device(run_dir, step, merged=True)
     return export_params(params, config.model, out_dir), step
+
+
+def export_adapters(run_dir: str | Path, out_dir: str | Path, step: int | None = None) -> tuple[Path, int]:
+    """The LoRA adapters of a run alone: ``adapters.safetensors`` (``TARGET.a`` [layers, *inputs, rank],
+    ``TARGET.b`` [layers, rank, *outputs]) and ``adapter_config.json`` (rank, alpha, targets, base model)."""
+    from safetensors.numpy import save_file
+
+    from fax.config import run_config
+
+    if not run_config(run_dir).lora.rank:
+        raise ValueError(f"{run_dir} was not trained with LoRA (lora.rank=0): export the whole model instead")
+    config, params, step = _run_on_one_device(run_dir, step, merged=False)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({f"{target}.{k}": np.asarray(jax.device_get(v)) for target, ab in params["lora"].items()
+               for k, v in ab.items()}, str(out / "adapters.safetensors"))
+    (out / "adapter_config.json").write_text(json.dumps(
+        {"rank": config.lora.rank, "alpha": config.lora.alpha, "targets": list(config.lora.targets), "step": step,
+         "base_model": config.to_dict()["model"], "init_from": config.init_from}, indent=2))
+    return out, step
 
 
 def hf_config(cfg: ModelConfig) -> dict[str, Any]:

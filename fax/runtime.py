@@ -89,8 +89,10 @@ class HostRuntime:
             if self.config.init_from:  # the optimizer state starts empty either way
                 from fax.hf import hf_dir, import_params
 
-                self.state["params"] = import_params(hf_dir(self.config.init_from), self.config.model,
-                                                     training.state_shardings["params"])
+                lora, shardings = self.config.lora.rank, training.state_shardings["params"]
+                base = import_params(hf_dir(self.config.init_from), self.config.model,
+                                     shardings["base"] if lora else shardings)
+                self.state["params"] = {**self.state["params"], "base": base} if lora else base
         else:
             target = jax.eval_shape(training.init)
             self.state, _ = self.checkpointer.restore(resume_step, target, training.state_shardings)
@@ -120,7 +122,8 @@ class HostRuntime:
         self.checkpointer.wait()
 
     def generate(self, prompt: list[int], new_tokens: int, temperature: float, vocab_limit: int) -> list[int]:
-        return generate(self.training.graphdef, self.state["params"], np.asarray(prompt, np.int32), new_tokens,
+        params = step_lib.model_params(self.state["params"], self.config.lora)
+        return generate(self.training.graphdef, params, np.asarray(prompt, np.int32), new_tokens,
                         window=self.config.seq_len, temperature=temperature, seed=self.config.seed,
                         vocab_limit=vocab_limit)
 

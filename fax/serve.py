@@ -26,6 +26,7 @@ import models
 from fax.checkpoint import Checkpointer, checkpoint_dir
 from fax.config import Config, ConfigError, run_config
 from fax.data import HFTokenizer, TokenDataset, dataset_path, get_tokenizer
+from fax import step as step_lib
 from fax.step import with_activation_sharding
 from parallel import ParallelConfig, logical_sharding, make_mesh, replicated, tree_shardings
 
@@ -156,16 +157,18 @@ def param_layout(cfg: models.ModelConfig, mesh: jax.sharding.Mesh) -> tuple[nnx.
     return graphdef, nnx.to_pure_dict(abstract_state), tree_shardings(models.logical_axes(abstract_state), mesh)
 
 
-def run_params(run_dir: str | Path, config: Config, mesh: jax.sharding.Mesh, step: int | None = None
-               ) -> tuple[Any, int]:
-    """A run's params of ``step`` (default: its latest complete checkpoint), restored onto ``mesh``."""
+def run_params(run_dir: str | Path, config: Config, mesh: jax.sharding.Mesh, step: int | None = None,
+               merged: bool = True) -> tuple[Any, int]:
+    """A run's params of ``step`` (default: its latest complete checkpoint), restored onto ``mesh``;
+    LoRA adapters come merged into their weights unless ``merged`` is False."""
     ckpt = Checkpointer(checkpoint_dir(run_dir, config.checkpoint), read_only=True)
     step = ckpt.latest_step() if step is None else step
     if step is None or step not in ckpt.steps():
         raise ConfigError(f"{str(run_dir)!r} has no complete checkpoint{'' if step is None else f' of step {step}'}"
                           f"; steps: {ckpt.steps()}. Train first (fax train run_dir={run_dir})")
-    _, target, shardings = param_layout(config.model, mesh)
-    return ckpt.restore_params(step, target, shardings), step
+    _, target, _, shardings = step_lib.param_layout(config, mesh)
+    params = ckpt.restore_params(step, target, shardings)
+    return (step_lib.model_params(params, config.lora) if merged else params), step
 
 
 class Engine:

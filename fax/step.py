@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +14,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 import models
-from fax.config import Config, OptimConfig
+from models import lora as lora_lib
+from fax.config import Config, LoraConfig, OptimConfig
 from models.sharding import activation_sharding, constrain
 from parallel import (BATCH_AXES, activation_resolver, logical_sharding, optimizer_shardings, replicated,
                       tree_shardings)
@@ -53,33 +55,53 @@ def make_optimizer(optim: OptimConfig, steps: int) -> optax.GradientTransformati
     )
 
 
+def _same(params: Any) -> Any:
+    return params
+
+
+def trainable(params: Any, lora: LoraConfig) -> Any:
+    """What the optimizer updates: the adapters under LoRA, else every parameter."""
+    return params["lora"] if lora.rank else params
+
+
+def with_trainable(params: Any, updated: Any, lora: LoraConfig) -> Any:
+    return {**params, "lora": updated} if lora.rank else updated
+
+
+def model_params(params: Any, lora: LoraConfig) -> Any:
+    """The weights the model reads: under LoRA, the base with its adapters merged in."""
+    return lora_lib.merge(params["base"], params["lora"], lora.scale) if lora.rank else params
+
+
 def loss_and_grads(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, z_loss: float,
-                   run_layers: models.RunLayers = models.scan_layers) -> tuple[jax.Array, Any]:
-    """Cross-entropy of one (micro)batch [batch, seq_len + 1] and the gradient of the objective."""
+                   run_layers: models.RunLayers = models.scan_layers, to_model: Callable[[Any], Any] = _same
+                   ) -> tuple[jax.Array, Any]:
+    """Cross-entropy of one (micro)batch [batch, seq_len + 1] and the gradient of the objective with
+    respect to ``params`` (``to_model`` turns them into the model's weights)."""
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
 
     def objective(p: Any) -> tuple[jax.Array, jax.Array]:
-        return cross_entropy(models.apply(graphdef, p, inputs, run_layers), targets, z_loss)
+        return cross_entropy(models.apply(graphdef, to_model(p), inputs, run_layers), targets, z_loss)
 
     (_, ce), grads = jax.value_and_grad(objective, has_aux=True)(params)
     return ce, grads
 
 
-def accumulated_grads(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, microbatches: int, z_loss: float
-                      ) -> tuple[jax.Array, Any]:
+def accumulated_grads(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, microbatches: int, z_loss: float,
+                      to_model: Callable[[Any], Any] = _same) -> tuple[jax.Array, Any]:
     """Mean loss and gradient over ``microbatches`` equal slices of the batch, one slice at a time.
 
     Microbatch m takes rows m, m + M, m + 2M, ...: each device's block of the batch then feeds
     every microbatch, so no microbatch sits on a subset of the devices.
     """
     if microbatches == 1:
-        return loss_and_grads(graphdef, params, tokens, z_loss)
+        return loss_and_grads(graphdef, params, tokens, z_loss, to_model=to_model)
     micro = split_microbatches(tokens, microbatches)
 
     def body(carry: tuple[jax.Array, Any], mb: jax.Array) -> tuple[tuple[jax.Array, Any], None]:
         loss_sum, grad_sum = carry
         mb = constrain(mb, BATCH_AXES)
-        loss, grads = loss_and_grads(graphdef, params, mb, z_loss)
+        loss, grads = loss_and_grads(graphdef, params, mb, z_loss, to_model=to_model)
         return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
@@ -88,27 +110,50 @@ def accumulated_grads(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, mi
 
 
 def batch_grads(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, microbatches: int, stages: int,
-                z_loss: float) -> tuple[jax.Array, Any]:
+                z_loss: float, to_model: Callable[[Any], Any] = _same) -> tuple[jax.Array, Any]:
     """Loss and gradient of a batch: with pipeline stages the microbatches flow through the pipeline,
     otherwise they accumulate one after another."""
     if stages > 1:
-        return loss_and_grads(graphdef, params, tokens, z_loss, gpipe(stages, microbatches))
-    return accumulated_grads(graphdef, params, tokens, microbatches, z_loss)
+        return loss_and_grads(graphdef, params, tokens, z_loss, gpipe(stages, microbatches), to_model)
+    return accumulated_grads(graphdef, params, tokens, microbatches, z_loss, to_model)
 
 
 def train_step(state: State, tokens: jax.Array, *, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-               schedule: optax.Schedule, microbatches: int, stages: int, z_loss: float
+               schedule: optax.Schedule, microbatches: int, stages: int, z_loss: float, lora: LoraConfig
                ) -> tuple[State, dict[str, jax.Array]]:
-    loss, grads = batch_grads(graphdef, state["params"], tokens, microbatches, stages, z_loss)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
+    params = trainable(state["params"], lora)
+
+    def to_model(p: Any) -> Any:
+        return model_params(with_trainable(state["params"], p, lora), lora)
+
+    loss, grads = batch_grads(graphdef, params, tokens, microbatches, stages, z_loss, to_model)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    params = with_trainable(state["params"], optax.apply_updates(params, updates), lora)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"])}
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
 
-def init_state(cfg: Config, tx: optax.GradientTransformation) -> State:
+def init_params(cfg: Config) -> Any:
+    """Fresh parameters; under LoRA {"base": ..., "lora": adapters} (the base is replaced when
+    training starts from a checkpoint)."""
     params = models.init_params(cfg.model, cfg.seed)
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+    if not cfg.lora.rank:
+        return params
+    return {"base": params, "lora": lora_lib.init_adapters(params, cfg.lora.targets, cfg.lora.rank, cfg.seed + 1)}
+
+
+def init_state(cfg: Config, tx: optax.GradientTransformation) -> State:
+    params = init_params(cfg)
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(trainable(params, cfg.lora))}
+
+
+def param_layout(cfg: Config, mesh: Mesh) -> tuple[nnx.GraphDef, Any, Any, Any]:
+    """The model's graph, and of its parameters (adapters included): shapes, logical axes, shardings."""
+    graphdef, abstract_state = models.abstract(cfg.model)
+    axes = models.logical_axes(abstract_state)
+    if cfg.lora.rank:
+        axes = {"base": axes, "lora": lora_lib.adapter_axes(axes, cfg.lora.targets)}
+    return graphdef, jax.eval_shape(functools.partial(init_params, cfg)), axes, tree_shardings(axes, mesh)
 
 
 @dataclass
@@ -143,19 +188,18 @@ def with_activation_sharding(fn: Any, mesh: Mesh) -> Any:
 
 def build(cfg: Config, mesh: Mesh) -> ShardedTraining:
     """Shardings from the logical rules, then the jitted init, train step and eval step."""
-    graphdef, abstract_state = models.abstract(cfg.model)
-    param_axes = models.logical_axes(abstract_state)
-    param_shardings = tree_shardings(param_axes, mesh)
+    graphdef, abstract_params, param_axes, param_shardings = param_layout(cfg, mesh)
     tx = make_optimizer(cfg.optim, cfg.train.steps)
-    abstract_params = nnx.to_pure_dict(abstract_state)
     state_shardings = {
         "step": replicated(mesh),
         "params": param_shardings,
-        "opt_state": optimizer_shardings(tx, abstract_params, param_shardings, mesh),
+        "opt_state": optimizer_shardings(tx, trainable(abstract_params, cfg.lora),
+                                         trainable(param_shardings, cfg.lora), mesh),
     }
     batch_sharding = logical_sharding(("batch", None), mesh)  # rows of seq_len + 1 tokens: split by the step
     step = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=lr_schedule(cfg.optim, cfg.train.steps),
-                             microbatches=cfg.train.microbatches, stages=mesh.shape["stage"], z_loss=cfg.train.z_loss)
+                             microbatches=cfg.train.microbatches, stages=mesh.shape["stage"], z_loss=cfg.train.z_loss,
+                             lora=cfg.lora)
     return ShardedTraining(
         mesh=mesh,
         graphdef=graphdef,

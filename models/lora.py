@@ -1,0 +1,76 @@
+"""LoRA: a frozen weight W plus a trainable low-rank update (alpha / rank) * A @ B.
+
+Adapters are a separate tree beside the base params; ``merge`` folds them into the weights the
+model reads, so the model code is the same with or without them. A weight's leading (input) axes
+meet A, its trailing (output) axes meet B; each adapter takes the logical axes of the side of the
+weight it mirrors, so adapters are sharded with their base weights. B starts at zero: before any
+step the adapted model is the base model.
+"""
+
+from __future__ import annotations
+
+import string
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+Params = dict[str, Any]
+
+# Adaptable weights (path under ``blocks``) and how many leading axes are inputs (after ``layers``).
+TARGETS = {"attn.wq": 1, "attn.wk": 1, "attn.wv": 1, "attn.wo": 2, "mlp.wi": 1, "mlp.wg": 1, "mlp.wo": 1}
+
+
+def _weight(params: Params, target: str) -> Any:
+    module, name = target.split(".")
+    return params["blocks"][module][name]
+
+
+def adapter_shapes(base: Params, targets: tuple[str, ...], rank: int) -> dict[str, dict[str, tuple[int, ...]]]:
+    """{target: {"a": [layers, *inputs, rank], "b": [layers, rank, *outputs]}} for the stacked blocks."""
+    out = {}
+    for target in targets:
+        shape = _weight(base, target).shape
+        n_in = 1 + TARGETS[target]
+        out[target] = {"a": (*shape[:n_in], rank), "b": (shape[0], rank, *shape[n_in:])}
+    return out
+
+
+def adapter_axes(base_axes: Params, targets: tuple[str, ...]) -> Params:
+    """Logical axes of every adapter, taken from the side of its weight it mirrors."""
+    out = {}
+    for target in targets:
+        axes = _weight(base_axes, target)
+        n_in = 1 + TARGETS[target]
+        out[target] = {"a": (*axes[:n_in], None), "b": (axes[0], None, *axes[n_in:])}
+    return out
+
+
+def init_adapters(base: Params, targets: tuple[str, ...], rank: int, seed: int) -> Params:
+    """A ~ N(0, 1 / fan_in), B = 0."""
+    keys = jax.random.split(jax.random.key(seed), len(targets))
+    out = {}
+    for key, (target, shapes) in zip(keys, adapter_shapes(base, targets, rank).items()):
+        fan_in = 1
+        for size in shapes["a"][1:-1]:
+            fan_in *= size
+        out[target] = {"a": jax.random.normal(key, shapes["a"], jnp.float32) / fan_in ** 0.5,
+                       "b": jnp.zeros(shapes["b"], jnp.float32)}
+    return out
+
+
+def delta(a: jax.Array, b: jax.Array) -> jax.Array:
+    """A @ B over the rank axis, per layer: [L, *inputs, r] x [L, r, *outputs] -> [L, *inputs, *outputs]."""
+    letters = iter(string.ascii_lowercase[2:])
+    inputs = "".join(next(letters) for _ in range(a.ndim - 2))
+    outputs = "".join(next(letters) for _ in range(b.ndim - 2))
+    return jnp.einsum(f"z{inputs}r,zr{outputs}->z{inputs}{outputs}", a, b)
+
+
+def merge(base: Params, adapters: Params, scale: float) -> Params:
+    """The weights the model reads: each adapted W becomes W + scale * A @ B."""
+    blocks = {module: dict(weights) for module, weights in base["blocks"].items()}
+    for target, ab in adapters.items():
+        module, name = target.split(".")
+        blocks[module][name] = blocks[module][name] + scale * delta(ab["a"], ab["b"])
+    return {**base, "blocks": blocks}

@@ -1,0 +1,85 @@
+"""LoRA: only the adapters train, the optimizer holds only them, they shard with their weights, and
+the merged export is the base plus the adapters."""
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+import models
+from fax import hf
+from fax import step as step_lib
+from fax.cli import main
+from fax.config import ConfigError, load_config, validate
+from fax.data import Sampler, TokenDataset, prepare
+from fax.trainer import Trainer
+from parallel import ParallelConfig, make_mesh
+
+
+def lora_config(run_dir, corpus, *extra):
+    return load_config(overrides=["model=gpt-tiny", "train.steps=30", "train.log_every=1", "train.batch_size=8",
+                                  "train.seq_len=32", "train.sample_tokens=0", "optim.lr=1e-2", "optim.warmup_steps=2",
+                                  "lora.rank=4", "lora.targets=[attn.wq, attn.wv, mlp.wi, attn.wo]",
+                                  f"data.path={corpus}", f"run_dir={run_dir}", *extra])
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, small_corpus):
+    """A briefly trained GPT exported as a Hugging Face checkpoint: what LoRA users start from."""
+    root = tmp_path_factory.mktemp("pretrained")
+    cfg = lora_config(root / "run", small_corpus, "lora.rank=0", "train.steps=20", "train.log_every=20")
+    with Trainer(cfg, echo=lambda _: None) as trainer:
+        trainer.fit()
+    return hf.export_run(root / "run", root / "hf")[0]
+
+
+def test_only_adapters_train_and_the_merged_export_is_base_plus_adapters(tmp_path, pretrained):
+    (tmp_path / "text.txt").write_text("Adapters learn this one sentence while the model stays frozen. " * 3)
+    prepare([tmp_path / "text.txt"], tmp_path / "data")
+    cfg = lora_config(tmp_path / "run", tmp_path / "data", f"init_from=hf:{pretrained}", "train.steps=60",
+                      "lora.rank=8", "lora.alpha=16")
+    with Trainer(cfg, echo=lambda _: None) as trainer:
+        history = trainer.fit()
+        state = jax.device_get(trainer.state)
+    one_device = make_mesh(ParallelConfig(fsdp=1), jax.devices()[:1])
+    graphdef, _, _, shardings = step_lib.param_layout(cfg, one_device)
+    initial = jax.device_get(hf.import_params(pretrained, cfg.model, shardings["base"]))
+    # The base is bitwise the checkpoint it started from; every adapter moved (B starts at zero).
+    jax.tree.map(np.testing.assert_array_equal, state["params"]["base"], initial)
+    assert all(np.abs(ab["b"]).max() > 0 for ab in state["params"]["lora"].values())
+    # The adapters learned: on the first batch the loss is below the base model's.
+    batch = Sampler(TokenDataset.open(tmp_path / "data"), 8, 32, cfg.seed).batch(0)
+    merged = step_lib.model_params(state["params"], cfg.lora)
+    _, after = step_lib.cross_entropy(models.apply(graphdef, merged, batch[:, :-1]), batch[:, 1:], 0.0)
+    assert float(after) < history[0]["loss"] - 0.1
+    # The optimizer state mirrors the adapters only: no moments for the frozen base.
+    adam = state["opt_state"][1][0]
+    assert jax.tree.structure(adam.mu) == jax.tree.structure(state["params"]["lora"])
+    assert sum(x.nbytes for x in jax.tree.leaves(adam.mu)) < sum(x.nbytes for x in jax.tree.leaves(initial)) / 10
+    # Merged export == base + scale * A @ B on a forward pass.
+    tokens = np.random.default_rng(0).integers(0, 257, (2, 24))
+    want = models.apply(graphdef, merged, tokens)
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "merged")]) == 0
+    exported = hf.import_params(tmp_path / "merged", cfg.model, shardings["base"])
+    np.testing.assert_allclose(models.apply(graphdef, exported, tokens), want, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(models.apply(graphdef, initial, tokens), want, atol=1e-3)
+    # The adapters alone.
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "adapters"), "--adapters-only"]) == 0
+    saved = load_file(str(tmp_path / "adapters" / "adapters.safetensors"))
+    np.testing.assert_array_equal(saved["attn.wq.b"], state["params"]["lora"]["attn.wq"]["b"])
+
+
+def test_adapters_are_sharded_with_their_weights_and_bad_settings_are_named(tmp_path, small_corpus):
+    cfg = lora_config(tmp_path / "run", small_corpus, "parallel.data=2", "parallel.fsdp=2", "parallel.tensor=2")
+    training = step_lib.build(cfg, make_mesh(cfg.parallel))
+    params = training.state_shardings["params"]
+    for target, n_in in (("attn.wq", 2), ("attn.wo", 3), ("mlp.wi", 2)):
+        module, name = target.split(".")
+        base = tuple(params["base"]["blocks"][module][name].spec)
+        assert tuple(params["lora"][target]["a"].spec) == (*base[:n_in], None), target
+        assert tuple(params["lora"][target]["b"].spec) == (base[0], None, *base[n_in:]), target
+    assert any(axis is not None for axis in params["lora"]["attn.wq"]["b"].spec)  # really sharded
+    with pytest.raises(ConfigError, match="lora.targets: unknown attn.qkv"):
+        validate(lora_config(tmp_path, small_corpus, "lora.targets=[attn.qkv]"), 8)
+    with pytest.raises(ConfigError, match="mlp.wg exists only with model.activation=swiglu"):
+        validate(lora_config(tmp_path, small_corpus, "lora.targets=[mlp.wg]"), 8)
