@@ -207,6 +207,21 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _infer(args: argparse.Namespace) -> int:
+    from fax.config import ConfigError
+    from fax.infer import InferSettings, infer
+
+    settings = InferSettings(args.field, args.max_tokens, args.temperature, args.top_k, args.top_p, args.seed,
+                             tuple(args.stop or ()), args.max_batch)
+    try:
+        done = infer(args.run_dir, args.input, args.output, settings, args.workers, args.engine, progress=True)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(str(e)) from None
+    print(f"fax: {done['rows']} rows to {args.output} ({done['chunks_run']} chunks computed now, "
+          f"{done['errors']} rows with an error)")
+    return 0
+
+
 def _presets(args: argparse.Namespace) -> int:
     import models
 
@@ -258,6 +273,22 @@ def parser() -> argparse.ArgumentParser:
     export.add_argument("--step", type=int, help="default: the latest complete checkpoint")
     export.add_argument("--adapters-only", action="store_true", help="a LoRA run's adapters alone (safetensors)")
     export.set_defaults(run=_export)
+
+    inf = sub.add_parser("infer", help="complete every prompt of a JSONL/Parquet file (Ray Data, resumable)")
+    inf.add_argument("run_dir")
+    inf.add_argument("--input", required=True, help="a .jsonl or .parquet file of prompts")
+    inf.add_argument("--output", required=True, help="a .jsonl or .parquet file (parts kept in OUTPUT.parts/)")
+    inf.add_argument("--field", default="prompt", help="the prompt's field or column")
+    inf.add_argument("--max-tokens", type=int, default=64)
+    inf.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    inf.add_argument("--top-k", type=int, default=0)
+    inf.add_argument("--top-p", type=float, default=1.0)
+    inf.add_argument("--seed", type=int, default=0, help="row i samples with seed + i")
+    inf.add_argument("--stop", action="append", help="a stop sequence (repeatable)")
+    inf.add_argument("--max-batch", type=int, default=16, help="prompts one engine decodes together")
+    inf.add_argument("--workers", type=int, default=1, help="engines (Ray actors) working in parallel")
+    inf.add_argument("--engine", choices=("ray", "local"), default="ray")
+    inf.set_defaults(run=_infer)
 
     ckpt = sub.add_parser("checkpoint", help="inspect a run's checkpoints")
     ckpt_sub = ckpt.add_subparsers(dest="checkpoint_command", required=True)

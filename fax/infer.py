@@ -1,0 +1,172 @@
+"""``fax infer``: generate a completion for every prompt of a file, with Ray Data over a pool of
+serving engines (one per worker process), resumable.
+
+Prompts are cut into chunks; each chunk's results land in its own part file (written atomically),
+so a re-run computes only the chunks without one. Every row's sampling seed is ``seed + row``, so a
+result does not depend on which worker ran it, or when. The output (JSONL or Parquet, one row per
+input row, in input order) is assembled from the parts at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+CHUNK_ROWS = 64
+
+
+@dataclass(frozen=True)
+class InferSettings:
+    field: str = "prompt"  # the prompt's field (JSONL) or column (Parquet)
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+    max_batch: int = 16  # prompts decoded together by one engine
+
+
+def read_prompts(path: str | Path, field: str) -> list[str]:
+    path = Path(path)
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        if field not in table.column_names:
+            raise ValueError(f"{path}: no column {field!r} (columns: {', '.join(table.column_names)}); set --field")
+        return [str(p) for p in table.column(field).to_pylist()]
+    if path.suffix != ".jsonl":
+        raise ValueError(f"{path}: expected a .jsonl or .parquet file of prompts")
+    prompts = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            row = json.loads(line)
+            if field not in row:
+                raise ValueError(f"{path}:{n}: no field {field!r}; set --field")
+            prompts.append(str(row[field]))
+    return prompts
+
+
+class ChunkWorker:
+    """One serving engine; completes chunks of prompts and writes each chunk's part file."""
+
+    def __init__(self, run_dir: str, parts: str, settings: dict[str, Any]):
+        from fax.config import run_config
+        from fax.serve import Engine, run_tokenizer
+
+        self.settings = InferSettings(**{**settings, "stop": tuple(settings["stop"])})
+        self.engine = Engine.from_run_dir(run_dir, max_batch=self.settings.max_batch)
+        self.tokenizer = run_tokenizer(run_config(run_dir))
+        self.parts = Path(parts)
+
+    def complete(self, start: int, prompts: list[str]) -> list[dict[str, Any]]:
+        from fax.serve import SamplingParams, TextStream, generate, request_problems
+
+        s = self.settings
+        rows = [{"row": start + i, "prompt": p} for i, p in enumerate(prompts)]
+        todo = []
+        for row in rows:
+            ids = [int(t) for t in self.tokenizer.encode(row["prompt"])]
+            sampling = SamplingParams(s.max_tokens, s.temperature, s.top_k, s.top_p, s.seed + row["row"], s.stop)
+            problems = request_problems(self.engine.cfg, ids, sampling)
+            if problems:  # one bad row is reported in its place; the job goes on
+                row.update(completion=None, error="; ".join(problems))
+            else:
+                todo.append((row, ids, sampling))
+        for k in range(0, len(todo), self.engine.max_batch):
+            group = todo[k:k + self.engine.max_batch]
+            for (row, _, sampling), tokens in zip(group, generate(self.engine, [g[1] for g in group],
+                                                                  [g[2] for g in group])):
+                text = TextStream(self.tokenizer, sampling.stop)
+                row.update(completion="".join(text.push(t) for t in tokens) + text.flush(), tokens=len(tokens),
+                           error=None)
+        return rows
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        for start, prompts in zip(batch["start"], batch["prompts"]):
+            rows = self.complete(int(start), json.loads(prompts))
+            _write_atomic(self.parts / f"{int(start):010d}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        return {"start": list(batch["start"])}
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def infer(run_dir: str | Path, input_path: str | Path, output: str | Path, settings: InferSettings = InferSettings(),
+          workers: int = 1, engine: str = "ray", chunk_rows: int = CHUNK_ROWS, progress: bool = False) -> dict:
+    """Complete every prompt of ``input_path`` into ``output``; returns counts. Parts live beside the
+    output (``OUTPUT.parts/``) and make a re-run resume; parts of a different job are refused."""
+    prompts = read_prompts(input_path, settings.field)
+    output = Path(output)
+    if output.suffix not in (".jsonl", ".parquet"):
+        raise ValueError(f"output {output}: use a .jsonl or .parquet file name")
+    parts = output.with_name(output.name + ".parts")
+    parts.mkdir(parents=True, exist_ok=True)
+    job = {"run_dir": str(Path(run_dir).absolute()), "input": str(Path(input_path).absolute()),
+           "rows": len(prompts), "chunk_rows": chunk_rows, "settings": asdict(settings)}
+    job_file = parts / "job.json"
+    if job_file.exists() and json.loads(job_file.read_text()) != json.loads(json.dumps(job)):
+        raise ValueError(f"{parts} holds parts of a different job (other run, input or settings); "
+                         "delete it or choose another output")
+    _write_atomic(job_file, json.dumps(job, indent=2))
+    starts = range(0, len(prompts), chunk_rows)
+    todo = [s for s in starts if not (parts / f"{s:010d}.jsonl").exists()]
+    args = (str(run_dir), str(parts), asdict(replace(settings, stop=list(settings.stop))))
+    bar = tqdm(total=len(starts), initial=len(starts) - len(todo), desc="infer", unit="chunk", disable=not progress)
+    items = [{"start": s, "prompts": json.dumps(prompts[s:s + chunk_rows])} for s in todo]
+    if engine == "local" and items:
+        worker = ChunkWorker(*args)
+        for item in items:
+            worker({k: [v] for k, v in item.items()})
+            bar.update(1)
+    elif engine == "ray" and items:
+        _run_on_ray(items, args, workers, bar)
+    elif engine not in ("local", "ray"):
+        raise ValueError(f"engine {engine!r}: use ray or local")
+    bar.close()
+    rows = [json.loads(line) for s in starts for line in (parts / f"{s:010d}.jsonl").read_text().splitlines()]
+    _write_output(rows, output)
+    return {"rows": len(rows), "errors": sum(r["error"] is not None for r in rows), "chunks_run": len(todo)}
+
+
+def _run_on_ray(items: list[dict], args: tuple, workers: int, bar: Any) -> None:
+    import ray
+
+    owns = not ray.is_initialized()
+    if owns:
+        ray.init(_temp_dir=tempfile.mkdtemp(prefix="fax-ray-", dir="/tmp"), include_dashboard=False,
+                 log_to_driver=False, configure_logging=False)
+    try:
+        import ray.data
+
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        chunks = ray.data.from_items(items, override_num_blocks=len(items))
+        done = chunks.map_batches(ChunkWorker, fn_constructor_args=args, batch_size=1,
+                                  compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1)
+        for _ in done.iter_rows():
+            bar.update(1)
+    finally:
+        if owns:
+            ray.shutdown()
+
+
+def _write_output(rows: list[dict], output: Path) -> None:
+    tmp = output.with_name(f"{output.name}.tmp-{os.getpid()}")
+    if output.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), tmp)
+    else:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, output)
