@@ -76,7 +76,7 @@ def test_cli_prepare_then_train_on_it(tmp_path):
     src.mkdir()
     for i in range(3):
         (src / f"{i}.txt").write_text(f"document {i}: " + "the quick brown fox jumps over the lazy dog. " * 20)
-    done = run_cli(["prepare", str(src), "--out", str(tmp_path / "ds")], tmp_path)
+    done = run_cli(["prepare", str(src), "--out", str(tmp_path / "ds"), "--engine", "local"], tmp_path)
     assert done.returncode == 0, done.stderr
     index = json.loads(Path(tmp_path / "ds" / "index.json").read_text())
     assert index["num_documents"] == 3
