@@ -185,11 +185,11 @@ def init_model(init_from: str, model: ModelConfig) -> ModelConfig:
     """The model an ``init_from=hf:DIR`` run trains: the checkpoint's shape, ``model``'s compute settings."""
     from fax.checkpoint import COMPUTE_ONLY_MODEL_KEYS
 
-    shape = model_config(read_config(hf_dir(init_from)))
+    shape = model_config(read_config(init_from_dir(init_from)))
     return shape.replace(**{k: getattr(model, k) for k in COMPUTE_ONLY_MODEL_KEYS})
 
 
-def hf_dir(init_from: str) -> str:
+def init_from_dir(init_from: str) -> str:
     if not init_from.startswith("hf:"):
         raise ValueError(f"init_from={init_from!r}: expected hf:/path/to/a/hugging-face/model/dir")
     return init_from[3:]

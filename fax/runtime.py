@@ -87,10 +87,10 @@ class HostRuntime:
         if resume_step is None:
             self.state = training.init()
             if self.config.init_from:  # the optimizer state starts empty either way
-                from fax.hf import hf_dir, import_params
+                from fax.hf import import_params, init_from_dir
 
                 lora, shardings = self.config.lora.rank, training.state_shardings["params"]
-                base = import_params(hf_dir(self.config.init_from), self.config.model,
+                base = import_params(init_from_dir(self.config.init_from), self.config.model,
                                      shardings["base"] if lora else shardings)
                 self.state["params"] = {**self.state["params"], "base": base} if lora else base
         else:
