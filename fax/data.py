@@ -9,6 +9,7 @@ by rename, so a folder without it is never taken for a complete dataset.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -234,7 +235,10 @@ def prepare(files: list[Path], out_dir: str | Path, tokenizer: str = "byte", *, 
     return _assemble(out, files, keys, tok, dtype, tokenizer, val_fraction, fingerprint)
 
 
-def _tokenize_on_ray(todo: list[tuple[str, str]], writer_args: tuple, bar: Any) -> None:
+@contextlib.contextmanager
+def ray_data_session() -> Iterator[Any]:
+    """``ray.data`` on the running Ray cluster, or on a local one (files under /tmp) started for this
+    block and shut down after it; Ray Data's own progress bars off (callers keep one bar)."""
     import ray
 
     owns = not ray.is_initialized()
@@ -245,18 +249,25 @@ def _tokenize_on_ray(todo: list[tuple[str, str]], writer_args: tuple, bar: Any) 
         import ray.data
 
         ray.data.DataContext.get_current().enable_progress_bars = False
-        cpus = max(1, int(ray.available_resources().get("CPU", 1)))
-        files = ray.data.from_items([{"path": p, "key": k} for p, k in todo],
-                                    override_num_blocks=min(len(todo), 4 * cpus))  # a few files per task
-        # One tokenizer thread per worker: the pool, not each worker, spreads over the cores.
-        written = files.map_batches(_ShardWriter, fn_constructor_args=writer_args, batch_size=None,
-                                    compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cpus),
-                                    runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
-        for _ in written.iter_rows():
-            bar.update(1)
+        yield ray.data
     finally:
         if owns:
             ray.shutdown()
+
+
+def _tokenize_on_ray(todo: list[tuple[str, str]], writer_args: tuple, bar: Any) -> None:
+    import ray
+
+    with ray_data_session() as data:
+        cpus = max(1, int(ray.available_resources().get("CPU", 1)))
+        files = data.from_items([{"path": p, "key": k} for p, k in todo],
+                                override_num_blocks=min(len(todo), 4 * cpus))  # a few files per task
+        # One tokenizer thread per worker: the pool, not each worker, spreads over the cores.
+        written = files.map_batches(_ShardWriter, fn_constructor_args=writer_args, batch_size=None,
+                                    compute=data.ActorPoolStrategy(min_size=1, max_size=cpus),
+                                    runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+        for _ in written.iter_rows():
+            bar.update(1)
 
 
 def _assemble(out: Path, files: list[Path], keys: list[str], tok: Tokenizer, dtype: np.dtype, tokenizer: str,

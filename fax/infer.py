@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
+
+from fax.data import ray_data_session
 
 CHUNK_ROWS = 64
 
@@ -140,24 +141,12 @@ def infer(run_dir: str | Path, input_path: str | Path, output: str | Path, setti
 
 
 def _run_on_ray(items: list[dict], args: tuple, workers: int, bar: Any) -> None:
-    import ray
-
-    owns = not ray.is_initialized()
-    if owns:
-        ray.init(_temp_dir=tempfile.mkdtemp(prefix="fax-ray-", dir="/tmp"), include_dashboard=False,
-                 log_to_driver=False, configure_logging=False)
-    try:
-        import ray.data
-
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        chunks = ray.data.from_items(items, override_num_blocks=len(items))
+    with ray_data_session() as data:
+        chunks = data.from_items(items, override_num_blocks=len(items))
         done = chunks.map_batches(ChunkWorker, fn_constructor_args=args, batch_size=1,
-                                  compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1)
+                                  compute=data.ActorPoolStrategy(size=workers), num_cpus=1)
         for _ in done.iter_rows():
             bar.update(1)
-    finally:
-        if owns:
-            ray.shutdown()
 
 
 def _write_output(rows: list[dict], output: Path) -> None:
