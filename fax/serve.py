@@ -28,7 +28,7 @@ from fax.config import Config, ConfigError, run_config
 from fax.data import HFTokenizer, TokenDataset, dataset_path, get_tokenizer
 from fax import step as step_lib
 from fax.step import with_activation_sharding
-from parallel import ParallelConfig, logical_sharding, make_mesh, replicated, tree_shardings
+from parallel import ParallelConfig, logical_sharding, make_mesh, replicated
 
 
 @dataclass(frozen=True)
@@ -152,9 +152,10 @@ def serving_mesh(cfg: models.ModelConfig, devices: Sequence[jax.Device], tensor:
 
 
 def param_layout(cfg: models.ModelConfig, mesh: jax.sharding.Mesh) -> tuple[nnx.GraphDef, Any, Any]:
-    """The model's graph, its params' shapes (no memory) and their shardings on ``mesh``."""
-    graphdef, abstract_state = models.abstract(cfg)
-    return graphdef, nnx.to_pure_dict(abstract_state), tree_shardings(models.logical_axes(abstract_state), mesh)
+    """The model's graph, its params' shapes (no memory) and their shardings on ``mesh`` (no adapters:
+    an engine serves merged weights)."""
+    graphdef, target, _, shardings = step_lib.param_layout(Config(model=cfg), mesh)
+    return graphdef, target, shardings
 
 
 def run_params(run_dir: str | Path, config: Config, mesh: jax.sharding.Mesh, step: int | None = None,
