@@ -163,10 +163,15 @@ class SafetensorsDir:
         return next((n for n in (name, bare) if n in self.files), None)
 
     def _read(self, name: str) -> np.ndarray:
+        """As float32. numpy has no bfloat16 (most published checkpoints): those go through jax on the host CPU."""
         from safetensors import safe_open
 
         with safe_open(self.files[name], framework="numpy") as f:
-            return f.get_tensor(name).astype(np.float32)
+            if f.get_slice(name).get_dtype() != "BF16":
+                return f.get_tensor(name).astype(np.float32)
+        with jax.default_device(jax.local_devices(backend="cpu")[0]), \
+                safe_open(self.files[name], framework="flax") as f:
+            return np.asarray(f.get_tensor(name), dtype=np.float32)
 
 
 def _get(tree: Params, path: tuple[str, ...]) -> Any:

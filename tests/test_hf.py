@@ -69,6 +69,18 @@ def test_import_matches_transformers_and_export_loads_back(kind, tmp_path):
     np.testing.assert_allclose(hf_logits(back, TOKENS), want, rtol=1e-4, atol=1e-4)
 
 
+def test_bfloat16_checkpoints_import(tmp_path):
+    """Published checkpoints are mostly bfloat16, which numpy cannot hold."""
+    model = hf_model("llama", tmp_path / "fp32").to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "bf16")
+    upcast = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.float32).eval()
+    want = hf_logits(upcast, TOKENS)
+    cfg = hf.model_config(hf.read_config(tmp_path / "bf16"))
+    _, _, shardings = param_layout(cfg, make_mesh(ParallelConfig(fsdp=1), jax.devices()[:1]))
+    params = hf.import_params(tmp_path / "bf16", cfg, shardings)
+    np.testing.assert_allclose(fax_logits(cfg, params, TOKENS), want, rtol=1e-4, atol=1e-4)
+
+
 def test_fine_tune_from_hf_then_export_the_run(tmp_path, small_corpus):
     model = hf_model("gpt2", tmp_path / "hf")
     run_dir = tmp_path / "run"
