@@ -256,15 +256,10 @@ def config_from_dict(values: dict[str, Any]) -> Config:
     return _apply_dict(Config(), values, "")
 
 
-def validate(cfg: Config, n_devices: int) -> dict[str, int]:
-    """Raise ConfigError listing every problem; return the resolved mesh axis sizes."""
+def setting_problems(cfg: Config) -> list[str]:
+    """What is wrong whatever the mesh: model, adapters, checkpoint and train settings, the dataset."""
     m, t = cfg.model, cfg.train
     problems = list(m.problems()) + cfg.lora.problems(m)
-    try:
-        sizes = cfg.parallel.axis_sizes(n_devices)
-    except ValueError as e:
-        problems.append(str(e))
-        sizes = None
     for name in ("every_n_steps", "max_to_keep", "keep_every_n_steps"):
         if getattr(cfg.checkpoint, name) < 0:
             problems.append(f"checkpoint.{name} must be >= 0, got {getattr(cfg.checkpoint, name)}")
@@ -274,26 +269,49 @@ def validate(cfg: Config, n_devices: int) -> dict[str, int]:
     if cfg.seq_len > m.max_seq_len:
         problems.append(f"train.seq_len={cfg.seq_len} is longer than the model's context "
                         f"model.max_seq_len={m.max_seq_len}; lower train.seq_len or raise model.max_seq_len")
-    if sizes is not None and t.microbatches > 0:
-        shards = sizes["data"] * sizes["fsdp"]
-        if t.batch_size % (shards * t.microbatches):
-            problems.append(f"train.batch_size={t.batch_size} must be divisible by the batch shards "
-                            f"(parallel.data x parallel.fsdp = {shards}) x train.microbatches={t.microbatches}"
-                            f" = {shards * t.microbatches}")
-        tensor = sizes["tensor"]
-        for name in ("n_heads", "n_kv_heads", "d_ff", "vocab_size"):
-            if getattr(m, name) % tensor:
-                problems.append(f"model.{name}={getattr(m, name)} is not divisible by parallel.tensor={tensor}; "
-                                f"choose a tensor size that divides it")
-        if m.d_model % sizes["fsdp"]:
-            problems.append(f"model.d_model={m.d_model} is not divisible by parallel.fsdp={sizes['fsdp']}")
-        if m.n_layers % sizes["stage"]:
-            problems.append(f"model.n_layers={m.n_layers} does not split into parallel.stage={sizes['stage']} "
-                            "pipeline stages; choose a stage count that divides it")
-        if cfg.seq_len % sizes["sequence"]:
-            problems.append(f"train.seq_len={cfg.seq_len} is not divisible by parallel.sequence={sizes['sequence']}")
     if cfg.data.path:
         problems.extend(dataset_problems(cfg.data.path, cfg.seq_len))
+    return problems
+
+
+def layout_problems(cfg: Config, sizes: dict[str, int]) -> list[str]:
+    """What does not divide over the mesh axis ``sizes``."""
+    m, t = cfg.model, cfg.train
+    problems = []
+    shards = sizes["data"] * sizes["fsdp"]
+    if t.batch_size % (shards * t.microbatches):
+        problems.append(f"train.batch_size={t.batch_size} must be divisible by the batch shards "
+                        f"(parallel.data x parallel.fsdp = {shards}) x train.microbatches={t.microbatches}"
+                        f" = {shards * t.microbatches}")
+    tensor = sizes["tensor"]
+    for name in ("n_heads", "n_kv_heads", "d_ff", "vocab_size"):
+        if getattr(m, name) % tensor:
+            problems.append(f"model.{name}={getattr(m, name)} is not divisible by parallel.tensor={tensor}; "
+                            f"choose a tensor size that divides it")
+    if m.d_model % sizes["fsdp"]:
+        problems.append(f"model.d_model={m.d_model} is not divisible by parallel.fsdp={sizes['fsdp']}")
+    if m.n_layers % sizes["stage"]:
+        problems.append(f"model.n_layers={m.n_layers} does not split into parallel.stage={sizes['stage']} "
+                        "pipeline stages; choose a stage count that divides it")
+    if cfg.seq_len % sizes["sequence"]:
+        problems.append(f"train.seq_len={cfg.seq_len} is not divisible by parallel.sequence={sizes['sequence']}")
+    return problems
+
+
+def raise_problems(problems: list[str]) -> None:
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def validate(cfg: Config, n_devices: int) -> dict[str, int]:
+    """Raise ConfigError listing every problem; return the resolved mesh axis sizes."""
+    problems = setting_problems(cfg)
+    try:
+        sizes = cfg.parallel.axis_sizes(n_devices)
+    except ValueError as e:
+        problems.append(str(e))
+        sizes = None
+    if sizes is not None and cfg.train.microbatches > 0:
+        problems.extend(layout_problems(cfg, sizes))
+    raise_problems(problems)
     return sizes

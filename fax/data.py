@@ -37,6 +37,9 @@ class ByteTokenizer:
     def encode(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.uint16)
 
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [self.encode(t) for t in texts]
+
     def decode(self, ids: Iterable[int]) -> str:
         return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
 
@@ -140,8 +143,7 @@ def read_documents(path: Path, text_field: str = "text") -> list[str]:
 def tokenize_file(path: Path, tok: Tokenizer, dtype: np.dtype, text_field: str) -> tuple[np.ndarray, int]:
     """All documents of ``path``, each followed by the end-of-document id; and how many there were."""
     docs = read_documents(path, text_field)
-    encoded = tok.encode_batch(docs) if isinstance(tok, HFTokenizer) else [tok.encode(d) for d in docs]
-    parts = [p for ids in encoded if len(ids) for p in (ids.astype(dtype), np.array([tok.eos_id], dtype))]
+    parts = [p for ids in tok.encode_batch(docs) if len(ids) for p in (ids.astype(dtype), np.array([tok.eos_id], dtype))]
     return (np.concatenate(parts) if parts else np.zeros(0, dtype)), len(parts) // 2
 
 
@@ -154,7 +156,8 @@ def _file_key(path: Path, tokenizer_id: str, text_field: str) -> str:
     return _fingerprint(str(path.absolute()), stat.st_size, stat.st_mtime_ns, tokenizer_id, text_field)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write through a temporary file and rename: readers see the old file or the whole new one."""
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     tmp.write_bytes(data)
     os.replace(tmp, path)
@@ -173,7 +176,7 @@ class _ShardWriter:
             tokens, n = tokenize_file(Path(path), self.tok, self.dtype, self.text_field)
             buffer = io.BytesIO()
             np.save(buffer, tokens)
-            _write_atomic(self.out / "shards" / f"{key}-{n}.npy", buffer.getvalue())
+            write_atomic(self.out / "shards" / f"{key}-{n}.npy", buffer.getvalue())
             docs.append(n)
         return {"key": list(batch["key"]), "documents": docs}
 
@@ -208,7 +211,7 @@ def prepare(files: list[Path], out_dir: str | Path, tokenizer: str = "byte", *, 
         if not source.is_file():
             raise ValueError(f"tokenizer {tokenizer!r}: use byte, bpe, or the path of a tokenizer.json")
         if source.absolute() != (out / HFTokenizer.name).absolute():
-            _write_atomic(out / HFTokenizer.name, source.read_bytes())
+            write_atomic(out / HFTokenizer.name, source.read_bytes())
         tokenizer = HFTokenizer.name
     tok = get_tokenizer(tokenizer, out)
     tokenizer_id = tokenizer if tokenizer == "byte" else _fingerprint((out / tokenizer).read_text())
@@ -296,7 +299,7 @@ def _assemble(out: Path, files: list[Path], keys: list[str], tok: Tokenizer, dty
              "num_tokens": counts["train"][0], "num_documents": counts["train"][1],
              "val_tokens": counts["val"][0], "val_documents": counts["val"][1], "files": len(files),
              "fingerprint": fingerprint}
-    _write_atomic(out / "index.json", json.dumps(index, indent=2).encode())
+    write_atomic(out / "index.json", json.dumps(index, indent=2).encode())
     for stale in set((out / "shards").glob("*.npy")) - {_shard(out, k) for k in keys}:
         stale.unlink()  # shards of files no longer among the inputs (or changed since)
     return index

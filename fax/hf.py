@@ -210,21 +210,18 @@ def import_params(hf_dir: str | Path, cfg: ModelConfig, shardings: Params) -> Pa
     for tie in ties(cfg):
         sharding = _get(shardings, tie.fax)
         layered = "{i}" in tie.hf
-        shape = ((cfg.n_layers,) if layered else ()) + _fax_shape(tie, cfg)
+        one = _layer_shapes(cfg)[tie.fax]
+        shape = ((cfg.n_layers,) if layered else ()) + one
 
-        def piece(index: tuple[slice, ...], tie: Tie = tie, layered: bool = layered) -> np.ndarray:
+        def piece(index: tuple[slice, ...], tie: Tie = tie, layered: bool = layered, one: tuple = one) -> np.ndarray:
             def layer(i: int) -> np.ndarray:
-                return tie.to_fax(store.read(store.find(tie.hf.format(i=i))), _fax_shape(tie, cfg))
+                return tie.to_fax(store.read(store.find(tie.hf.format(i=i))), one)
             if not layered:
                 return layer(0)[index]
             return np.stack([layer(i)[index[1:]] for i in range(cfg.n_layers)[index[0]]])
 
         _set(params, tie.fax, jax.make_array_from_callback(shape, sharding, piece))
     return params
-
-
-def _fax_shape(tie: Tie, cfg: ModelConfig) -> tuple[int, ...]:
-    return _layer_shapes(cfg)[tie.fax]
 
 
 @functools.cache

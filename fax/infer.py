@@ -17,7 +17,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from fax.data import ray_data_session
+from fax.data import ray_data_session, write_atomic
 
 CHUNK_ROWS = 64
 
@@ -93,14 +93,8 @@ class ChunkWorker:
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         for start, prompts in zip(batch["start"], batch["prompts"]):
             rows = self.complete(int(start), json.loads(prompts))
-            _write_atomic(self.parts / f"{int(start):010d}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+            write_atomic(self.parts / f"{int(start):010d}.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
         return {"start": list(batch["start"])}
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def infer(run_dir: str | Path, input_path: str | Path, output: str | Path, settings: InferSettings = InferSettings(),
@@ -119,7 +113,7 @@ def infer(run_dir: str | Path, input_path: str | Path, output: str | Path, setti
     if job_file.exists() and json.loads(job_file.read_text()) != json.loads(json.dumps(job)):
         raise ValueError(f"{parts} holds parts of a different job (other run, input or settings); "
                          "delete it or choose another output")
-    _write_atomic(job_file, json.dumps(job, indent=2))
+    write_atomic(job_file, json.dumps(job, indent=2).encode())
     starts = range(0, len(prompts), chunk_rows)
     todo = [s for s in starts if not (parts / f"{s:010d}.jsonl").exists()]
     args = (str(run_dir), str(parts), asdict(replace(settings, stop=list(settings.stop))))

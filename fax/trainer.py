@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 import models
 from fax import step as step_lib
 from fax.checkpoint import Checkpointer, abstract_like, checkpoint_dir, incompatible_keys
-from fax.config import Config, ConfigError, apply_overrides, validate, with_layout
+from fax.config import (Config, ConfigError, apply_overrides, raise_problems, setting_problems, validate,
+                        with_layout)
 from fax.data import Sampler, TokenDataset, dataset_path, dataset_problems
 from fax.metrics import MetricsLog, mesh_desc, mfu, peak_flops_per_device, read_metrics
 from fax.runtime import HostRuntime, WorkerFailure
@@ -105,11 +106,7 @@ def plan_here(config: Config, devices: list[jax.Device], name: str = "", top: in
               validate: int = 1, measure: bool = False) -> Plan:
     """Plan ``config``'s model and batch for ``devices``, then compile the ranked layouts until ``validate``
     fit (timing each with ``measure``); raises ConfigError before any compile on bad settings."""
-    problems = config.model.problems()
-    if config.seq_len > config.model.max_seq_len:
-        problems.append(f"train.seq_len={config.seq_len} is longer than model.max_seq_len={config.model.max_seq_len}")
-    if problems:
-        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+    raise_problems(setting_problems(config))  # the layout's own problems are the planner's to avoid
     cluster = present_cluster(devices)
     try:
         result = plan_layouts(config.model, cluster, config.train.batch_size, config.seq_len, name, top=top)
@@ -196,7 +193,7 @@ class Trainer:
         if problems:
             if self.runtime is not None:
                 self.runtime.close()
-            raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+            raise_problems(problems)
         self.hooks: list[tuple[int, Hook]] = []
         self.history: list[dict[str, Any]] = []
         self.restarts: list[str] = []
