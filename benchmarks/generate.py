@@ -1,7 +1,8 @@
 """Decode throughput of the serving engine, side by side in one run on the same model shape and
 prompts: KV-cache decode vs recomputing the whole forward pass for every token, vs Hugging Face
-transformers' `generate` (PyTorch on the CPU, the same GPT-2 shape with random weights, its KV
-cache), at batch 1, 4 and 16.
+transformers' `generate` (PyTorch, the same GPT-2 shape with random weights, its KV cache), at
+batch 1, 4 and 16. On a GPU both run on it (PyTorch with TF32 matmuls, as JAX's default precision
+does for float32); on the CPU, fax's engine also runs tensor-parallel over emulated devices.
 
     pip install torch==2.13.0 transformers   # the CPU wheel; see the README
     python benchmarks/generate.py [--model gpt-mini --new-tokens 64]
@@ -30,14 +31,19 @@ def transformers_baseline(cfg, prompts: list[list[int]], new_tokens: int):
         return None
     config = transformers.GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.max_seq_len, n_embd=cfg.d_model,
                                      n_layer=cfg.n_layers, n_head=cfg.n_heads, n_inner=cfg.d_ff)
-    model = transformers.GPT2LMHeadModel(config).eval()
-    print(f"transformers {transformers.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+    torch.backends.cuda.matmul.allow_tf32 = True
+    model = transformers.GPT2LMHeadModel(config).eval().to(device)
+    print(f"transformers {transformers.__version__}, torch {torch.__version__} on {device} "
+          f"({torch.get_num_threads()} threads)")
 
     def run(batch: int) -> None:
-        ids = torch.tensor(prompts[:batch])
+        ids = torch.tensor(prompts[:batch], device=device)
         with torch.inference_mode():
             model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                            min_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=0)
+        if device == "cuda":
+            torch.cuda.synchronize()
     return run
 
 
@@ -90,24 +96,27 @@ def main() -> None:
             lambda: generate(engine, prompts[:batch], [greedy] * batch))
         if hf_generate:
             results[f"transformers_b{batch}"] = batch * args.new_tokens / timed(lambda: hf_generate(batch))
-    sharded = Engine(cfg, params, serving_mesh(cfg, jax.devices()), max_batch=16)
-    results["kv_b16_tensor_parallel"] = 16 * args.new_tokens / timed(
-        lambda: generate(sharded, prompts, [greedy] * 16))
+    if len(jax.devices()) > 1:
+        sharded = Engine(cfg, params, serving_mesh(cfg, jax.devices()), max_batch=16)
+        results["kv_b16_tensor_parallel"] = 16 * args.new_tokens / timed(
+            lambda: generate(sharded, prompts, [greedy] * 16))
 
     print(f"{args.model} ({models.param_count(cfg) / 1e6:.1f}M params), prompt {args.prompt_tokens} + "
-          f"{args.new_tokens} new tokens, greedy, one CPU device unless noted")
+          f"{args.new_tokens} new tokens, greedy, one {jax.devices()[0].device_kind} device unless noted")
     print(f"  recompute everything, batch 1: {results['recompute_b1']:8.1f} tokens/s")
     for batch in (1, 4, 16):
         hf = results.get(f"transformers_b{batch}")
         versus = f"   transformers {hf:8.1f} tokens/s, fax / transformers {results[f'kv_b{batch}'] / hf:.2f}x" if hf else ""
         print(f"  KV cache, batch {batch:>2}:             {results[f'kv_b{batch}']:8.1f} tokens/s{versus}")
-    print(f"  KV cache, batch 16, tensor-parallel over {len(jax.devices())} devices: "
-          f"{results['kv_b16_tensor_parallel']:.1f} tokens/s")
+    if "kv_b16_tensor_parallel" in results:
+        print(f"  KV cache, batch 16, tensor-parallel over {len(jax.devices())} devices: "
+              f"{results['kv_b16_tensor_parallel']:.1f} tokens/s")
     print(f"  KV cache / recompute at batch 1: {results['kv_b1'] / results['recompute_b1']:.2f}x; "
           f"batch 16 / batch 1: {results['kv_b16'] / results['kv_b1']:.2f}x")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": args.model, "tokens_per_s": results}, indent=2))
+    out.write_text(json.dumps({"model": args.model, "device": jax.devices()[0].device_kind, "tokens_per_s": results},
+                              indent=2))
 
 
 if __name__ == "__main__":

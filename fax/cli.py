@@ -155,11 +155,12 @@ def _plan(args: argparse.Namespace) -> int:
 
             from fax.trainer import plan_here
 
-            config = load_config(overrides=[f"model={args.model}", f"train.batch_size={args.global_batch}",
-                                            f"train.seq_len={args.seq}"])
-            result = plan_here(config, jax.devices(), args.model, args.top, args.validate, args.measure)
+            config = load_config(overrides=[f"model={args.model}", f"model.dtype={args.dtype}",
+                                            f"train.batch_size={args.global_batch}", f"train.seq_len={args.seq}"])
+            result = plan_here(config, jax.devices(), args.model, validate=args.validate, measure=args.measure)
         else:
-            result = plan(preset_or_error(args.model), cluster, args.global_batch, args.seq, args.model, args.top)
+            model = preset_or_error(args.model).replace(dtype=args.dtype)
+            result = plan(model, cluster, args.global_batch, args.seq, args.model, args.top)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if args.json:
@@ -171,7 +172,7 @@ def _plan(args: argparse.Namespace) -> int:
           f"{args.seq} tokens; {result.searched} layouts in {result.seconds:.2f} s"
           + ("" if cluster.present else " (analytical: this cluster is not present)"))
     print(f"{'#':>3}  {'layout':<52}{'step s':>9}{'tokens/s':>12}{'MFU':>6}{'GiB/dev':>9}{'comm':>6}")
-    for i, e in enumerate(result.ranked, 1):
+    for i, e in enumerate(result.ranked[:args.top], 1):
         print(f"{i:>3}  {e.candidate.describe():<52}{e.step_s:>9.3f}{e.tokens_per_s:>12,.0f}{e.mfu:>6.2f}"
               f"{e.memory_bytes / 2 ** 30:>9.1f}{e.comm_share:>6.0%}")
     print("templates:")
@@ -334,7 +335,8 @@ def parser() -> argparse.ArgumentParser:
                                                   "(default: this machine's devices)")
     pl.add_argument("--global-batch", type=int, default=16, help="sequences per step")
     pl.add_argument("--seq", type=int, default=128, help="tokens per sequence")
-    pl.add_argument("--top", type=int, default=10)
+    pl.add_argument("--dtype", default="bfloat16", help="the compute dtype planned for (model.dtype)")
+    pl.add_argument("--top", type=int, default=10, help="how many ranked layouts to print")
     pl.add_argument("--json", action="store_true", help="the whole plan as JSON")
     pl.add_argument("--validate", type=int, default=3, help="present devices: compile ranked layouts until this "
                                                             "many fit; the pick is the first (or fastest measured)")

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.config import ModelConfig
+from models.config import ModelConfig, attention_implementation
 from models.sharding import constrain
 
 RESIDUAL = ("batch", "length", "embed")
@@ -101,13 +101,10 @@ class Attention(nnx.Module):
             y = y + self.out_bias[...].astype(out.dtype)
         return constrain(y, RESIDUAL)
 
-    @property
-    def _impl(self) -> str | None:
-        return None if self.cfg.attention_impl == "auto" else self.cfg.attention_impl
-
     def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         q, k, v = self._project(x, positions)
-        return self._output(jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self._impl))
+        kernel = attention_implementation(self.cfg, jax.default_backend())
+        return self._output(jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=kernel))
 
     def cached(self, x: jax.Array, positions: jax.Array, cache: KVCache,
                span: int | None = None) -> tuple[jax.Array, KVCache]:

@@ -1,6 +1,7 @@
 """Measure the present devices so the cost model can use what they do instead of datasheet figures.
 
-``fax plan --calibrate`` times square matmuls of growing size on one device and all-reduces of two
+``fax plan --calibrate`` times square matmuls of growing size on one device (bfloat16 on accelerators,
+whose peak is the bf16 rate; float32 on CPUs, which train in it) and all-reduces of two
 sizes over all devices, and saves a profile per device kind and count. ``present_cluster`` reads
 it back: the best measured matmul rate sets the peak (so the cost model's best efficiency equals
 it), and the all-reduce times give the link's bandwidth and latency under the ring model.
@@ -17,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-MATMUL_SIZES = (128, 256, 512, 1024, 2048)
+MATMUL_SIZES = {"cpu": (128, 256, 512, 1024, 2048), "accelerator": (512, 1024, 2048, 4096, 8192)}
 ALLREDUCE_BYTES = (2 ** 12, 2 ** 24)
 
 
@@ -35,13 +36,14 @@ def best_time(fn: Callable[[], Any], repeats: int = 5) -> float:
 
 
 def matmul_rates(device: Any) -> dict[int, float]:
-    """FLOP/s of an n x n by n x n float32 matmul on ``device``, by n."""
+    """FLOP/s of an n x n by n x n matmul (random values) on ``device``, by n."""
     import jax
     import jax.numpy as jnp
 
+    cpu = device.platform == "cpu"
     rates = {}
-    for n in MATMUL_SIZES:
-        a = jax.device_put(jnp.ones((n, n), jnp.float32), device)
+    for n in MATMUL_SIZES["cpu" if cpu else "accelerator"]:
+        a = jax.device_put(jax.random.normal(jax.random.key(n), (n, n), jnp.float32 if cpu else jnp.bfloat16), device)
         matmul = jax.jit(lambda x: x @ x)
         rates[n] = 2 * n ** 3 / best_time(lambda: matmul(a))
     return rates

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from models import ModelConfig
-from models.config import param_count, train_flops_per_token
+from models.config import attention_implementation, param_count, train_flops_per_token
 from parallel.hardware import ClusterSpec, Link
 from parallel.mesh import MESH_AXES
 from parallel.pipeline import ticks
@@ -23,6 +23,7 @@ MEMORY_HEADROOM = 0.9  # the share of device memory a plan may use (fragmentatio
 REMAT_FORWARDS = {"none": 0.0, "dots_saveable": 0.25, "full": 1.0}  # extra forward passes recomputed
 OPTIMIZER_BYTES = 8.0  # Adam: two fp32 moments per parameter
 PARAM_BYTES = 4.0  # fp32 master parameters and gradients
+SCORE_BYTES = 4.0  # a float32 attention score per head per key, kept unless the attention kernel is fused
 
 
 @dataclass(frozen=True)
@@ -75,10 +76,14 @@ class Workload:
     model: ModelConfig
     global_batch: int  # sequences per step
     seq_len: int
-    compute_bytes: int = 2  # bf16 activations and communicated params
+    platform: str = "tpu"  # the devices' (jax platform name): picks the attention kernel
+    compute_bytes: int = field(init=False)  # activations and communicated params, in the model's dtype
+    flash_attention: bool = field(init=False)  # no seq x seq scores kept for the backward pass
     flops_per_token: float = field(init=False)
 
     def __post_init__(self):
+        object.__setattr__(self, "compute_bytes", 4 if self.model.dtype == "float32" else 2)
+        object.__setattr__(self, "flash_attention", attention_implementation(self.model, self.platform) == "cudnn")
         object.__setattr__(self, "flops_per_token", train_flops_per_token(self.model, self.seq_len))
 
     @property
@@ -121,10 +126,12 @@ def memory(c: Candidate, w: Workload) -> dict[str, float]:
     layers = m.n_layers / c.stages
     tokens = microbatch_tokens(c, w)
     per_token_layer = {  # bytes per token per layer (Megatron-LM's count, scaled to the compute dtype)
-        "none": (10 * m.d_model + 24 * m.d_model / c.tensor + 5 * m.n_heads * w.seq_len / c.tensor) * b / 2,
+        "none": (10 * m.d_model + 24 * m.d_model / c.tensor) * b / 2,
         "dots_saveable": (4 * m.d_model + 12 * m.d_model / c.tensor) * b / 2,
         "full": m.d_model * b,
     }[c.remat]
+    if not (w.flash_attention or c.remat == "full"):  # XLA's attention keeps its float32 scores for the backward
+        per_token_layer += SCORE_BYTES * m.n_heads * w.seq_len / c.tensor
     in_flight = ticks(c.stages, c.microbatches) if c.stages > 1 else 1  # GPipe keeps every tick's activations
     recompute = 0 if c.remat == "none" else (10 * m.d_model + 24 * m.d_model / c.tensor) * b / 2 * tokens
     return {"params": params * PARAM_BYTES, "grads": params * PARAM_BYTES, "optimizer": params * OPTIMIZER_BYTES,

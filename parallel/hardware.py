@@ -23,6 +23,7 @@ class Device:
     peak_flops: float  # dense bf16 FLOP/s
     hbm_bytes: float
     hbm_bandwidth: float  # bytes/s
+    platform: str  # jax's platform name: tpu, gpu, cpu
 
 
 @dataclass(frozen=True)
@@ -47,12 +48,12 @@ class ClusterSpec:
 
 
 DEVICES = {
-    "v4": Device("TPU v4", 275e12, 32 * GiB, 1.2e12),
-    "v5e": Device("TPU v5e", 197e12, 16 * GiB, 0.82e12),
-    "v5p": Device("TPU v5p", 459e12, 95 * GiB, 2.76e12),
-    "a100": Device("A100 80GB SXM", 312e12, 80 * GiB, 2.04e12),
-    "h100": Device("H100 80GB SXM", 989e12, 80 * GiB, 3.35e12),
-    "cpu": Device("CPU (emulated device)", 12.5e9, 2 * GiB, 5e9),
+    "v4": Device("TPU v4", 275e12, 32 * GiB, 1.2e12, "tpu"),
+    "v5e": Device("TPU v5e", 197e12, 16 * GiB, 0.82e12, "tpu"),
+    "v5p": Device("TPU v5p", 459e12, 95 * GiB, 2.76e12, "tpu"),
+    "a100": Device("A100 80GB SXM", 312e12, 80 * GiB, 2.04e12, "gpu"),
+    "h100": Device("H100 80GB SXM", 989e12, 80 * GiB, 3.35e12, "gpu"),
+    "cpu": Device("CPU (emulated device)", 12.5e9, 2 * GiB, 5e9, "cpu"),
 }
 # (devices per host, intra-host link, inter-host link, how the name counts devices)
 FAMILIES = {
@@ -93,7 +94,7 @@ def present_cluster(devices: list | None = None) -> ClusterSpec:
     device = DEVICES[family]
     if family == "cpu":  # the cores are shared by the emulated devices
         cores = os.cpu_count() or 1
-        device = Device(device.name, 50e9 * cores / per_host, device.hbm_bytes, device.hbm_bandwidth)
+        device = dataclasses.replace(device, peak_flops=50e9 * cores / per_host)
     name = f"{family}-{len(devices)} (present)"
     profile = load_profile(devices[0].device_kind, len(devices))
     if profile is not None:  # measured by `fax plan --calibrate`

@@ -146,7 +146,7 @@ def plan(model: ModelConfig, cluster: ClusterSpec, global_batch: int, seq_len: i
          top: int = 10, max_stages: int | None = None) -> Plan:
     """The fastest predicted layout that fits, with the ``top`` best and the rejected ones counted."""
     started = time.perf_counter()
-    w = Workload(model, global_batch, seq_len)
+    w = Workload(model, global_batch, seq_len, cluster.device.platform)
     rejected: Counter[str] = Counter()
     examples: dict[str, str] = {}
     fitting: list[Estimate] = []
@@ -193,6 +193,17 @@ def load_layout(path: str) -> Candidate:
     return Candidate(**layout)
 
 
+def out_of_memory(error: BaseException) -> bool:
+    """Whether an XLA error says a device ran out of memory (compiling, autotuning or running)."""
+    return "RESOURCE_EXHAUSTED" in str(error) or "out of memory" in str(error).lower()
+
+
+def _reject_unfit(result: Plan, example: str) -> None:
+    reason = "out of memory (compiled)"
+    result.rejected[reason] = result.rejected.get(reason, 0) + 1
+    result.examples.setdefault(reason, example)
+
+
 def validate(result: Plan, compile_candidate: Callable[[Candidate], Any], hbm_bytes: float, k: int = 3,
              measure: Callable[[Candidate], float] | None = None) -> Plan:
     """Compile the ranked candidates on the present devices until ``k`` fit (or the list ends); those
@@ -201,15 +212,19 @@ def validate(result: Plan, compile_candidate: Callable[[Candidate], Any], hbm_by
     fitting: list[tuple[Estimate, Compiled]] = []
     for e in result.ranked:
         started = time.perf_counter()
-        compiled = compile_candidate(e.candidate)
-        figures = compiled_figures(e, compiled, time.perf_counter() - started, hbm_bytes)
-        if figures.fits and measure is not None:
-            figures = dataclasses.replace(figures, measured_s=measure(e.candidate))
+        try:
+            compiled = compile_candidate(e.candidate)
+            figures = compiled_figures(e, compiled, time.perf_counter() - started, hbm_bytes)
+            if figures.fits and measure is not None:
+                figures = dataclasses.replace(figures, measured_s=measure(e.candidate))
+        except Exception as error:  # XLA ran out of memory compiling (autotuning) or running it: does not fit
+            if not out_of_memory(error):
+                raise
+            _reject_unfit(result, f"{e.candidate.describe()}: {str(error).splitlines()[0][:160]}")
+            continue
         result.validated.append(figures)
         if not figures.fits:
-            result.rejected["out of memory (compiled)"] = result.rejected.get("out of memory (compiled)", 0) + 1
-            result.examples.setdefault("out of memory (compiled)", f"{figures.layout}: XLA needs "
-                                       f"{figures.memory_bytes / 2 ** 30:.2f} GiB per device")
+            _reject_unfit(result, f"{figures.layout}: XLA needs {figures.memory_bytes / 2 ** 30:.2f} GiB per device")
             continue
         fitting.append((e, figures))
         if len(fitting) == k:

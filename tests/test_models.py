@@ -73,3 +73,13 @@ def test_bfloat16_compute_tracks_float32():
     bf16 = models.build(cfg.replace(dtype="bfloat16"), seed=0)(tokens)
     assert bf16.dtype == jnp.float32  # logits always come out in float32 for the loss
     np.testing.assert_allclose(bf16, f32, atol=5e-2)
+
+
+def test_auto_attention_is_the_fused_kernel_only_where_it_exists():
+    from models.config import attention_implementation
+    cfg = models.preset("llama-tiny")
+    assert attention_implementation(cfg.replace(dtype="bfloat16"), "gpu") == "cudnn"
+    assert attention_implementation(cfg, "gpu") == "xla"  # cuDNN has no float32 flash attention
+    assert attention_implementation(cfg.replace(dtype="bfloat16"), "tpu") == "xla"
+    assert attention_implementation(cfg.replace(dtype="bfloat16"), "cpu") == "xla"
+    assert attention_implementation(cfg.replace(attention_impl="cudnn"), "cpu") == "cudnn"  # as set
