@@ -63,6 +63,7 @@ class LoraConfig:
     rank: int = 0  # 0: train every weight
     alpha: float = 16.0  # the update is (alpha / rank) * A @ B
     targets: tuple[str, ...] = ("attn.wq", "attn.wv")  # of attn.wq/wk/wv/wo, mlp.wi/wg/wo
+    dropout: float = 0.0  # on the adapters' inputs, in training
 
     @property
     def scale(self) -> float:
@@ -73,6 +74,8 @@ class LoraConfig:
             return [f"lora.rank must be >= 0 (0: no adapters), got {self.rank}"]
         if not self.rank:
             return []
+        if not 0.0 <= self.dropout < 1.0:
+            return [f"lora.dropout must be in [0, 1), got {self.dropout}"]
         unknown = [t for t in self.targets if t not in TARGETS]
         found = [f"lora.targets: unknown {', '.join(unknown)}; choose from {', '.join(TARGETS)}"] if unknown else []
         if "mlp.wg" in self.targets and model.activation != "swiglu":

@@ -297,7 +297,8 @@ def export_adapters(run_dir: str | Path, out_dir: str | Path, step: int | None =
     save_file({f"{target}.{k}": np.asarray(jax.device_get(v)) for target, ab in params["lora"].items()
                for k, v in ab.items()}, str(out / "adapters.safetensors"))
     (out / "adapter_config.json").write_text(json.dumps(
-        {"rank": config.lora.rank, "alpha": config.lora.alpha, "targets": list(config.lora.targets), "step": step,
+        {"rank": config.lora.rank, "alpha": config.lora.alpha, "dropout": config.lora.dropout,
+         "targets": list(config.lora.targets), "step": step,
          "base_model": config.to_dict()["model"], "init_from": config.init_from}, indent=2))
     return out, step
 

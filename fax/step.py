@@ -68,9 +68,15 @@ def with_trainable(params: Any, updated: Any, lora: LoraConfig) -> Any:
     return {**params, "lora": updated} if lora.rank else updated
 
 
-def model_params(params: Any, lora: LoraConfig) -> Any:
-    """The weights the model reads: under LoRA, the base with its adapters merged in."""
-    return lora_lib.merge(params["base"], params["lora"], lora.scale) if lora.rank else params
+def model_params(params: Any, lora: LoraConfig, dropout_key: jax.Array | None = None) -> Any:
+    """The weights the model reads: under LoRA the base with its adapters merged in, or in training
+    (given the step's ``dropout_key``) attached to it, so that they apply dropout to their inputs and
+    the frozen base gets no weight gradient."""
+    if not lora.rank:
+        return params
+    if dropout_key is None:
+        return lora_lib.merge(params["base"], params["lora"], lora.scale)
+    return lora_lib.attach(params["base"], params["lora"], lora.scale, lora.dropout, dropout_key)
 
 
 def loss_and_grads(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, z_loss: float,
@@ -119,12 +125,13 @@ def batch_grads(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, microbat
 
 
 def train_step(state: State, tokens: jax.Array, *, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-               schedule: optax.Schedule, microbatches: int, stages: int, z_loss: float, lora: LoraConfig
-               ) -> tuple[State, dict[str, jax.Array]]:
+               schedule: optax.Schedule, microbatches: int, stages: int, z_loss: float, lora: LoraConfig,
+               seed: int) -> tuple[State, dict[str, jax.Array]]:
     params = trainable(state["params"], lora)
+    dropout_key = jax.random.fold_in(jax.random.key(seed), state["step"])
 
     def to_model(p: Any) -> Any:
-        return model_params(with_trainable(state["params"], p, lora), lora)
+        return model_params(with_trainable(state["params"], p, lora), lora, dropout_key)
 
     loss, grads = batch_grads(graphdef, params, tokens, microbatches, stages, z_loss, to_model)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
@@ -199,7 +206,7 @@ def build(cfg: Config, mesh: Mesh) -> ShardedTraining:
     batch_sharding = logical_sharding(("batch", None), mesh)  # rows of seq_len + 1 tokens: split by the step
     step = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=lr_schedule(cfg.optim, cfg.train.steps),
                              microbatches=cfg.train.microbatches, stages=mesh.shape["stage"], z_loss=cfg.train.z_loss,
-                             lora=cfg.lora)
+                             lora=cfg.lora, seed=cfg.seed)
     return ShardedTraining(
         mesh=mesh,
         graphdef=graphdef,

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.config import ModelConfig, attention_implementation
+from models.lora import Adapted
 from models.sharding import constrain
 
 RESIDUAL = ("batch", "length", "embed")
@@ -26,6 +27,13 @@ def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str | None,
     else:
         value = init * jax.random.normal(rngs.params(), shape, jnp.float32)
     return nnx.Param(value, out_sharding=axes)
+
+
+def project(spec: str, x: jax.Array, w: jax.Array | Adapted) -> jax.Array:
+    """``x`` times a weight (an einsum ``spec``) in x's dtype; a LoRA-adapted weight adds its update."""
+    if isinstance(w, Adapted):
+        return w.project(spec, x)
+    return jnp.einsum(spec, x, w.astype(x.dtype))
 
 
 def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
@@ -82,9 +90,7 @@ class Attention(nnx.Module):
 
     def _project(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         cfg, dt = self.cfg, x.dtype
-        q = jnp.einsum("bld,dhk->blhk", x, self.wq[...].astype(dt))
-        k = jnp.einsum("bld,dhk->blhk", x, self.wk[...].astype(dt))
-        v = jnp.einsum("bld,dhk->blhk", x, self.wv[...].astype(dt))
+        q, k, v = (project("bld,dhk->blhk", x, w[...]) for w in (self.wq, self.wk, self.wv))
         if cfg.use_bias:
             q, k, v = q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt), v + self.v_bias[...].astype(dt)
         if cfg.position == "rope":
@@ -96,7 +102,7 @@ class Attention(nnx.Module):
 
     def _output(self, out: jax.Array) -> jax.Array:
         out = constrain(out, ("batch", "length", "heads", "head_dim"))
-        y = jnp.einsum("blhk,hkd->bld", out, self.wo[...].astype(out.dtype))
+        y = project("blhk,hkd->bld", out, self.wo[...])
         if self.cfg.use_bias:
             y = y + self.out_bias[...].astype(out.dtype)
         return constrain(y, RESIDUAL)
@@ -147,15 +153,15 @@ class Mlp(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg, dt = self.cfg, x.dtype
-        h = x @ self.wi[...].astype(dt)
+        h = project("bld,df->blf", x, self.wi[...])
         if cfg.use_bias:
             h = h + self.in_bias[...].astype(dt)
         if cfg.activation == "swiglu":
-            h = jax.nn.silu(x @ self.wg[...].astype(dt)) * h
+            h = jax.nn.silu(project("bld,df->blf", x, self.wg[...])) * h
         else:
             h = jax.nn.gelu(h, approximate=True)
         h = constrain(h, ("batch", "length", "mlp"))
-        y = h @ self.wo[...].astype(dt)
+        y = project("blf,fd->bld", h, self.wo[...])
         if cfg.use_bias:
             y = y + self.out_bias[...].astype(dt)
         return constrain(y, RESIDUAL)

@@ -1,7 +1,9 @@
 """LoRA: a frozen weight W plus a trainable low-rank update (alpha / rank) * A @ B.
 
-Adapters are a separate tree beside the base params; ``merge`` folds them into the weights the
-model reads, so the model code is the same with or without them. A weight's leading (input) axes
+Adapters are a separate tree beside the base params. For inference and export ``merge`` folds them
+into the weights; in training ``attach`` pairs each weight with its adapter (``Adapted``), which the
+model's projections apply to the activations: x W + scale * dropout(x) A B. That is where LoRA's
+dropout acts, and the frozen W then needs no weight gradient at all. A weight's leading (input) axes
 meet A, its trailing (output) axes meet B; each adapter takes the logical axes of the side of the
 weight it mirrors, so adapters are sharded with their base weights. B starts at zero: before any
 step the adapted model is the base model.
@@ -10,6 +12,7 @@ step the adapted model is the base model.
 from __future__ import annotations
 
 import string
+from dataclasses import dataclass, field
 from typing import Any
 
 import jax
@@ -73,4 +76,46 @@ def merge(base: Params, adapters: Params, scale: float) -> Params:
     for target, ab in adapters.items():
         module, name = target.split(".")
         blocks[module][name] = blocks[module][name] + scale * delta(ab["a"], ab["b"])
+    return {**base, "blocks": blocks}
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class Adapted:
+    """A frozen weight with its adapter, in the place of the weight in the params the model reads.
+    In the stacked blocks every array (``key`` too: dropout key data) has the layer axis first."""
+
+    base: jax.Array
+    a: jax.Array
+    b: jax.Array
+    key: jax.Array
+    n_in: int = field(metadata={"static": True})  # how many leading axes of ``base`` are inputs
+    scale: float = field(metadata={"static": True})
+    dropout: float = field(metadata={"static": True})
+
+    def __getitem__(self, index: Any) -> Adapted:  # the model reads a parameter's value as ``w[...]``
+        return self
+
+    def project(self, spec: str, x: jax.Array) -> jax.Array:
+        """``einsum(spec, x, W)`` plus the adapter's update, in x's dtype."""
+        operands, out = spec.split("->")
+        x_axes, w_axes = operands.split(",")
+        inputs, outputs = w_axes[:self.n_in], w_axes[self.n_in:]
+        kept = "".join(axis for axis in x_axes if axis not in inputs)
+        y = jnp.einsum(spec, x, self.base.astype(x.dtype))
+        if self.dropout:
+            keep = jax.random.bernoulli(jax.random.wrap_key_data(self.key), 1.0 - self.dropout, x.shape)
+            x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
+        low = jnp.einsum(f"{x_axes},{inputs}r->{kept}r", x, self.a.astype(x.dtype))
+        return y + self.scale * jnp.einsum(f"{kept}r,r{outputs}->{out}", low, self.b.astype(x.dtype))
+
+
+def attach(base: Params, adapters: Params, scale: float, dropout: float, key: jax.Array) -> Params:
+    """The weights the model reads in training: each adapted W becomes an ``Adapted``, with its own
+    dropout key per layer (from ``key``, which should change every step)."""
+    blocks = {module: dict(weights) for module, weights in base["blocks"].items()}
+    for i, (target, ab) in enumerate(adapters.items()):
+        module, name = target.split(".")
+        keys = jax.random.key_data(jax.random.split(jax.random.fold_in(key, i), ab["a"].shape[0]))
+        blocks[module][name] = Adapted(blocks[module][name], ab["a"], ab["b"], keys, TARGETS[target], scale, dropout)
     return {**base, "blocks": blocks}

@@ -83,3 +83,38 @@ def test_adapters_are_sharded_with_their_weights_and_bad_settings_are_named(tmp_
         validate(lora_config(tmp_path, small_corpus, "lora.targets=[attn.qkv]"), 8)
     with pytest.raises(ConfigError, match="mlp.wg exists only with model.activation=swiglu"):
         validate(lora_config(tmp_path, small_corpus, "lora.targets=[mlp.wg]"), 8)
+    with pytest.raises(ConfigError, match=r"lora.dropout must be in \[0, 1\), got 1.0"):
+        validate(lora_config(tmp_path, small_corpus, "lora.dropout=1.0"), 8)
+
+
+@pytest.mark.parametrize("model", ["gpt-tiny", "llama-tiny"])
+def test_training_applies_adapters_to_activations_with_dropout(tmp_path, small_corpus, model):
+    targets = "[attn.wq, attn.wk, attn.wv, attn.wo, mlp.wi, mlp.wo" + (", mlp.wg]" if model == "llama-tiny" else "]")
+    cfg = lora_config(tmp_path, small_corpus, f"model={model}", f"lora.targets={targets}")
+    graphdef = step_lib.param_layout(cfg, make_mesh(ParallelConfig(fsdp=1), jax.devices()[:1]))[0]
+    params = step_lib.init_params(cfg)
+    rng = np.random.default_rng(0)
+    params["lora"] = jax.tree.map(lambda x: rng.normal(0, 0.05, x.shape).astype(np.float32), params["lora"])
+    tokens = rng.integers(0, cfg.model.vocab_size, (4, 17))
+
+    def loss_and_adapter_grads(lora, key):
+        def to_model(adapters):
+            return step_lib.model_params({**params, "lora": adapters}, lora, key)
+        return step_lib.loss_and_grads(graphdef, params["lora"], tokens, 0.0, to_model=to_model)
+
+    key = jax.random.key(3)
+    # Without dropout, adapters on the activations are the merged weights: same loss, same gradients.
+    merged, attached = loss_and_adapter_grads(cfg.lora, None), loss_and_adapter_grads(cfg.lora, key)
+    np.testing.assert_allclose(attached[0], merged[0], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), attached[1], merged[1])
+    # With dropout the adapters see masked inputs: a different loss, the same for the same key.
+    dropped = cfg.lora.__class__(**{**cfg.lora.__dict__, "dropout": 0.5})
+    first, again = loss_and_adapter_grads(dropped, key), loss_and_adapter_grads(dropped, key)
+    other = loss_and_adapter_grads(dropped, jax.random.key(4))
+    assert float(first[0]) == float(again[0]) and abs(float(first[0]) - float(merged[0])) > 1e-4
+    assert abs(float(other[0]) - float(first[0])) > 1e-4
+    # And training with dropout learns.
+    with Trainer(lora_config(tmp_path / "run", small_corpus, f"model={model}", "lora.dropout=0.1"),
+                 echo=lambda _: None) as trainer:
+        history = trainer.fit()
+    assert history[-1]["loss"] < history[0]["loss"] - 0.15
