@@ -1,6 +1,8 @@
 """LoRA vs full fine-tuning, side by side in one run: step time and optimizer-state memory.
 
     python benchmarks/finetune.py [--model gpt-mini] [--rank 8] [--steps 10]
+    python benchmarks/finetune.py --model llama-1b --batch 8 --seq 2048 \
+        --set model.dtype=bfloat16 model.remat=dots_with_no_batch_dims_saveable     # on a GPU
 
 Same model, batch and mesh (the local devices); LoRA adapts attn.wq, attn.wv (the default targets).
 Printed: ms per step, trainable parameters and optimizer-state bytes of each, and the ratios.
@@ -48,10 +50,11 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--cpu-devices", type=int, default=8)
+    p.add_argument("--set", nargs="*", default=[], help="more config overrides for both, e.g. model.dtype=bfloat16")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "finetune.json"))
     args = p.parse_args()
     jax.config.update("jax_num_cpu_devices", args.cpu_devices)
-    common = [f"model={args.model}", f"train.batch_size={args.batch}", f"train.seq_len={args.seq}"]
+    common = [f"model={args.model}", f"train.batch_size={args.batch}", f"train.seq_len={args.seq}", *args.set]
     results = {"full": measure(common, args.steps), "lora": measure([*common, f"lora.rank={args.rank}"], args.steps)}
     for name, r in results.items():
         print(f"{name:>5}: {r['step_s'] * 1e3:8.1f} ms/step  {r['trainable']:>12,} trainable  "
