@@ -26,6 +26,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=2, help="layers of a gpt2-small shaped model")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--cpu-devices", type=int, default=8)
+    p.add_argument("--compress", action="store_true", help="checkpoint.compress=true (zstd)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "checkpoint.json"))
     args = p.parse_args()
     jax.config.update("jax_num_cpu_devices", args.cpu_devices)
@@ -40,7 +41,12 @@ def main() -> None:
 
     cfg = load_config(overrides=["model=gpt2-small", f"model.n_layers={args.layers}"])
     training = step_lib.build(cfg, make_mesh(cfg.parallel))
-    state = jax.block_until_ready(training.init())
+    # Random values everywhere, as in a trained state: fresh Adam moments are zeros, which compress to
+    # nothing and would flatter a compressing writer.
+    state = jax.jit(lambda s: jax.tree.map(lambda x: jax.random.normal(jax.random.key(x.size), x.shape, x.dtype)
+                                           if jax.numpy.issubdtype(x.dtype, jax.numpy.floating) else x, s),
+                    out_shardings=training.state_shardings)(training.init())
+    state = jax.block_until_ready(state)
     leaves = jax.tree.leaves({"params": state["params"], "opt_state": state["opt_state"]})
     total_mb = sum(x.nbytes for x in leaves) / 2**20
     print(f"train state: {total_mb:.0f} MB in {len(leaves)} arrays over {len(jax.devices())} devices (fsdp)")
@@ -52,8 +58,8 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="fax-bench-ckpt-"))
     results: dict[str, list[float]] = {k: [] for k in (
         "async_blocked_s", "sync_save_s", "npsave_s", "restore_same_s", "restore_other_s", "npload_s")}
-    sync = Checkpointer(str(root / "sync"), CheckpointConfig(async_save=False, max_to_keep=0))
-    asyn = Checkpointer(str(root / "async"), CheckpointConfig(async_save=True, max_to_keep=0))
+    sync = Checkpointer(str(root / "sync"), CheckpointConfig(async_save=False, max_to_keep=0, compress=args.compress))
+    asyn = Checkpointer(str(root / "async"), CheckpointConfig(async_save=True, max_to_keep=0, compress=args.compress))
     try:
         for r in range(args.rounds + 1):  # round 0 warms up orbax and the file cache
             step = r + 1

@@ -87,6 +87,26 @@ def test_keep_policy(tmp_path):
     ckpt.close()
 
 
+def test_compressed_and_raw_checkpoints_restore_the_same_arrays(tmp_path):
+    mesh = jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
+    sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x"))
+    whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())  # replicated over 8 devices
+    state = {"params": {"w": jax.device_put(np.random.default_rng(0).normal(size=(64, 256)), sharded),
+                        "b": jax.device_put(np.arange(256.0), whole)},
+             "opt_state": {"m": jax.device_put(np.zeros((64, 256)), sharded)}}
+    shardings = {**jax.tree.map(lambda x: x.sharding, state), "step": whole}
+    sizes = {}
+    for compress in (False, True):
+        ckpt = Checkpointer(str(tmp_path / str(compress)), CheckpointConfig(compress=compress))
+        ckpt.save(state, {"step": 1}, wait=True)
+        restored, _ = ckpt.restore(1, state, shardings)
+        assert_trees_equal({k: restored[k] for k in state}, state)
+        assert restored["params"]["b"].sharding == whole
+        sizes[compress] = ckpt.size_bytes(1)
+        ckpt.close()
+    assert sizes[True] < sizes[False] - 64 * 256 * 8 / 2  # the zeros compress away
+
+
 def test_resume_refuses_a_different_model_and_resume_false(tmp_path, small_corpus):
     cfg = load_config(overrides=overrides(tmp_path, small_corpus, "train.steps=2"))
     quiet(cfg).fit()
