@@ -78,6 +78,7 @@ def main() -> None:
     import models
     from fax import load_config
     from fax.trainer import layout_timer
+    from parallel.calibrate import calibrate
     from parallel.hardware import cluster_preset, present_cluster
     from parallel.planner import plan
 
@@ -94,7 +95,10 @@ def main() -> None:
         results["bubble"].append(r)
         print(f"    M={r['microbatches']:>2}  pipelined {r['pipelined_s'] * 1e3:7.1f} ms  even {r['even_s'] * 1e3:7.1f} ms"
               f"  bubble measured {r['measured']:.2f}  formula (S-1)/(M+S-1) {r['formula']:.2f}")
+    profile = calibrate(jax.devices())  # as `fax plan --calibrate` does: the plans below use it
     here = present_cluster()
+    print(f"calibrated {here.name}: knee {here.device.matmul_knee:.0f}, peak {here.device.peak_flops / 1e9:.1f} "
+          f"GFLOP/s per device, link {profile['link_bandwidth'] / 1e9:.2f} GB/s")
     for name, batch, seq in (("gpt-tiny", 16, 128), ("gpt-mini", 16, 128)):
         result = plan(models.preset(name), here, batch, seq, name, top=10_000)
         ranked = [e for e in result.ranked if e.candidate.remat == "none"]

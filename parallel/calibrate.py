@@ -9,6 +9,7 @@ it), and the all-reduce times give the link's bandwidth and latency under the ri
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -49,18 +50,26 @@ def matmul_rates(device: Any) -> dict[int, float]:
     return rates
 
 
-def allreduce_times(devices: list) -> dict[int, float]:
-    """Seconds to sum a buffer of each size held by every device into every device."""
+def allreduce_times(devices: list, chained: int = 16) -> dict[int, float]:
+    """Seconds to sum a buffer of each size held by every device into every device: ``chained``
+    dependent all-reduces run in one program, so the figure is the collective's own cost inside a
+    compiled step, not a program launch's."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec
 
-    mesh = jax.make_mesh((len(devices),), ("x",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
-    total = jax.jit(lambda x: x.sum(0), out_shardings=NamedSharding(mesh, PartitionSpec()))
+    n = len(devices)
+    mesh = jax.make_mesh((n,), ("x",), axis_types=(jax.sharding.AxisType.Explicit,), devices=devices)
+
+    @jax.jit
+    @functools.partial(jax.shard_map, mesh=mesh, in_specs=PartitionSpec("x"), out_specs=PartitionSpec("x"))
+    def chain(x: jax.Array) -> jax.Array:
+        return jax.lax.fori_loop(0, chained, lambda _, y: jax.lax.pcast(jax.lax.psum(y, "x") / n, "x", to="varying"), x)
+
     times = {}
     for nbytes in ALLREDUCE_BYTES:
-        x = jax.device_put(jnp.ones((len(devices), nbytes // 4), jnp.float32), NamedSharding(mesh, PartitionSpec("x")))
-        times[nbytes] = best_time(lambda: total(x))
+        x = jax.device_put(jnp.ones((n, nbytes // 4), jnp.float32), NamedSharding(mesh, PartitionSpec("x")))
+        times[nbytes] = best_time(lambda: chain(x)) / chained
     return times
 
 

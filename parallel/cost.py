@@ -12,12 +12,10 @@ from dataclasses import asdict, dataclass, field
 
 from models import ModelConfig
 from models.config import attention_implementation, param_count, train_flops_per_token
-from parallel.hardware import ClusterSpec, Link
+from parallel.hardware import ClusterSpec, Link, efficiency
 from parallel.mesh import MESH_AXES
 from parallel.pipeline import ticks
 
-PEAK_EFFICIENCY = 0.6  # the best fraction of peak a large matmul reaches
-EFFICIENCY_KNEE = 512.0  # per-device GEMM rows (tokens) x cols (features/512) at which efficiency is half the best
 OVERLAP = 0.8  # fraction of compute that can hide fsdp/data collectives (XLA's async collectives)
 MEMORY_HEADROOM = 0.9  # the share of device memory a plan may use (fragmentation, compiler temps)
 REMAT_FORWARDS = {"none": 0.0, "dots_saveable": 0.25, "full": 1.0}  # extra forward passes recomputed
@@ -107,12 +105,6 @@ def axis_links(c: Candidate, cluster: ClusterSpec) -> dict[str, Link]:
     return links
 
 
-def efficiency(rows: float, cols: float) -> float:
-    """Fraction of peak for per-device matmuls of ``rows`` tokens by ``cols`` features."""
-    size = rows * min(1.0, cols / 512.0)
-    return PEAK_EFFICIENCY * size / (size + EFFICIENCY_KNEE)
-
-
 def microbatch_tokens(c: Candidate, w: Workload) -> float:
     """Tokens one device holds in one microbatch."""
     return w.tokens / (c.data * c.fsdp * c.microbatches * c.sequence)
@@ -166,7 +158,8 @@ def estimate(c: Candidate, w: Workload, cluster: ClusterSpec) -> Estimate:
     flops = w.flops_per_token * w.tokens
     recomputed = flops / 3 * REMAT_FORWARDS[c.remat]  # a forward pass is a third of forward + backward
     head_repeats = 6.0 * m.d_model * m.vocab_size * w.tokens * (c.stages - 1)  # every stage runs the LM head
-    rate = cluster.device.peak_flops * efficiency(microbatch_tokens(c, w), m.d_model / c.tensor)
+    rate = cluster.device.peak_flops * efficiency(microbatch_tokens(c, w), m.d_model / c.tensor,
+                                                  cluster.device.matmul_knee)
     compute = (flops + recomputed + head_repeats) / devices / rate
     bubble = compute * (c.stages - 1) / c.microbatches  # GPipe/1F1B: (p - 1) idle slots of m
     comm = comm_times(c, w, cluster)

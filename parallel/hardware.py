@@ -8,6 +8,7 @@ have NVLink inside a node and InfiniBand (8 NICs per node) across nodes.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 from parallel.calibrate import load_profile
 
 GiB = 2 ** 30
+PEAK_EFFICIENCY = 0.6  # the best fraction of peak a large matmul reaches
+EFFICIENCY_KNEE = 512.0  # per-device matmul size (below) at which efficiency is half the best; calibration fits it
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,7 @@ class Device:
     hbm_bytes: float
     hbm_bandwidth: float  # bytes/s
     platform: str  # jax's platform name: tpu, gpu, cpu
+    matmul_knee: float = EFFICIENCY_KNEE
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,24 @@ FAMILIES = {
 PRESET_EXAMPLES = ("v4-8", "v4-1024", "v5e-256", "v5p-512", "a100-64", "h100-1024", "cpu-8")
 
 
+def efficiency(rows: float, cols: float, knee: float = EFFICIENCY_KNEE) -> float:
+    """Fraction of peak for per-device matmuls of ``rows`` tokens by ``cols`` features: their size,
+    rows x min(1, cols / 512), over size + ``knee``."""
+    size = rows * min(1.0, cols / 512.0)
+    return PEAK_EFFICIENCY * size / (size + knee)
+
+
+def fit_knee(rates: dict[int, float]) -> float:
+    """The knee under which ``efficiency`` best matches measured n x n matmul rates by n (least
+    squares on the log of each rate relative to the fastest)."""
+    best = max(rates, key=rates.get)
+
+    def misfit(knee: float) -> float:
+        return sum((math.log(rates[n] / rates[best]) - math.log(efficiency(n, n, knee) / efficiency(best, best, knee)))
+                   ** 2 for n in rates)
+    return min((10 ** (i / 20) for i in range(121)), key=misfit)  # 1 ... 1e6
+
+
 def cluster_preset(name: str) -> ClusterSpec:
     """``<family>-<count>``: ``v4-1024`` (TPU names count TensorCores for v4/v5p), ``h100-1024``, ``cpu-8``."""
     match = re.fullmatch(r"([a-z0-9]+)-(\d+)", name)
@@ -98,10 +120,11 @@ def present_cluster(devices: list | None = None) -> ClusterSpec:
     name = f"{family}-{len(devices)} (present)"
     profile = load_profile(devices[0].device_kind, len(devices))
     if profile is not None:  # measured by `fax plan --calibrate`
-        from parallel.cost import PEAK_EFFICIENCY
-
+        rates = {int(n): r for n, r in profile["matmul_flops"].items()}
+        knee, best = fit_knee(rates), max(rates, key=rates.get)
         concurrent = per_host if family == "cpu" else 1  # emulated devices share the cores one device used
-        device = dataclasses.replace(device, peak_flops=profile["best_matmul_flops"] / PEAK_EFFICIENCY / concurrent)
+        device = dataclasses.replace(device, matmul_knee=knee,
+                                     peak_flops=rates[best] / efficiency(best, best, knee) / concurrent)
         if "link_bandwidth" in profile:
             intra = Link(profile["link_bandwidth"], profile["link_latency"])
         name = f"{family}-{len(devices)} (present, calibrated)"
