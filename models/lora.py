@@ -12,6 +12,7 @@ step the adapted model is the base model.
 from __future__ import annotations
 
 import string
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,13 +71,18 @@ def delta(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.einsum(f"z{inputs}r,zr{outputs}->z{inputs}{outputs}", a, b)
 
 
+def _with_adapted(base: Params, adapters: Params, adapt: Callable[[int, str, jax.Array, Params], Any]) -> Params:
+    """``base`` with every adapted weight W replaced by ``adapt(i, target, W, {"a": A, "b": B})``."""
+    blocks = {module: dict(weights) for module, weights in base["blocks"].items()}
+    for i, (target, ab) in enumerate(adapters.items()):
+        module, name = target.split(".")
+        blocks[module][name] = adapt(i, target, blocks[module][name], ab)
+    return {**base, "blocks": blocks}
+
+
 def merge(base: Params, adapters: Params, scale: float) -> Params:
     """The weights the model reads: each adapted W becomes W + scale * A @ B."""
-    blocks = {module: dict(weights) for module, weights in base["blocks"].items()}
-    for target, ab in adapters.items():
-        module, name = target.split(".")
-        blocks[module][name] = blocks[module][name] + scale * delta(ab["a"], ab["b"])
-    return {**base, "blocks": blocks}
+    return _with_adapted(base, adapters, lambda _i, _target, w, ab: w + scale * delta(ab["a"], ab["b"]))
 
 
 @jax.tree_util.register_dataclass
@@ -113,9 +119,7 @@ class Adapted:
 def attach(base: Params, adapters: Params, scale: float, dropout: float, key: jax.Array) -> Params:
     """The weights the model reads in training: each adapted W becomes an ``Adapted``, with its own
     dropout key per layer (from ``key``, which should change every step)."""
-    blocks = {module: dict(weights) for module, weights in base["blocks"].items()}
-    for i, (target, ab) in enumerate(adapters.items()):
-        module, name = target.split(".")
+    def adapt(i: int, target: str, w: jax.Array, ab: Params) -> Adapted:
         keys = jax.random.key_data(jax.random.split(jax.random.fold_in(key, i), ab["a"].shape[0]))
-        blocks[module][name] = Adapted(blocks[module][name], ab["a"], ab["b"], keys, TARGETS[target], scale, dropout)
-    return {**base, "blocks": blocks}
+        return Adapted(w, ab["a"], ab["b"], keys, TARGETS[target], scale, dropout)
+    return _with_adapted(base, adapters, adapt)

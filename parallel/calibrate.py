@@ -3,8 +3,9 @@
 ``fax plan --calibrate`` times square matmuls of growing size on one device (bfloat16 on accelerators,
 whose peak is the bf16 rate; float32 on CPUs, which train in it) and all-reduces of two
 sizes over all devices, and saves a profile per device kind and count. ``present_cluster`` reads
-it back: the best measured matmul rate sets the peak (so the cost model's best efficiency equals
-it), and the all-reduce times give the link's bandwidth and latency under the ring model.
+it back: the matmul rates by size set the efficiency curve's knee and the peak (so the curve passes
+through the best measured rate), and the all-reduce times give the link's bandwidth and latency
+under the ring model.
 """
 
 from __future__ import annotations
