@@ -2,7 +2,7 @@
 prompts: KV-cache decode vs recomputing the whole forward pass for every token, vs Hugging Face
 transformers' `generate` (PyTorch, the same GPT-2 shape with random weights, its KV cache), at
 batch 1, 4 and 16. On a GPU both run on it (PyTorch with TF32 matmuls, as JAX's default precision
-does for float32); on the CPU, fax's engine also runs tensor-parallel over emulated devices.
+does for float32); on the CPU, ``--cpu-devices 8`` adds a tensor-parallel engine over emulated devices.
 
     pip install torch==2.13.0 transformers   # the CPU wheel; see the README
     python benchmarks/generate.py [--model gpt-mini --new-tokens 64]
@@ -52,7 +52,9 @@ def main() -> None:
     p.add_argument("--model", default="gpt-mini")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prompt-tokens", type=int, default=32)
-    p.add_argument("--cpu-devices", type=int, default=8)
+    p.add_argument("--cpu-devices", type=int, default=1,
+                   help="emulated CPU devices; with more than one, also a tensor-parallel engine over them (the "
+                        "emulation slows even the single-device engine by 20-30%%, so the comparison runs on one)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "generate.json"))
     args = p.parse_args()
     jax.config.update("jax_num_cpu_devices", args.cpu_devices)

@@ -132,9 +132,11 @@ def _decode(graphdef: nnx.GraphDef, tokens_per_call: int, span: int, params: Any
     return out.T, cache
 
 
-def buckets(limit: int, smallest: int) -> tuple[int, ...]:
-    """Powers of two from ``smallest`` up to ``limit`` (``limit`` itself always included)."""
-    sizes = [smallest * 2 ** i for i in range(max(0, math.ceil(math.log2(max(limit / smallest, 1)))))]
+def buckets(limit: int, smallest: int, halfway: bool = False) -> tuple[int, ...]:
+    """``smallest`` times powers of two up to ``limit`` (``limit`` itself always included); with
+    ``halfway`` also the sizes 1.5 times each (a finer ladder: less padding, more compiles)."""
+    powers = [smallest * 2 ** i for i in range(max(0, math.ceil(math.log2(max(limit / smallest, 1)))))]
+    sizes = powers + [3 * s // 2 for s in powers] * halfway
     return tuple(sorted({s for s in sizes if s < limit} | {limit}))
 
 
@@ -185,6 +187,8 @@ class Engine:
         self.params = models.unstack_layers(jax.device_put(params, shardings))
         self.batch_buckets = buckets(max_batch, 1)
         self.length_buckets = buckets(cfg.max_seq_len, min(16, cfg.max_seq_len))
+        # Decode reads the cache up to a span: a finer ladder, since attention's cost is the span's.
+        self.span_buckets = buckets(cfg.max_seq_len, min(16, cfg.max_seq_len), halfway=True)
         self.cache_sharding = logical_sharding(models.CACHE_AXES, mesh)  # every layer's keys and values
         self.cache: Any = None
         self._replicated = replicated(mesh)
@@ -237,7 +241,7 @@ class Engine:
     def decode(self, tokens: np.ndarray, positions: np.ndarray, steps: np.ndarray,
                sampling: Sequence[SamplingParams]) -> np.ndarray:
         """Feed a token to each of the first ``len(tokens)`` cache rows; the next tokens of each [rows, n]."""
-        span = bucket(self.length_buckets, min(int(positions.max()) + self.tokens_per_call, self.cfg.max_seq_len))
+        span = bucket(self.span_buckets, min(int(positions.max()) + self.tokens_per_call, self.cfg.max_seq_len))
         if span not in self._decoders:
             self._decoders[span] = jax.jit(
                 with_activation_sharding(functools.partial(_decode, self.graphdef, self.tokens_per_call, span),

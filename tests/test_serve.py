@@ -150,3 +150,12 @@ def test_requests_joining_a_running_batch_get_what_they_would_alone():
         scheduler.close()
     assert [[t for t in got[i] if t is not None] for i in range(len(requests))] == alone
     assert [len(a) for a in alone] == [4 + 3 * i for i in range(6)]
+
+
+def test_decode_spans_climb_in_half_steps_and_prompts_in_doublings():
+    cfg, _, params = model("gpt-tiny")
+    engine = Engine(cfg, params, serving_mesh(cfg, jax.devices()[:1]))
+    assert engine.span_buckets == (16, 24, 32, 48, 64, 96, 128)
+    assert engine.length_buckets == (16, 32, 64, 128)
+    generate(engine, [[1] * 14], [SamplingParams(max_new_tokens=12, temperature=0.0)])
+    assert sorted(engine._decoders) == [24, 32]  # positions 14..25, 8 tokens per call
