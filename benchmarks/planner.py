@@ -97,7 +97,8 @@ def main() -> None:
               f"  bubble measured {r['measured']:.2f}  formula (S-1)/(M+S-1) {r['formula']:.2f}")
     profile = calibrate(jax.devices())  # as `fax plan --calibrate` does: the plans below use it
     here = present_cluster()
-    print(f"calibrated {here.name}: knee {here.device.matmul_knee:.0f}, peak {here.device.peak_flops / 1e9:.1f} "
+    print(f"calibrated {here.name}: knees (rows, cols) {here.device.matmul_knees[0]:.0f}, "
+          f"{here.device.matmul_knees[1]:.0f}, peak {here.device.peak_flops / 1e9:.1f} "
           f"GFLOP/s per device, link {profile['link_bandwidth'] / 1e9:.2f} GB/s")
     for name, batch, seq in (("gpt-tiny", 16, 128), ("gpt-mini", 16, 128)):
         result = plan(models.preset(name), here, batch, seq, name, top=10_000)

@@ -1,11 +1,11 @@
 """Measure the present devices so the cost model can use what they do instead of datasheet figures.
 
-``fax plan --calibrate`` times square matmuls of growing size on one device (bfloat16 on accelerators,
-whose peak is the bf16 rate; float32 on CPUs, which train in it) and all-reduces of two
+``fax plan --calibrate`` times matmuls of a grid of shapes (rows x cols) on one device (bfloat16 on
+accelerators, whose peak is the bf16 rate; float32 on CPUs, which train in it) and all-reduces of two
 sizes over all devices, and saves a profile per device kind and count. ``present_cluster`` reads
-it back: the matmul rates by size set the efficiency curve's knee and the peak (so the curve passes
-through the best measured rate), and the all-reduce times give the link's bandwidth and latency
-under the ring model.
+it back: the matmul rates by shape set the efficiency curve's two knees and the peak (so the curve
+passes through the best measured rate), and the all-reduce times give the link's bandwidth and
+latency under the ring model.
 """
 
 from __future__ import annotations
@@ -20,7 +20,10 @@ from typing import Any
 
 import numpy as np
 
-MATMUL_SIZES = {"cpu": (128, 256, 512, 1024, 2048), "accelerator": (512, 1024, 2048, 4096, 8192)}
+# Matmul shapes timed: rows (tokens) x cols (features), over a fixed inner dimension; a grid, so
+# that short and narrow matmuls (microbatches, tensor-parallel shards) are measured, not guessed.
+MATMUL_GRID = {"cpu": ((64, 256, 1024, 4096), (16, 64, 256, 1024), 256),
+               "accelerator": ((256, 1024, 4096, 16384), (64, 256, 1024, 8192), 8192)}
 ALLREDUCE_BYTES = (2 ** 12, 2 ** 24)
 
 
@@ -37,17 +40,26 @@ def best_time(fn: Callable[[], Any], repeats: int = 5) -> float:
     return min(times)
 
 
-def matmul_rates(device: Any) -> dict[int, float]:
-    """FLOP/s of an n x n by n x n matmul (random values) on ``device``, by n."""
+def matmul_rates(device: Any, chained: int = 16) -> dict[tuple[int, int], float]:
+    """FLOP/s of [rows, k] x [k, cols] matmuls (random values) on ``device``, by (rows, cols).
+    ``chained`` dependent matmuls run in one program, so a small one is not timed as a launch."""
     import jax
     import jax.numpy as jnp
 
     cpu = device.platform == "cpu"
+    all_rows, all_cols, inner = MATMUL_GRID["cpu" if cpu else "accelerator"]
+    dtype = jnp.float32 if cpu else jnp.bfloat16
+
+    @jax.jit
+    def chain(a: jax.Array, b: jax.Array) -> jax.Array:  # each product feeds the next one's weight
+        return jax.lax.fori_loop(0, chained, lambda _, w: w + (a @ w)[:1] * 1e-6, b)
+
     rates = {}
-    for n in MATMUL_SIZES["cpu" if cpu else "accelerator"]:
-        a = jax.device_put(jax.random.normal(jax.random.key(n), (n, n), jnp.float32 if cpu else jnp.bfloat16), device)
-        matmul = jax.jit(lambda x: x @ x)
-        rates[n] = 2 * n ** 3 / best_time(lambda: matmul(a))
+    for rows in all_rows:
+        for cols in all_cols:
+            a, b = (jax.device_put(jax.random.normal(jax.random.key(i), shape, dtype), device)
+                    for i, shape in enumerate(((rows, inner), (inner, cols))))
+            rates[rows, cols] = 2 * rows * inner * cols / (best_time(lambda: chain(a, b)) / chained)
     return rates
 
 
@@ -91,7 +103,7 @@ def calibrate(devices: list) -> dict[str, Any]:
     """Measure, save and return the profile of ``devices``."""
     rates = matmul_rates(devices[0])
     profile: dict[str, Any] = {"device_kind": devices[0].device_kind, "devices": len(devices),
-                               "matmul_flops": {str(n): r for n, r in rates.items()},
+                               "matmul_flops": {f"{r}x{c}": rate for (r, c), rate in rates.items()},
                                "best_matmul_flops": max(rates.values())}
     if len(devices) > 1:
         times = allreduce_times(devices)

@@ -159,7 +159,7 @@ def estimate(c: Candidate, w: Workload, cluster: ClusterSpec) -> Estimate:
     recomputed = flops / 3 * REMAT_FORWARDS[c.remat]  # a forward pass is a third of forward + backward
     head_repeats = 6.0 * m.d_model * m.vocab_size * w.tokens * (c.stages - 1)  # every stage runs the LM head
     rate = cluster.device.peak_flops * efficiency(microbatch_tokens(c, w), m.d_model / c.tensor,
-                                                  cluster.device.matmul_knee)
+                                                  cluster.device.matmul_knees)
     compute = (flops + recomputed + head_repeats) / devices / rate
     bubble = compute * (c.stages - 1) / c.microbatches  # GPipe/1F1B: (p - 1) idle slots of m
     comm = comm_times(c, w, cluster)

@@ -8,6 +8,7 @@ have NVLink inside a node and InfiniBand (8 NICs per node) across nodes.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 import re
@@ -17,7 +18,9 @@ from parallel.calibrate import load_profile
 
 GiB = 2 ** 30
 PEAK_EFFICIENCY = 0.6  # the best fraction of peak a large matmul reaches
-EFFICIENCY_KNEE = 512.0  # per-device matmul size (below) at which efficiency is half the best; calibration fits it
+# Per-device matmul rows (tokens) and columns (features) whose shortfall each costs as much time as
+# the matmul's own work (see ``efficiency``); calibration fits both to the present devices.
+MATMUL_KNEES = (512.0, 128.0)
 
 
 @dataclass(frozen=True)
@@ -27,7 +30,7 @@ class Device:
     hbm_bytes: float
     hbm_bandwidth: float  # bytes/s
     platform: str  # jax's platform name: tpu, gpu, cpu
-    matmul_knee: float = EFFICIENCY_KNEE
+    matmul_knees: tuple[float, float] = MATMUL_KNEES  # (rows, columns)
 
 
 @dataclass(frozen=True)
@@ -71,22 +74,29 @@ FAMILIES = {
 PRESET_EXAMPLES = ("v4-8", "v4-1024", "v5e-256", "v5p-512", "a100-64", "h100-1024", "cpu-8")
 
 
-def efficiency(rows: float, cols: float, knee: float = EFFICIENCY_KNEE) -> float:
-    """Fraction of peak for per-device matmuls of ``rows`` tokens by ``cols`` features: their size,
-    rows x min(1, cols / 512), over size + ``knee``."""
-    size = rows * min(1.0, cols / 512.0)
-    return PEAK_EFFICIENCY * size / (size + knee)
+def efficiency(rows: float, cols: float, knees: tuple[float, float] = MATMUL_KNEES) -> float:
+    """Fraction of peak for per-device matmuls of ``rows`` tokens by ``cols`` features. Short sides
+    add time in proportion to knee / side (tiling, per-op overheads): 1 / efficiency =
+    (1 + rows knee / rows + cols knee / cols) / PEAK_EFFICIENCY."""
+    return PEAK_EFFICIENCY / (1.0 + knees[0] / rows + knees[1] / cols)
 
 
-def fit_knee(rates: dict[int, float]) -> float:
-    """The knee under which ``efficiency`` best matches measured n x n matmul rates by n (least
-    squares on the log of each rate relative to the fastest)."""
+def fit_knees(rates: dict[tuple[int, int], float]) -> tuple[float, float]:
+    """The (rows, cols) knees under which ``efficiency`` best matches measured matmul rates by
+    (rows, cols) (least squares on the log of each rate relative to the fastest)."""
     best = max(rates, key=rates.get)
 
-    def misfit(knee: float) -> float:
-        return sum((math.log(rates[n] / rates[best]) - math.log(efficiency(n, n, knee) / efficiency(best, best, knee)))
-                   ** 2 for n in rates)
-    return min((10 ** (i / 20) for i in range(121)), key=misfit)  # 1 ... 1e6
+    def misfit(knees: tuple[float, float]) -> float:
+        return sum((math.log(rates[shape] / rates[best])
+                    - math.log(efficiency(*shape, knees) / efficiency(*best, knees))) ** 2 for shape in rates)
+    grid = [10 ** (i / 20) for i in range(101)]  # 1 ... 1e5
+    return min(itertools.product(grid, grid), key=misfit)
+
+
+def matmul_shape(key: str) -> tuple[int, int]:
+    """A calibration profile's key: ``ROWSxCOLS`` (or ``N`` for N x N, as older profiles wrote)."""
+    rows, _, cols = key.partition("x")
+    return int(rows), int(cols or rows)
 
 
 def cluster_preset(name: str) -> ClusterSpec:
@@ -120,11 +130,11 @@ def present_cluster(devices: list | None = None) -> ClusterSpec:
     name = f"{family}-{len(devices)} (present)"
     profile = load_profile(devices[0].device_kind, len(devices))
     if profile is not None:  # measured by `fax plan --calibrate`
-        rates = {int(n): r for n, r in profile["matmul_flops"].items()}
-        knee, best = fit_knee(rates), max(rates, key=rates.get)
+        rates = {matmul_shape(k): r for k, r in profile["matmul_flops"].items()}
+        knees, best = fit_knees(rates), max(rates, key=rates.get)
         concurrent = per_host if family == "cpu" else 1  # emulated devices share the cores one device used
-        device = dataclasses.replace(device, matmul_knee=knee,
-                                     peak_flops=rates[best] / efficiency(best, best, knee) / concurrent)
+        device = dataclasses.replace(device, matmul_knees=knees,
+                                     peak_flops=rates[best] / efficiency(*best, knees) / concurrent)
         if "link_bandwidth" in profile:
             intra = Link(profile["link_bandwidth"], profile["link_latency"])
         name = f"{family}-{len(devices)} (present, calibrated)"

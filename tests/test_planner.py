@@ -16,7 +16,7 @@ from fax.trainer import Trainer, layout_compiler, plan_here
 from models.config import param_count, train_flops_per_token
 from parallel import ParallelConfig, planner
 from parallel.cost import MEMORY_HEADROOM, Candidate, Workload, axis_links, estimate, memory
-from parallel.hardware import cluster_preset, efficiency, fit_knee, present_cluster
+from parallel.hardware import cluster_preset, efficiency, fit_knees, matmul_shape, present_cluster
 from parallel.planner import plan, problems
 
 
@@ -204,10 +204,10 @@ def test_calibration_measures_the_devices_and_the_planner_uses_it(tmp_path, monk
     n, bandwidth, latency = 8, 3e9, 20e-6
     times = {b: 2 * (n - 1) / n * b / bandwidth + 2 * (n - 1) * latency for b in (4096, 2 ** 24)}
     assert link_from_allreduce(times, n) == pytest.approx((bandwidth, latency), rel=1e-6)
-    # Likewise the efficiency curve: rates made with a known knee give it back (to the grid's step).
-    for knee in (30.0, 512.0, 5000.0):
-        rates = {n: 1e11 * efficiency(n, n, knee) for n in (128, 256, 512, 1024, 2048)}
-        assert fit_knee(rates) == pytest.approx(knee, rel=0.07)
+    # Likewise the efficiency curve: rates made with known knees give them back (to the grid's step).
+    for knees in ((30.0, 10.0), (512.0, 128.0), (5000.0, 2000.0)):
+        rates = {(r, c): 1e11 * efficiency(r, c, knees) for r in (64, 256, 1024, 4096) for c in (16, 64, 256, 1024)}
+        assert fit_knees(rates) == pytest.approx(knees, rel=0.07)
     monkeypatch.setenv("FAX_CACHE", str(tmp_path))
     nominal = present_cluster()
     profile = calibrate(jax.devices())
@@ -216,9 +216,9 @@ def test_calibration_measures_the_devices_and_the_planner_uses_it(tmp_path, monk
     calibrated = present_cluster()
     assert "calibrated" in calibrated.name and calibrated.intra.bandwidth == profile["link_bandwidth"]
     assert calibrated.device.peak_flops != nominal.device.peak_flops
-    rates = {int(k): v for k, v in profile["matmul_flops"].items()}
-    assert calibrated.device.matmul_knee == fit_knee(rates)
+    rates = {matmul_shape(k): v for k, v in profile["matmul_flops"].items()}
+    assert len(rates) == 16 and calibrated.device.matmul_knees == fit_knees(rates)
     # The fitted curve reproduces the best measured rate, per emulated device sharing the cores.
     best = max(rates, key=rates.get)
-    assert calibrated.device.peak_flops * efficiency(best, best, calibrated.device.matmul_knee) == pytest.approx(
+    assert calibrated.device.peak_flops * efficiency(*best, calibrated.device.matmul_knees) == pytest.approx(
         rates[best] / 8)
