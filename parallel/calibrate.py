@@ -1,6 +1,6 @@
 """Measure the present devices so the cost model can use what they do instead of datasheet figures.
 
-``fax plan --calibrate`` times matmuls of a grid of shapes (rows x cols) on one device (bfloat16 on
+``fax plan --calibrate`` times matmuls of a grid of shapes (rows x cols) on all devices at once (bfloat16 on
 accelerators, whose peak is the bf16 rate; float32 on CPUs, which train in it) and all-reduces of two
 sizes over all devices, and saves a profile per device kind and count. ``present_cluster`` reads
 it back: the matmul rates by shape set the efficiency curve's two knees and the peak (so the curve
@@ -40,25 +40,31 @@ def best_time(fn: Callable[[], Any], repeats: int = 5) -> float:
     return min(times)
 
 
-def matmul_rates(device: Any, chained: int = 16) -> dict[tuple[int, int], float]:
-    """FLOP/s of [rows, k] x [k, cols] matmuls (random values) on ``device``, by (rows, cols).
-    ``chained`` dependent matmuls run in one program, so a small one is not timed as a launch."""
+def matmul_rates(devices: list, chained: int = 16) -> dict[tuple[int, int], float]:
+    """FLOP/s per device of [rows, k] x [k, cols] matmuls (random values), by (rows, cols), with
+    every device of ``devices`` multiplying at once, as in a step (emulated CPU devices share the
+    cores, and one device's per-op overheads hide behind another's work). ``chained`` dependent
+    matmuls run in one program, so a small one is not timed as a launch."""
     import jax
     import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
 
-    cpu = device.platform == "cpu"
+    cpu = devices[0].platform == "cpu"
     all_rows, all_cols, inner = MATMUL_GRID["cpu" if cpu else "accelerator"]
     dtype = jnp.float32 if cpu else jnp.bfloat16
+    mesh = jax.make_mesh((len(devices),), ("x",), axis_types=(jax.sharding.AxisType.Explicit,), devices=devices)
+    sharded = NamedSharding(mesh, PartitionSpec("x"))
 
     @jax.jit
+    @functools.partial(jax.shard_map, mesh=mesh, in_specs=PartitionSpec("x"), out_specs=PartitionSpec("x"))
     def chain(a: jax.Array, b: jax.Array) -> jax.Array:  # each product feeds the next one's weight
         return jax.lax.fori_loop(0, chained, lambda _, w: w + (a @ w)[:1] * 1e-6, b)
 
     rates = {}
     for rows in all_rows:
         for cols in all_cols:
-            a, b = (jax.device_put(jax.random.normal(jax.random.key(i), shape, dtype), device)
-                    for i, shape in enumerate(((rows, inner), (inner, cols))))
+            a, b = (jax.device_put(jax.random.normal(jax.random.key(i), (len(devices) * n, m), dtype), sharded)
+                    for i, (n, m) in enumerate(((rows, inner), (inner, cols))))
             rates[rows, cols] = 2 * rows * inner * cols / (best_time(lambda: chain(a, b)) / chained)
     return rates
 
@@ -101,7 +107,7 @@ def profile_path(device_kind: str, count: int) -> Path:
 
 def calibrate(devices: list) -> dict[str, Any]:
     """Measure, save and return the profile of ``devices``."""
-    rates = matmul_rates(devices[0])
+    rates = matmul_rates(devices)
     profile: dict[str, Any] = {"device_kind": devices[0].device_kind, "devices": len(devices),
                                "matmul_flops": {f"{r}x{c}": rate for (r, c), rate in rates.items()},
                                "best_matmul_flops": max(rates.values())}

@@ -131,10 +131,8 @@ def present_cluster(devices: list | None = None) -> ClusterSpec:
     profile = load_profile(devices[0].device_kind, len(devices))
     if profile is not None:  # measured by `fax plan --calibrate`
         rates = {matmul_shape(k): r for k, r in profile["matmul_flops"].items()}
-        knees, best = fit_knees(rates), max(rates, key=rates.get)
-        concurrent = per_host if family == "cpu" else 1  # emulated devices share the cores one device used
-        device = dataclasses.replace(device, matmul_knees=knees,
-                                     peak_flops=rates[best] / efficiency(*best, knees) / concurrent)
+        knees, best = fit_knees(rates), max(rates, key=rates.get)  # rates per device, all of them busy
+        device = dataclasses.replace(device, matmul_knees=knees, peak_flops=rates[best] / efficiency(*best, knees))
         if "link_bandwidth" in profile:
             intra = Link(profile["link_bandwidth"], profile["link_latency"])
         name = f"{family}-{len(devices)} (present, calibrated)"
