@@ -2,29 +2,35 @@
 
 ``fax plan --calibrate`` times matmuls of a grid of shapes (rows x cols) on all devices at once (bfloat16 on
 accelerators, whose peak is the bf16 rate; float32 on CPUs, which train in it) and all-reduces of two
-sizes over all devices, and saves a profile per device kind and count. ``present_cluster`` reads
-it back: the matmul rates by shape set the efficiency curve's two knees and the peak (so the curve
-passes through the best measured rate), and the all-reduce times give the link's bandwidth and
-latency under the ring model.
+sizes over all devices, and saves a profile per device kind and count: the matmul rates by shape fit
+the efficiency curve's two knees and the peak (so the curve passes through the best measured rate),
+and the all-reduce times give the link's bandwidth and latency under the ring model.
+``present_cluster`` reads the profile back.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import json
+import math
 import os
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from parallel.hardware import efficiency
+
 # Matmul shapes timed: rows (tokens) x cols (features), over a fixed inner dimension; a grid, so
 # that short and narrow matmuls (microbatches, tensor-parallel shards) are measured, not guessed.
 MATMUL_GRID = {"cpu": ((64, 256, 1024, 4096), (16, 64, 256, 1024), 256),
                "accelerator": ((256, 1024, 4096, 16384), (64, 256, 1024, 8192), 8192)}
 ALLREDUCE_BYTES = (2 ** 12, 2 ** 24)
+PROFILE_VERSION = 2  # 1: square matmuls timed on one device alone, no fitted knees
 
 
 def best_time(fn: Callable[[], Any], repeats: int = 5) -> float:
@@ -40,6 +46,13 @@ def best_time(fn: Callable[[], Any], repeats: int = 5) -> float:
     return min(times)
 
 
+def line_mesh(devices: list):
+    """All of ``devices`` on one axis "x", so a shard_map runs the same program on each."""
+    import jax
+
+    return jax.make_mesh((len(devices),), ("x",), axis_types=(jax.sharding.AxisType.Explicit,), devices=devices)
+
+
 def matmul_rates(devices: list, chained: int = 16) -> dict[tuple[int, int], float]:
     """FLOP/s per device of [rows, k] x [k, cols] matmuls (random values), by (rows, cols), with
     every device of ``devices`` multiplying at once, as in a step (emulated CPU devices share the
@@ -52,7 +65,7 @@ def matmul_rates(devices: list, chained: int = 16) -> dict[tuple[int, int], floa
     cpu = devices[0].platform == "cpu"
     all_rows, all_cols, inner = MATMUL_GRID["cpu" if cpu else "accelerator"]
     dtype = jnp.float32 if cpu else jnp.bfloat16
-    mesh = jax.make_mesh((len(devices),), ("x",), axis_types=(jax.sharding.AxisType.Explicit,), devices=devices)
+    mesh = line_mesh(devices)
     sharded = NamedSharding(mesh, PartitionSpec("x"))
 
     @jax.jit
@@ -63,7 +76,8 @@ def matmul_rates(devices: list, chained: int = 16) -> dict[tuple[int, int], floa
     rates = {}
     for rows in all_rows:
         for cols in all_cols:
-            a, b = (jax.device_put(jax.random.normal(jax.random.key(i), (len(devices) * n, m), dtype), sharded)
+            a, b = (jax.jit(functools.partial(jax.random.normal, jax.random.key(i), (len(devices) * n, m), dtype),
+                            out_shardings=sharded)()  # made in place: no device holds every operand
                     for i, (n, m) in enumerate(((rows, inner), (inner, cols))))
             rates[rows, cols] = 2 * rows * inner * cols / (best_time(lambda: chain(a, b)) / chained)
     return rates
@@ -78,7 +92,7 @@ def allreduce_times(devices: list, chained: int = 16) -> dict[int, float]:
     from jax.sharding import NamedSharding, PartitionSpec
 
     n = len(devices)
-    mesh = jax.make_mesh((n,), ("x",), axis_types=(jax.sharding.AxisType.Explicit,), devices=devices)
+    mesh = line_mesh(devices)
 
     @jax.jit
     @functools.partial(jax.shard_map, mesh=mesh, in_specs=PartitionSpec("x"), out_specs=PartitionSpec("x"))
@@ -90,6 +104,18 @@ def allreduce_times(devices: list, chained: int = 16) -> dict[int, float]:
         x = jax.device_put(jnp.ones((n, nbytes // 4), jnp.float32), NamedSharding(mesh, PartitionSpec("x")))
         times[nbytes] = best_time(lambda: chain(x)) / chained
     return times
+
+
+def fit_knees(rates: dict[tuple[int, int], float]) -> tuple[float, float]:
+    """The (rows, cols) knees under which ``efficiency`` best matches measured matmul rates by
+    (rows, cols) (least squares on the log of each rate relative to the fastest)."""
+    best = max(rates, key=rates.get)
+
+    def misfit(knees: tuple[float, float]) -> float:
+        return sum((math.log(rates[shape] / rates[best])
+                    - math.log(efficiency(*shape, knees) / efficiency(*best, knees))) ** 2 for shape in rates)
+    grid = [10 ** (i / 20) for i in range(101)]  # 1 ... 1e5
+    return min(itertools.product(grid, grid), key=misfit)
 
 
 def link_from_allreduce(times: dict[int, float], n: int) -> tuple[float, float]:
@@ -108,9 +134,12 @@ def profile_path(device_kind: str, count: int) -> Path:
 def calibrate(devices: list) -> dict[str, Any]:
     """Measure, save and return the profile of ``devices``."""
     rates = matmul_rates(devices)
-    profile: dict[str, Any] = {"device_kind": devices[0].device_kind, "devices": len(devices),
+    knees, best = fit_knees(rates), max(rates, key=rates.get)  # rates per device, all of them busy
+    profile: dict[str, Any] = {"version": PROFILE_VERSION, "device_kind": devices[0].device_kind,
+                               "devices": len(devices),
                                "matmul_flops": {f"{r}x{c}": rate for (r, c), rate in rates.items()},
-                               "best_matmul_flops": max(rates.values())}
+                               "best_matmul_flops": rates[best], "matmul_knees": knees,
+                               "peak_flops": rates[best] / efficiency(*best, knees)}
     if len(devices) > 1:
         times = allreduce_times(devices)
         bandwidth, latency = link_from_allreduce(times, len(devices))
@@ -124,5 +153,13 @@ def calibrate(devices: list) -> dict[str, Any]:
 
 
 def load_profile(device_kind: str, count: int) -> dict[str, Any] | None:
+    """The saved profile of these devices, or None when there is none or it is from an older fax."""
     path = profile_path(device_kind, count)
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    profile = json.loads(path.read_text())
+    if profile.get("version") != PROFILE_VERSION:
+        warnings.warn(f"{path} was measured by an older fax (square matmuls on one device); planning from "
+                      f"datasheet figures: re-run `fax plan --calibrate` to measure these devices again", stacklevel=2)
+        return None
+    return profile

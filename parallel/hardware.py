@@ -8,13 +8,9 @@ have NVLink inside a node and InfiniBand (8 NICs per node) across nodes.
 from __future__ import annotations
 
 import dataclasses
-import itertools
-import math
 import os
 import re
 from dataclasses import dataclass
-
-from parallel.calibrate import load_profile
 
 GiB = 2 ** 30
 PEAK_EFFICIENCY = 0.6  # the best fraction of peak a large matmul reaches
@@ -81,24 +77,6 @@ def efficiency(rows: float, cols: float, knees: tuple[float, float] = MATMUL_KNE
     return PEAK_EFFICIENCY / (1.0 + knees[0] / rows + knees[1] / cols)
 
 
-def fit_knees(rates: dict[tuple[int, int], float]) -> tuple[float, float]:
-    """The (rows, cols) knees under which ``efficiency`` best matches measured matmul rates by
-    (rows, cols) (least squares on the log of each rate relative to the fastest)."""
-    best = max(rates, key=rates.get)
-
-    def misfit(knees: tuple[float, float]) -> float:
-        return sum((math.log(rates[shape] / rates[best])
-                    - math.log(efficiency(*shape, knees) / efficiency(*best, knees))) ** 2 for shape in rates)
-    grid = [10 ** (i / 20) for i in range(101)]  # 1 ... 1e5
-    return min(itertools.product(grid, grid), key=misfit)
-
-
-def matmul_shape(key: str) -> tuple[int, int]:
-    """A calibration profile's key: ``ROWSxCOLS`` (or ``N`` for N x N, as older profiles wrote)."""
-    rows, _, cols = key.partition("x")
-    return int(rows), int(cols or rows)
-
-
 def cluster_preset(name: str) -> ClusterSpec:
     """``<family>-<count>``: ``v4-1024`` (TPU names count TensorCores for v4/v5p), ``h100-1024``, ``cpu-8``."""
     match = re.fullmatch(r"([a-z0-9]+)-(\d+)", name)
@@ -118,6 +96,8 @@ def present_cluster(devices: list | None = None) -> ClusterSpec:
     """The devices this process sees (datasheet figures by device kind; CPU: nominal)."""
     import jax
 
+    from parallel.calibrate import load_profile
+
     devices = jax.devices() if devices is None else devices
     kind = devices[0].device_kind.lower()
     family = next((f for f in ("h100", "a100", "v5p", "v5e", "v4") if f in kind.replace(" ", "")), "cpu")
@@ -130,9 +110,7 @@ def present_cluster(devices: list | None = None) -> ClusterSpec:
     name = f"{family}-{len(devices)} (present)"
     profile = load_profile(devices[0].device_kind, len(devices))
     if profile is not None:  # measured by `fax plan --calibrate`
-        rates = {matmul_shape(k): r for k, r in profile["matmul_flops"].items()}
-        knees, best = fit_knees(rates), max(rates, key=rates.get)  # rates per device, all of them busy
-        device = dataclasses.replace(device, matmul_knees=knees, peak_flops=rates[best] / efficiency(*best, knees))
+        device = dataclasses.replace(device, matmul_knees=tuple(profile["matmul_knees"]), peak_flops=profile["peak_flops"])
         if "link_bandwidth" in profile:
             intra = Link(profile["link_bandwidth"], profile["link_latency"])
         name = f"{family}-{len(devices)} (present, calibrated)"

@@ -16,7 +16,7 @@ from fax.trainer import Trainer, layout_compiler, plan_here
 from models.config import param_count, train_flops_per_token
 from parallel import ParallelConfig, planner
 from parallel.cost import MEMORY_HEADROOM, Candidate, Workload, axis_links, estimate, memory
-from parallel.hardware import cluster_preset, efficiency, fit_knees, matmul_shape, present_cluster
+from parallel.hardware import cluster_preset, efficiency, present_cluster
 from parallel.planner import plan, problems
 
 
@@ -198,7 +198,7 @@ def test_plan_command_prints_a_table_and_json(capsys):
 
 
 def test_calibration_measures_the_devices_and_the_planner_uses_it(tmp_path, monkeypatch):
-    from parallel.calibrate import calibrate, link_from_allreduce
+    from parallel.calibrate import calibrate, fit_knees, link_from_allreduce
 
     # The ring model inverted: times made from a known link give that link back.
     n, bandwidth, latency = 8, 3e9, 20e-6
@@ -216,8 +216,14 @@ def test_calibration_measures_the_devices_and_the_planner_uses_it(tmp_path, monk
     calibrated = present_cluster()
     assert "calibrated" in calibrated.name and calibrated.intra.bandwidth == profile["link_bandwidth"]
     assert calibrated.device.peak_flops != nominal.device.peak_flops
-    rates = {matmul_shape(k): v for k, v in profile["matmul_flops"].items()}
+    rates = {tuple(map(int, k.split("x"))): v for k, v in profile["matmul_flops"].items()}
     assert len(rates) == 16 and calibrated.device.matmul_knees == fit_knees(rates)
     # The fitted curve reproduces the best measured rate (per device, the emulated ones sharing the cores).
     best = max(rates, key=rates.get)
     assert calibrated.device.peak_flops * efficiency(*best, calibrated.device.matmul_knees) == pytest.approx(rates[best])
+    # A profile from an older fax (no version, square matmuls) is not trusted: datasheet figures and a warning.
+    path = tmp_path / "calibration" / "cpu-8.json"
+    path.write_text(json.dumps({"device_kind": "cpu", "devices": 8, "matmul_flops": {"1024": 5e10}}))
+    with pytest.warns(UserWarning, match="re-run `fax plan --calibrate`"):
+        stale = present_cluster()
+    assert "calibrated" not in stale.name and stale.device == nominal.device
