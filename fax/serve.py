@@ -67,6 +67,9 @@ def request_problems(cfg: models.ModelConfig, prompt: Sequence[int], sampling: S
 
 
 TOKENS_PER_CALL = 8  # decode steps per device call: fewer host round trips, tokens arrive in bursts
+# XLA:CPU's YNN matmul fusions run decode's skinny products (one token per sequence against each weight,
+# a memory-bound read of the weights) ~20% slower at batch 16 than its own dot emitter; batches 1-4 equal.
+CPU_DECODE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 GREEDY_PAD = SamplingParams(max_new_tokens=1, temperature=0.0)  # the rows that fill a batch bucket
 
 
@@ -121,10 +124,12 @@ def _decode(graphdef: nnx.GraphDef, tokens_per_call: int, span: int, params: Any
     """``tokens_per_call`` tokens [rows, n] for each of the first ``len(tokens)`` cache rows, each
     fed back for the next, in one device call (the rest of the cache is untouched). Attention
     reads the first ``span`` cache slots only."""
+    head = models.lm_head(graphdef, params)  # once per call, not per token
+
     def one(carry: tuple[jax.Array, Any], i: jax.Array) -> tuple[tuple[jax.Array, Any], jax.Array]:
         token, cache = carry
         logits, cache = models.apply_cached(graphdef, params, token[:, None], (positions + i)[:, None], cache,
-                                            span=span)
+                                            span=span, head=head)
         token = sample(logits, controls[0], steps + i, *controls[1:])
         return (token, cache), token
 
@@ -243,10 +248,11 @@ class Engine:
         """Feed a token to each of the first ``len(tokens)`` cache rows; the next tokens of each [rows, n]."""
         span = bucket(self.span_buckets, min(int(positions.max()) + self.tokens_per_call, self.cfg.max_seq_len))
         if span not in self._decoders:
+            cpu = self.mesh.devices.flat[0].platform == "cpu"
             self._decoders[span] = jax.jit(
                 with_activation_sharding(functools.partial(_decode, self.graphdef, self.tokens_per_call, span),
                                          self.mesh), out_shardings=(self._replicated, self.cache_sharding),
-                donate_argnums=(1,))
+                donate_argnums=(1,), compiler_options=CPU_DECODE_OPTIONS if cpu else None)
         out, self.cache = self._decoders[span](self.params, self.cache, *self._put(
             tokens.astype(np.int32), positions.astype(np.int32), steps.astype(np.int32), *_controls(sampling)))
         return np.asarray(out)

@@ -58,9 +58,13 @@ class DecoderLM(nnx.Module):
             x = x + self.pos_embed[...][positions].astype(dt)
         return constrain(x, RESIDUAL)
 
-    def _logits(self, x: jax.Array) -> jax.Array:
+    def lm_head(self) -> jax.Array:
+        """The output projection [embed, vocab]."""
+        return self.embed[...].T if self.cfg.tie_embeddings else self.head[...]
+
+    def _logits(self, x: jax.Array, head: jax.Array | None = None) -> jax.Array:
         x = self.final_norm(x)
-        head = self.embed[...].T if self.cfg.tie_embeddings else self.head[...]
+        head = self.lm_head() if head is None else head
         # The matmul yields the compute dtype and only then float32 (for the softmax), so that the
         # gradient flows back in the compute dtype: a float32 cotangent would make both backward
         # matmuls of the head float32 (TF32 on an H100: half the bf16 rate, 18% of a 1B step).
@@ -122,16 +126,30 @@ def unstack_layers(params: Params) -> Params:
     return {**params, "blocks": [jax.tree.map(lambda p, i=i: p[i], params["blocks"]) for i in range(n)]}
 
 
+def _merge_unstacked(graphdef: nnx.GraphDef, params: Params) -> DecoderLM:
+    """The model from params whose layers are unstacked (``unstack_layers``)."""
+    # The stacked blocks are only there to rebuild the module; nothing reads them, so XLA drops them.
+    return nnx.merge(graphdef, {**params, "blocks": jax.tree.map(lambda *xs: jnp.stack(xs), *params["blocks"])})
+
+
+def lm_head(graphdef: nnx.GraphDef, params: Params) -> jax.Array:
+    """The output projection [embed, vocab] of unstacked ``params``. A decode loop takes it once,
+    before the loop: a tied embedding's transpose is then laid out for the matmul, where inside the
+    loop XLA:CPU would multiply by the transpose in place (the embedding also serves the lookup),
+    about 4x slower."""
+    return _merge_unstacked(graphdef, params).lm_head()
+
+
 def apply_cached(graphdef: nnx.GraphDef, params: Params, tokens: jax.Array, positions: jax.Array,
-                 cache: list[KVCache], last: jax.Array | None = None,
-                 span: int | None = None) -> tuple[jax.Array, list[KVCache]]:
+                 cache: list[KVCache], last: jax.Array | None = None, span: int | None = None,
+                 head: jax.Array | None = None) -> tuple[jax.Array, list[KVCache]]:
     """Inference with a KV cache: ``tokens`` [b, length] at ``positions`` go into rows 0..b-1 of
     ``cache`` (one (keys, values) per layer, [rows, kv_heads, slots, head_dim]). ``params`` has its
-    layers unstacked (``unstack_layers``); attention reads the first ``span`` slots (default: all).
-    Returns the logits at index ``last[b]`` of each row (default: the last) and the updated cache."""
+    layers unstacked (``unstack_layers``); attention reads the first ``span`` slots (default: all);
+    ``head`` is ``lm_head``'s, when the caller holds it. Returns the logits at index ``last[b]`` of
+    each row (default: the last) and the updated cache."""
     layers = params["blocks"]
-    # The stacked blocks are only there to rebuild the module; nothing reads them, so XLA drops them.
-    model = nnx.merge(graphdef, {**params, "blocks": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)})
+    model = _merge_unstacked(graphdef, params)
     block = nnx.graphdef(model.blocks)
     x = model._embed(tokens, positions)
     updated = []
@@ -141,4 +159,4 @@ def apply_cached(graphdef: nnx.GraphDef, params: Params, tokens: jax.Array, posi
     if last is None:
         last = jnp.full((tokens.shape[0],), tokens.shape[1] - 1)
     x = jnp.take_along_axis(x, last[:, None, None], axis=1)
-    return model._logits(x)[:, 0], updated
+    return model._logits(x, head)[:, 0], updated
