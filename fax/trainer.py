@@ -85,8 +85,9 @@ def layout_compiler(config: Config, devices: list[jax.Device]) -> Callable[[Cand
     return compile_layout
 
 
-def layout_timer(config: Config, devices: list[jax.Device], steps: int = 3) -> Callable[[Candidate], float]:
-    """Seconds per real train step of ``config`` under a layout (after one warm-up step)."""
+def layout_timer(config: Config, devices: list[jax.Device], steps: int = 5) -> Callable[[Candidate], float]:
+    """Seconds of the fastest of ``steps`` real train steps of ``config`` under a layout (after one
+    warm-up step): the least disturbed by other work on a shared machine."""
     def time_layout(layout: Candidate) -> float:
         cfg = with_layout(config, layout)
         training = step_lib.build(cfg, make_mesh(cfg.parallel, devices))
@@ -94,11 +95,13 @@ def layout_timer(config: Config, devices: list[jax.Device], steps: int = 3) -> C
         tokens = jax.device_put(tokens.astype(np.int32), training.batch_sharding)
         state, metrics = training.step(training.init(), tokens)
         jax.block_until_ready(metrics)
-        started = time.perf_counter()
+        times = []
         for _ in range(steps):
+            started = time.perf_counter()
             state, metrics = training.step(state, tokens)
-        jax.block_until_ready(metrics)
-        return (time.perf_counter() - started) / steps
+            jax.block_until_ready(metrics)
+            times.append(time.perf_counter() - started)
+        return min(times)
     return time_layout
 
 
