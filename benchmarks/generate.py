@@ -14,7 +14,6 @@ import argparse
 import dataclasses
 import functools
 import json
-import time
 from pathlib import Path
 
 import jax
@@ -66,6 +65,7 @@ def main() -> None:
 
     import models
     from fax.serve import Engine, SamplingParams, generate, serving_mesh
+    from parallel.calibrate import best_time
 
     cfg = models.preset(args.model)
     window = args.prompt_tokens + args.new_tokens
@@ -76,15 +76,7 @@ def main() -> None:
     prompts = [list(rng.integers(0, 256, args.prompt_tokens)) for _ in range(16)]
     greedy = SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0)
 
-    def timed(fn, repeats: int = 3) -> float:
-        """The fastest of ``repeats`` runs after a warm-up (compiles): the least disturbed on a shared machine."""
-        fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return min(times)
+    timed = functools.partial(best_time, repeats=3)  # after a warm-up that compiles
 
     results: dict[str, float] = {}
     engine = Engine(cfg, params, serving_mesh(cfg, jax.devices()[:1]), max_batch=16)

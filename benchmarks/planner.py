@@ -63,7 +63,7 @@ def published_runs() -> list[dict]:
         published = tflops * cluster.devices / megatron_flops_per_token(model, seq)
         same = estimate(Candidate(**layout), Workload(model, batch, seq, cluster.device.platform), cluster)
         pick = plan(model, cluster, batch, seq, name).best
-        rows.append({"run": name, "cluster": cluster_name, "layout": Candidate(**layout).describe(),
+        rows.append({"run": name, "cluster": cluster_name, "layout": same.candidate.describe(),
                      "published_tokens_s": published, "predicted_tokens_s": same.tokens_per_s,
                      "fits": same.fits, "pick": pick.candidate.describe(), "pick_tokens_s": pick.tokens_per_s})
     return rows
