@@ -127,18 +127,17 @@ class Attention(nnx.Module):
         kernel = attention_implementation(self.cfg, jax.default_backend())
         return self._output(jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=kernel))
 
-    def cached(self, x: jax.Array, positions: jax.Array, cache: KVCache,
-               span: int | None = None) -> tuple[jax.Array, KVCache]:
+    def cached(self, x: jax.Array, positions: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """New tokens of rows 0..b-1 (``x`` [b, length], at ``positions`` [b, length]) write their keys
         and values into those rows of ``cache`` (which may hold more rows; positions past its end
-        are dropped), then attend to everything cached at or before them, reading only the first
-        ``span`` slots (all if None; every position must lie below it). The update is a scatter
-        into the donated cache: no copy of the cache per token."""
+        are dropped), then attend to everything cached at or before them. Attention reads all the
+        cache's slots: its owner sizes it to the positions in use, as a slice of a larger cache
+        would be a copy of it at every token. The update is a scatter into the donated cache."""
         q, k, v = self._project(x, positions, fused=True)
         rows = jnp.arange(x.shape[0])[:, None]
         cache = tuple(constrain(c.at[rows, :, positions].set(new.astype(c.dtype), mode="drop"), CACHE_AXES)
                       for c, new in zip(cache, (k, v)))
-        keys, values = (c[:x.shape[0], :, :span] for c in cache)
+        keys, values = (c[:x.shape[0]] for c in cache)
         batch, length, heads, head_dim = q.shape
         groups = q.reshape(batch, length, keys.shape[1], heads // keys.shape[1], head_dim).astype(keys.dtype)
         scores = jnp.einsum("btkgd,bksd->bkgts", groups, keys, preferred_element_type=jnp.float32) / head_dim ** 0.5
@@ -193,8 +192,7 @@ class Block(nnx.Module):
         x = x + self.attn(self.attn_norm(x), positions)
         return x + self.mlp(self.mlp_norm(x))
 
-    def cached(self, x: jax.Array, positions: jax.Array, cache: KVCache,
-               span: int | None = None) -> tuple[jax.Array, KVCache]:
-        h, cache = self.attn.cached(self.attn_norm(x), positions, cache, span)
+    def cached(self, x: jax.Array, positions: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        h, cache = self.attn.cached(self.attn_norm(x), positions, cache)
         x = x + h
         return x + self.mlp(self.mlp_norm(x)), cache

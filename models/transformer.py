@@ -141,20 +141,19 @@ def lm_head(graphdef: nnx.GraphDef, params: Params) -> jax.Array:
 
 
 def apply_cached(graphdef: nnx.GraphDef, params: Params, tokens: jax.Array, positions: jax.Array,
-                 cache: list[KVCache], last: jax.Array | None = None, span: int | None = None,
+                 cache: list[KVCache], last: jax.Array | None = None,
                  head: jax.Array | None = None) -> tuple[jax.Array, list[KVCache]]:
     """Inference with a KV cache: ``tokens`` [b, length] at ``positions`` go into rows 0..b-1 of
     ``cache`` (one (keys, values) per layer, [rows, kv_heads, slots, head_dim]). ``params`` has its
-    layers unstacked (``unstack_layers``); attention reads the first ``span`` slots (default: all);
-    ``head`` is ``lm_head``'s, when the caller holds it. Returns the logits at index ``last[b]`` of
-    each row (default: the last) and the updated cache."""
+    layers unstacked (``unstack_layers``); ``head`` is ``lm_head``'s, when the caller holds it.
+    Returns the logits at index ``last[b]`` of each row (default: the last) and the updated cache."""
     layers = params["blocks"]
     model = _merge_unstacked(graphdef, params)
     block = nnx.graphdef(model.blocks)
     x = model._embed(tokens, positions)
     updated = []
     for layer, layer_cache in zip(layers, cache):
-        x, layer_cache = nnx.merge(block, layer).cached(x, positions, layer_cache, span)
+        x, layer_cache = nnx.merge(block, layer).cached(x, positions, layer_cache)
         updated.append(layer_cache)
     if last is None:
         last = jnp.full((tokens.shape[0],), tokens.shape[1] - 1)

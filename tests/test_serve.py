@@ -12,7 +12,7 @@ from flax import nnx
 
 import models
 from fax.data import ByteTokenizer
-from fax.serve import (Busy, Engine, Scheduler, SamplingParams, TextStream, filter_logits, generate, request_problems, serving_mesh,
+from fax.serve import (Batcher, Busy, Engine, Scheduler, SamplingParams, TextStream, filter_logits, generate, request_problems, serving_mesh,
                        stream)
 
 PROMPTS = [[5, 17, 99, 3, 42], [7] * 11 + [300], [1, 2, 3]]
@@ -152,10 +152,31 @@ def test_requests_joining_a_running_batch_get_what_they_would_alone():
     assert [len(a) for a in alone] == [4 + 3 * i for i in range(6)]
 
 
-def test_decode_spans_climb_in_half_steps_and_prompts_in_doublings():
+def test_the_cache_follows_the_positions_in_use_and_rows_keep_their_tokens():
     cfg, _, params = model("gpt-tiny")
-    engine = Engine(cfg, params, serving_mesh(cfg, jax.devices()[:1]))
+    engine = Engine(cfg, params, serving_mesh(cfg, jax.devices()[:1]), max_batch=2)
     assert engine.span_buckets == (16, 24, 32, 48, 64, 96, 128)
     assert engine.length_buckets == (16, 32, 64, 128)
-    generate(engine, [[1] * 14], [SamplingParams(max_new_tokens=12, temperature=0.0)])
-    assert sorted(engine._decoders) == [24, 32]  # positions 14..25, 8 tokens per call
+    greedy = [SamplingParams(max_new_tokens=n, temperature=0.0) for n in (30, 3)]
+    prompts = [[1, 2] * 7, [3] * 40]
+    alone = [generate(engine, [p], [s])[0] for p, s in zip(prompts, greedy)]
+    batcher = Batcher(engine)
+    got: dict[int, list] = {0: [], 1: []}
+    slots = []
+
+    def record(events):
+        for key, token, _ in events:
+            got[key].append(token)
+        slots.append(engine.slots)
+
+    record(batcher.admit([(0, (prompts[0], greedy[0]))]))  # positions 0..13: the smallest cache
+    record(batcher.step())  # 8 tokens per call: up to position 21
+    record(batcher.step())  # up to 29
+    record(batcher.admit([(1, (prompts[1], greedy[1]))]))  # a 40-token prompt: the 64-token bucket
+    record(batcher.step())  # up to 47, both rows: the cache shrinks
+    record(batcher.step())  # up to 45, the first row alone
+    assert slots == [16, 24, 32, 64, 48, 48]
+    assert not batcher.active
+    assert [got[0], got[1]] == alone
+
+
