@@ -55,7 +55,12 @@ def make_optimizer(optim: OptimConfig, steps: int) -> optax.GradientTransformati
     )
 
 
-def _same(params: Any) -> Any:
+# (trainable params, microbatch index) -> the weights the model reads; the index gives each
+# microbatch dropout masks of its own.
+ToModel = Callable[[Any, jax.Array | int], Any]
+
+
+def _same(params: Any, microbatch: jax.Array | int = 0) -> Any:
     return params
 
 
@@ -94,7 +99,7 @@ def loss_and_grads(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, z_los
 
 
 def accumulated_grads(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, microbatches: int, z_loss: float,
-                      to_model: Callable[[Any], Any] = _same) -> tuple[jax.Array, Any]:
+                      to_model: ToModel = _same) -> tuple[jax.Array, Any]:
     """Mean loss and gradient over ``microbatches`` equal slices of the batch, one slice at a time.
 
     Microbatch m takes rows m, m + M, m + 2M, ...: each device's block of the batch then feeds
@@ -104,21 +109,24 @@ def accumulated_grads(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, mi
         return loss_and_grads(graphdef, params, tokens, z_loss, to_model=to_model)
     micro = split_microbatches(tokens, microbatches)
 
-    def body(carry: tuple[jax.Array, Any], mb: jax.Array) -> tuple[tuple[jax.Array, Any], None]:
+    def body(carry: tuple[jax.Array, Any], mb_index: tuple[jax.Array, jax.Array]) -> tuple[tuple[jax.Array, Any], None]:
         loss_sum, grad_sum = carry
-        mb = constrain(mb, BATCH_AXES)
-        loss, grads = loss_and_grads(graphdef, params, mb, z_loss, to_model=to_model)
+        mb, index = mb_index
+        loss, grads = loss_and_grads(graphdef, params, constrain(mb, BATCH_AXES), z_loss,
+                                     to_model=lambda p: to_model(p, index))
         return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    (loss_sum, grad_sum), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), micro)
+    (loss_sum, grad_sum), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
+                                           (micro, jnp.arange(microbatches)))
     return loss_sum / microbatches, jax.tree.map(lambda g: g / microbatches, grad_sum)
 
 
 def batch_grads(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, microbatches: int, stages: int,
-                z_loss: float, to_model: Callable[[Any], Any] = _same) -> tuple[jax.Array, Any]:
-    """Loss and gradient of a batch: with pipeline stages the microbatches flow through the pipeline,
-    otherwise they accumulate one after another."""
+                z_loss: float, to_model: ToModel = _same) -> tuple[jax.Array, Any]:
+    """Loss and gradient of a batch: with pipeline stages the microbatches flow through the pipeline
+    (sharing one set of dropout masks, as the weights are built once for the pipeline), otherwise
+    they accumulate one after another."""
     if stages > 1:
         return loss_and_grads(graphdef, params, tokens, z_loss, gpipe(stages, microbatches), to_model)
     return accumulated_grads(graphdef, params, tokens, microbatches, z_loss, to_model)
@@ -128,10 +136,10 @@ def train_step(state: State, tokens: jax.Array, *, graphdef: nnx.GraphDef, tx: o
                schedule: optax.Schedule, microbatches: int, stages: int, z_loss: float, lora: LoraConfig,
                seed: int) -> tuple[State, dict[str, jax.Array]]:
     params = trainable(state["params"], lora)
-    dropout_key = jax.random.fold_in(jax.random.key(seed), state["step"])
+    step_key = jax.random.fold_in(jax.random.key(seed), state["step"])
 
-    def to_model(p: Any) -> Any:
-        return model_params(with_trainable(state["params"], p, lora), lora, dropout_key)
+    def to_model(p: Any, microbatch: jax.Array | int = 0) -> Any:
+        return model_params(with_trainable(state["params"], p, lora), lora, jax.random.fold_in(step_key, microbatch))
 
     loss, grads = batch_grads(graphdef, params, tokens, microbatches, stages, z_loss, to_model)
     updates, opt_state = tx.update(grads, state["opt_state"], params)

@@ -1,6 +1,8 @@
 """LoRA: only the adapters train, the optimizer holds only them, they shard with their weights, and
 the merged export is the base plus the adapters."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -118,3 +120,27 @@ def test_training_applies_adapters_to_activations_with_dropout(tmp_path, small_c
                  echo=lambda _: None) as trainer:
         history = trainer.fit()
     assert history[-1]["loss"] < history[0]["loss"] - 0.15
+
+
+def test_each_microbatch_draws_dropout_masks_of_its_own(tmp_path, small_corpus):
+    cfg = lora_config(tmp_path, small_corpus)
+    graphdef = step_lib.param_layout(cfg, make_mesh(ParallelConfig(fsdp=1), jax.devices()[:1]))[0]
+    tx = step_lib.make_optimizer(cfg.optim, cfg.train.steps)
+    state = step_lib.init_state(cfg, tx)
+    rng = np.random.default_rng(0)
+    state["params"]["lora"] = jax.tree.map(lambda x: rng.normal(0, 0.05, x.shape).astype(np.float32),
+                                           state["params"]["lora"])
+    row = rng.integers(0, cfg.model.vocab_size, (1, 17))
+
+    def loss(dropout, tokens, microbatches):
+        lora = dataclasses.replace(cfg.lora, dropout=dropout)
+        _, metrics = step_lib.train_step(state, tokens, graphdef=graphdef, tx=tx,
+                                         schedule=step_lib.lr_schedule(cfg.optim, cfg.train.steps),
+                                         microbatches=microbatches, stages=1, z_loss=0.0, lora=lora, seed=0)
+        return float(metrics["loss"])
+
+    # A row alone, and twice as two microbatches: the same loss without dropout; with it, the second
+    # microbatch's masks differ from the first's, so its loss (and the mean) does too.
+    twice = np.concatenate([row, row])
+    assert loss(0.0, twice, 2) == pytest.approx(loss(0.0, row, 1), rel=1e-6)
+    assert abs(loss(0.5, twice, 2) - loss(0.5, row, 1)) > 1e-4
