@@ -15,6 +15,7 @@ the best measured, and Spearman's rank correlation between predicted and measure
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -49,8 +50,6 @@ def megatron_flops_per_token(m, seq: int) -> float:
 
 def published_runs() -> list[dict]:
     """Published tokens/s (from TFLOP/s per GPU) vs the cost model's for the same layout, and the pick's."""
-    import dataclasses
-
     import models
     from parallel.cost import Candidate, Workload, estimate
     from parallel.hardware import cluster_preset
@@ -71,8 +70,6 @@ def published_runs() -> list[dict]:
 
 def planning_scaling() -> list[dict]:
     """Seconds to plan Llama 7B as the device count and the layer count grow."""
-    import dataclasses
-
     import models
     from parallel.hardware import cluster_preset
     from parallel.planner import plan
