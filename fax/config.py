@@ -45,6 +45,9 @@ class TrainConfig:
     seq_len: int = 0  # 0: the model's max_seq_len
     microbatches: int = 1  # gradient accumulation
     z_loss: float = 0.0
+    # Pieces of the sequence the LM head and loss run in, one after another: the logits' memory
+    # divides by it, for one more forward pass of the head. Raise it for large vocabularies.
+    loss_chunks: int = 1
     log_every: int = 10
     sample_tokens: int = 200  # tokens generated at the end of fit(); 0 disables
     sample_prompt: str = "def "
@@ -269,9 +272,12 @@ def setting_problems(cfg: Config) -> list[str]:
     for name in ("every_n_steps", "max_to_keep", "keep_every_n_steps"):
         if getattr(cfg.checkpoint, name) < 0:
             problems.append(f"checkpoint.{name} must be >= 0, got {getattr(cfg.checkpoint, name)}")
-    for name in ("steps", "batch_size", "microbatches", "log_every"):
+    for name in ("steps", "batch_size", "microbatches", "loss_chunks", "log_every"):
         if getattr(t, name) <= 0:
             problems.append(f"train.{name} must be positive, got {getattr(t, name)}")
+    if t.loss_chunks > 0 and cfg.seq_len % t.loss_chunks:
+        problems.append(f"train.loss_chunks={t.loss_chunks} does not divide train.seq_len={cfg.seq_len}; "
+                        "choose a divisor of the sequence length")
     if cfg.seq_len > m.max_seq_len:
         problems.append(f"train.seq_len={cfg.seq_len} is longer than the model's context "
                         f"model.max_seq_len={m.max_seq_len}; lower train.seq_len or raise model.max_seq_len")
@@ -301,6 +307,9 @@ def layout_problems(cfg: Config, sizes: dict[str, int]) -> list[str]:
                         "pipeline stages; choose a stage count that divides it")
     if cfg.seq_len % sizes["sequence"]:
         problems.append(f"train.seq_len={cfg.seq_len} is not divisible by parallel.sequence={sizes['sequence']}")
+    elif t.loss_chunks > 0 and cfg.seq_len % t.loss_chunks == 0 and (cfg.seq_len // t.loss_chunks) % sizes["sequence"]:
+        problems.append(f"train.loss_chunks={t.loss_chunks} leaves pieces of {cfg.seq_len // t.loss_chunks} positions, "
+                        f"which do not split over parallel.sequence={sizes['sequence']}; lower train.loss_chunks")
     return problems
 
 

@@ -24,13 +24,37 @@ from parallel.pipeline import gpipe, split_microbatches
 State = dict[str, Any]  # {"step": int32 scalar, "params": ..., "opt_state": ...}
 
 
-def cross_entropy(logits: jax.Array, targets: jax.Array, z_loss: float) -> tuple[jax.Array, jax.Array]:
-    """Mean next-token cross-entropy, and the same plus ``z_loss * mean(logsumexp^2)`` to optimise."""
-    logits = logits.astype(jnp.float32)
+def loss_sums(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """[sum of next-token cross-entropies, sum of logsumexp^2] over every position."""
     log_z = jax.nn.logsumexp(logits, axis=-1)
     target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    ce = jnp.mean(log_z - target_logits)
-    return ce + z_loss * jnp.mean(log_z**2), ce
+    return jnp.stack([jnp.sum(log_z - target_logits), jnp.sum(log_z**2)])
+
+
+@dataclass(frozen=True)
+class Objective:
+    """Mean next-token cross-entropy plus ``z_loss * mean(logsumexp^2)``, the LM head and loss taken
+    ``chunks`` pieces of the sequence at a time: one piece's logits exist at once, forward and
+    backward (the backward recomputes them), where whole they are a step's largest tensor (a 128k
+    vocabulary: 1 GiB of float32 per 2k tokens)."""
+
+    z_loss: float = 0.0
+    chunks: int = 1
+
+    def __call__(self, hidden: jax.Array, head: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(the objective, the cross-entropy) of final hidden states [batch, length, embed]."""
+        if self.chunks == 1:
+            sums = loss_sums(models.project(hidden, head), targets)
+        else:
+            batch, length, embed = hidden.shape
+            # Piece c holds positions c, c + chunks, ...: each piece keeps the sequence's sharding.
+            pieces = hidden.reshape(batch, length // self.chunks, self.chunks, embed).transpose(2, 0, 1, 3)
+            piece_targets = targets.reshape(batch, length // self.chunks, self.chunks).transpose(2, 0, 1)
+            piece_sums = jax.checkpoint(lambda x, t, w: loss_sums(models.project(x, w), t))
+            sums = jax.lax.scan(lambda total, xt: (total + piece_sums(*xt, head), None),
+                                jnp.zeros(2, jnp.float32), (pieces, piece_targets))[0]
+        ce, z = sums[0] / targets.size, sums[1] / targets.size
+        return ce + self.z_loss * z, ce
 
 
 def lr_schedule(optim: OptimConfig, steps: int) -> optax.Schedule:
@@ -84,35 +108,35 @@ def model_params(params: Any, lora: LoraConfig, dropout_key: jax.Array | None = 
     return lora_lib.attach(params["base"], params["lora"], lora.scale, lora.dropout, dropout_key)
 
 
-def loss_and_grads(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, z_loss: float,
+def loss_and_grads(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, objective: Objective,
                    run_layers: models.RunLayers = models.scan_layers, to_model: Callable[[Any], Any] = _same
                    ) -> tuple[jax.Array, Any]:
     """Cross-entropy of one (micro)batch [batch, seq_len + 1] and the gradient of the objective with
     respect to ``params`` (``to_model`` turns them into the model's weights)."""
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
 
-    def objective(p: Any) -> tuple[jax.Array, jax.Array]:
-        return cross_entropy(models.apply(graphdef, to_model(p), inputs, run_layers), targets, z_loss)
+    def of(p: Any) -> tuple[jax.Array, jax.Array]:
+        return objective(*models.apply_hidden(graphdef, to_model(p), inputs, run_layers), targets)
 
-    (_, ce), grads = jax.value_and_grad(objective, has_aux=True)(params)
+    (_, ce), grads = jax.value_and_grad(of, has_aux=True)(params)
     return ce, grads
 
 
-def accumulated_grads(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, microbatches: int, z_loss: float,
-                      to_model: ToModel = _same) -> tuple[jax.Array, Any]:
+def accumulated_grads(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, microbatches: int,
+                      objective: Objective, to_model: ToModel = _same) -> tuple[jax.Array, Any]:
     """Mean loss and gradient over ``microbatches`` equal slices of the batch, one slice at a time.
 
     Microbatch m takes rows m, m + M, m + 2M, ...: each device's block of the batch then feeds
     every microbatch, so no microbatch sits on a subset of the devices.
     """
     if microbatches == 1:
-        return loss_and_grads(graphdef, params, tokens, z_loss, to_model=to_model)
+        return loss_and_grads(graphdef, params, tokens, objective, to_model=to_model)
     micro = split_microbatches(tokens, microbatches)
 
     def body(carry: tuple[jax.Array, Any], mb_index: tuple[jax.Array, jax.Array]) -> tuple[tuple[jax.Array, Any], None]:
         loss_sum, grad_sum = carry
         mb, index = mb_index
-        loss, grads = loss_and_grads(graphdef, params, constrain(mb, BATCH_AXES), z_loss,
+        loss, grads = loss_and_grads(graphdef, params, constrain(mb, BATCH_AXES), objective,
                                      to_model=lambda p: to_model(p, index))
         return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
 
@@ -123,17 +147,17 @@ def accumulated_grads(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, mi
 
 
 def batch_grads(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, microbatches: int, stages: int,
-                z_loss: float, to_model: ToModel = _same) -> tuple[jax.Array, Any]:
+                objective: Objective, to_model: ToModel = _same) -> tuple[jax.Array, Any]:
     """Loss and gradient of a batch: with pipeline stages the microbatches flow through the pipeline
     (sharing one set of dropout masks, as the weights are built once for the pipeline), otherwise
     they accumulate one after another."""
     if stages > 1:
-        return loss_and_grads(graphdef, params, tokens, z_loss, gpipe(stages, microbatches), to_model)
-    return accumulated_grads(graphdef, params, tokens, microbatches, z_loss, to_model)
+        return loss_and_grads(graphdef, params, tokens, objective, gpipe(stages, microbatches), to_model)
+    return accumulated_grads(graphdef, params, tokens, microbatches, objective, to_model)
 
 
 def train_step(state: State, tokens: jax.Array, *, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-               schedule: optax.Schedule, microbatches: int, stages: int, z_loss: float, lora: LoraConfig,
+               schedule: optax.Schedule, microbatches: int, stages: int, objective: Objective, lora: LoraConfig,
                seed: int) -> tuple[State, dict[str, jax.Array]]:
     params = trainable(state["params"], lora)
     step_key = jax.random.fold_in(jax.random.key(seed), state["step"])
@@ -141,7 +165,7 @@ def train_step(state: State, tokens: jax.Array, *, graphdef: nnx.GraphDef, tx: o
     def to_model(p: Any, microbatch: jax.Array | int = 0) -> Any:
         return model_params(with_trainable(state["params"], p, lora), lora, jax.random.fold_in(step_key, microbatch))
 
-    loss, grads = batch_grads(graphdef, params, tokens, microbatches, stages, z_loss, to_model)
+    loss, grads = batch_grads(graphdef, params, tokens, microbatches, stages, objective, to_model)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     params = with_trainable(state["params"], optax.apply_updates(params, updates), lora)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"])}
@@ -213,7 +237,8 @@ def build(cfg: Config, mesh: Mesh) -> ShardedTraining:
     }
     batch_sharding = logical_sharding(("batch", None), mesh)  # rows of seq_len + 1 tokens: split by the step
     step = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=lr_schedule(cfg.optim, cfg.train.steps),
-                             microbatches=cfg.train.microbatches, stages=mesh.shape["stage"], z_loss=cfg.train.z_loss,
+                             microbatches=cfg.train.microbatches, stages=mesh.shape["stage"],
+                             objective=Objective(cfg.train.z_loss, cfg.train.loss_chunks),
                              lora=cfg.lora, seed=cfg.seed)
     return ShardedTraining(
         mesh=mesh,

@@ -3,9 +3,10 @@
 from models.config import ModelConfig, param_count, train_flops_per_token
 from models.presets import preset, preset_names
 from models.layers import CACHE_AXES, KVCache
-from models.transformer import (DecoderLM, RunLayers, abstract, apply, apply_cached, build, empty_cache,
-                                init_params, lm_head, logical_axes, scan_layers, unstack_layers)
+from models.transformer import (DecoderLM, RunLayers, abstract, apply, apply_cached, apply_hidden, build,
+                                empty_cache, init_params, lm_head, logical_axes, project, scan_layers,
+                                unstack_layers)
 
-__all__ = ["CACHE_AXES", "DecoderLM", "KVCache", "ModelConfig", "RunLayers", "abstract", "apply", "apply_cached", "build",
-           "empty_cache", "init_params", "lm_head", "logical_axes", "scan_layers", "unstack_layers",
+__all__ = ["CACHE_AXES", "DecoderLM", "KVCache", "ModelConfig", "RunLayers", "abstract", "apply", "apply_cached", "apply_hidden",
+           "build", "empty_cache", "init_params", "lm_head", "logical_axes", "project", "scan_layers", "unstack_layers",
            "param_count", "preset", "preset_names", "train_flops_per_token"]

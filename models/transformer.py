@@ -63,16 +63,11 @@ class DecoderLM(nnx.Module):
         return self.embed[...].T if self.cfg.tie_embeddings else self.head[...]
 
     def _logits(self, x: jax.Array, head: jax.Array | None = None) -> jax.Array:
-        x = self.final_norm(x)
-        head = self.lm_head() if head is None else head
-        # The matmul yields the compute dtype and only then float32 (for the softmax), so that the
-        # gradient flows back in the compute dtype: a float32 cotangent would make both backward
-        # matmuls of the head float32 (TF32 on an H100: half the bf16 rate, 18% of a 1B step).
-        logits = jnp.einsum("bld,dv->blv", x, head.astype(x.dtype)).astype(jnp.float32)
-        return constrain(logits, ("batch", "length", "vocab"))
+        return project(self.final_norm(x), self.lm_head() if head is None else head)
 
-    def __call__(self, tokens: jax.Array, run_layers: RunLayers = scan_layers) -> jax.Array:
-        """Logits (float32) for int tokens [batch, length]; ``run_layers`` may pipeline the blocks."""
+    def hidden(self, tokens: jax.Array, run_layers: RunLayers = scan_layers) -> jax.Array:
+        """The final (normed) hidden states [batch, length, embed] of int tokens [batch, length]:
+        what the LM head projects; ``run_layers`` may pipeline the blocks."""
         positions = jnp.arange(tokens.shape[1])
         graphdef, layer_params = nnx.split(self.blocks)
 
@@ -81,7 +76,20 @@ class DecoderLM(nnx.Module):
 
         if self.cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=REMAT_POLICY[self.cfg.remat], prevent_cse=False)
-        return self._logits(run_layers(layer, layer_params, self._embed(tokens, positions)))
+        return self.final_norm(run_layers(layer, layer_params, self._embed(tokens, positions)))
+
+    def __call__(self, tokens: jax.Array, run_layers: RunLayers = scan_layers) -> jax.Array:
+        """Logits (float32) for int tokens [batch, length]."""
+        return project(self.hidden(tokens, run_layers), self.lm_head())
+
+
+def project(x: jax.Array, head: jax.Array) -> jax.Array:
+    """Float32 logits [batch, length, vocab] of final hidden states ``x`` through the LM ``head``."""
+    # The matmul yields the compute dtype and only then float32 (for the softmax), so that the
+    # gradient flows back in the compute dtype: a float32 cotangent would make both backward
+    # matmuls of the head float32 (TF32 on an H100: half the bf16 rate, 18% of a 1B step).
+    logits = jnp.einsum("bld,dv->blv", x, head.astype(x.dtype)).astype(jnp.float32)
+    return constrain(logits, ("batch", "length", "vocab"))
 
 def empty_cache(cfg: ModelConfig, batch: int, slots: int) -> list[KVCache]:
     """Zeroed keys and values, one pair per layer, for ``batch`` sequences of up to ``slots`` tokens."""
@@ -117,6 +125,14 @@ def init_params(cfg: ModelConfig, seed: int) -> Params:
 def apply(graphdef: nnx.GraphDef, params: Params, tokens: jax.Array,
           run_layers: RunLayers = scan_layers) -> jax.Array:
     return nnx.merge(graphdef, params)(tokens, run_layers)
+
+
+def apply_hidden(graphdef: nnx.GraphDef, params: Params, tokens: jax.Array,
+                 run_layers: RunLayers = scan_layers) -> tuple[jax.Array, jax.Array]:
+    """The final hidden states and the LM head, for a loss that projects the states a piece at a
+    time (``project``) instead of holding every position's logits at once."""
+    model = nnx.merge(graphdef, params)
+    return model.hidden(tokens, run_layers), model.lm_head()
 
 
 def unstack_layers(params: Params) -> Params:

@@ -75,6 +75,7 @@ class Workload:
     global_batch: int  # sequences per step
     seq_len: int
     platform: str = "tpu"  # the devices' (jax platform name): picks the attention kernel
+    loss_chunks: int = 1  # train.loss_chunks: the logits exist a piece of the sequence at a time
     compute_bytes: int = field(init=False)  # activations and communicated params, in the model's dtype
     flash_attention: bool = field(init=False)  # no seq x seq scores kept for the backward pass
     flops_per_token: float = field(init=False)
@@ -128,7 +129,8 @@ def memory(c: Candidate, w: Workload) -> dict[str, float]:
     recompute = 0 if c.remat == "none" else (10 * m.d_model + 24 * m.d_model / c.tensor) * b / 2 * tokens
     return {"params": params * PARAM_BYTES, "grads": params * PARAM_BYTES, "optimizer": params * OPTIMIZER_BYTES,
             "activations": per_token_layer * layers * tokens * in_flight + recompute,
-            "logits": tokens * m.vocab_size / c.tensor * 4 * (c.microbatches if c.stages > 1 else 1)}  # a pipeline's head sees the whole batch
+            # float32 logits, of the whole batch where a pipeline's head sees it, a piece at a time
+            "logits": tokens * m.vocab_size / c.tensor * 4 * (c.microbatches if c.stages > 1 else 1) / w.loss_chunks}
 
 
 def comm_times(c: Candidate, w: Workload, cluster: ClusterSpec) -> dict[str, float]:
@@ -158,6 +160,7 @@ def estimate(c: Candidate, w: Workload, cluster: ClusterSpec) -> Estimate:
     flops = w.flops_per_token * w.tokens
     recomputed = flops / 3 * REMAT_FORWARDS[c.remat]  # a forward pass is a third of forward + backward
     head_repeats = 6.0 * m.d_model * m.vocab_size * w.tokens * (c.stages - 1)  # every stage runs the LM head
+    head_repeats += 2.0 * m.d_model * m.vocab_size * w.tokens * c.stages * (w.loss_chunks > 1)  # pieces: forward again
     rate = cluster.device.peak_flops * efficiency(microbatch_tokens(c, w), m.d_model / c.tensor,
                                                   cluster.device.matmul_knees)
     compute = (flops + recomputed + head_repeats) / devices / rate

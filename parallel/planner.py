@@ -143,10 +143,10 @@ class Plan:
 
 
 def plan(model: ModelConfig, cluster: ClusterSpec, global_batch: int, seq_len: int, name: str = "",
-         top: int = 10, max_stages: int | None = None) -> Plan:
+         top: int = 10, max_stages: int | None = None, loss_chunks: int = 1) -> Plan:
     """The fastest predicted layout that fits, with the ``top`` best and the rejected ones counted."""
     started = time.perf_counter()
-    w = Workload(model, global_batch, seq_len, cluster.device.platform)
+    w = Workload(model, global_batch, seq_len, cluster.device.platform, loss_chunks)
     rejected: Counter[str] = Counter()
     examples: dict[str, str] = {}
     fitting: list[Estimate] = []

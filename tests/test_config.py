@@ -50,6 +50,14 @@ def test_sequence_longer_than_context():
     assert "train.seq_len=4096 is longer than the model's context model.max_seq_len=128" in msg
 
 
+def test_loss_chunks_must_split_the_sequence_and_its_shards():
+    assert "train.loss_chunks must be positive, got 0" in invalid(["train.loss_chunks=0"])
+    assert "train.loss_chunks=3 does not divide train.seq_len=128" in invalid(["train.loss_chunks=3"])
+    msg = invalid(["parallel.fsdp=1", "parallel.sequence=8", "train.loss_chunks=32"])
+    assert "pieces of 4 positions, which do not split over parallel.sequence=8" in msg
+    validate(load_config(overrides=["parallel.fsdp=1", "parallel.sequence=8", "train.loss_chunks=16"]), 8)
+
+
 def test_unknown_preset_and_unknown_key():
     with pytest.raises(ConfigError, match="unknown model preset 'gpt-huge'.*gpt-tiny"):
         load_config(overrides=["model=gpt-huge"])

@@ -52,7 +52,7 @@ def test_only_adapters_train_and_the_merged_export_is_base_plus_adapters(tmp_pat
     # The adapters learned: on the first batch the loss is below the base model's.
     batch = Sampler(TokenDataset.open(tmp_path / "data"), 8, 32, cfg.seed).batch(0)
     merged = step_lib.model_params(state["params"], cfg.lora)
-    _, after = step_lib.cross_entropy(models.apply(graphdef, merged, batch[:, :-1]), batch[:, 1:], 0.0)
+    _, after = step_lib.Objective()(*models.apply_hidden(graphdef, merged, batch[:, :-1]), batch[:, 1:])
     assert float(after) < history[0]["loss"] - 0.1
     # The optimizer state mirrors the adapters only: no moments for the frozen base.
     adam = state["opt_state"][1][0]
@@ -102,7 +102,7 @@ def test_training_applies_adapters_to_activations_with_dropout(tmp_path, small_c
     def loss_and_adapter_grads(lora, key):
         def to_model(adapters):
             return step_lib.model_params({**params, "lora": adapters}, lora, key)
-        return step_lib.loss_and_grads(graphdef, params["lora"], tokens, 0.0, to_model=to_model)
+        return step_lib.loss_and_grads(graphdef, params["lora"], tokens, step_lib.Objective(), to_model=to_model)
 
     key = jax.random.key(3)
     # Without dropout, adapters on the activations are the merged weights: same loss, same gradients.
@@ -136,7 +136,8 @@ def test_each_microbatch_draws_dropout_masks_of_its_own(tmp_path, small_corpus):
         lora = dataclasses.replace(cfg.lora, dropout=dropout)
         _, metrics = step_lib.train_step(state, tokens, graphdef=graphdef, tx=tx,
                                          schedule=step_lib.lr_schedule(cfg.optim, cfg.train.steps),
-                                         microbatches=microbatches, stages=1, z_loss=0.0, lora=lora, seed=0)
+                                         microbatches=microbatches, stages=1, objective=step_lib.Objective(), lora=lora,
+                                         seed=0)
         return float(metrics["loss"])
 
     # A row alone, and twice as two microbatches: the same loss without dropout; with it, the second

@@ -95,6 +95,29 @@ def test_gradient_accumulation_equals_full_batch(model):
                  acc_state["params"], full_state["params"])
 
 
+def test_loss_in_chunks_equals_the_whole_loss_and_holds_fewer_logits():
+    large_vocab = ("model.vocab_size=8192", "train.z_loss=1e-3")  # logits: most of the step's memory
+    tokens = batch(config("llama-tiny", (1, 1, 1), *large_vocab))
+    whole_training, whole_state, whole = one_step(config("llama-tiny", (1, 1, 1), *large_vocab), 1, tokens)
+    # Pieces on one device, and over a mesh that also splits the sequence (each piece keeps its sharding).
+    for mesh, extra in (((1, 1, 1), ()), ((2, 1, 2), ("parallel.sequence=2",))):
+        cfg = config("llama-tiny", mesh, *large_vocab, *extra, "train.loss_chunks=4")
+        training, state, metrics = one_step(cfg, 1 if mesh == (1, 1, 1) else 8, tokens)
+        np.testing.assert_allclose(metrics["loss"], whole["loss"], rtol=1e-5, err_msg=str(mesh))
+        np.testing.assert_allclose(metrics["grad_norm"], whole["grad_norm"], rtol=1e-5, err_msg=str(mesh))
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                     jax.device_get(state["params"]), jax.device_get(whole_state["params"]))
+
+    def temp_bytes(chunks: int) -> int:
+        training = build(config("llama-tiny", (1, 1, 1), *large_vocab, f"train.loss_chunks={chunks}"), 1)
+        state = jax.eval_shape(training.init)
+        state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state,
+                             training.state_shardings)
+        return step_lib.compile_step(training, state, tokens.shape).memory_analysis().temp_size_in_bytes
+    logits = tokens[:, 1:].size * 8192 * 4
+    assert temp_bytes(1) - temp_bytes(8) > logits  # the whole logits and more (their gradient) are gone
+
+
 def test_remat_policies_do_not_change_the_step():
     tokens = batch(config("llama-tiny", (2, 2, 2)))
     _, _, none = one_step(config("llama-tiny", (2, 2, 2)), 8, tokens)
@@ -117,7 +140,7 @@ def grads_on_mesh(cfg, tokens: np.ndarray):
     training = build(cfg, 8)
     fn = jax.jit(step_lib.with_activation_sharding(
         lambda params, t: step_lib.batch_grads(training.graphdef, params, t, cfg.train.microbatches,
-                                               training.mesh.shape["stage"], 0.0), training.mesh))
+                                               training.mesh.shape["stage"], step_lib.Objective()), training.mesh))
     loss, grads = fn(training.init()["params"], jax.device_put(tokens, training.batch_sharding))
     return training, float(loss), jax.tree.map(np.asarray, grads)
 

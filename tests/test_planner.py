@@ -87,6 +87,17 @@ def test_memory_counts_attention_scores_unless_the_kernel_is_fused():
     assert memory(full, Workload(bf16, 8, 2048, "gpu")) == memory(full, Workload(bf16, 8, 2048, "tpu"))
 
 
+def test_loss_chunks_divide_the_logits_memory_for_one_more_head_forward():
+    llama = models.preset("llama-1b").replace(dtype="bfloat16")
+    cluster, c = cluster_preset("h100-8"), Candidate(fsdp=8, remat="full")
+    w, w8 = (Workload(llama, 16, 2048, "gpu", chunks) for chunks in (1, 8))
+    whole, pieces = estimate(c, w, cluster), estimate(c, w8, cluster)
+    assert pieces.memory["logits"] == pytest.approx(whole.memory["logits"] / 8)
+    trained = w.flops_per_token * w.tokens * 4 / 3  # remat full: one more forward
+    head_forward = 2 * llama.d_model * llama.vocab_size * w.tokens
+    assert pieces.compute_s / whole.compute_s == pytest.approx(1 + head_forward / trained)
+
+
 def test_layouts_that_cannot_run_are_pruned_with_the_reason():
     w = Workload(models.preset("gpt-tiny"), global_batch=16, seq_len=128)  # 2 layers, 8 heads, d_model 64
     assert problems(Candidate(tensor=3), w) == [("tensor", "tensor=3 does not divide n_heads=8")]
