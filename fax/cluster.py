@@ -362,8 +362,8 @@ class ClusterEngine:
     def _call(self, method: str, *args: Any) -> Any:
         return self.runtime._on_all(f"engine {method}", "engine_call", method, *args)[0]
 
-    def reset(self, rows: int) -> None:
-        self._call("reset", rows)
+    def reset(self) -> None:
+        self._call("reset")
 
     def prefill(self, rows: Sequence[int], prompts: Sequence[Sequence[int]], sampling: Sequence[Any]) -> np.ndarray:
         return self._call("prefill", list(rows), [list(p) for p in prompts], list(sampling))

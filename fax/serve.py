@@ -124,15 +124,16 @@ def _insert(cache: Any, fresh: Any, rows: jax.Array) -> Any:
     return jax.tree.map(lambda c, f: c.at[rows, :, :f.shape[2]].set(f, mode="drop"), cache, fresh)
 
 
-def _resize(slots: int, layer: models.KVCache) -> models.KVCache:
-    """One layer's cache with ``slots`` slots: cut, or zero-padded at the end."""
-    return tuple(jnp.pad(c[:, :, :slots], ((0, 0), (0, 0), (0, max(0, slots - c.shape[2])), (0, 0))) for c in layer)
+def _resize(rows: int, slots: int, layer: models.KVCache) -> models.KVCache:
+    """One layer's cache with ``rows`` rows and ``slots`` slots: cut, or zero-padded at the ends."""
+    return tuple(jnp.pad(c[:rows, :, :slots], ((0, max(0, rows - c.shape[0])), (0, 0),
+                                                (0, max(0, slots - c.shape[2])), (0, 0))) for c in layer)
 
 
 def _decode(graphdef: nnx.GraphDef, tokens_per_call: int, params: Any, cache: Any, tokens: jax.Array,
             positions: jax.Array, steps: jax.Array, *controls: jax.Array) -> tuple[jax.Array, Any]:
-    """``tokens_per_call`` tokens [rows, n] for each of the first ``len(tokens)`` cache rows, each
-    fed back for the next, in one device call (the rest of the cache is untouched)."""
+    """``tokens_per_call`` tokens [rows, n] for each cache row, each fed back for the next, in one
+    device call."""
     head = models.lm_head(graphdef, params)  # once per call, not per token
 
     def one(carry: tuple[jax.Array, Any], i: jax.Array) -> tuple[tuple[jax.Array, Any], jax.Array]:
@@ -190,10 +191,11 @@ def run_params(run_dir: str | Path, config: Config, mesh: jax.sharding.Mesh, ste
 
 class Engine:
     """The device side of generation: params, one KV cache (a row per request), and compiled
-    functions whose shapes all come from a few static buckets. The cache holds as many slots as
-    the furthest position in use needs (a span bucket), resized between calls when that changes:
-    attention then reads no slot it does not need, where a slice of a full-length cache would
-    be a copy at every token (19% of a batch-16 decode step on the CPU). A ``Batcher`` decides
+    functions whose shapes all come from a few static buckets. The cache holds as many rows as
+    the rows in use need (a batch bucket) and as many slots as the furthest position in use needs
+    (a span bucket), resized between calls when either changes: attention then reads the whole
+    cache, where a slice of a larger one would be a copy at every token (19% of a batch-16 decode
+    step on the CPU; 15% of the tokens/s of 4 requests in a 16-row cache). A ``Batcher`` decides
     what runs; every process of a multi-host engine receives the same calls."""
 
     def __init__(self, cfg: models.ModelConfig, params: Any, mesh: jax.sharding.Mesh, max_batch: int = 8,
@@ -212,7 +214,7 @@ class Engine:
         self._prefill = jax.jit(with_activation_sharding(functools.partial(_prefill, cfg, self.graphdef), mesh),
                                 out_shardings=(self._replicated, self.cache_sharding, self._replicated))
         self._insert = jax.jit(_insert, out_shardings=self.cache_sharding, donate_argnums=(0,))
-        self._resize = jax.jit(_resize, static_argnums=(0,), out_shardings=self.cache_sharding)
+        self._resize = jax.jit(_resize, static_argnums=(0, 1), out_shardings=self.cache_sharding)
         self._empty_cache = jax.jit(functools.partial(models.empty_cache, cfg), static_argnums=(0, 1),
                                     out_shardings=self.cache_sharding)
         self.tokens_per_call = tokens_per_call
@@ -238,21 +240,26 @@ class Engine:
         return engine
 
     @property
+    def rows(self) -> int:
+        """How many sequences the cache holds now."""
+        return self.cache[0][0].shape[0]
+
+    @property
     def slots(self) -> int:
         """How many positions the cache holds now."""
         return self.cache[0][0].shape[2]
 
-    def reset(self, rows: int) -> None:
-        """A fresh, empty cache of ``rows`` rows (a batch bucket)."""
+    def reset(self) -> None:
+        """A fresh, empty cache, of the smallest size (calls grow it to what they need)."""
         self.cache = None  # free the old cache before allocating the new one
-        self.cache = self._empty_cache(rows, self.span_buckets[0])
+        self.cache = self._empty_cache(self.batch_buckets[0], self.span_buckets[0])
 
-    def _fit(self, positions: int) -> None:
-        """Size the cache to the span bucket that holds ``positions`` positions."""
-        slots = bucket(self.span_buckets, min(positions, self.cfg.max_seq_len))
-        if slots != self.slots:
+    def _fit(self, rows: int, positions: int) -> None:
+        """Size the cache to the buckets that hold ``rows`` rows and ``positions`` positions."""
+        shape = bucket(self.batch_buckets, rows), bucket(self.span_buckets, min(positions, self.cfg.max_seq_len))
+        if shape != (self.rows, self.slots):
             for i in range(len(self.cache)):  # a layer at a time: never the old and the new cache both whole
-                self.cache[i] = self._resize(slots, self.cache[i])
+                self.cache[i] = self._resize(*shape, self.cache[i])
 
     def prefill(self, rows: Sequence[int], prompts: Sequence[Sequence[int]],
                 sampling: Sequence[SamplingParams]) -> np.ndarray:
@@ -263,25 +270,25 @@ class Engine:
                       sampling: Sequence[SamplingParams]) -> tuple[np.ndarray, np.ndarray]:
         """The prompts' first sampled tokens and next-token logits, their cache written into ``rows``."""
         tokens, lengths = self._pack(prompts)
+        self._fit(max(self.rows, max(rows) + 1), max(self.slots, tokens.shape[1]))  # never shrinks: others may be under way
         pad = len(lengths) - len(prompts)
-        targets = np.array([*rows, *[self.cache[0][0].shape[0]] * pad], np.int32)  # padding points past the cache
+        targets = np.array([*rows, *[self.rows] * pad], np.int32)  # padding points past the cache
         first, fresh, logits = self._prefill(self.params, *self._put(
             tokens, lengths, *_controls([*sampling, *[GREEDY_PAD] * pad])))
-        self._fit(max(self.slots, tokens.shape[1]))  # never shrinks: other rows may be under way
         self.cache = self._insert(self.cache, fresh, *self._put(targets))
         return np.asarray(first)[:len(prompts)], np.asarray(logits)[:len(prompts)]
 
     def decode(self, tokens: np.ndarray, positions: np.ndarray, steps: np.ndarray,
                sampling: Sequence[SamplingParams]) -> np.ndarray:
         """Feed a token to each of the first ``len(tokens)`` cache rows; the next tokens of each [rows, n]."""
-        self._fit(int(positions.max()) + self.tokens_per_call)  # the rows past len(tokens) are free
+        self._fit(len(tokens), int(positions.max()) + self.tokens_per_call)  # the rows past len(tokens) are free
         out, self.cache = self._decode(self.params, self.cache, *self._put(
             tokens.astype(np.int32), positions.astype(np.int32), steps.astype(np.int32), *_controls(sampling)))
         return np.asarray(out)
 
     def prefill_logits(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
         """The next-token logits after each prompt (for checks against the training forward pass)."""
-        self.reset(bucket(self.batch_buckets, len(prompts)))
+        self.reset()
         logits = self._prefill_rows(range(len(prompts)), prompts, [GREEDY_PAD] * len(prompts))[1]
         self.cache = None
         return logits
@@ -326,12 +333,12 @@ class Batcher:
     def __init__(self, engine: Any, rows: int | None = None):
         self.engine = engine
         self.rows: list[_Row | None] = [None] * (rows or engine.max_batch)
-        engine.reset(len(self.rows))
+        engine.reset()
 
     def clear(self) -> None:
         """Drop every request and start from an empty cache."""
         self.rows = [None] * len(self.rows)
-        self.engine.reset(len(self.rows))
+        self.engine.reset()
 
     @property
     def free(self) -> int:

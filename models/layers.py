@@ -128,23 +128,22 @@ class Attention(nnx.Module):
         return self._output(jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=kernel))
 
     def cached(self, x: jax.Array, positions: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
-        """New tokens of rows 0..b-1 (``x`` [b, length], at ``positions`` [b, length]) write their keys
-        and values into those rows of ``cache`` (which may hold more rows; positions past its end
-        are dropped), then attend to everything cached at or before them. Attention reads all the
-        cache's slots: its owner sizes it to the positions in use, as a slice of a larger cache
-        would be a copy of it at every token. The update is a scatter into the donated cache."""
+        """New tokens (``x`` [b, length], at ``positions`` [b, length]) write their keys and values
+        into ``cache`` (b rows; positions past its end are dropped), then attend to everything
+        cached at or before them. Attention reads the whole cache: its owner sizes it to the rows
+        and positions in use, as a slice of a larger cache would be a copy of it at every token.
+        The update is a scatter into the donated cache."""
         q, k, v = self._project(x, positions, fused=True)
         rows = jnp.arange(x.shape[0])[:, None]
-        cache = tuple(constrain(c.at[rows, :, positions].set(new.astype(c.dtype), mode="drop"), CACHE_AXES)
-                      for c, new in zip(cache, (k, v)))
-        keys, values = (c[:x.shape[0]] for c in cache)
+        keys, values = (constrain(c.at[rows, :, positions].set(new.astype(c.dtype), mode="drop"), CACHE_AXES)
+                        for c, new in zip(cache, (k, v)))
         batch, length, heads, head_dim = q.shape
         groups = q.reshape(batch, length, keys.shape[1], heads // keys.shape[1], head_dim).astype(keys.dtype)
         scores = jnp.einsum("btkgd,bksd->bkgts", groups, keys, preferred_element_type=jnp.float32) / head_dim ** 0.5
         visible = jnp.arange(keys.shape[2])[None, :] <= positions[:, :, None]  # [batch, length, slots]
         weights = jax.nn.softmax(jnp.where(visible[:, None, None], scores, -jnp.inf), axis=-1)
         out = jnp.einsum("bkgts,bksd->btkgd", weights.astype(values.dtype), values)
-        return self._output(out.reshape(batch, length, heads, head_dim).astype(x.dtype)), cache
+        return self._output(out.reshape(batch, length, heads, head_dim).astype(x.dtype)), (keys, values)
 
 
 KVCache = tuple[jax.Array, jax.Array]  # one layer's keys, values: [batch, kv_heads, slots, head_dim]

@@ -159,8 +159,8 @@ def lm_head(graphdef: nnx.GraphDef, params: Params) -> jax.Array:
 def apply_cached(graphdef: nnx.GraphDef, params: Params, tokens: jax.Array, positions: jax.Array,
                  cache: list[KVCache], last: jax.Array | None = None,
                  head: jax.Array | None = None) -> tuple[jax.Array, list[KVCache]]:
-    """Inference with a KV cache: ``tokens`` [b, length] at ``positions`` go into rows 0..b-1 of
-    ``cache`` (one (keys, values) per layer, [rows, kv_heads, slots, head_dim]). ``params`` has its
+    """Inference with a KV cache: ``tokens`` [b, length] at ``positions`` go into ``cache`` (one
+    (keys, values) per layer, [b, kv_heads, slots, head_dim]). ``params`` has its
     layers unstacked (``unstack_layers``); ``head`` is ``lm_head``'s, when the caller holds it.
     Returns the logits at index ``last[b]`` of each row (default: the last) and the updated cache."""
     layers = params["blocks"]

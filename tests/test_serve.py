@@ -141,8 +141,6 @@ def test_requests_joining_a_running_batch_get_what_they_would_alone():
         for i, (prompt, sampling) in enumerate(requests):  # 6 requests, 4 rows: two wait for a free row
             scheduler.submit(prompt, sampling, sink(i))
             time.sleep(0.05 * i)  # the later ones arrive while the batch runs
-        with pytest.raises(Busy, match="max_concurrent=6"):
-            scheduler.submit(PROMPTS[0], SamplingParams(), sink(99))
         deadline = time.monotonic() + 60
         while scheduler.load() != {"running": 0, "queued": 0} and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -150,9 +148,18 @@ def test_requests_joining_a_running_batch_get_what_they_would_alone():
         scheduler.close()
     assert [[t for t in got[i] if t is not None] for i in range(len(requests))] == alone
     assert [len(a) for a in alone] == [4 + 3 * i for i in range(6)]
+    # A scheduler with max_pending requests running or queued refuses more until one finishes.
+    scheduler = Scheduler(engine, max_pending=2)
+    try:
+        for _ in range(2):  # 100 tokens each: they outlast the next submit by far
+            scheduler.submit(PROMPTS[0], SamplingParams(max_new_tokens=100), lambda item: None)
+        with pytest.raises(Busy, match="max_concurrent=2"):
+            scheduler.submit(PROMPTS[0], SamplingParams(), sink(0))
+    finally:
+        scheduler.close()
 
 
-def test_the_cache_follows_the_positions_in_use_and_decode_still_equals_recomputing():
+def test_the_cache_follows_the_rows_and_positions_in_use_and_decode_still_equals_recomputing():
     cfg, graphdef, params = model("gpt-tiny")
     engine = Engine(cfg, params, serving_mesh(cfg, jax.devices()[:1]), max_batch=2)
     assert engine.span_buckets == (16, 24, 32, 48, 64, 96, 128)
@@ -161,20 +168,20 @@ def test_the_cache_follows_the_positions_in_use_and_decode_still_equals_recomput
     prompts = [[1, 2] * 7, [3] * 40]
     batcher = Batcher(engine)
     got: dict[int, list] = {0: [], 1: []}
-    slots = []
+    shapes = []
 
     def record(events):
         for key, token, _ in events:
             got[key].append(token)
-        slots.append(engine.slots)
+        shapes.append((engine.rows, engine.slots))
 
-    record(batcher.admit([(0, (prompts[0], greedy[0]))]))  # positions 0..13: the smallest cache
+    record(batcher.admit([(0, (prompts[0], greedy[0]))]))  # one row, positions 0..13: the smallest cache
     record(batcher.step())  # 8 tokens per call: up to position 21
     record(batcher.step())  # up to 29
-    record(batcher.admit([(1, (prompts[1], greedy[1]))]))  # a 40-token prompt: the 64-token bucket
-    record(batcher.step())  # up to 47, both rows: the cache shrinks
-    record(batcher.step())  # up to 45, the first row alone
-    assert slots == [16, 24, 32, 64, 48, 48]
+    record(batcher.admit([(1, (prompts[1], greedy[1]))]))  # a second row, a 40-token prompt: the 64 bucket
+    record(batcher.step())  # up to 47, both rows: fewer slots
+    record(batcher.step())  # up to 45, the first row alone: one row
+    assert shapes == [(1, 16), (1, 24), (1, 32), (2, 64), (2, 48), (1, 48)]
     assert not batcher.active
     assert [got[0], got[1]] == [greedy_by_recomputing(graphdef, params, p, s.max_new_tokens, window=48)
                                 for p, s in zip(prompts, greedy)]
