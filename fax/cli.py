@@ -156,13 +156,11 @@ def _plan(args: argparse.Namespace) -> int:
             from fax.trainer import plan_here
 
             config = load_config(overrides=[f"model={args.model}", f"model.dtype={args.dtype}",
-                                            f"train.batch_size={args.global_batch}", f"train.seq_len={args.seq}",
-                                            f"train.loss_chunks={args.loss_chunks}"])
+                                            f"train.batch_size={args.global_batch}", f"train.seq_len={args.seq}"])
             result = plan_here(config, jax.devices(), args.model, validate=args.validate, measure=args.measure)
         else:
             model = preset_or_error(args.model).replace(dtype=args.dtype)
-            result = plan(model, cluster, args.global_batch, args.seq, args.model, args.top,
-                              loss_chunks=args.loss_chunks)
+            result = plan(model, cluster, args.global_batch, args.seq, args.model, args.top)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if args.json:
@@ -338,8 +336,6 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("--global-batch", type=int, default=16, help="sequences per step")
     pl.add_argument("--seq", type=int, default=128, help="tokens per sequence")
     pl.add_argument("--dtype", default="bfloat16", help="the compute dtype planned for (model.dtype)")
-    pl.add_argument("--loss-chunks", type=int, default=1, help="pieces of the sequence the LM head and loss run "
-                                                               "in (train.loss_chunks; less logits memory)")
     pl.add_argument("--top", type=int, default=10, help="how many ranked layouts to print")
     pl.add_argument("--json", action="store_true", help="the whole plan as JSON")
     pl.add_argument("--validate", type=int, default=3, help="present devices: compile ranked layouts until this "

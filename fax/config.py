@@ -168,9 +168,10 @@ class Config:
 
 
 def with_layout(cfg: Config, layout: Candidate) -> Config:
-    """``cfg`` laid out as a plan says: mesh axis sizes, microbatches, remat policy."""
+    """``cfg`` laid out as a plan says: mesh axis sizes, microbatches, remat policy, loss pieces."""
     return dataclasses.replace(cfg, parallel=ParallelConfig(**layout.axes), model=cfg.model.replace(remat=layout.remat),
-                               train=dataclasses.replace(cfg.train, microbatches=layout.microbatches))
+                               train=dataclasses.replace(cfg.train, microbatches=layout.microbatches,
+                                                         loss_chunks=layout.loss_chunks))
 
 
 def _coerce(value: Any, typ: Any, key: str) -> Any:

@@ -112,8 +112,7 @@ def plan_here(config: Config, devices: list[jax.Device], name: str = "", top: in
     raise_problems(setting_problems(config))  # the layout's own problems are the planner's to avoid
     cluster = present_cluster(devices)
     try:
-        result = plan_layouts(config.model, cluster, config.train.batch_size, config.seq_len, name, top=top,
-                              loss_chunks=config.train.loss_chunks)
+        result = plan_layouts(config.model, cluster, config.train.batch_size, config.seq_len, name, top=top)
         return validate_plan(result, layout_compiler(config, devices), cluster.device.hbm_bytes, k=validate,
                              measure=layout_timer(config, devices) if measure else None)
     except ValueError as e:

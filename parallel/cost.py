@@ -33,6 +33,7 @@ class Candidate:
     sequence: int = 1
     tensor: int = 1
     remat: str = "none"
+    loss_chunks: int = 1  # pieces of the sequence the LM head and loss run in (train.loss_chunks)
 
     @property
     def axes(self) -> dict[str, int]:
@@ -41,7 +42,8 @@ class Candidate:
 
     def describe(self) -> str:
         mesh = " ".join(f"{k}={v}" for k, v in self.axes.items() if v > 1) or "1 device"
-        return f"{mesh}, mb={self.microbatches}, remat={self.remat}"
+        pieces = f", loss in {self.loss_chunks} pieces" if self.loss_chunks > 1 else ""
+        return f"{mesh}, mb={self.microbatches}, remat={self.remat}{pieces}"
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,6 @@ class Workload:
     global_batch: int  # sequences per step
     seq_len: int
     platform: str = "tpu"  # the devices' (jax platform name): picks the attention kernel
-    loss_chunks: int = 1  # train.loss_chunks: the logits exist a piece of the sequence at a time
     compute_bytes: int = field(init=False)  # activations and communicated params, in the model's dtype
     flash_attention: bool = field(init=False)  # no seq x seq scores kept for the backward pass
     flops_per_token: float = field(init=False)
@@ -130,7 +131,7 @@ def memory(c: Candidate, w: Workload) -> dict[str, float]:
     return {"params": params * PARAM_BYTES, "grads": params * PARAM_BYTES, "optimizer": params * OPTIMIZER_BYTES,
             "activations": per_token_layer * layers * tokens * in_flight + recompute,
             # float32 logits, of the whole batch where a pipeline's head sees it, a piece at a time
-            "logits": tokens * m.vocab_size / c.tensor * 4 * (c.microbatches if c.stages > 1 else 1) / w.loss_chunks}
+            "logits": tokens * m.vocab_size / c.tensor * 4 * (c.microbatches if c.stages > 1 else 1) / c.loss_chunks}
 
 
 def comm_times(c: Candidate, w: Workload, cluster: ClusterSpec) -> dict[str, float]:
@@ -160,7 +161,7 @@ def estimate(c: Candidate, w: Workload, cluster: ClusterSpec) -> Estimate:
     flops = w.flops_per_token * w.tokens
     recomputed = flops / 3 * REMAT_FORWARDS[c.remat]  # a forward pass is a third of forward + backward
     head_repeats = 6.0 * m.d_model * m.vocab_size * w.tokens * (c.stages - 1)  # every stage runs the LM head
-    head_repeats += 2.0 * m.d_model * m.vocab_size * w.tokens * c.stages * (w.loss_chunks > 1)  # pieces: forward again
+    head_repeats += 2.0 * m.d_model * m.vocab_size * w.tokens * c.stages * (c.loss_chunks > 1)  # pieces: forward again
     rate = cluster.device.peak_flops * efficiency(microbatch_tokens(c, w), m.d_model / c.tensor,
                                                   cluster.device.matmul_knees)
     compute = (flops + recomputed + head_repeats) / devices / rate

@@ -21,6 +21,7 @@ from parallel.cost import MEMORY_HEADROOM, REMAT_FORWARDS, Candidate, Estimate, 
 from parallel.hardware import ClusterSpec
 
 MAX_MICROBATCHES = 64
+LOSS_CHUNKS = 8  # pieces of the sequence for the LM head and loss, tried where the whole logits do not fit
 
 
 def divisors(n: int) -> list[int]:
@@ -53,6 +54,9 @@ def problems(c: Candidate, w: Workload) -> list[tuple[str, str]]:
                                f"{c.data * c.fsdp * c.microbatches}"))
     if w.seq_len % c.sequence:
         found.append(("sequence", f"sequence={c.sequence} does not divide the sequence length {w.seq_len}"))
+    elif w.seq_len % (c.sequence * c.loss_chunks):
+        found.append(("sequence", f"{c.loss_chunks} loss pieces of the sequence length {w.seq_len} do not split "
+                                  f"over sequence={c.sequence}"))
     return found
 
 
@@ -142,11 +146,22 @@ class Plan:
         return json.dumps(self.to_dict(), indent=2)
 
 
+def fitted(c: Candidate, w: Workload, cluster: ClusterSpec) -> Estimate:
+    """``c``'s estimate; where it does not fit but does with the LM head and loss in pieces, that one's."""
+    e = estimate(c, w, cluster)
+    pieces = dataclasses.replace(c, loss_chunks=LOSS_CHUNKS)
+    if e.fits or problems(pieces, w):
+        return e
+    in_pieces = estimate(pieces, w, cluster)
+    return in_pieces if in_pieces.fits else e
+
+
 def plan(model: ModelConfig, cluster: ClusterSpec, global_batch: int, seq_len: int, name: str = "",
-         top: int = 10, max_stages: int | None = None, loss_chunks: int = 1) -> Plan:
-    """The fastest predicted layout that fits, with the ``top`` best and the rejected ones counted."""
+         top: int = 10, max_stages: int | None = None) -> Plan:
+    """The fastest predicted layout that fits, with the ``top`` best and the rejected ones counted; a
+    layout that does not fit is tried again with the LM head and loss in pieces (``LOSS_CHUNKS``)."""
     started = time.perf_counter()
-    w = Workload(model, global_batch, seq_len, cluster.device.platform, loss_chunks)
+    w = Workload(model, global_batch, seq_len, cluster.device.platform)
     rejected: Counter[str] = Counter()
     examples: dict[str, str] = {}
     fitting: list[Estimate] = []
@@ -156,7 +171,7 @@ def plan(model: ModelConfig, cluster: ClusterSpec, global_batch: int, seq_len: i
         searched += 1
         found = problems(c, w)
         if not found:
-            e = estimate(c, w, cluster)
+            e = fitted(c, w, cluster)
             if e.fits:
                 fitting.append(e)
                 continue
@@ -174,7 +189,8 @@ def plan(model: ModelConfig, cluster: ClusterSpec, global_batch: int, seq_len: i
     by_template = {}
     for key, c in named.items():
         issue = problems(c, w)
-        by_template[key] = "; ".join(m for _, m in issue) if issue else (unique.get(c) or "out of memory")
+        by_template[key] = "; ".join(m for _, m in issue) if issue else (
+            unique.get(fitted(c, w, cluster).candidate) or "out of memory")
     return Plan(cluster.name, name, global_batch, seq_len, ranked[0], ranked[:top], by_template,
                 dict(rejected.most_common()), examples, searched, time.perf_counter() - started,
                 analytical=not cluster.present)

@@ -2,6 +2,7 @@
 
 import json
 import time
+import dataclasses
 from dataclasses import asdict
 
 import jax
@@ -87,15 +88,20 @@ def test_memory_counts_attention_scores_unless_the_kernel_is_fused():
     assert memory(full, Workload(bf16, 8, 2048, "gpu")) == memory(full, Workload(bf16, 8, 2048, "tpu"))
 
 
-def test_loss_chunks_divide_the_logits_memory_for_one_more_head_forward():
+def test_loss_in_pieces_divides_the_logits_memory_for_one_more_head_forward_and_only_where_needed():
     llama = models.preset("llama-1b").replace(dtype="bfloat16")
-    cluster, c = cluster_preset("h100-8"), Candidate(fsdp=8, remat="full")
-    w, w8 = (Workload(llama, 16, 2048, "gpu", chunks) for chunks in (1, 8))
-    whole, pieces = estimate(c, w, cluster), estimate(c, w8, cluster)
+    cluster, w = cluster_preset("h100-8"), Workload(llama, 16, 2048, "gpu")
+    whole, pieces = (estimate(Candidate(fsdp=8, remat="full", loss_chunks=n), w, cluster) for n in (1, 8))
     assert pieces.memory["logits"] == pytest.approx(whole.memory["logits"] / 8)
     trained = w.flops_per_token * w.tokens * 4 / 3  # remat full: one more forward
     head_forward = 2 * llama.d_model * llama.vocab_size * w.tokens
     assert pieces.compute_s / whole.compute_s == pytest.approx(1 + head_forward / trained)
+    # The planner cuts the loss into pieces only for layouts that do not fit whole.
+    assert plan(llama, cluster, 16, 2048).best.candidate.loss_chunks == 1
+    tight = dataclasses.replace(cluster, device=dataclasses.replace(cluster.device, hbm_bytes=8 * 2 ** 30))
+    best = plan(llama, tight, 16, 2048).best
+    assert best.candidate.loss_chunks == 8 and "loss in 8 pieces" in best.candidate.describe()
+    assert not estimate(dataclasses.replace(best.candidate, loss_chunks=1), w, tight).fits
 
 
 def test_layouts_that_cannot_run_are_pruned_with_the_reason():
