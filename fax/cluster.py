@@ -75,6 +75,9 @@ class HostWorker:
         self.rows_seen = rows
         return HostRuntime.metrics(self.runtime.step_rows(rows))
 
+    def evaluate(self, local_batches: list[np.ndarray]) -> float:
+        return self.runtime.evaluate_rows(local_batches)
+
     def last_rows(self) -> np.ndarray | None:
         return self.rows_seen
 
@@ -306,6 +309,13 @@ class RayRuntime:
             self.metrics(self.pending[0])
         return self._gather([getattr(w, method).remote(*args) for w in self.workers],
                             self.config.cluster.step_timeout_s, what)
+
+    def evaluate(self, batches: list[np.ndarray]) -> float:
+        while self.pending:
+            self.metrics(self.pending[0])
+        return self._gather([w.evaluate.remote([take_rows(b, rows) for b in batches])
+                             for w, rows in zip(self.workers, self.rows)],
+                            self.config.cluster.step_timeout_s, "an evaluation")[0]  # replicated, as metrics
 
     def save(self, meta: dict[str, Any], wait: bool) -> None:
         self._on_all(f"saving the checkpoint of step {meta['step']}", "save", meta, wait)

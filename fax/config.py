@@ -48,6 +48,8 @@ class TrainConfig:
     # Pieces of the sequence the LM head and loss run in, one after another: the logits' memory
     # divides by it, for one more forward pass of the head. Raise it for large vocabularies.
     loss_chunks: int = 1
+    eval_every: int = 0  # steps between losses on the validation split (and at the end); 0: never
+    eval_batches: int = 8  # batches of the validation split per evaluation, the same ones each time
     log_every: int = 10
     sample_tokens: int = 200  # tokens generated at the end of fit(); 0 disables
     sample_prompt: str = "def "
@@ -273,9 +275,11 @@ def setting_problems(cfg: Config) -> list[str]:
     for name in ("every_n_steps", "max_to_keep", "keep_every_n_steps"):
         if getattr(cfg.checkpoint, name) < 0:
             problems.append(f"checkpoint.{name} must be >= 0, got {getattr(cfg.checkpoint, name)}")
-    for name in ("steps", "batch_size", "microbatches", "loss_chunks", "log_every"):
+    for name in ("steps", "batch_size", "microbatches", "loss_chunks", "eval_batches", "log_every"):
         if getattr(t, name) <= 0:
             problems.append(f"train.{name} must be positive, got {getattr(t, name)}")
+    if t.eval_every < 0:
+        problems.append(f"train.eval_every must be >= 0 (0: no evaluation), got {t.eval_every}")
     if t.loss_chunks > 0 and cfg.seq_len % t.loss_chunks:
         problems.append(f"train.loss_chunks={t.loss_chunks} does not divide train.seq_len={cfg.seq_len}; "
                         "choose a divisor of the sequence length")

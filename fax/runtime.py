@@ -105,10 +105,20 @@ class HostRuntime:
         self.state, metrics = self.compiled(self.state, tokens)
         return metrics
 
+    def evaluate_rows(self, local_batches: list[np.ndarray]) -> float:
+        """Mean cross-entropy of the current params over batches, given this process's rows of each."""
+        losses = [self.training.evaluate(self.state["params"], global_batch(
+            local, self.rows, self.training.batch_sharding, self.batch_shape)) for local in local_batches]
+        return float(np.mean(jax.device_get(losses)))
+
     # The head-side interface (fax.cluster.RayRuntime offers the same methods).
 
     def submit(self, batch: np.ndarray) -> dict[str, jax.Array]:
         return self.step_rows(take_rows(batch, self.rows))
+
+    def evaluate(self, batches: list[np.ndarray]) -> float:
+        """Mean cross-entropy of the params after the last submitted step over ``batches``."""
+        return self.evaluate_rows([take_rows(b, self.rows) for b in batches])
 
     @staticmethod
     def metrics(handle: dict[str, jax.Array]) -> dict[str, float]:

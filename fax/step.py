@@ -156,6 +156,20 @@ def batch_grads(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, microbat
     return accumulated_grads(graphdef, params, tokens, microbatches, objective, to_model)
 
 
+def eval_loss(params: Any, tokens: jax.Array, *, graphdef: nnx.GraphDef, microbatches: int, stages: int,
+              objective: Objective, lora: LoraConfig) -> jax.Array:
+    """Mean cross-entropy of a batch [batch, seq_len + 1] under the merged weights (no dropout),
+    split into microbatches as the train step is, so that it fits wherever the step does."""
+    weights = model_params(params, lora)
+
+    def ce(tokens: jax.Array, run_layers: models.RunLayers = models.scan_layers) -> jax.Array:
+        return objective(*models.apply_hidden(graphdef, weights, tokens[:, :-1], run_layers), tokens[:, 1:])[1]
+
+    if stages > 1:
+        return ce(tokens, gpipe(stages, microbatches))
+    return jnp.mean(jax.lax.map(lambda mb: ce(constrain(mb, BATCH_AXES)), split_microbatches(tokens, microbatches)))
+
+
 def train_step(state: State, tokens: jax.Array, *, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                schedule: optax.Schedule, microbatches: int, stages: int, objective: Objective, lora: LoraConfig,
                seed: int) -> tuple[State, dict[str, jax.Array]]:
@@ -206,6 +220,7 @@ class ShardedTraining:
     batch_sharding: NamedSharding
     init: Any  # () -> State, created directly in its shardings
     step: Any  # (State, tokens) -> (State, metrics); donates the state
+    evaluate: Any  # (params, tokens) -> mean cross-entropy
 
 
 def compile_step(training: ShardedTraining, state: Any, batch_shape: tuple[int, int]) -> Any:
@@ -236,10 +251,10 @@ def build(cfg: Config, mesh: Mesh) -> ShardedTraining:
                                          trainable(param_shardings, cfg.lora), mesh),
     }
     batch_sharding = logical_sharding(("batch", None), mesh)  # rows of seq_len + 1 tokens: split by the step
-    step = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=lr_schedule(cfg.optim, cfg.train.steps),
-                             microbatches=cfg.train.microbatches, stages=mesh.shape["stage"],
-                             objective=Objective(cfg.train.z_loss, cfg.train.loss_chunks),
-                             lora=cfg.lora, seed=cfg.seed)
+    layout = dict(graphdef=graphdef, microbatches=cfg.train.microbatches, stages=mesh.shape["stage"],
+                  objective=Objective(cfg.train.z_loss, cfg.train.loss_chunks), lora=cfg.lora)
+    step = functools.partial(train_step, tx=tx, schedule=lr_schedule(cfg.optim, cfg.train.steps), seed=cfg.seed,
+                             **layout)
     return ShardedTraining(
         mesh=mesh,
         graphdef=graphdef,
@@ -249,4 +264,6 @@ def build(cfg: Config, mesh: Mesh) -> ShardedTraining:
         init=jax.jit(functools.partial(init_state, cfg, tx), out_shardings=state_shardings),
         step=jax.jit(with_activation_sharding(step, mesh), in_shardings=(state_shardings, batch_sharding),
                      out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,)),
+        evaluate=jax.jit(with_activation_sharding(functools.partial(eval_loss, **layout), mesh),
+                         in_shardings=(param_shardings, batch_sharding), out_shardings=replicated(mesh)),
     )

@@ -46,7 +46,8 @@ class Preempted(Exception):
 
 
 def _format(record: dict[str, Any]) -> str:
-    return (f"step {record['step']:>6}  loss {record['loss']:.4f}  grad_norm {record['grad_norm']:.3f}  "
+    val = f"  val_loss {record['val_loss']:.4f}" if "val_loss" in record else ""
+    return (f"step {record['step']:>6}  loss {record['loss']:.4f}{val}  grad_norm {record['grad_norm']:.3f}  "
             f"lr {record['lr']:.2e}  tokens/s {record['tokens_per_s']:,.0f}  mfu {100 * record['mfu']:.2f}%")
 
 
@@ -182,6 +183,11 @@ class Trainer:
         if self.dataset is not None and self.dataset.meta["vocab_size"] > config.model.vocab_size:
             problems.append(f"the dataset's tokenizer has {self.dataset.meta['vocab_size']} tokens but "
                             f"model.vocab_size={config.model.vocab_size}; raise model.vocab_size")
+        val_tokens = self.dataset.meta.get("val_tokens", 0) if self.dataset is not None else 0
+        if config.train.eval_every and self.dataset is not None and val_tokens < config.seq_len + 1:
+            problems.append(f"train.eval_every={config.train.eval_every} needs a validation split of at least one "
+                            f"sequence ({config.seq_len + 1} tokens), but data.path={str(self.data_path)!r} has "
+                            f"{val_tokens}; prepare it with `fax prepare --val-fraction 0.05`, or train.eval_every=0")
         checkpoints = self._checkpoints()
         self.resume_step = checkpoints.latest_step()
         if self.resume_step is not None:
@@ -276,6 +282,9 @@ class Trainer:
         log = MetricsLog(log_path, keep=kept)  # a resumed run drops what it logged past its checkpoint
         self.history = [r for r in self.history if r["step"] <= first]
         sampler = Sampler(self.dataset, t.batch_size, seq_len, cfg.seed)
+        if t.eval_every:  # the same validation batches at every evaluation
+            held_out = Sampler(TokenDataset.open(self.data_path, "val"), t.batch_size, seq_len, cfg.seed)
+            val_batches = [held_out.batch(i) for i in range(t.eval_batches)]
         tokens_per_step = t.batch_size * seq_len
         every_save = cfg.checkpoint.every_n_steps
         batch = sampler.batch(first)
@@ -293,7 +302,8 @@ class Trainer:
                 log_due = done % t.log_every == 0 or done == last
                 save_due = (every_save and done % every_save == 0) or done == last or stopping
                 hooks_due = [fn for every, fn in self.hooks if done % every == 0]
-                if not (log_due or save_due or hooks_due):
+                eval_due = t.eval_every and (done % t.eval_every == 0 or done == last)
+                if not (log_due or save_due or hooks_due or eval_due):
                     continue
                 values = runtime.metrics(handle)  # waits for this step
                 now = time.perf_counter()
@@ -301,6 +311,9 @@ class Trainer:
                 record = {"step": done, **values, "tokens_per_s": tokens_per_step / step_time,
                           "step_time_s": step_time}
                 record["mfu"] = mfu(flops_per_token, record["tokens_per_s"], peak, n_dev)
+                if eval_due:
+                    record["val_loss"] = runtime.evaluate(val_batches)
+                    log_due = True  # a validation loss is always logged
                 if log_due:
                     self.history.append(record)
                     log.write(record)

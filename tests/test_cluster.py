@@ -33,6 +33,11 @@ def settings(run_dir, corpus, *extra):
             "checkpoint.every_n_steps=2", "cluster.heartbeat_timeout_s=10", *extra]
 
 
+def held_out(corpus):
+    """Batches for an evaluation (training windows of another seed: the small corpus has no validation split)."""
+    return [Sampler(TokenDataset.open(corpus), 8, 32, seed=1).batch(i) for i in range(2)]
+
+
 def losses(run_dir):
     return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")}
 
@@ -88,7 +93,8 @@ def ray_run(tmp_path_factory, small_corpus, ray_cluster):
         trainer.fit()
         runtime = trainer.runtime
         seen = ray.get([w.last_rows.remote() for w in runtime.workers])
-        report = {"built": runtime.built, "rows": runtime.rows, "pids": runtime.worker_pids(), "seen": seen}
+        report = {"built": runtime.built, "rows": runtime.rows, "pids": runtime.worker_pids(), "seen": seen,
+                  "eval": runtime.evaluate(held_out(small_corpus))}
     return report, run_dir
 
 
@@ -105,11 +111,17 @@ def test_bring_up_gives_each_host_its_rows(ray_run, small_corpus):
     np.testing.assert_array_equal(seen[1], last_batch[4:8])
 
 
-def test_ray_mode_matches_local_mode(ray_run, local_run):
-    _, ray_dir = ray_run
+def test_ray_mode_matches_local_mode(ray_run, local_run, small_corpus):
+    report, ray_dir = ray_run
     local, remote = losses(local_run), losses(ray_dir)
     assert sorted(remote) == list(range(1, STEPS + 1))
     np.testing.assert_allclose([remote[s] for s in sorted(local)], [local[s] for s in sorted(local)], rtol=1e-5)
+    # The hosts' evaluation of the final params equals one process's evaluation of the local run's.
+    cfg = load_config(overrides=settings(local_run, small_corpus))
+    training = step_lib.build(cfg, make_mesh(cfg.parallel, jax.devices()[:1]))
+    params = saved_params(local_run, STEPS)
+    alone = np.mean([float(training.evaluate(params, batch)) for batch in held_out(small_corpus)])
+    assert report["eval"] == pytest.approx(alone, rel=1e-5)
 
 
 def test_killed_worker_restarts_and_finishes_bit_exact(ray_run, tmp_path, small_corpus):

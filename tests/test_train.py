@@ -5,10 +5,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
+import pytest
 import yaml
 
-from fax import Trainer, load_config
+import models
+from fax import ConfigError, Trainer, load_config
+from fax.data import Sampler, TokenDataset
 from fax.metrics import read_metrics
 
 
@@ -17,9 +21,10 @@ def tiny(run_dir, *extra):
             "train.sample_tokens=0", *extra]
 
 
-def test_loss_falls_on_the_default_corpus(tmp_path):
+def test_loss_and_validation_loss_fall_on_the_default_corpus(tmp_path):
     trainer = Trainer(overrides=tiny(tmp_path, "train.steps=60", "train.log_every=10", "optim.lr=3e-3",
-                                     "train.sample_tokens=20"), echo=lambda _: None)
+                                     "train.sample_tokens=20", "train.eval_every=30", "train.eval_batches=2"),
+                      echo=lambda _: None)
     history = trainer.fit()
     losses = [r["loss"] for r in history]
     assert len(losses) == 6
@@ -27,6 +32,25 @@ def test_loss_falls_on_the_default_corpus(tmp_path):
     assert np.isfinite([r["grad_norm"] for r in history]).all()
     text = trainer.sample("import ", 20)
     assert text.startswith("import ")
+    # The validation split's loss at steps 30 and 60 (logged with them), falling, and exactly the
+    # cross-entropy of the final params on the same held-out batches computed here.
+    val = {r["step"]: r["val_loss"] for r in read_metrics(tmp_path / "metrics.jsonl") if "val_loss" in r}
+    assert sorted(val) == [30, 60] and val[60] < val[30]
+    params = jax.device_get(trainer.state["params"])
+    held_out = Sampler(TokenDataset.open(trainer.data_path, "val"), 16, 64, seed=0)
+    ce = []
+    for tokens in (held_out.batch(i) for i in range(2)):
+        logits = np.asarray(models.apply(trainer.training.graphdef, params, tokens[:, :-1]), np.float64)
+        logits -= logits.max(-1, keepdims=True)
+        log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        ce.append(-np.take_along_axis(log_p, tokens[:, 1:, None], -1).mean())
+    assert val[60] == pytest.approx(np.mean(ce), rel=1e-5)
+
+
+def test_evaluation_needs_a_validation_split(tmp_path, small_corpus):
+    with pytest.raises(ConfigError, match=r"train.eval_every=10 needs a validation split .* has 0; prepare it "
+                                          r"with `fax prepare --val-fraction"):
+        Trainer(overrides=tiny(tmp_path, "train.eval_every=10", f"data.path={small_corpus}"))
 
 
 def test_run_dir_holds_config_and_metrics(tmp_path, small_corpus):
