@@ -75,12 +75,14 @@ def measure(model: str, seq_len: int, batch: int, remat: str, attention: str, lo
     except Exception as e:  # out of memory: the caller tries a smaller batch
         if not out_of_memory(e):
             raise
-        print(f"  {remat}/{attention}/loss_chunks={loss_chunks} batch {batch}: does not fit ({str(e).splitlines()[0][:100]})")
+        print(f"  {remat}/{attention}/loss_chunks={loss_chunks} batch {batch}: does not fit "
+              f"({str(e).splitlines()[0][:100]})")
         return None
     tokens_per_s = batch * seq_len / step_s
     peak = peak_flops_per_device(devices[0].device_kind, devices[0].platform, len(devices))
     return {"model": model, "params": models.param_count(cfg.model), "remat": remat, "attention": attention,
-            "loss_chunks": loss_chunks, "batch": batch, "seq_len": seq_len, "device": devices[0].device_kind, "devices": len(devices),
+            "loss_chunks": loss_chunks, "batch": batch, "seq_len": seq_len, "device": devices[0].device_kind,
+            "devices": len(devices),
             "step_s": step_s, "tokens_per_s": tokens_per_s, "peak_flops": peak, "scratch_bytes": scratch,
             "mfu": mfu(models.train_flops_per_token(cfg.model, seq_len), tokens_per_s, peak, len(devices)),
             "loss": float(metrics["loss"])}
@@ -101,7 +103,8 @@ def main() -> None:
     args = p.parse_args()
 
     results = []
-    variants = itertools.product(args.remat.split(","), args.attention.split(","), map(int, args.loss_chunks.split(",")))
+    variants = itertools.product(args.remat.split(","), args.attention.split(","),
+                                 map(int, args.loss_chunks.split(",")))
     for remat, attention, chunks in variants:
         for batch in map(int, args.batches.split(",")):
             trace = args.trace and f"{args.trace}/{remat}-{attention}-{chunks}"
@@ -122,8 +125,8 @@ def main() -> None:
           f"{first['device']} (peak {first['peak_flops'] / 1e12:.3g} TFLOP/s/device)")
     for r in results:
         print(f"  remat {r['remat']:<34} attention {r['attention']:<6} loss chunks {r['loss_chunks']:>3} "
-              f"batch {r['batch']:>3}: {r['step_s'] * 1e3:7.0f} ms/step  scratch {r['scratch_bytes'] / 2 ** 30:6.2f} GiB"
-              f" {r['tokens_per_s']:>11,.0f} tokens/s  MFU {100 * r['mfu']:5.1f}%  "
+              f"batch {r['batch']:>3}: {r['step_s'] * 1e3:7.0f} ms/step  "
+              f"scratch {r['scratch_bytes'] / 2 ** 30:6.2f} GiB {r['tokens_per_s']:>11,.0f} tokens/s  MFU {100 * r['mfu']:5.1f}%  "
               f"{r['tokens_per_s'] / first['tokens_per_s']:.2f}x the first")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

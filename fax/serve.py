@@ -270,7 +270,8 @@ class Engine:
                       sampling: Sequence[SamplingParams]) -> tuple[np.ndarray, np.ndarray]:
         """The prompts' first sampled tokens and next-token logits, their cache written into ``rows``."""
         tokens, lengths = self._pack(prompts)
-        self._fit(max(self.rows, max(rows) + 1), max(self.slots, tokens.shape[1]))  # never shrinks: others may be under way
+        # Grow only: the rows of other requests may be under way.
+        self._fit(max(self.rows, max(rows) + 1), max(self.slots, tokens.shape[1]))
         pad = len(lengths) - len(prompts)
         targets = np.array([*rows, *[self.rows] * pad], np.int32)  # padding points past the cache
         first, fresh, logits = self._prefill(self.params, *self._put(
