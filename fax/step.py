@@ -108,15 +108,19 @@ def model_params(params: Any, lora: LoraConfig, dropout_key: jax.Array | None = 
     return lora_lib.attach(params["base"], params["lora"], lora.scale, lora.dropout, dropout_key)
 
 
+def batch_objective(graphdef: nnx.GraphDef, weights: Any, tokens: jax.Array, objective: Objective,
+                    run_layers: models.RunLayers = models.scan_layers) -> tuple[jax.Array, jax.Array]:
+    """(the objective, the cross-entropy) of predicting each next token of rows [batch, seq_len + 1]."""
+    return objective(*models.apply_hidden(graphdef, weights, tokens[:, :-1], run_layers), tokens[:, 1:])
+
+
 def loss_and_grads(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, objective: Objective,
                    run_layers: models.RunLayers = models.scan_layers, to_model: Callable[[Any], Any] = _same
                    ) -> tuple[jax.Array, Any]:
     """Cross-entropy of one (micro)batch [batch, seq_len + 1] and the gradient of the objective with
     respect to ``params`` (``to_model`` turns them into the model's weights)."""
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
-
     def of(p: Any) -> tuple[jax.Array, jax.Array]:
-        return objective(*models.apply_hidden(graphdef, to_model(p), inputs, run_layers), targets)
+        return batch_objective(graphdef, to_model(p), tokens, objective, run_layers)
 
     (_, ce), grads = jax.value_and_grad(of, has_aux=True)(params)
     return ce, grads
@@ -163,7 +167,7 @@ def eval_loss(params: Any, tokens: jax.Array, *, graphdef: nnx.GraphDef, microba
     weights = model_params(params, lora)
 
     def ce(tokens: jax.Array, run_layers: models.RunLayers = models.scan_layers) -> jax.Array:
-        return objective(*models.apply_hidden(graphdef, weights, tokens[:, :-1], run_layers), tokens[:, 1:])[1]
+        return batch_objective(graphdef, weights, tokens, objective, run_layers)[1]
 
     if stages > 1:
         return ce(tokens, gpipe(stages, microbatches))

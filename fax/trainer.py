@@ -183,8 +183,8 @@ class Trainer:
         if self.dataset is not None and self.dataset.meta["vocab_size"] > config.model.vocab_size:
             problems.append(f"the dataset's tokenizer has {self.dataset.meta['vocab_size']} tokens but "
                             f"model.vocab_size={config.model.vocab_size}; raise model.vocab_size")
-        val_tokens = self.dataset.meta.get("val_tokens", 0) if self.dataset is not None else 0
-        if config.train.eval_every and self.dataset is not None and val_tokens < config.seq_len + 1:
+        val_tokens = self.dataset.meta.get("val_tokens", 0) if self.dataset is not None else None
+        if config.train.eval_every and val_tokens is not None and val_tokens < config.seq_len + 1:
             problems.append(f"train.eval_every={config.train.eval_every} needs a validation split of at least one "
                             f"sequence ({config.seq_len + 1} tokens), but data.path={str(self.data_path)!r} has "
                             f"{val_tokens}; prepare it with `fax prepare --val-fraction 0.05`, or train.eval_every=0")

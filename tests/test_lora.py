@@ -52,7 +52,7 @@ def test_only_adapters_train_and_the_merged_export_is_base_plus_adapters(tmp_pat
     # The adapters learned: on the first batch the loss is below the base model's.
     batch = Sampler(TokenDataset.open(tmp_path / "data"), 8, 32, cfg.seed).batch(0)
     merged = step_lib.model_params(state["params"], cfg.lora)
-    _, after = step_lib.Objective()(*models.apply_hidden(graphdef, merged, batch[:, :-1]), batch[:, 1:])
+    _, after = step_lib.batch_objective(graphdef, merged, batch, step_lib.Objective())
     assert float(after) < history[0]["loss"] - 0.1
     # The optimizer state mirrors the adapters only: no moments for the frozen base.
     adam = state["opt_state"][1][0]
