@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import jax
@@ -26,17 +25,7 @@ def measure(overrides: list[str], steps: int) -> dict:
 
     cfg = load_config(overrides=overrides)
     training = step_lib.build(cfg, make_mesh(cfg.parallel))
-    state = training.init()
-    tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.seq_len + 1))
-    tokens = jax.device_put(tokens.astype(np.int32), training.batch_sharding)
-    state, metrics = training.step(state, tokens)
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(steps):
-        started = time.perf_counter()
-        state, metrics = training.step(state, tokens)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - started)
+    state, times = step_lib.timed_steps(training, cfg, steps)
     trained = step_lib.trainable(state["params"], cfg.lora)
     return {"step_s": float(np.median(times)), "trainable": sum(x.size for x in jax.tree.leaves(trained)),
             "optimizer_bytes": sum(x.nbytes for x in jax.tree.leaves(state["opt_state"]))}

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 from tqdm.auto import tqdm
 
 import models
@@ -91,18 +90,7 @@ def layout_timer(config: Config, devices: list[jax.Device], steps: int = 5) -> C
     warm-up step): the least disturbed by other work on a shared machine."""
     def time_layout(layout: Candidate) -> float:
         cfg = with_layout(config, layout)
-        training = step_lib.build(cfg, make_mesh(cfg.parallel, devices))
-        tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.seq_len + 1))
-        tokens = jax.device_put(tokens.astype(np.int32), training.batch_sharding)
-        state, metrics = training.step(training.init(), tokens)
-        jax.block_until_ready(metrics)
-        times = []
-        for _ in range(steps):
-            started = time.perf_counter()
-            state, metrics = training.step(state, tokens)
-            jax.block_until_ready(metrics)
-            times.append(time.perf_counter() - started)
-        return min(times)
+        return min(step_lib.timed_steps(step_lib.build(cfg, make_mesh(cfg.parallel, devices)), cfg, steps)[1])
     return time_layout
 
 
