@@ -81,12 +81,10 @@ def make_optimizer(optim: OptimConfig, steps: int) -> optax.GradientTransformati
     )
 
 
-# (trainable params, microbatch index) -> the weights the model reads; the index gives each
-# microbatch dropout masks of its own.
-ToModel = Callable[[Any, jax.Array | int], Any]
+ToModel = Callable[[Any], Any]  # trainable params -> the weights the model reads
 
 
-def _same(params: Any, microbatch: jax.Array | int = 0) -> Any:
+def _same(params: Any) -> Any:
     return params
 
 
@@ -117,7 +115,7 @@ def batch_objective(graphdef: nnx.GraphDef, weights: Any, tokens: jax.Array, obj
 
 
 def loss_and_grads(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, objective: Objective,
-                   run_layers: models.RunLayers = models.scan_layers, to_model: Callable[[Any], Any] = _same
+                   run_layers: models.RunLayers = models.scan_layers, to_model: ToModel = _same
                    ) -> tuple[jax.Array, Any]:
     """Cross-entropy of one (micro)batch [batch, seq_len + 1] and the gradient of the objective with
     respect to ``params`` (``to_model`` turns them into the model's weights)."""
@@ -133,7 +131,8 @@ def accumulated_grads(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, mi
     """Mean loss and gradient over ``microbatches`` equal slices of the batch, one slice at a time.
 
     Microbatch m takes rows m, m + M, m + 2M, ...: each device's block of the batch then feeds
-    every microbatch, so no microbatch sits on a subset of the devices.
+    every microbatch, so no microbatch sits on a subset of the devices. Each draws dropout masks
+    of its own, the same as in a pipeline.
     """
     if microbatches == 1:
         return loss_and_grads(graphdef, params, tokens, objective, to_model=to_model)
@@ -143,7 +142,7 @@ def accumulated_grads(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, mi
         loss_sum, grad_sum = carry
         mb, index = mb_index
         loss, grads = loss_and_grads(graphdef, params, constrain(mb, BATCH_AXES), objective,
-                                     to_model=lambda p: to_model(p, index))
+                                     to_model=lambda p: lora_lib.for_microbatch(to_model(p), index))
         return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
@@ -154,11 +153,11 @@ def accumulated_grads(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, mi
 
 def batch_grads(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, microbatches: int, stages: int,
                 objective: Objective, to_model: ToModel = _same) -> tuple[jax.Array, Any]:
-    """Loss and gradient of a batch: with pipeline stages the microbatches flow through the pipeline
-    (sharing one set of dropout masks, as the weights are built once for the pipeline), otherwise
-    they accumulate one after another."""
+    """Loss and gradient of a batch: with pipeline stages the microbatches flow through the pipeline,
+    otherwise they accumulate one after another (the same dropout masks either way)."""
     if stages > 1:
-        return loss_and_grads(graphdef, params, tokens, objective, gpipe(stages, microbatches), to_model)
+        pipeline = gpipe(stages, microbatches, lora_lib.for_microbatch)
+        return loss_and_grads(graphdef, params, tokens, objective, pipeline, to_model)
     return accumulated_grads(graphdef, params, tokens, microbatches, objective, to_model)
 
 
@@ -182,8 +181,8 @@ def train_step(state: State, tokens: jax.Array, *, graphdef: nnx.GraphDef, tx: o
     params = trainable(state["params"], lora)
     step_key = jax.random.fold_in(jax.random.key(seed), state["step"])
 
-    def to_model(p: Any, microbatch: jax.Array | int = 0) -> Any:
-        return model_params(with_trainable(state["params"], p, lora), lora, jax.random.fold_in(step_key, microbatch))
+    def to_model(p: Any) -> Any:
+        return model_params(with_trainable(state["params"], p, lora), lora, step_key)
 
     loss, grads = batch_grads(graphdef, params, tokens, microbatches, stages, objective, to_model)
     updates, opt_state = tx.update(grads, state["opt_state"], params)

@@ -11,6 +11,7 @@ step the adapted model is the base model.
 
 from __future__ import annotations
 
+import dataclasses
 import string
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -114,6 +115,19 @@ class Adapted:
             x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
         low = jnp.einsum(f"{x_axes},{inputs}r->{kept}r", x, self.a.astype(x.dtype))
         return y + self.scale * jnp.einsum(f"{kept}r,r{outputs}->{out}", low, self.b.astype(x.dtype))
+
+
+def for_microbatch(weights: Params, index: jax.Array | int) -> Params:
+    """``weights`` whose adapters draw the dropout masks of microbatch ``index`` of the step (each
+    microbatch its own, wherever it runs: accumulated or in a pipeline stage)."""
+    def vary(w: Any) -> Any:
+        if not isinstance(w, Adapted) or not w.dropout:
+            return w
+        n = w.key.shape[-1]  # key data of one layer's key, or of a stack of them
+        fold = jnp.vectorize(lambda k: jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(k), index)),
+                             signature=f"({n})->({n})")
+        return dataclasses.replace(w, key=fold(w.key))
+    return jax.tree.map(vary, weights, is_leaf=lambda x: isinstance(x, Adapted))
 
 
 def attach(base: Params, adapters: Params, scale: float, dropout: float, key: jax.Array) -> Params:

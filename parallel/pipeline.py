@@ -11,6 +11,7 @@ through ``S`` stages take ``M + S - 1`` ticks; the backward pass is the same sch
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -48,16 +49,21 @@ def by_stage(layer_params: Any, stages: int) -> Any:
     return jax.tree.map(lambda p: p.reshape(stages, p.shape[0] // stages, *p.shape[1:]), layer_params)
 
 
-def gpipe(stages: int, microbatches: int) -> RunLayers:
-    """A ``RunLayers`` that pipelines the stack over ``stages`` with ``microbatches`` microbatches."""
+def gpipe(stages: int, microbatches: int, for_microbatch: Callable[[Any, jax.Array], Any] | None = None
+          ) -> RunLayers:
+    """A ``RunLayers`` that pipelines the stack over ``stages`` with ``microbatches`` microbatches;
+    ``for_microbatch(layer_params, m)``, if given, specializes a stage's layers to microbatch m
+    (its dropout masks)."""
+    specialize = for_microbatch or (lambda params, _: params)
 
     def run(layer: Any, layer_params: Any, x: jax.Array) -> jax.Array:
         staged = by_stage(layer_params, stages)
         inputs = split_microbatches(x, microbatches)
-        run_stages = jax.vmap(lambda p, h: scan_layers(layer, p, h), spmd_axis_name="stage")
+        run_stages = jax.vmap(lambda p, h, m: scan_layers(layer, specialize(p, m), h), spmd_axis_name="stage")
 
-        def tick(state: jax.Array, incoming: jax.Array) -> tuple[jax.Array, jax.Array]:
-            done = run_stages(staged, state)
+        def tick(state: jax.Array, incoming_t: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+            incoming, t = incoming_t
+            done = run_stages(staged, state, t - jnp.arange(stages))  # stage s works on microbatch t - s
             state = constrain(jnp.concatenate([incoming[None], done[:-1]], axis=0), STAGE_STATE)
             return state, done[-1]
 
@@ -65,7 +71,7 @@ def gpipe(stages: int, microbatches: int) -> RunLayers:
         # Stage 0 takes microbatch t + 1 after tick t (past the last, a repeat whose result is dropped).
         incoming = inputs[jnp.minimum(jnp.arange(1, n + 1), microbatches - 1)]
         first = jnp.concatenate([inputs[:1], jnp.zeros((stages - 1, *inputs.shape[1:]), x.dtype)], axis=0)
-        _, finished = jax.lax.scan(tick, constrain(first, STAGE_STATE), incoming)
+        _, finished = jax.lax.scan(tick, constrain(first, STAGE_STATE), (incoming, jnp.arange(n)))
         # The last stage finishes microbatch t - (S - 1) at tick t: the first S - 1 ticks' results are scratch.
         return merge_microbatches(finished[stages - 1:])
 

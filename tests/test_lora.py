@@ -2,6 +2,7 @@
 the merged export is the base plus the adapters."""
 
 import dataclasses
+import functools
 
 import jax
 import numpy as np
@@ -132,16 +133,20 @@ def test_each_microbatch_draws_dropout_masks_of_its_own(tmp_path, small_corpus):
                                            state["params"]["lora"])
     row = rng.integers(0, cfg.model.vocab_size, (1, 17))
 
-    def loss(dropout, tokens, microbatches):
+    def loss(dropout, tokens, microbatches, stages=1):
         lora = dataclasses.replace(cfg.lora, dropout=dropout)
-        _, metrics = step_lib.train_step(state, tokens, graphdef=graphdef, tx=tx,
+        step = jax.jit(functools.partial(step_lib.train_step, graphdef=graphdef, tx=tx,
                                          schedule=step_lib.lr_schedule(cfg.optim, cfg.train.steps),
-                                         microbatches=microbatches, stages=1, objective=step_lib.Objective(), lora=lora,
-                                         seed=0)
-        return float(metrics["loss"])
+                                         microbatches=microbatches, stages=stages, objective=step_lib.Objective(),
+                                         lora=lora, seed=0))
+        return float(step(state, tokens)[1]["loss"])
 
     # A row alone, and twice as two microbatches: the same loss without dropout; with it, the second
     # microbatch's masks differ from the first's, so its loss (and the mean) does too.
     twice = np.concatenate([row, row])
     assert loss(0.0, twice, 2) == pytest.approx(loss(0.0, row, 1), rel=1e-6)
-    assert abs(loss(0.5, twice, 2) - loss(0.5, row, 1)) > 1e-4
+    accumulated = loss(0.5, twice, 2)
+    assert abs(accumulated - loss(0.5, row, 1)) > 1e-4
+    # Through two pipeline stages each microbatch draws the same masks as when accumulated (the
+    # stage running microbatch m at a tick knows m): the same loss.
+    assert loss(0.5, twice, 2, stages=2) == pytest.approx(accumulated, rel=1e-6)
