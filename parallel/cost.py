@@ -76,7 +76,7 @@ class Workload:
     model: ModelConfig
     global_batch: int  # sequences per step
     seq_len: int
-    platform: str = "tpu"  # the devices' (jax platform name): picks the attention kernel
+    platform: str  # the devices' (jax platform name: cpu, gpu, tpu): picks the attention kernel
     compute_bytes: int = field(init=False)  # activations and communicated params, in the model's dtype
     flash_attention: bool = field(init=False)  # no seq x seq scores kept for the backward pass
     flops_per_token: float = field(init=False)
