@@ -105,7 +105,8 @@ def test_loss_in_pieces_divides_the_logits_memory_for_one_more_head_forward_and_
 
 
 def test_layouts_that_cannot_run_are_pruned_with_the_reason():
-    w = Workload(models.preset("gpt-tiny"), global_batch=16, seq_len=128, platform="tpu")  # 2 layers, 8 heads, d_model 64
+    # gpt-tiny: 2 layers, 8 heads, d_model 64
+    w = Workload(models.preset("gpt-tiny"), global_batch=16, seq_len=128, platform="tpu")
     assert problems(Candidate(tensor=3), w) == [("tensor", "tensor=3 does not divide n_heads=8")]
     assert problems(Candidate(stages=4), w) == [("stages", "2 layers do not split into 4 stages")]
     assert problems(Candidate(data=4, fsdp=2, microbatches=4), w) == [
