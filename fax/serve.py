@@ -71,6 +71,9 @@ TOKENS_PER_CALL = 8  # decode steps per device call: fewer host round trips, tok
 # XLA:CPU's YNN matmul fusions run decode's skinny products (one token per sequence against each weight,
 # a memory-bound read of the weights) ~20% slower at batch 16 than its own dot emitter; batches 1-4 equal.
 CPU_DECODE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+# The share of a device's memory the params and the largest KV cache may take (the rest: prefill's
+# activations and XLA's scratch).
+SERVING_MEMORY_SHARE = 0.9
 GREEDY_PAD = SamplingParams(max_new_tokens=1, temperature=0.0)  # the rows that fill a batch bucket
 
 
@@ -175,6 +178,12 @@ def param_layout(cfg: models.ModelConfig, mesh: jax.sharding.Mesh) -> tuple[nnx.
     return graphdef, target, shardings
 
 
+def device_memory_bytes(device: jax.Device) -> int | None:
+    """What the device can allocate (None where it does not say, as on the CPU)."""
+    stats = device.memory_stats()
+    return stats.get("bytes_limit") if stats else None
+
+
 def run_params(run_dir: str | Path, config: Config, mesh: jax.sharding.Mesh, step: int | None = None,
                merged: bool = True) -> tuple[Any, int]:
     """A run's params of ``step`` (default: its latest complete checkpoint), restored onto ``mesh``;
@@ -209,6 +218,7 @@ class Engine:
         # The cache's sizes: a finer ladder, since attention's cost is the slots'.
         self.span_buckets = buckets(cfg.max_seq_len, min(16, cfg.max_seq_len), halfway=True)
         self.cache_sharding = logical_sharding(models.CACHE_AXES, mesh)  # every layer's keys and values
+        self._check_memory()
         self.cache: Any = None
         self._replicated = replicated(mesh)
         self._prefill = jax.jit(with_activation_sharding(functools.partial(_prefill, cfg, self.graphdef), mesh),
@@ -227,6 +237,25 @@ class Engine:
     @property
     def max_batch(self) -> int:
         return self.batch_buckets[-1]
+
+    def _check_memory(self) -> None:
+        """The cache grows with the requests: check now that it fits beside the params at its
+        largest (max_batch rows, the whole context), not when a request needs it."""
+        limit = device_memory_bytes(self.mesh.devices.flat[0])
+        if limit is None:
+            return
+        cfg = self.cfg
+        params = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(self.params))
+        largest = jax.eval_shape(functools.partial(models.empty_cache, cfg, self.max_batch, cfg.max_seq_len))
+        cache = sum(math.prod(self.cache_sharding.shard_shape(x.shape)) * x.dtype.itemsize
+                    for x in jax.tree.leaves(largest))
+        if params + cache > SERVING_MEMORY_SHARE * limit:
+            mib = 2 ** 20
+            raise ConfigError(
+                f"serving needs {(params + cache) / mib:,.1f} MiB per device (params {params / mib:,.1f}, KV cache of "
+                f"max_batch={self.max_batch} x {cfg.max_seq_len} positions {cache / mib:,.1f}), more than "
+                f"{SERVING_MEMORY_SHARE:.0%} of the device's {limit / mib:,.1f} MiB; lower max_batch (--max-batch) "
+                f"or serve over more devices")
 
     @classmethod
     def from_run_dir(cls, run_dir: str | Path, devices: Sequence[jax.Device] | None = None, tensor: int = 0,
