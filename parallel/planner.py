@@ -21,7 +21,9 @@ from parallel.cost import MEMORY_HEADROOM, REMAT_FORWARDS, Candidate, Estimate, 
 from parallel.hardware import ClusterSpec
 
 MAX_MICROBATCHES = 64
-LOSS_CHUNKS = 8  # pieces of the sequence for the LM head and loss, tried where the whole logits do not fit
+# Pieces of the sequence for the LM head and loss, tried (fewest first: larger matmuls, fewer loop
+# steps) where the whole logits do not fit.
+LOSS_CHUNKS = (2, 4, 8, 16, 32)
 
 
 def divisors(n: int) -> list[int]:
@@ -147,19 +149,22 @@ class Plan:
 
 
 def fitted(c: Candidate, w: Workload, cluster: ClusterSpec) -> Estimate:
-    """``c``'s estimate; where it does not fit but does with the LM head and loss in pieces, that one's."""
+    """``c``'s estimate; where it does not fit but does with the LM head and loss in pieces, that of
+    the fewest pieces that fit."""
     e = estimate(c, w, cluster)
-    pieces = dataclasses.replace(c, loss_chunks=LOSS_CHUNKS)
-    if e.fits or problems(pieces, w):
+    if e.fits:
         return e
-    in_pieces = estimate(pieces, w, cluster)
-    return in_pieces if in_pieces.fits else e
+    for n in LOSS_CHUNKS:
+        pieces = dataclasses.replace(c, loss_chunks=n)
+        if not problems(pieces, w) and (in_pieces := estimate(pieces, w, cluster)).fits:
+            return in_pieces
+    return e
 
 
 def plan(model: ModelConfig, cluster: ClusterSpec, global_batch: int, seq_len: int, name: str = "",
          top: int = 10, max_stages: int | None = None) -> Plan:
     """The fastest predicted layout that fits, with the ``top`` best and the rejected ones counted; a
-    layout that does not fit is tried again with the LM head and loss in pieces (``LOSS_CHUNKS``)."""
+    layout that does not fit is tried again with the LM head and loss in pieces (``fitted``)."""
     started = time.perf_counter()
     w = Workload(model, global_batch, seq_len, cluster.device.platform)
     rejected: Counter[str] = Counter()
