@@ -241,7 +241,7 @@ class Engine:
     def _check_memory(self) -> None:
         """The cache grows with the requests: check now that it fits beside the params at its
         largest (max_batch rows, the whole context), not when a request needs it."""
-        limit = device_memory_bytes(self.mesh.devices.flat[0])
+        limit = device_memory_bytes(self.mesh.local_devices[0])  # one of this process's: others cannot say
         if limit is None:
             return
         cfg = self.cfg
