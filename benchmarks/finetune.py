@@ -21,11 +21,12 @@ import numpy as np
 def measure(overrides: list[str], steps: int) -> dict:
     from fax import load_config
     from fax import step as step_lib
+    from fax.trainer import timed_steps
     from parallel import make_mesh
 
     cfg = load_config(overrides=overrides)
     training = step_lib.build(cfg, make_mesh(cfg.parallel))
-    state, times = step_lib.timed_steps(training, cfg, steps)
+    state, times = timed_steps(training, cfg, steps)
     trained = step_lib.trainable(state["params"], cfg.lora)
     return {"step_s": float(np.median(times)), "trainable": sum(x.size for x in jax.tree.leaves(trained)),
             "optimizer_bytes": sum(x.nbytes for x in jax.tree.leaves(state["opt_state"]))}

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import functools
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
@@ -232,22 +230,6 @@ def compile_step(training: ShardedTraining, state: Any, batch_shape: tuple[int, 
     """The step compiled ahead of time for ``state`` (arrays, or abstract shapes with shardings)."""
     tokens = jax.ShapeDtypeStruct(batch_shape, jnp.int32, sharding=training.batch_sharding)
     return training.step.lower(state, tokens).compile()
-
-
-def timed_steps(training: ShardedTraining, cfg: Config, steps: int) -> tuple[State, list[float]]:
-    """Seconds of each of ``steps`` train steps from a fresh state on one batch of random tokens,
-    after a warm-up step that compiles; and the state they leave."""
-    tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.seq_len + 1))
-    tokens = jax.device_put(tokens.astype(np.int32), training.batch_sharding)
-    state, metrics = training.step(training.init(), tokens)
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(steps):
-        started = time.perf_counter()
-        state, metrics = training.step(state, tokens)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - started)
-    return state, times
 
 
 def with_activation_sharding(fn: Any, mesh: Mesh) -> Any:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 from tqdm.auto import tqdm
 
 import models
@@ -85,12 +86,28 @@ def layout_compiler(config: Config, devices: list[jax.Device]) -> Callable[[Cand
     return compile_layout
 
 
+def timed_steps(training: step_lib.ShardedTraining, cfg: Config, steps: int) -> tuple[step_lib.State, list[float]]:
+    """Seconds of each of ``steps`` train steps from a fresh state on one batch of random tokens,
+    after a warm-up step that compiles; and the state they leave."""
+    tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.seq_len + 1))
+    tokens = jax.device_put(tokens.astype(np.int32), training.batch_sharding)
+    state, metrics = training.step(training.init(), tokens)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        state, metrics = training.step(state, tokens)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - started)
+    return state, times
+
+
 def layout_timer(config: Config, devices: list[jax.Device], steps: int = 5) -> Callable[[Candidate], float]:
     """Seconds of the fastest of ``steps`` real train steps of ``config`` under a layout (after one
     warm-up step): the least disturbed by other work on a shared machine."""
     def time_layout(layout: Candidate) -> float:
         cfg = with_layout(config, layout)
-        return min(step_lib.timed_steps(step_lib.build(cfg, make_mesh(cfg.parallel, devices)), cfg, steps)[1])
+        return min(timed_steps(step_lib.build(cfg, make_mesh(cfg.parallel, devices)), cfg, steps)[1])
     return time_layout
 
 
