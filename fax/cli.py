@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 
 def _train(args: argparse.Namespace) -> int:
     from fax.config import load_config
-    from fax.trainer import Trainer
-
-    from fax.trainer import PREEMPTED_EXIT_CODE, Preempted
+    from fax.trainer import PREEMPTED_EXIT_CODE, Preempted, Trainer
 
     flags = [f"cluster.{key}={value}" for key, value in (
         ("ray", "true" if args.ray or args.emulate_hosts or args.address else None),
@@ -123,7 +123,7 @@ def _serve(args: argparse.Namespace) -> int:
     owns_ray = not ray.is_initialized()
     try:
         start(args.run_dir, settings, cluster, args.cpu_devices)
-        print("fax: Ctrl-C stops the server", flush=True)
+        print("fax: Ctrl-C (or SIGTERM) stops the server", flush=True)
         threading.Event().wait()
     except KeyboardInterrupt:
         pass
@@ -350,6 +350,29 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+INTERRUPTED_EXIT_CODE = 130  # the shell's code for a command ended by Ctrl-C
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (how job schedulers and service managers stop a process) unwinds like Ctrl-C, so
+    every command's cleanup runs: Ray and its workers shut down, a server stops. Python's default
+    ends the process on the spot and leaves Ray's processes behind. (Training takes both signals
+    over while it runs, to save a checkpoint first.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     import jax
@@ -359,10 +382,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fax.config import ConfigError
 
     try:
-        return args.run(args)
+        with _sigterm_interrupts():
+            return args.run(args)
     except (ConfigError, FileNotFoundError) as e:
         print(f"fax: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("fax: interrupted", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
 
 
 if __name__ == "__main__":

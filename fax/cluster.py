@@ -11,8 +11,10 @@ batch. A worker that dies or hangs raises ``WorkerFailure``; the Trainer then ca
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import tempfile
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -150,6 +152,16 @@ def ray_temp_dir(config: Config) -> str:
     return tempfile.mkdtemp(prefix="fax-ray-")
 
 
+def start_ray(**init_args: Any) -> None:
+    """``ray.init``, keeping this process's SIGTERM handler: Ray's driver installs a crash handler
+    for SIGTERM that ends the process at once, skipping the cleanup that `fax` commands and the
+    trainer's save-on-SIGTERM run (Ray's own shutdown among it)."""
+    previous = signal.getsignal(signal.SIGTERM)
+    ray.init(**init_args)
+    if previous is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, previous)
+
+
 def connect(config: Config, echo: Callable[[str], None]) -> bool:
     """Join ``cluster.address`` or start a local cluster (with emulated hosts if asked); True if
     this process started Ray and so shuts it down."""
@@ -157,11 +169,11 @@ def connect(config: Config, echo: Callable[[str], None]) -> bool:
     if ray.is_initialized():
         return False
     if c.address:
-        ray.init(address=c.address, log_to_driver=True)
+        start_ray(address=c.address, log_to_driver=True)
         return True
     temp = ray_temp_dir(config)
     resources = {HOST_RESOURCE: c.emulate_hosts} if c.emulate_hosts else None
-    ray.init(resources=resources, _temp_dir=temp, include_dashboard=False, log_to_driver=True)
+    start_ray(resources=resources, _temp_dir=temp, include_dashboard=False, log_to_driver=True)
     echo(f"fax: started a local Ray cluster (files under {temp})")
     return True
 

@@ -244,10 +244,12 @@ def ray_data_session() -> Iterator[Any]:
     block and shut down after it; Ray Data's own progress bars off (callers keep one bar)."""
     import ray
 
+    from fax.cluster import start_ray
+
     owns = not ray.is_initialized()
     if owns:
-        ray.init(_temp_dir=tempfile.mkdtemp(prefix="fax-ray-", dir="/tmp"), include_dashboard=False,
-                 log_to_driver=False, configure_logging=False)
+        start_ray(_temp_dir=tempfile.mkdtemp(prefix="fax-ray-", dir="/tmp"), include_dashboard=False,
+                  log_to_driver=False, configure_logging=False)
     try:
         import ray.data
 

@@ -1,9 +1,15 @@
 """`fax serve`: a run directory written by `fax train`, served by Ray Serve, asked by real HTTP clients."""
 
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -136,3 +142,62 @@ def test_sixteen_concurrent_clients_get_complete_answers(url):
         assert text == alone["choices"][0]["text"]
         assert alone["usage"]["completion_tokens"] == 8 + i % 5
     assert requests.get(f"{url}/health", timeout=10).json()["running"] == 0
+
+
+def process_states() -> dict[int, tuple[int, str]]:
+    """Every process's (parent pid, state letter), read from /proc."""
+    states = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended while we looked
+            continue
+        states[int(stat.parent.name)] = int(fields[1]), fields[0]
+    return states
+
+
+def live_descendants(pid: int) -> set[int]:
+    """The processes ``pid`` started, and theirs, that are still running (zombies count as ended)."""
+    states, found, todo = process_states(), set(), [pid]
+    while todo:
+        parent = todo.pop()
+        children = [p for p, (ppid, _) in states.items() if ppid == parent]
+        found.update(children)
+        todo.extend(children)
+    return {p for p in found if states[p][1] != "Z"}
+
+
+def still_running(pids: set[int]) -> set[int]:
+    states = process_states()
+    return {p for p in pids if p in states and states[p][1] != "Z"}
+
+
+def test_sigterm_stops_fax_serve_and_every_ray_process_it_started(run_dir, tmp_path):
+    """How a service manager stops a server: the command exits 0 and none of the processes it
+    started outlive it (with Python's default SIGTERM, Ray's agents were left running)."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:  # a file, not a pipe: a full pipe would stall the server
+        proc = subprocess.Popen([sys.executable, "-m", "fax.cli", "--cpu-devices", "1", "serve", str(run_dir),
+                                 "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT)
+    started: set[int] = set()
+    try:
+        deadline, up = time.monotonic() + 180, False
+        while not up and time.monotonic() < deadline and proc.poll() is None:
+            try:
+                up = requests.get(f"http://127.0.0.1:{port}/health", timeout=5).ok
+            except requests.RequestException:  # not listening yet, or the replica is still starting
+                time.sleep(1)
+        assert up, f"fax serve did not come up (exit code {proc.poll()})"
+        started = live_descendants(proc.pid)  # Ray's GCS, raylet, agents, the Serve actors
+        assert len(started) >= 3, started
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0, log.read_text()
+        deadline = time.monotonic() + 30
+        while still_running(started) and time.monotonic() < deadline:
+            time.sleep(1)
+        assert still_running(started) == set()
+    finally:
+        for pid in still_running(started | {proc.pid}):  # a failed run leaves nothing behind either
+            os.kill(pid, signal.SIGKILL)
