@@ -9,8 +9,10 @@ of a Ray cluster (``hosts > 1``: one global mesh, the same actors as training).
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import json
 import secrets
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -238,6 +240,22 @@ class CompletionServer:
             self.scheduler.cancel(key)
 
 
+def check_listenable(host: str, port: int) -> None:
+    """A port in use or an address not of this machine, said before Ray starts (Ray Serve's proxy
+    would fail with a traceback after it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: TIME_WAIT is no conflict
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise ConfigError(f"port {port} on {host} is in use (another server?); pick a free one with "
+                                  f"--port") from None
+            raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror or e}); --host must be an address of "
+                              f"this machine (0.0.0.0 for all of them)") from None
+
+
 def start(run_dir: str | Path, settings: ServeConfig, cluster: ClusterConfig, cpu_devices: int,
           echo: Callable[[str], None] = print) -> str:
     """Start Ray (unless running), Ray Serve's HTTP proxy and the ingress; the server's base URL."""
@@ -250,6 +268,7 @@ def start(run_dir: str | Path, settings: ServeConfig, cluster: ClusterConfig, cp
         raise ConfigError("invalid serve settings:\n  - " + "\n  - ".join(problems))
     run_dir = str(Path(run_dir).absolute())
     config = run_config(run_dir)  # a clear error for a directory that is not a run, before Ray starts
+    check_listenable(settings.host, settings.port)
     connect(dataclasses.replace(config, run_dir=run_dir, cluster=cluster), echo)
     if serving_hosts(cluster) > 1:
         options: dict[str, Any] = {"num_cpus": 0}  # the engine is on the host workers

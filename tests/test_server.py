@@ -144,6 +144,20 @@ def test_sixteen_concurrent_clients_get_complete_answers(url):
     assert requests.get(f"{url}/health", timeout=10).json()["running"] == 0
 
 
+def test_a_port_in_use_or_a_foreign_host_is_refused_before_ray_starts(run_dir):
+    from fax import server
+    from fax.config import ConfigError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"port {port} on 127.0.0.1 is in use.*--port"):
+            server.start(run_dir, ServeConfig(port=port), ClusterConfig(), cpu_devices=1, echo=lambda _: None)
+    with pytest.raises(ConfigError, match="--host must be an address of this machine"):
+        server.start(run_dir, ServeConfig(host="203.0.113.7", port=free_port()), ClusterConfig(), cpu_devices=1)
+
+
 def process_states() -> dict[int, tuple[int, str]]:
     """Every process's (parent pid, state letter), read from /proc."""
     states = {}
