@@ -161,6 +161,36 @@ def test_requests_joining_a_running_batch_get_what_they_would_alone():
         scheduler.close()
 
 
+def test_a_cancelled_request_frees_its_row_at_once():
+    """What a client that hangs up mid-stream causes: its row stops decoding after the call under
+    way, and the next request is served as if it had been alone."""
+    cfg, _, params = model("gpt-tiny")
+    engine = Engine(cfg, params, serving_mesh(cfg, jax.devices()[:1]), max_batch=1)
+    decode_calls = []
+    decode = engine.decode
+    engine.decode = lambda *args: decode_calls.append(1) or decode(*args)
+    scheduler = Scheduler(engine, max_pending=2)
+    got, keys = [], []
+
+    def hang_up(item):
+        got.append(item)
+        scheduler.cancel(keys[0])
+
+    try:
+        keys.append(scheduler.submit(PROMPTS[0], SamplingParams(max_new_tokens=100), hang_up))
+        after = []
+        scheduler.submit(PROMPTS[1], SamplingParams(max_new_tokens=5, temperature=0.0), after.append)
+        deadline = time.monotonic() + 60
+        while not (after and after[-1][1]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        scheduler.close()
+    assert len(got) == 1 and not got[0][1]  # the first token, then nothing: its sink is gone
+    assert len(decode_calls) <= 2  # one call for the first request (100 tokens would take 13), one for the second
+    alone = generate(engine, [PROMPTS[1]], [SamplingParams(max_new_tokens=5, temperature=0.0)])[0]
+    assert [t for t, _ in after] == alone and after[-1][1]
+
+
 def test_the_cache_follows_the_rows_and_positions_in_use_and_decode_still_equals_recomputing():
     cfg, graphdef, params = model("gpt-tiny")
     engine = Engine(cfg, params, serving_mesh(cfg, jax.devices()[:1]), max_batch=2)
