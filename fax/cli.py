@@ -7,8 +7,7 @@ import json
 import signal
 import sys
 import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -354,23 +353,11 @@ INTERRUPTED_EXIT_CODE = 130  # the shell's code for a command ended by Ctrl-C
 
 
 def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
-@contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
     """SIGTERM (how job schedulers and service managers stop a process) unwinds like Ctrl-C, so
     every command's cleanup runs: Ray and its workers shut down, a server stops. Python's default
     ends the process on the spot and leaves Ray's processes behind. (Training takes both signals
     over while it runs, to save a checkpoint first.)"""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    raise KeyboardInterrupt
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -380,9 +367,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Only the CPU backend reads this: with no accelerator, the CPU is split into emulated devices.
     jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     from fax.config import ConfigError
+    from fax.signals import handling
 
     try:
-        with _sigterm_interrupts():
+        with handling(_interrupt, signal.SIGTERM):
             return args.run(args)
     except (ConfigError, FileNotFoundError) as e:
         print(f"fax: error: {e}", file=sys.stderr)

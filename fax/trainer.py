@@ -24,6 +24,7 @@ from fax.config import (Config, ConfigError, apply_overrides, raise_problems, se
 from fax.data import Sampler, TokenDataset, dataset_path, dataset_problems
 from fax.metrics import MetricsLog, mesh_desc, mfu, peak_flops_per_device, read_metrics
 from fax.runtime import HostRuntime, WorkerFailure
+from fax.signals import handling
 from parallel import make_mesh
 from parallel.cost import Candidate
 from parallel.hardware import present_cluster
@@ -53,17 +54,10 @@ def _format(record: dict[str, Any]) -> str:
 
 @contextmanager
 def _stop_on_signals() -> Iterator[threading.Event]:
-    """An event set by SIGTERM/SIGINT while the block runs (main thread only: signals go there)."""
+    """An event set by SIGTERM/SIGINT while the block runs."""
     stop = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
+    with handling(lambda *_: stop.set(), signal.SIGTERM, signal.SIGINT):
         yield stop
-        return
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield stop
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 PLAN_CANDIDATES = 50  # ranked layouts kept for compile validation
