@@ -93,6 +93,12 @@ class HostWorker:
     def generate(self, prompt: list[int], new_tokens: int, temperature: float, vocab_limit: int) -> list[int]:
         return self.runtime.generate(prompt, new_tokens, temperature, vocab_limit)
 
+    def start_profile(self) -> None:
+        self.runtime.start_profile()
+
+    def stop_profile(self) -> str:
+        return self.runtime.stop_profile()
+
     def load_engine(self, run_dir: str, step: int | None, max_batch: int) -> dict[str, Any]:
         """This host's share of a serving engine over the global mesh (params restored onto it)."""
         from fax.serve import Engine
@@ -337,6 +343,13 @@ class RayRuntime:
 
     def generate(self, prompt: list[int], new_tokens: int, temperature: float, vocab_limit: int) -> list[int]:
         return self._on_all("sampling", "generate", prompt, new_tokens, temperature, vocab_limit)[0]
+
+    def start_profile(self) -> None:
+        self._on_all("starting the profiler", "start_profile")
+
+    def stop_profile(self) -> str:
+        folders = self._on_all("writing the profiles", "stop_profile")
+        return f"{folders[0]} .. {folders[-1]} (each on its host's disk)" if len(folders) > 1 else folders[0]
 
     def describe(self) -> dict[str, Any]:
         return self.built[0]

@@ -53,6 +53,10 @@ class TrainConfig:
     log_every: int = 10
     sample_tokens: int = 200  # tokens generated at the end of fit(); 0 disables
     sample_prompt: str = "def "
+    # Steps traced by the JAX profiler into RUN_DIR/profile (TensorBoard's profile plugin, Perfetto);
+    # 0: none. The trace starts at step ``profile_from``, past compilation and the first steps' warm-up.
+    profile_steps: int = 0
+    profile_from: int = 3
     peak_flops_per_device: float = 0.0  # 0: from the device table (see fax.metrics)
 
 
@@ -280,6 +284,12 @@ def setting_problems(cfg: Config) -> list[str]:
             problems.append(f"train.{name} must be positive, got {getattr(t, name)}")
     if t.eval_every < 0:
         problems.append(f"train.eval_every must be >= 0 (0: no evaluation), got {t.eval_every}")
+    if t.profile_steps < 0:
+        problems.append(f"train.profile_steps must be >= 0 (0: no profile), got {t.profile_steps}")
+    elif t.profile_steps and not 1 <= t.profile_from <= t.steps - t.profile_steps + 1:
+        problems.append(f"train.profile_from={t.profile_from} and train.profile_steps={t.profile_steps} trace steps "
+                        f"{t.profile_from}..{t.profile_from + t.profile_steps - 1}, not all within 1..{t.steps} "
+                        "(train.steps); move the window or trace fewer steps")
     if t.loss_chunks > 0 and cfg.seq_len % t.loss_chunks:
         problems.append(f"train.loss_chunks={t.loss_chunks} does not divide train.seq_len={cfg.seq_len}; "
                         "choose a divisor of the sequence length")

@@ -8,6 +8,7 @@ Either way the head hands over the *global* batch of a step, or just this proces
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -64,6 +65,12 @@ def global_batch(local: np.ndarray, rows: RowRanges, sharding: jax.sharding.Shar
     per_device = [jax.device_put(local_rows(index), device)
                   for device, index in sharding.addressable_devices_indices_map(shape).items()]
     return jax.make_array_from_single_device_arrays(shape, sharding, per_device)
+
+
+def profile_dir(run_dir: str | Path) -> Path:
+    """Where this process writes its profiler traces: a folder per host (hosts of one machine share
+    a host name, which names the trace files)."""
+    return Path(run_dir) / "profile" / f"host{jax.process_index()}"
 
 
 class HostRuntime:
@@ -130,6 +137,19 @@ class HostRuntime:
 
     def wait(self) -> None:
         self.checkpointer.wait()
+
+    def start_profile(self) -> None:
+        """Trace this process from the next step on (the steps in flight finish first)."""
+        jax.block_until_ready(self.state)
+        jax.profiler.start_trace(str(profile_dir(self.config.run_dir)), create_perfetto_trace=True)
+
+    def stop_profile(self) -> str:
+        """Stop tracing once the submitted steps have finished; the folder the trace went to."""
+        try:
+            jax.block_until_ready(self.state)
+        finally:
+            jax.profiler.stop_trace()
+        return str(profile_dir(self.config.run_dir))
 
     def generate(self, prompt: list[int], new_tokens: int, temperature: float, vocab_limit: int) -> list[int]:
         params = step_lib.model_params(self.state["params"], self.config.lora)

@@ -240,6 +240,7 @@ def with_activation_sharding(fn: Any, mesh: Mesh) -> Any:
     def wrapped(*args: Any) -> Any:
         with activation_sharding(resolver):
             return fn(*args)
+    wrapped.__name__ = getattr(fn, "func", fn).__name__  # a partial's function: the compiled program's name
     return wrapped
 
 

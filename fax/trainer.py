@@ -60,6 +60,40 @@ def _stop_on_signals() -> Iterator[threading.Event]:
         yield stop
 
 
+class _StepTrace:
+    """The JAX profiler over the steps of ``window`` (1-based) that a loop runs, on every process of
+    the runtime: on just before the first of them is submitted, off after the last (``ends``) or
+    when the loop ends first (a stop, a failure)."""
+
+    def __init__(self, runtime: Any, window: range, echo: Callable[[str], None]):
+        self.runtime, self.window, self.echo = runtime, window, echo
+        self.first: int | None = None  # while tracing: the first traced step
+        self.step = 0  # the last step submitted
+
+    def before(self, step: int) -> None:
+        if self.first is None and step in self.window:
+            self.runtime.start_profile()
+            self.first = step
+        self.step = step
+
+    def ends(self, step: int) -> bool:
+        """Whether the trace is due to stop after ``step``."""
+        return self.first is not None and step == self.window[-1]
+
+    def stop(self) -> None:
+        folder = self.runtime.stop_profile()
+        self.echo(f"fax: profiled steps {self.first}-{self.step} -> {folder} (tensorboard --logdir there, or its "
+                  "perfetto_trace.json.gz at ui.perfetto.dev)")
+        self.first = None
+
+    def __enter__(self) -> _StepTrace:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.first is not None:
+            self.stop()
+
+
 PLAN_CANDIDATES = 50  # ranked layouts kept for compile validation
 
 
@@ -288,21 +322,25 @@ class Trainer:
         every_save = cfg.checkpoint.every_n_steps
         batch = sampler.batch(first)
         window_start, window_steps = time.perf_counter(), 0
-        with _stop_on_signals() as stop, tqdm(total=t.steps, initial=first, desc="train", unit="step",
-                                               disable=None) as bar:
+        traced = range(t.profile_from, t.profile_from + t.profile_steps)
+        with (_stop_on_signals() as stop,
+              tqdm(total=t.steps, initial=first, desc="train", unit="step", disable=None) as bar,
+              _StepTrace(runtime, traced, bar.write if not bar.disable else self.echo) as trace):
             for s in range(first, last):
+                done = s + 1
+                trace.before(done)
                 handle = runtime.submit(batch)
-                if s + 1 < last:  # the next batch is built while this step runs
-                    batch = sampler.batch(s + 1)
+                if done < last:  # the next batch is built while this step runs
+                    batch = sampler.batch(done)
                 bar.update(1)
                 window_steps += 1
-                done = s + 1
                 stopping = stop.is_set()  # read once: a signal arriving later is handled next step
                 log_due = done % t.log_every == 0 or done == last
                 save_due = (every_save and done % every_save == 0) or done == last or stopping
                 hooks_due = [fn for every, fn in self.hooks if done % every == 0]
                 eval_due = t.eval_every and (done % t.eval_every == 0 or done == last)
-                if not (log_due or save_due or hooks_due or eval_due):
+                trace_due = trace.ends(done)
+                if not (log_due or save_due or hooks_due or eval_due or trace_due):
                     continue
                 values = runtime.metrics(handle)  # waits for this step
                 now = time.perf_counter()
@@ -322,7 +360,9 @@ class Trainer:
                     fn(done, record)
                 if save_due:
                     runtime.save(self._meta(done, record, info), wait=done == last or stopping)
-                window_start, window_steps = time.perf_counter(), 0  # saves and hooks are not step time
+                if trace_due:
+                    trace.stop()
+                window_start, window_steps = time.perf_counter(), 0  # saves, hooks, traces are not step time
                 if stopping:
                     log.close()
                     raise Preempted(done, cfg.run_dir)

@@ -1,6 +1,9 @@
 """8 emulated CPU devices, set before jax initialises its backend."""
 
+import gzip
+import json
 import os
+from pathlib import Path
 
 os.environ.setdefault("FAX_CACHE", os.path.join(os.path.dirname(__file__), "..", ".cache"))
 
@@ -21,3 +24,13 @@ def small_corpus(tmp_path_factory):
     out = tmp_path_factory.mktemp("corpus")
     prepare(text_files(files), out)
     return out
+
+
+@pytest.fixture(scope="session")
+def traced_steps():
+    """How many train steps the profiler traces under a folder hold (distinct runs of the compiled step)."""
+    def count(folder: Path) -> int:
+        return len({(trace, event["args"]["run_id"]) for trace in Path(folder).rglob("*.trace.json.gz")
+                    for event in json.load(gzip.open(trace))["traceEvents"]
+                    if event.get("args", {}).get("hlo_module") == "jit_train_step"})
+    return count

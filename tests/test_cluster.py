@@ -88,8 +88,8 @@ def local_run(tmp_path_factory, small_corpus):
 def ray_run(tmp_path_factory, small_corpus, ray_cluster):
     """The same run in Ray mode, and what its hosts reported (asked before the workers stop)."""
     run_dir = tmp_path_factory.mktemp("ray")
-    with Trainer(load_config(overrides=settings(run_dir, small_corpus, "cluster.ray=true")),
-                 echo=lambda _: None) as trainer:
+    with Trainer(load_config(overrides=settings(run_dir, small_corpus, "cluster.ray=true", "train.profile_from=3",
+                                                "train.profile_steps=2")), echo=lambda _: None) as trainer:
         trainer.fit()
         runtime = trainer.runtime
         seen = ray.get([w.last_rows.remote() for w in runtime.workers])
@@ -109,6 +109,11 @@ def test_bring_up_gives_each_host_its_rows(ray_run, small_corpus):
     seen = report["seen"]
     np.testing.assert_array_equal(seen[0], last_batch[0:4])
     np.testing.assert_array_equal(seen[1], last_batch[4:8])
+
+
+def test_every_host_traces_the_profiled_steps(ray_run, traced_steps):
+    _, run_dir = ray_run
+    assert [traced_steps(run_dir / "profile" / f"host{i}") for i in range(2)] == [2, 2]
 
 
 def test_ray_mode_matches_local_mode(ray_run, local_run, small_corpus):

@@ -74,6 +74,20 @@ def test_hooks_are_called_every_n_steps(tmp_path, small_corpus):
     assert calls[-1][1] == round(history[-1]["loss"], 6)  # step 6 is both logged and hooked
 
 
+def test_profile_traces_exactly_the_chosen_steps(tmp_path, small_corpus, traced_steps):
+    said = []
+    Trainer(overrides=tiny(tmp_path, "train.steps=5", "train.log_every=5", "train.profile_from=2",
+                           "train.profile_steps=2", f"data.path={small_corpus}"), echo=said.append).fit()
+    folder = tmp_path / "profile" / "host0"
+    assert any(line.startswith(f"fax: profiled steps 2-3 -> {folder} ") for line in said), said
+    # Step 1 finished before the trace began; step 3 before it ended.
+    assert traced_steps(folder) == 2
+    assert len(list(folder.rglob("*.xplane.pb"))) == 1 and len(list(folder.rglob("perfetto_trace.json.gz"))) == 1
+    with pytest.raises(ConfigError, match=r"train.profile_from=4 and train.profile_steps=3 trace steps 4..6, "
+                                          r"not all within 1..5 \(train.steps\)"):
+        Trainer(overrides=tiny(tmp_path / "late", "train.steps=5", "train.profile_from=4", "train.profile_steps=3"))
+
+
 def run_cli(args, cwd):
     # Local mode must run where Ray is not installed: make `import ray` fail in the child.
     code = "import sys; sys.modules['ray'] = None; from fax.cli import main; sys.exit(main(sys.argv[1:]))"
