@@ -349,7 +349,7 @@ class RayRuntime:
 
     def stop_profile(self) -> str:
         folders = self._on_all("writing the profiles", "stop_profile")
-        return f"{folders[0]} .. {folders[-1]} (each on its host's disk)" if len(folders) > 1 else folders[0]
+        return f"{Path(folders[0]).parent} (host0..host{len(folders) - 1}, each on its host's disk)"
 
     def describe(self) -> dict[str, Any]:
         return self.built[0]

@@ -81,9 +81,10 @@ class _StepTrace:
         return self.first is not None and step == self.window[-1]
 
     def stop(self) -> None:
-        folder = self.runtime.stop_profile()
-        self.echo(f"fax: profiled steps {self.first}-{self.step} -> {folder} (tensorboard --logdir there, or its "
-                  "perfetto_trace.json.gz at ui.perfetto.dev)")
+        where = self.runtime.stop_profile()
+        steps = f"step {self.step}" if self.first == self.step else f"steps {self.first}-{self.step}"
+        self.echo(f"fax: profiled {steps} -> {where}; open it with tensorboard --logdir, or a "
+                  "perfetto_trace.json.gz at ui.perfetto.dev")
         self.first = None
 
     def __enter__(self) -> _StepTrace:

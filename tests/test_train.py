@@ -79,7 +79,7 @@ def test_profile_traces_exactly_the_chosen_steps(tmp_path, small_corpus, traced_
     Trainer(overrides=tiny(tmp_path, "train.steps=5", "train.log_every=5", "train.profile_from=2",
                            "train.profile_steps=2", f"data.path={small_corpus}"), echo=said.append).fit()
     folder = tmp_path / "profile" / "host0"
-    assert any(line.startswith(f"fax: profiled steps 2-3 -> {folder} ") for line in said), said
+    assert any(line.startswith(f"fax: profiled steps 2-3 -> {folder};") for line in said), said
     # Step 1 finished before the trace began; step 3 before it ended.
     assert traced_steps(folder) == 2
     assert len(list(folder.rglob("*.xplane.pb"))) == 1 and len(list(folder.rglob("perfetto_trace.json.gz"))) == 1
