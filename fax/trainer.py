@@ -90,8 +90,8 @@ class _StepTrace:
     def __enter__(self) -> _StepTrace:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        if self.first is not None:
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        if self.first is not None and not (kind and issubclass(kind, WorkerFailure)):  # lost hosts write nothing
             self.stop()
 
 
