@@ -85,6 +85,7 @@ class HostRuntime:
         self.checkpointer = Checkpointer(checkpoint_dir(config.run_dir, config.checkpoint), config.checkpoint)
         self.state: step_lib.State | None = None
         self.compiled: Any = None
+        self.next_step = 1  # the number of the step the next call runs (1-based, as logged)
 
     def start(self, resume_step: int | None) -> float:
         """A fresh state, or the checkpoint of ``resume_step`` placed on this mesh; then compile.
@@ -104,12 +105,15 @@ class HostRuntime:
             target = jax.eval_shape(training.init)
             self.state, _ = self.checkpointer.restore(resume_step, target, training.state_shardings)
         self.compiled = step_lib.compile_step(training, self.state, self.batch_shape)
+        self.next_step = (resume_step or 0) + 1
         return time.perf_counter() - started
 
     def step_rows(self, local: np.ndarray) -> dict[str, jax.Array]:
         """Run one step on this process's rows of the global batch; returns before it finishes."""
         tokens = global_batch(local, self.rows, self.training.batch_sharding, self.batch_shape)
-        self.state, metrics = self.compiled(self.state, tokens)
+        with jax.profiler.StepTraceAnnotation("train", step_num=self.next_step):  # a profile's step markers
+            self.state, metrics = self.compiled(self.state, tokens)
+        self.next_step += 1
         return metrics
 
     def evaluate_rows(self, local_batches: list[np.ndarray]) -> float:

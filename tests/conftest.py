@@ -28,9 +28,10 @@ def small_corpus(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def traced_steps():
-    """How many train steps the profiler traces under a folder hold (distinct runs of the compiled step)."""
-    def count(folder: Path) -> int:
-        return len({(trace, event["args"]["run_id"]) for trace in Path(folder).rglob("*.trace.json.gz")
-                    for event in json.load(gzip.open(trace))["traceEvents"]
-                    if event.get("args", {}).get("hlo_module") == "jit_train_step"})
-    return count
+    """What the profiler traces under a folder hold: how many runs of the compiled train step, and
+    the step numbers of its step markers."""
+    def read(folder: Path) -> tuple[int, list[int]]:
+        events = [e for trace in Path(folder).rglob("*.trace.json.gz") for e in json.load(gzip.open(trace))["traceEvents"]]
+        runs = {e["args"]["run_id"] for e in events if e.get("args", {}).get("hlo_module") == "jit_train_step"}
+        return len(runs), sorted(int(e["args"]["step_num"]) for e in events if e.get("name") == "train")
+    return read

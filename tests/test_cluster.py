@@ -113,7 +113,7 @@ def test_bring_up_gives_each_host_its_rows(ray_run, small_corpus):
 
 def test_every_host_traces_the_profiled_steps(ray_run, traced_steps):
     _, run_dir = ray_run
-    assert [traced_steps(run_dir / "profile" / f"host{i}") for i in range(2)] == [2, 2]
+    assert [traced_steps(run_dir / "profile" / f"host{i}") for i in range(2)] == [(2, [3, 4])] * 2
 
 
 def test_ray_mode_matches_local_mode(ray_run, local_run, small_corpus):

@@ -80,8 +80,8 @@ def test_profile_traces_exactly_the_chosen_steps(tmp_path, small_corpus, traced_
                            "train.profile_steps=2", f"data.path={small_corpus}"), echo=said.append).fit()
     folder = tmp_path / "profile" / "host0"
     assert any(line.startswith(f"fax: profiled steps 2-3 -> {folder};") for line in said), said
-    # Step 1 finished before the trace began; step 3 before it ended.
-    assert traced_steps(folder) == 2
+    # Step 1 finished before the trace began, step 3 before it ended; each step is marked with its number.
+    assert traced_steps(folder) == (2, [2, 3])
     assert len(list(folder.rglob("*.xplane.pb"))) == 1 and len(list(folder.rglob("perfetto_trace.json.gz"))) == 1
     with pytest.raises(ConfigError, match=r"train.profile_from=4 and train.profile_steps=3 trace steps 4..6, "
                                           r"not all within 1..5 \(train.steps\)"):
