@@ -60,6 +60,11 @@ def _stop_on_signals() -> Iterator[threading.Event]:
         yield stop
 
 
+def _above(bar: tqdm, echo: Callable[[str], None]) -> Callable[[str], None]:
+    """Where a line goes while a progress bar runs: above the bar, or to ``echo`` when it is off."""
+    return bar.write if not bar.disable else echo
+
+
 class _StepTrace:
     """The JAX profiler over the steps of ``window`` (1-based) that a loop runs, on every process of
     the runtime: on just before the first of them is submitted, off after the last (``ends``) or
@@ -326,7 +331,7 @@ class Trainer:
         traced = range(t.profile_from, t.profile_from + t.profile_steps)
         with (_stop_on_signals() as stop,
               tqdm(total=t.steps, initial=first, desc="train", unit="step", disable=None) as bar,
-              _StepTrace(runtime, traced, bar.write if not bar.disable else self.echo) as trace):
+              _StepTrace(runtime, traced, _above(bar, self.echo)) as trace):
             for s in range(first, last):
                 done = s + 1
                 trace.before(done)
@@ -356,7 +361,7 @@ class Trainer:
                     self.history.append(record)
                     log.write(record)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", mfu=f"{100 * record['mfu']:.1f}%")
-                    bar.write(_format(record)) if not bar.disable else self.echo(_format(record))
+                    _above(bar, self.echo)(_format(record))
                 for fn in hooks_due:
                     fn(done, record)
                 if save_due:
