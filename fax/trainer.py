@@ -307,6 +307,10 @@ class Trainer:
         first = 0 if resume is None else resume
         if resume is not None:
             self.echo(f"fax: resumed from the checkpoint of step {resume}")
+        traced = range(t.profile_from, t.profile_from + t.profile_steps)
+        if traced and first >= traced[-1]:
+            self.echo(f"fax: no profile this time: steps {traced[0]}-{traced[-1]} (train.profile_from, profile_steps) "
+                      f"come before step {first + 1}, where this run resumes")
         info = runtime.describe()
         seq_len, n_dev = cfg.seq_len, info["devices"]
         hosts = f" on {info['process_count']} hosts" if info["process_count"] > 1 else ""
@@ -328,7 +332,6 @@ class Trainer:
         every_save = cfg.checkpoint.every_n_steps
         batch = sampler.batch(first)
         window_start, window_steps = time.perf_counter(), 0
-        traced = range(t.profile_from, t.profile_from + t.profile_steps)
         with (_stop_on_signals() as stop,
               tqdm(total=t.steps, initial=first, desc="train", unit="step", disable=None) as bar,
               _StepTrace(runtime, traced, _above(bar, self.echo)) as trace):

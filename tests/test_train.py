@@ -83,6 +83,13 @@ def test_profile_traces_exactly_the_chosen_steps(tmp_path, small_corpus, traced_
     # Step 1 finished before the trace began, step 3 before it ended; each step is marked with its number.
     assert traced_steps(folder) == (2, [2, 3])
     assert len(list(folder.rglob("*.xplane.pb"))) == 1 and len(list(folder.rglob("perfetto_trace.json.gz"))) == 1
+    # Resumed past the traced steps: said, and no second trace.
+    said.clear()
+    Trainer(overrides=tiny(tmp_path, "train.steps=6", "train.log_every=5", "train.profile_from=2",
+                           "train.profile_steps=2", f"data.path={small_corpus}"), echo=said.append).fit()
+    assert ("fax: no profile this time: steps 2-3 (train.profile_from, profile_steps) come before step 6, where "
+            "this run resumes") in said
+    assert len(list(folder.rglob("*.xplane.pb"))) == 1
     with pytest.raises(ConfigError, match=r"train.profile_from=4 and train.profile_steps=3 trace steps 4..6, "
                                           r"not all within 1..5 \(train.steps\)"):
         Trainer(overrides=tiny(tmp_path / "late", "train.steps=5", "train.profile_from=4", "train.profile_steps=3"))
