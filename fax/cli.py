@@ -356,7 +356,10 @@ def _interrupt(signum: int, frame: object) -> None:
     """SIGTERM (how job schedulers and service managers stop a process) unwinds like Ctrl-C, so
     every command's cleanup runs: Ray and its workers shut down, a server stops. Python's default
     ends the process on the spot and leaves Ray's processes behind. (Training takes both signals
-    over while it runs, to save a checkpoint first.)"""
+    over while it runs, to save a checkpoint first.) A repeated SIGTERM is ignored from then on: it
+    would cut that cleanup short (``timeout`` and a signal to the process group each send one);
+    Ctrl-C still does."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 
