@@ -73,6 +73,21 @@ def _checkpoint_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _metrics(args: argparse.Namespace) -> int:
+    from fax.config import ConfigError
+    from fax.metrics import plot_runs, run_metrics, summary_table
+
+    try:
+        runs = {run_dir: run_metrics(run_dir) for run_dir in args.run_dirs}
+        print(summary_table(runs))
+        if args.plot:
+            plot_runs(runs, args.plot)
+            print(f"wrote {args.plot}")
+    except (ImportError, ValueError) as e:  # no matplotlib; a log that is not one
+        raise ConfigError(str(e)) from None
+    return 0
+
+
 def _prepare(args: argparse.Namespace) -> int:
     from fax.data import prepare, text_files
 
@@ -299,6 +314,13 @@ def parser() -> argparse.ArgumentParser:
     info.add_argument("run_dir")
     info.add_argument("step", nargs="?", type=int, help="default: the latest")
     info.set_defaults(run=_checkpoint_info)
+
+    met = sub.add_parser("metrics", help="compare runs' logged metrics: loss, val_loss, tokens/s, MFU; --plot "
+                                         "draws their curves")
+    met.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    met.add_argument("--plot", metavar="FILE", help="write loss, tokens/s, MFU and lr against the step, a line per "
+                                                    "run (.png, .svg or .pdf; needs the plot extra)")
+    met.set_defaults(run=_metrics)
 
     gen = sub.add_parser("generate", help="continue a prompt with a trained run's model (KV cache, streamed)")
     gen.add_argument("run_dir")
