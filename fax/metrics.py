@@ -123,9 +123,10 @@ def plot_runs(runs: dict[str, list[dict[str, Any]]], path: str | Path) -> Any:
     except ImportError:
         raise ImportError("plotting needs matplotlib: pip install -e '.[plot]'") from None
     fig = Figure(figsize=(11, 7), layout="constrained")
-    panels = dict(zip(("loss", "tokens_per_s", "mfu", "lr"), fig.subplots(2, 2).flat))
-    for (key, ax), label in zip(panels.items(), ("loss (dashed: val_loss)", "tokens/s", "MFU", "learning rate")):
-        ax.set(xlabel="step", title=label)
+    titles = {"loss": "loss (dashed: val_loss)", "tokens_per_s": "tokens/s", "mfu": "MFU", "lr": "learning rate"}
+    panels = dict(zip(titles, fig.subplots(2, 2).flat))
+    for key, ax in panels.items():
+        ax.set(xlabel="step", title=titles[key])
         ax.grid(alpha=0.3)
     for i, (name, records) in enumerate(runs.items()):
         color = f"C{i % 10}"
