@@ -88,6 +88,21 @@ def _metrics(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    import math
+
+    from fax.config import apply_overrides, run_config
+    from fax.data import dataset_path
+    from fax.trainer import evaluate_checkpoint
+
+    step, loss = evaluate_checkpoint(args.run_dir, args.overrides, args.step, args.split)
+    config = apply_overrides(run_config(args.run_dir), args.overrides)
+    t = config.train
+    print(f"step {step}: {args.split} loss {loss:.4f}, perplexity {math.exp(loss):,.2f} ({t.eval_batches} batches of "
+          f"{t.batch_size} x {config.seq_len} tokens of {dataset_path(config.data.path)})")
+    return 0
+
+
 def _prepare(args: argparse.Namespace) -> int:
     from fax.data import prepare, text_files
 
@@ -315,6 +330,16 @@ def parser() -> argparse.ArgumentParser:
     info.add_argument("step", nargs="?", type=int, help="default: the latest")
     info.set_defaults(run=_checkpoint_info)
 
+    ev = sub.add_parser("eval", help="a checkpoint's loss and perplexity on a dataset split (by default the "
+                                     "run's own val_loss)")
+    ev.add_argument("run_dir")
+    ev.add_argument("overrides", nargs="*", metavar="key=value",
+                    help="settings to change: data.path, train.eval_batches, train.batch_size, train.seq_len, "
+                         "parallel.* (the mesh: any that fits this machine's devices)")
+    ev.add_argument("--step", type=int, help="the checkpoint (default: the latest complete one)")
+    ev.add_argument("--split", choices=("val", "train"), default="val")
+    ev.set_defaults(run=_eval)
+
     met = sub.add_parser("metrics", help="compare runs' logged metrics: loss, val_loss, tokens/s, MFU; --plot "
                                          "draws their curves")
     met.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
@@ -371,6 +396,18 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line; ``key=value`` settings may come after options too (``fax train --ray
+    train.steps=5``), where argparse alone takes only those before the first option."""
+    p = parser()
+    args, extra = p.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and not any(e.startswith("-") or "=" not in e for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 INTERRUPTED_EXIT_CODE = 130  # the shell's code for a command ended by Ctrl-C
 
 
@@ -386,7 +423,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parse(argv)
     import jax
 
     # Only the CPU backend reads this: with no accelerator, the CPU is split into emulated devices.

@@ -8,6 +8,7 @@ Either way the head hands over the *global* batch of a step, or just this proces
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,14 @@ def global_batch(local: np.ndarray, rows: RowRanges, sharding: jax.sharding.Shar
     return jax.make_array_from_single_device_arrays(shape, sharding, per_device)
 
 
+def mean_loss(training: step_lib.ShardedTraining, params: Any, local_batches: Iterable[np.ndarray], rows: RowRanges,
+              shape: tuple[int, ...]) -> float:
+    """Mean cross-entropy of ``params`` over batches of ``shape``, given this process's ``rows`` of each."""
+    losses = [training.evaluate(params, global_batch(local, rows, training.batch_sharding, shape))
+              for local in local_batches]
+    return float(np.mean(jax.device_get(losses)))
+
+
 def profile_dir(run_dir: str | Path) -> Path:
     """Where this process writes its profiler traces: a folder per host (hosts of one machine share
     a host name, which names the trace files)."""
@@ -118,9 +127,7 @@ class HostRuntime:
 
     def evaluate_rows(self, local_batches: list[np.ndarray]) -> float:
         """Mean cross-entropy of the current params over batches, given this process's rows of each."""
-        losses = [self.training.evaluate(self.state["params"], global_batch(
-            local, self.rows, self.training.batch_sharding, self.batch_shape)) for local in local_batches]
-        return float(np.mean(jax.device_get(losses)))
+        return mean_loss(self.training, self.state["params"], local_batches, self.rows, self.batch_shape)
 
     # The head-side interface (fax.cluster.RayRuntime offers the same methods).
 

@@ -19,11 +19,11 @@ from tqdm.auto import tqdm
 import models
 from fax import step as step_lib
 from fax.checkpoint import Checkpointer, abstract_like, checkpoint_dir, incompatible_keys
-from fax.config import (Config, ConfigError, apply_overrides, raise_problems, setting_problems, validate,
-                        with_layout)
+from fax.config import (Config, ConfigError, apply_overrides, raise_problems, run_config, setting_problems,
+                        validate, with_layout)
 from fax.data import Sampler, TokenDataset, dataset_path, dataset_problems
 from fax.metrics import MetricsLog, mesh_desc, mfu, peak_flops_per_device, read_metrics
-from fax.runtime import HostRuntime, WorkerFailure
+from fax.runtime import HostRuntime, WorkerFailure, host_rows, mean_loss, take_rows
 from fax.signals import handling
 from parallel import make_mesh
 from parallel.cost import Candidate
@@ -108,6 +108,37 @@ def _load_layout(path: str) -> Candidate:
         return load_layout(path)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"plan={path!r} is not a readable plan ({e}); write one with `fax plan ... --json`") from None
+
+
+def evaluate_checkpoint(run_dir: str | Path, overrides: Sequence[str] = (), step: int | None = None,
+                        split: str = "val", devices: list[jax.Device] | None = None) -> tuple[int, float]:
+    """The mean cross-entropy of a run's checkpoint (default: its latest) on ``train.eval_batches``
+    batches of a dataset split: with the run's settings, the batches and the loss its ``val_loss``
+    logs. ``overrides`` change the data, the batches or the mesh (any that fits these devices).
+    Returns (the checkpoint's step, the loss)."""
+    from fax.serve import run_params
+
+    config = apply_overrides(run_config(run_dir), overrides)
+    devices = list(jax.devices() if devices is None else devices)
+    validate(config, len(devices))
+    data_path = dataset_path(config.data.path)
+    problems = dataset_problems(data_path, config.seq_len)
+    if not problems:
+        meta = TokenDataset.open(data_path).meta
+        tokens = meta.get("val_tokens", 0) if split == "val" else meta["num_tokens"]
+        if tokens < config.seq_len + 1:
+            problems.append(f"the {split} split of data.path={str(data_path)!r} holds {tokens} tokens, fewer than one "
+                            f"sequence ({config.seq_len + 1}); pick another data.path or split, or lower train.seq_len")
+    raise_problems(problems)
+    training = step_lib.build(config, make_mesh(config.parallel, devices))
+    params, step = run_params(run_dir, config, training.mesh, step, merged=False)
+    t = config.train
+    held_out = Sampler(TokenDataset.open(data_path, split), t.batch_size, config.seq_len, config.seed)
+    shape = (t.batch_size, config.seq_len + 1)
+    rows = host_rows(training.batch_sharding, shape)
+    batches = (take_rows(held_out.batch(i), rows) for i in tqdm(range(t.eval_batches), desc="eval", unit="batch",
+                                                                leave=False))
+    return step, mean_loss(training, params, batches, rows, shape)
 
 
 def layout_compiler(config: Config, devices: list[jax.Device]) -> Callable[[Candidate], Any]:

@@ -12,8 +12,10 @@ import yaml
 
 import models
 from fax import ConfigError, Trainer, load_config
+from fax.cli import parse
 from fax.data import Sampler, TokenDataset
 from fax.metrics import read_metrics
+from fax.trainer import evaluate_checkpoint
 
 
 def tiny(run_dir, *extra):
@@ -21,7 +23,7 @@ def tiny(run_dir, *extra):
             "train.sample_tokens=0", *extra]
 
 
-def test_loss_and_validation_loss_fall_on_the_default_corpus(tmp_path):
+def test_loss_and_validation_loss_fall_on_the_default_corpus(tmp_path, small_corpus):
     trainer = Trainer(overrides=tiny(tmp_path, "train.steps=60", "train.log_every=10", "optim.lr=3e-3",
                                      "train.sample_tokens=20", "train.eval_every=30", "train.eval_batches=2"),
                       echo=lambda _: None)
@@ -45,6 +47,23 @@ def test_loss_and_validation_loss_fall_on_the_default_corpus(tmp_path):
         log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
         ce.append(-np.take_along_axis(log_p, tokens[:, 1:, None], -1).mean())
     assert val[60] == pytest.approx(np.mean(ce), rel=1e-5)
+
+    # `fax eval` of the checkpoint: the logged val_loss, on the run's mesh and on one device.
+    assert evaluate_checkpoint(tmp_path) == (60, val[60])
+    assert evaluate_checkpoint(tmp_path, devices=jax.devices()[:1])[1] == pytest.approx(val[60], rel=1e-5)
+    assert evaluate_checkpoint(tmp_path, ["train.eval_batches=1"], split="train")[1] != pytest.approx(val[60])
+    with pytest.raises(ConfigError, match=r"the val split of data.path=.* holds 0 tokens, fewer than one sequence "
+                                          r"\(65\); pick another data.path or split"):
+        evaluate_checkpoint(tmp_path, [f"data.path={small_corpus}"])
+
+
+def test_settings_may_follow_options_on_the_command_line():
+    assert parse(["eval", "RUN", "--step", "3", "train.eval_batches=2", "--split", "train", "a.b=1"]).overrides == [
+        "train.eval_batches=2", "a.b=1"]
+    assert parse(["train", "x=1", "--emulate-hosts", "2", "y=2"]).overrides == ["x=1", "y=2"]
+    for argv in (["train", "--bogus"], ["presets", "x=1"], ["eval", "RUN", "--step", "3", "notasetting"]):
+        with pytest.raises(SystemExit):
+            parse(argv)
 
 
 def test_evaluation_needs_a_validation_split(tmp_path, small_corpus):
