@@ -297,7 +297,7 @@ def setting_problems(cfg: Config) -> list[str]:
         problems.append(f"train.seq_len={cfg.seq_len} is longer than the model's context "
                         f"model.max_seq_len={m.max_seq_len}; lower train.seq_len or raise model.max_seq_len")
     if cfg.data.path:
-        problems.extend(dataset_problems(cfg.data.path, cfg.seq_len))
+        problems.extend(dataset_problems(cfg.data.path, cfg.seq_len, m.vocab_size))
     return problems
 
 

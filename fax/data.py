@@ -329,7 +329,8 @@ def dataset_path(path: str) -> Path:
     return Path(path) if path else default_corpus()
 
 
-def dataset_problems(path: str | Path, seq_len: int) -> list[str]:
+def dataset_problems(path: str | Path, seq_len: int, vocab_size: int) -> list[str]:
+    """Why a prepared dataset cannot feed sequences of ``seq_len`` to a model of ``vocab_size`` tokens."""
     index = Path(path) / "index.json"
     if not Path(path).exists():
         return [f"data.path={str(path)!r} does not exist; run `fax prepare FILES --out DIR` first"]
@@ -342,6 +343,9 @@ def dataset_problems(path: str | Path, seq_len: int) -> list[str]:
     if meta["num_tokens"] < seq_len + 1:
         return [f"data.path={str(path)!r} holds {meta['num_tokens']} tokens, fewer than one sequence of "
                 f"train.seq_len+1={seq_len + 1}; add text or lower train.seq_len"]
+    if meta["vocab_size"] > vocab_size:
+        return [f"the dataset's tokenizer has {meta['vocab_size']} tokens but model.vocab_size={vocab_size}; "
+                "raise model.vocab_size"]
     return []
 
 

@@ -122,7 +122,7 @@ def evaluate_checkpoint(run_dir: str | Path, overrides: Sequence[str] = (), step
     devices = list(jax.devices() if devices is None else devices)
     validate(config, len(devices))
     data_path = dataset_path(config.data.path)
-    problems = dataset_problems(data_path, config.seq_len)
+    problems = dataset_problems(data_path, config.seq_len, config.model.vocab_size)
     if not problems:
         meta = TokenDataset.open(data_path).meta
         tokens = meta.get("val_tokens", 0) if split == "val" else meta["num_tokens"]
@@ -248,11 +248,8 @@ class Trainer:
         self.config = config
         self.axis_sizes = validate(config, n_devices)
         self.data_path = dataset_path(config.data.path)
-        problems = dataset_problems(self.data_path, config.seq_len)
+        problems = dataset_problems(self.data_path, config.seq_len, config.model.vocab_size)
         self.dataset = None if problems else TokenDataset.open(self.data_path)
-        if self.dataset is not None and self.dataset.meta["vocab_size"] > config.model.vocab_size:
-            problems.append(f"the dataset's tokenizer has {self.dataset.meta['vocab_size']} tokens but "
-                            f"model.vocab_size={config.model.vocab_size}; raise model.vocab_size")
         val_tokens = self.dataset.meta.get("val_tokens", 0) if self.dataset is not None else None
         if config.train.eval_every and val_tokens is not None and val_tokens < config.seq_len + 1:
             problems.append(f"train.eval_every={config.train.eval_every} needs a validation split of at least one "
