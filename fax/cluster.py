@@ -406,5 +406,8 @@ class ClusterEngine:
     def decode(self, tokens: np.ndarray, positions: np.ndarray, steps: np.ndarray, sampling: Sequence[Any]) -> np.ndarray:
         return self._call("decode", tokens, positions, steps, list(sampling))
 
+    def score(self, tokens: Sequence[int]) -> tuple[np.ndarray, ...]:
+        return self._call("score", list(tokens))
+
     def close(self) -> None:
         self.runtime.close()

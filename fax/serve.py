@@ -14,6 +14,7 @@ import math
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,7 @@ def request_problems(cfg: models.ModelConfig, prompt: Sequence[int], sampling: S
     return found
 
 
+MAX_LOGPROBS = 5  # the most likely tokens a request may ask to see at each position (OpenAI's limit)
 TOKENS_PER_CALL = 8  # decode steps per device call: fewer host round trips, tokens arrive in bursts
 # XLA:CPU's YNN matmul fusions run decode's skinny products (one token per sequence against each weight,
 # a memory-bound read of the weights) ~20% slower at batch 16 than its own dot emitter; batches 1-4 equal.
@@ -120,6 +122,20 @@ def _prefill(cfg: models.ModelConfig, graphdef: nnx.GraphDef, params: Any, token
     logits, fresh = models.apply_cached(graphdef, params, tokens, positions, models.empty_cache(cfg, batch, length),
                                         last=lengths - 1)
     return sample(logits, controls[0], jnp.zeros_like(lengths), *controls[1:]), fresh, logits
+
+
+def _score(cfg: models.ModelConfig, graphdef: nnx.GraphDef, params: Any, tokens: jax.Array
+           ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Each token's log-probability given those before it [b, length - 1], under the model's own
+    distribution (no temperature, no filters), and the most likely tokens at each of those
+    positions: ids and log-probabilities [b, length - 1, MAX_LOGPROBS]."""
+    batch, length = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(length), tokens.shape)
+    logits, _ = models.apply_cached(graphdef, params, tokens, positions, models.empty_cache(cfg, batch, length),
+                                    last=positions[:, :-1])
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+    top_logp, top_ids = jax.lax.top_k(logp, min(MAX_LOGPROBS, cfg.vocab_size))
+    return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0], top_ids, top_logp
 
 
 def _insert(cache: Any, fresh: Any, rows: jax.Array) -> Any:
@@ -223,6 +239,8 @@ class Engine:
         self._replicated = replicated(mesh)
         self._prefill = jax.jit(with_activation_sharding(functools.partial(_prefill, cfg, self.graphdef), mesh),
                                 out_shardings=(self._replicated, self.cache_sharding, self._replicated))
+        self._score = jax.jit(with_activation_sharding(functools.partial(_score, cfg, self.graphdef), mesh),
+                              out_shardings=self._replicated)
         self._insert = jax.jit(_insert, out_shardings=self.cache_sharding, donate_argnums=(0,))
         self._resize = jax.jit(_resize, static_argnums=(0, 1), out_shardings=self.cache_sharding)
         self._empty_cache = jax.jit(functools.partial(models.empty_cache, cfg), static_argnums=(0, 1),
@@ -315,6 +333,12 @@ class Engine:
         out, self.cache = self._decode(self.params, self.cache, *self._put(
             tokens.astype(np.int32), positions.astype(np.int32), steps.astype(np.int32), *_controls(sampling)))
         return np.asarray(out)
+
+    def score(self, tokens: Sequence[int]) -> tuple[np.ndarray, ...]:
+        """``_score`` of one sequence: [n - 1] and twice [n - 1, MAX_LOGPROBS]. A forward pass of its
+        own, the cache untouched: a request's tokens are scored once it is done."""
+        padded, _ = self._pack([tokens])
+        return tuple(np.asarray(x)[0, :len(tokens) - 1] for x in self._score(self.params, *self._put(padded)))
 
     def prefill_logits(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
         """The next-token logits after each prompt (for checks against the training forward pass)."""
@@ -473,6 +497,7 @@ class Scheduler:
         self._queue: deque[tuple[object, tuple[list[int], SamplingParams]]] = deque()
         self._sinks: dict[object, Sink] = {}
         self._cancelled: set[object] = set()
+        self._scores: deque[tuple[list[int], Future]] = deque()
         self._wake = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="fax-scheduler", daemon=True)
@@ -488,6 +513,15 @@ class Scheduler:
             self._queue.append((key, (prompt, sampling)))
             self._wake.notify()
         return key
+
+    def score(self, tokens: list[int]) -> Future:
+        """The engine's ``score`` of ``tokens``, run between decode calls (every engine call is made
+        from this thread: a multi-host engine's processes must all make the same calls in order)."""
+        future: Future = Future()
+        with self._wake:
+            self._scores.append((tokens, future))
+            self._wake.notify()
+        return future
 
     def cancel(self, key: object) -> None:
         """Stop a request nobody waits for any more (a no-op once it has finished)."""
@@ -509,14 +543,23 @@ class Scheduler:
     def _run(self) -> None:
         while True:
             with self._wake:
-                self._wake.wait_for(lambda: self._closed or self._queue or self._cancelled or self.batcher.active)
+                self._wake.wait_for(lambda: self._closed or self._queue or self._cancelled or self._scores
+                                    or self.batcher.active)
                 if self._closed:
+                    for _, future in self._scores:
+                        future.cancel()
                     return
+                scores, self._scores = self._scores, deque()
                 for key in self._cancelled:
                     self.batcher.cancel(key)
                 self._queue = deque(item for item in self._queue if item[0] not in self._cancelled)
                 self._cancelled.clear()
                 joining = [self._queue.popleft() for _ in range(min(len(self._queue), self.batcher.free))]
+            for tokens, future in scores:
+                try:
+                    future.set_result(self.engine.score(tokens))
+                except Exception as error:  # noqa: BLE001 - this request's failure, not the server's
+                    future.set_exception(error)
             try:
                 events = self.batcher.admit(joining) + self.batcher.step()
             except Exception as error:  # noqa: BLE001 - reported to every request it touched

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import itertools
 import json
 import secrets
 import socket
@@ -25,7 +26,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
 from fax.config import ClusterConfig, ConfigError, ServeConfig, run_config
-from fax.serve import Busy, SamplingParams, Scheduler, TextStream, request_problems, run_tokenizer
+from fax.serve import MAX_LOGPROBS, Busy, SamplingParams, Scheduler, TextStream, request_problems, run_tokenizer
 
 MAX_STOP_SEQUENCES = 4
 
@@ -50,6 +51,9 @@ class Completion:
     prompt: list[int]
     sampling: SamplingParams
     stream: bool
+    logprobs: int | None = None  # the most likely tokens to list at each position, if any
+    echo: bool = False  # the prompt's text (and its tokens' logprobs) before the completion's
+    generate: bool = True  # False: max_tokens=0 with echo, the prompt scored alone
 
 
 def _typed(body: dict[str, Any], name: str, kinds: tuple[type, ...], default: Any, what: str) -> Any:
@@ -62,9 +66,10 @@ def _typed(body: dict[str, Any], name: str, kinds: tuple[type, ...], default: An
 
 
 def _prompt_ids(prompt: Any, encode: Callable[[str], list[int]], vocab_size: int) -> list[int]:
-    """A string, a one-string list (what OpenAI clients send), or token ids."""
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
+    """A string or token ids, alone or as a batch of one (what OpenAI clients and evaluation
+    harnesses send)."""
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one prompt
     if isinstance(prompt, str):
         return encode(prompt)
     if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
@@ -92,7 +97,15 @@ def parse_completion(body: Any, encode: Callable[[str], list[int]], settings: Se
     if len(prompt) > max_prompt:
         raise RequestError(f"prompt is {len(prompt)} tokens; this server accepts at most {max_prompt} "
                            "(serve.max_prompt_tokens)", "prompt")
+    stream = _typed(body, "stream", (bool,), False, "true or false")
+    echo = _typed(body, "echo", (bool,), False, "true or false")
+    logprobs = _typed(body, "logprobs", (int,), None, "an integer")
+    if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
+        raise RequestError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {logprobs}", "logprobs")
+    if stream and (echo or logprobs is not None):
+        raise RequestError("logprobs and echo are not supported with stream=true; ask without stream", "stream")
     max_tokens = _typed(body, "max_tokens", (int,), settings.default_max_tokens, "an integer")
+    generate = not (echo and max_tokens == 0)  # echo with nothing to generate: the prompt scored
     limit = settings.max_tokens or context
     if max_tokens > limit:
         raise RequestError(f"max_tokens={max_tokens} is above this server's limit of {limit} (serve.max_tokens)",
@@ -105,14 +118,14 @@ def parse_completion(body: Any, encode: Callable[[str], list[int]], settings: Se
     if seed is not None and not 0 <= seed < 2 ** 32:
         raise RequestError("seed must be in [0, 2**32)", "seed")
     sampling = SamplingParams(
-        max_new_tokens=max_tokens, temperature=float(_typed(body, "temperature", (int, float), 1.0, "a number")),
+        max_new_tokens=max_tokens if generate else 1, temperature=float(_typed(body, "temperature", (int, float), 1.0, "a number")),
         top_k=_typed(body, "top_k", (int,), 0, "an integer"),
         top_p=float(_typed(body, "top_p", (int, float), 1.0, "a number")),
         seed=secrets.randbelow(2 ** 32) if seed is None else seed, stop=tuple(stop))
     problems = request_problems(model, prompt, sampling)
     if problems:
         raise RequestError("; ".join(problems))
-    return Completion(prompt, sampling, _typed(body, "stream", (bool,), False, "true or false"))
+    return Completion(prompt, sampling, stream, logprobs, echo, generate)
 
 
 def serving_hosts(cluster: ClusterConfig) -> int:
@@ -174,8 +187,10 @@ class CompletionServer:
             return RequestError(f"the request body is not valid JSON: {e}").response()
         try:
             completion = parse_completion(body, self._encode, self.settings, self.model, self.model_name)
-            pieces = self._pieces(completion)
-            await anext(pieces)  # queued, or refused before any response is sent
+            stream = TextStream(self.tokenizer, completion.sampling.stop)
+            pieces = self._pieces(completion, stream) if completion.generate else None
+            if pieces is not None:
+                await anext(pieces)  # queued, or refused before any response is sent
         except RequestError as e:
             return e.response()
         except Busy as e:
@@ -183,16 +198,52 @@ class CompletionServer:
         rid = f"cmpl-{uuid.uuid4().hex[:24]}"
         if completion.stream:
             return StreamingResponse(self._events(rid, pieces), media_type="text/event-stream")
-        text, reason, used = "", None, 0
+        text, reason, used = "", "length", 0
         try:
-            async with contextlib.aclosing(pieces):
-                async for delta, reason, used in pieces:
-                    text += delta
+            if pieces is not None:
+                async with contextlib.aclosing(pieces):
+                    async for delta, reason, used in pieces:
+                        text += delta
+            logprobs = None
+            if completion.logprobs is not None:
+                logprobs = await self._logprobs(completion, stream.ids)
         except Exception as e:  # noqa: BLE001 - the engine failed this request; the server goes on
             return RequestError(f"generation failed: {e}", status=500, kind="server_error").response()
-        return self._body(rid, text, reason) | {"usage": {
-            "prompt_tokens": len(completion.prompt), "completion_tokens": used,
-            "total_tokens": len(completion.prompt) + used}}
+        if completion.echo:
+            text = self.tokenizer.decode(completion.prompt) + text
+        body = self._body(rid, text, reason)
+        body["choices"][0]["logprobs"] = logprobs
+        return body | {"usage": {"prompt_tokens": len(completion.prompt), "completion_tokens": used,
+                                 "total_tokens": len(completion.prompt) + used}}
+
+    async def _logprobs(self, completion: Completion, generated: list[int]) -> dict[str, Any]:
+        """OpenAI's logprobs object: for the echoed prompt's tokens (the first has none) and every
+        generated token (up to the one that completed a stop sequence), the model's own
+        log-probability (before temperature and filters) and the ``completion.logprobs`` most
+        likely tokens with it. A token's offset counts the decoded text of the tokens before it."""
+        prompt, n = completion.prompt, completion.logprobs
+        sequence = prompt + generated
+        chosen, top_ids, top_logp = await asyncio.wrap_future(self.scheduler.score(sequence))
+        decode = lambda token: self.tokenizer.decode([int(token)])  # noqa: E731
+
+        def offsets(texts: list[str], start: int) -> list[int]:
+            return list(itertools.accumulate((len(t) for t in texts[:-1]), initial=start))[:len(texts)]
+
+        shown = [decode(t) for t in prompt] if completion.echo else []
+        made = [decode(t) for t in generated]
+        start = len(self.tokenizer.decode(prompt)) if completion.echo else 0  # where the completion's text starts
+        first = len(prompt) - len(shown)
+
+        def top(i: int) -> dict[str, float] | None:
+            if i == 0:
+                return None
+            likely = {decode(t): float(lp) for t, lp in zip(top_ids[i - 1][:n], top_logp[i - 1][:n])}
+            return likely | {decode(sequence[i]): float(chosen[i - 1])}
+
+        positions = range(first, len(sequence))
+        return {"tokens": shown + made,
+                "token_logprobs": [None if i == 0 else float(chosen[i - 1]) for i in positions],
+                "top_logprobs": [top(i) for i in positions], "text_offset": offsets(shown, 0) + offsets(made, start)}
 
     def _encode(self, text: str) -> list[int]:
         return [int(t) for t in self.tokenizer.encode(text)]
@@ -211,14 +262,15 @@ class CompletionServer:
                 yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error'}})}\n\n"
         yield "data: [DONE]\n\n"
 
-    async def _pieces(self, completion: Completion) -> AsyncIterator[tuple[str, str | None, int]]:
-        """(text delta, finish reason once finished, tokens so far), after a first empty piece that
-        says the request is queued: a refusal surfaces before any response has started."""
+    async def _pieces(self, completion: Completion, text: TextStream) -> AsyncIterator[tuple[str, str | None, int]]:
+        """(text delta, finish reason once finished, tokens so far) as ``text`` turns the tokens
+        into text, after a first empty piece that says the request is queued: a refusal surfaces
+        before any response has started."""
         loop = asyncio.get_running_loop()
         tokens: asyncio.Queue = asyncio.Queue()
         key = self.scheduler.submit(completion.prompt, completion.sampling,
                                     lambda item: loop.call_soon_threadsafe(tokens.put_nowait, item))
-        text, used = TextStream(self.tokenizer, completion.sampling.stop), 0
+        used = 0
         try:
             yield "", None, 0
             while True:

@@ -162,7 +162,8 @@ def apply_cached(graphdef: nnx.GraphDef, params: Params, tokens: jax.Array, posi
     """Inference with a KV cache: ``tokens`` [b, length] at ``positions`` go into ``cache`` (one
     (keys, values) per layer, [b, kv_heads, slots, head_dim]). ``params`` has its
     layers unstacked (``unstack_layers``); ``head`` is ``lm_head``'s, when the caller holds it.
-    Returns the logits at index ``last[b]`` of each row (default: the last) and the updated cache."""
+    Returns the logits at index ``last[b]`` of each row [b, vocab] (default: the last), or at the
+    indices ``last[b, :]`` [b, n, vocab], and the updated cache."""
     layers = params["blocks"]
     model = _merge_unstacked(graphdef, params)
     block = nnx.graphdef(model.blocks)
@@ -173,5 +174,5 @@ def apply_cached(graphdef: nnx.GraphDef, params: Params, tokens: jax.Array, posi
         updated.append(layer_cache)
     if last is None:
         last = jnp.full((tokens.shape[0],), tokens.shape[1] - 1)
-    x = jnp.take_along_axis(x, last[:, None, None], axis=1)
-    return model._logits(x, head)[:, 0], updated
+    logits = model._logits(jnp.take_along_axis(x, last.reshape(len(last), -1)[..., None], axis=1), head)
+    return (logits if last.ndim == 2 else logits[:, 0]), updated

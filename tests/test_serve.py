@@ -68,6 +68,24 @@ def test_sharded_engine_logits_equal_one_device_forward():
         np.testing.assert_allclose(row, reference, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["gpt-tiny", "llama-tiny"])
+@pytest.mark.parametrize("n_devices", [1, 8])
+def test_scores_are_the_forward_pass_log_probabilities(name, n_devices):
+    """What `logprobs` returns: each token's log-probability given the ones before it, and the most
+    likely tokens at each position, as the training forward pass gives them (float64 reference)."""
+    cfg, graphdef, params = model(name)
+    engine = Engine(cfg, params, serving_mesh(cfg, jax.devices()[:n_devices]))
+    tokens = [int(t) for t in np.random.default_rng(0).integers(0, cfg.vocab_size, 21)]
+    chosen, top_ids, top_logp = engine.score(tokens)
+    logits = np.asarray(models.apply(graphdef, params, jnp.asarray([tokens])), np.float64)[0, :-1]
+    log_p = logits - logits.max(-1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
+    assert chosen.shape == (20,) and top_ids.shape == top_logp.shape == (20, serve.MAX_LOGPROBS)
+    np.testing.assert_allclose(chosen, log_p[np.arange(20), tokens[1:]], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(top_ids, np.argsort(-log_p, -1)[:, :serve.MAX_LOGPROBS])
+    np.testing.assert_allclose(top_logp, np.take_along_axis(log_p, top_ids, -1), rtol=1e-5, atol=1e-5)
+
+
 def test_a_requests_samples_do_not_depend_on_its_batch():
     cfg, _, params = model("gpt-tiny")
     engine = Engine(cfg, params, serving_mesh(cfg, jax.devices()))

@@ -1,5 +1,6 @@
 """`fax serve`: a run directory written by `fax train`, served by Ray Serve, asked by real HTTP clients."""
 
+import itertools
 import json
 import os
 import signal
@@ -11,6 +12,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
 
 requests = pytest.importorskip("requests")
@@ -96,6 +99,48 @@ def test_stop_sequence_ends_the_text_before_it(url):
     assert (got["text"], got["finish_reason"]) == (full[:full.index(stop)], "stop")
 
 
+def test_echo_with_logprobs_scores_the_prompt(url, run_dir):
+    """How evaluation harnesses score text: max_tokens=0, echo, logprobs. Every prompt token after
+    the first gets the engine's log-probability, with the 2 most likely tokens and itself."""
+    prompt = "def main():\n    return 0\n"
+    got = complete(url, prompt=prompt, max_tokens=0, echo=True, logprobs=2)
+    choice, usage = got["choices"][0], got["usage"]
+    assert (choice["text"], choice["finish_reason"], usage["completion_tokens"]) == (prompt, "length", 0)
+    logprobs = choice["logprobs"]
+    tokenizer = run_tokenizer(load_config(run_dir / "config.yaml"))
+    ids = [int(t) for t in tokenizer.encode(prompt)]
+    # The same prompt as token ids in a batch of one, as lm-evaluation-harness sends it.
+    assert complete(url, prompt=[ids], max_tokens=0, echo=True, logprobs=2)["choices"][0]["logprobs"] == logprobs
+    assert "".join(logprobs["tokens"]) == prompt and len(logprobs["tokens"]) == len(ids)
+    assert all(prompt[at:at + len(t)] == t for at, t in zip(logprobs["text_offset"], logprobs["tokens"]))
+    assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+    chosen, _, most_likely = Engine.from_run_dir(run_dir, devices=jax.devices()[:1]).score(ids)
+    np.testing.assert_allclose(logprobs["token_logprobs"][1:], chosen, rtol=1e-5, atol=1e-5)
+    for i, (token, logp, top) in enumerate(zip(*(logprobs[k][1:] for k in ("tokens", "token_logprobs",
+                                                                            "top_logprobs")))):
+        assert top[token] == logp and 2 <= len(top) <= 3  # the two most likely, and the prompt's own
+        np.testing.assert_allclose(sorted(top.values(), reverse=True)[:2], most_likely[i, :2], rtol=1e-5, atol=1e-5)
+
+
+def test_greedy_tokens_are_the_most_likely_ones(url):
+    """logprobs of a greedy completion: each generated token is the top one of its position, and
+    the tokens listed are the text returned."""
+    response = complete(url, prompt="import ", max_tokens=10, logprobs=1)
+    got, got_usage = response["choices"][0], response["usage"]["completion_tokens"]
+    logprobs = got["logprobs"]
+    assert "".join(logprobs["tokens"]) == got["text"] and len(logprobs["tokens"]) == got_usage == 10
+    assert logprobs["text_offset"] == list(itertools.accumulate((len(t) for t in logprobs["tokens"][:-1]),
+                                                                initial=0))
+    for token, logp, top in zip(logprobs["tokens"], logprobs["token_logprobs"], logprobs["top_logprobs"]):
+        assert top == {token: logp} and logp < 0
+    # What lm-evaluation-harness asks to score a continuation: echo, one token generated.
+    scored = complete(url, prompt="import ", max_tokens=1, logprobs=1, echo=True)["choices"][0]
+    assert scored["text"] == "import " + logprobs["tokens"][0]
+    assert scored["logprobs"]["tokens"] == [*"import ", logprobs["tokens"][0]]
+    assert scored["logprobs"]["token_logprobs"][-1] == pytest.approx(logprobs["token_logprobs"][0], abs=1e-5)
+    assert scored["logprobs"]["text_offset"] == list(range(8))
+
+
 BAD = [
     ("{not json", 400, "not valid JSON"),
     ("[1, 2]", 400, "must be a JSON object"),
@@ -115,6 +160,11 @@ BAD = [
     ({"prompt": "x" * 128}, 400, "prompt is 128 tokens; this server accepts at most 127"),
     ({"prompt": "x" * 100, "max_tokens": 64}, 400, "exceeds the model's context of 128 tokens"),
     ({"prompt": "x", "model": "gpt-5"}, 404, "model 'gpt-5' is not served here"),
+    ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens must be positive, got 0"),
+    ({"prompt": "x", "logprobs": 6}, 400, "logprobs must be in [0, 5], got 6"),
+    ({"prompt": "x", "logprobs": "2"}, 400, "logprobs must be an integer"),
+    ({"prompt": "x", "echo": 1}, 400, "echo must be true or false"),
+    ({"prompt": "x", "logprobs": 1, "stream": True}, 400, "logprobs and echo are not supported with stream=true"),
 ]
 
 
