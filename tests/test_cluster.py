@@ -196,6 +196,8 @@ def test_engine_on_two_hosts_generates_what_one_process_does(ray_cluster, local_
         sampling = [hot, SamplingParams(max_new_tokens=6, temperature=0.0), dataclasses.replace(hot, seed=6)]
         local = Engine.from_run_dir(local_run, max_batch=4)
         assert generate(engine, prompts, sampling) == generate(local, prompts, sampling)
+        for got, expected in zip(engine.score(prompts[0] + prompts[1]), local.score(prompts[0] + prompts[1])):
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)  # logprobs
     finally:
         engine.close()
     deadline = time.monotonic() + 30  # the placement group is released asynchronously
