@@ -95,6 +95,9 @@ def main() -> None:
             lambda: generate(engine, prompts[:batch], [greedy] * batch))
         if hf_generate:
             results[f"transformers_b{batch}"] = batch * args.new_tokens / timed(lambda: hf_generate(batch))
+    # logprobs: a finished request's prompt and completion scored in one forward pass
+    completion = generate(engine, prompts[:1], [greedy])[0]
+    results["score_share_b1"] = timed(lambda: engine.score(prompts[0] + completion)) * results["kv_b1"] / args.new_tokens
     if len(jax.devices()) > 1:
         sharded = Engine(cfg, params, serving_mesh(cfg, jax.devices()), max_batch=16)
         results["kv_b16_tensor_parallel"] = 16 * args.new_tokens / timed(
@@ -112,6 +115,7 @@ def main() -> None:
               f"{results['kv_b16_tensor_parallel']:.1f} tokens/s")
     print(f"  KV cache / recompute at batch 1: {results['kv_b1'] / results['recompute_b1']:.2f}x; "
           f"batch 16 / batch 1: {results['kv_b16'] / results['kv_b1']:.2f}x")
+    print(f"  logprobs (scoring prompt + completion) add {results['score_share_b1']:.0%} to a batch-1 generation")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": args.model, "device": jax.devices()[0].device_kind, "tokens_per_s": results},
