@@ -337,6 +337,8 @@ class Engine:
     def score(self, tokens: Sequence[int]) -> tuple[np.ndarray, ...]:
         """``_score`` of one sequence: [n - 1] and twice [n - 1, MAX_LOGPROBS]. A forward pass of its
         own, the cache untouched: a request's tokens are scored once it is done."""
+        if not 1 <= len(tokens) <= self.cfg.max_seq_len:
+            raise ValueError(f"can score 1 to {self.cfg.max_seq_len} tokens (the model's context), got {len(tokens)}")
         padded, _ = self._pack([tokens])
         return tuple(np.asarray(x)[0, :len(tokens) - 1] for x in self._score(self.params, *self._put(padded)))
 

@@ -84,6 +84,10 @@ def test_scores_are_the_forward_pass_log_probabilities(name, n_devices):
     np.testing.assert_allclose(chosen, log_p[np.arange(20), tokens[1:]], rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(top_ids, np.argsort(-log_p, -1)[:, :serve.MAX_LOGPROBS])
     np.testing.assert_allclose(top_logp, np.take_along_axis(log_p, top_ids, -1), rtol=1e-5, atol=1e-5)
+    for wrong in ([], [1] * (cfg.max_seq_len + 1)):
+        with pytest.raises(ValueError, match=rf"can score 1 to {cfg.max_seq_len} tokens \(the model's context\), "
+                                             rf"got {len(wrong)}"):
+            engine.score(wrong)
 
 
 def test_a_requests_samples_do_not_depend_on_its_batch():
