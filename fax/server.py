@@ -118,7 +118,8 @@ def parse_completion(body: Any, encode: Callable[[str], list[int]], settings: Se
     if seed is not None and not 0 <= seed < 2 ** 32:
         raise RequestError("seed must be in [0, 2**32)", "seed")
     sampling = SamplingParams(
-        max_new_tokens=max_tokens if generate else 1, temperature=float(_typed(body, "temperature", (int, float), 1.0, "a number")),
+        max_new_tokens=max_tokens if generate else 1,
+        temperature=float(_typed(body, "temperature", (int, float), 1.0, "a number")),
         top_k=_typed(body, "top_k", (int,), 0, "an integer"),
         top_p=float(_typed(body, "top_p", (int, float), 1.0, "a number")),
         seed=secrets.randbelow(2 ** 32) if seed is None else seed, stop=tuple(stop))
@@ -187,8 +188,8 @@ class CompletionServer:
             return RequestError(f"the request body is not valid JSON: {e}").response()
         try:
             completion = parse_completion(body, self._encode, self.settings, self.model, self.model_name)
-            stream = TextStream(self.tokenizer, completion.sampling.stop)
-            pieces = self._pieces(completion, stream) if completion.generate else None
+            decoded = TextStream(self.tokenizer, completion.sampling.stop)
+            pieces = self._pieces(completion, decoded) if completion.generate else None
             if pieces is not None:
                 await anext(pieces)  # queued, or refused before any response is sent
         except RequestError as e:
@@ -206,15 +207,14 @@ class CompletionServer:
                         text += delta
             logprobs = None
             if completion.logprobs is not None:
-                logprobs = await self._logprobs(completion, stream.ids)
+                logprobs = await self._logprobs(completion, decoded.ids)
         except Exception as e:  # noqa: BLE001 - the engine failed this request; the server goes on
             return RequestError(f"generation failed: {e}", status=500, kind="server_error").response()
         if completion.echo:
             text = self.tokenizer.decode(completion.prompt) + text
-        body = self._body(rid, text, reason)
-        body["choices"][0]["logprobs"] = logprobs
-        return body | {"usage": {"prompt_tokens": len(completion.prompt), "completion_tokens": used,
-                                 "total_tokens": len(completion.prompt) + used}}
+        usage = {"prompt_tokens": len(completion.prompt), "completion_tokens": used,
+                 "total_tokens": len(completion.prompt) + used}
+        return self._body(rid, text, reason, logprobs) | {"usage": usage}
 
     async def _logprobs(self, completion: Completion, generated: list[int]) -> dict[str, Any]:
         """OpenAI's logprobs object: for the echoed prompt's tokens (the first has none) and every
@@ -248,9 +248,9 @@ class CompletionServer:
     def _encode(self, text: str) -> list[int]:
         return [int(t) for t in self.tokenizer.encode(text)]
 
-    def _body(self, rid: str, text: str, reason: str | None) -> dict[str, Any]:
+    def _body(self, rid: str, text: str, reason: str | None, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
         return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": self.model_name,
-                "choices": [{"index": 0, "text": text, "finish_reason": reason, "logprobs": None}]}
+                "choices": [{"index": 0, "text": text, "finish_reason": reason, "logprobs": logprobs}]}
 
     async def _events(self, rid: str, pieces: AsyncIterator[tuple[str, str | None, int]]) -> AsyncIterator[str]:
         """Server-sent events: one per text delta, then ``[DONE]``; a failure mid-way is an error event."""
