@@ -91,15 +91,10 @@ def _metrics(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     import math
 
-    from fax.config import apply_overrides, run_config
-    from fax.data import dataset_path
     from fax.trainer import evaluate_checkpoint
 
-    step, loss = evaluate_checkpoint(args.run_dir, args.overrides, args.step, args.split)
-    config = apply_overrides(run_config(args.run_dir), args.overrides)
-    t = config.train
-    print(f"step {step}: {args.split} loss {loss:.4f}, perplexity {math.exp(loss):,.2f} ({t.eval_batches} batches of "
-          f"{t.batch_size} x {config.seq_len} tokens of {dataset_path(config.data.path)})")
+    step, loss = evaluate_checkpoint(args.run_dir, args.overrides, args.step, args.split, echo=print)
+    print(f"step {step}: {args.split} loss {loss:.4f}, perplexity {math.exp(loss):,.2f}")
     return 0
 
 

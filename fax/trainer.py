@@ -111,11 +111,12 @@ def _load_layout(path: str) -> Candidate:
 
 
 def evaluate_checkpoint(run_dir: str | Path, overrides: Sequence[str] = (), step: int | None = None,
-                        split: str = "val", devices: list[jax.Device] | None = None) -> tuple[int, float]:
+                        split: str = "val", devices: list[jax.Device] | None = None,
+                        echo: Callable[[str], None] = lambda _: None) -> tuple[int, float]:
     """The mean cross-entropy of a run's checkpoint (default: its latest) on ``train.eval_batches``
     batches of a dataset split: with the run's settings, the batches and the loss its ``val_loss``
-    logs. ``overrides`` change the data, the batches or the mesh (any that fits these devices).
-    Returns (the checkpoint's step, the loss)."""
+    logs. ``overrides`` change the data, the batches or the mesh (any that fits these devices);
+    ``echo`` hears what is evaluated. Returns (the checkpoint's step, the loss)."""
     from fax.serve import run_params
 
     config = apply_overrides(run_config(run_dir), overrides)
@@ -133,6 +134,8 @@ def evaluate_checkpoint(run_dir: str | Path, overrides: Sequence[str] = (), step
     training = step_lib.build(config, make_mesh(config.parallel, devices))
     params, step = run_params(run_dir, config, training.mesh, step, merged=False)
     t = config.train
+    echo(f"fax: step {step} of {run_dir}, {split} split of {data_path}: {t.eval_batches} batches of "
+         f"{t.batch_size} x {config.seq_len} tokens on {len(devices)} device(s), mesh {mesh_desc(training.mesh.shape)}")
     held_out = Sampler(TokenDataset.open(data_path, split), t.batch_size, config.seq_len, config.seed)
     shape = (t.batch_size, config.seq_len + 1)
     rows = host_rows(training.batch_sharding, shape)

@@ -12,7 +12,7 @@ import yaml
 
 import models
 from fax import ConfigError, Trainer, load_config
-from fax.cli import parse
+from fax.cli import main, parse
 from fax.data import Sampler, TokenDataset
 from fax.metrics import read_metrics
 from fax.trainer import evaluate_checkpoint
@@ -23,7 +23,7 @@ def tiny(run_dir, *extra):
             "train.sample_tokens=0", *extra]
 
 
-def test_loss_and_validation_loss_fall_on_the_default_corpus(tmp_path, small_corpus):
+def test_loss_and_validation_loss_fall_on_the_default_corpus(tmp_path, small_corpus, capsys):
     trainer = Trainer(overrides=tiny(tmp_path, "train.steps=60", "train.log_every=10", "optim.lr=3e-3",
                                      "train.sample_tokens=20", "train.eval_every=30", "train.eval_batches=2"),
                       echo=lambda _: None)
@@ -50,6 +50,8 @@ def test_loss_and_validation_loss_fall_on_the_default_corpus(tmp_path, small_cor
 
     # `fax eval` of the checkpoint: the logged val_loss, on the run's mesh and on one device.
     assert evaluate_checkpoint(tmp_path) == (60, val[60])
+    assert main(["eval", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"step 60: val loss {val[60]:.4f}, perplexity {np.exp(val[60]):,.2f}"
     assert evaluate_checkpoint(tmp_path, devices=jax.devices()[:1])[1] == pytest.approx(val[60], rel=1e-5)
     assert evaluate_checkpoint(tmp_path, ["train.eval_batches=1"], split="train")[1] != pytest.approx(val[60])
     with pytest.raises(ConfigError, match=r"the val split of data.path=.* holds 0 tokens, fewer than one sequence "
