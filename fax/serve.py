@@ -57,13 +57,16 @@ class SamplingParams:
         return found
 
 
-def request_problems(cfg: models.ModelConfig, prompt: Sequence[int], sampling: SamplingParams) -> list[str]:
-    """What is wrong with a request, in words a client can act on (empty: nothing)."""
+def request_problems(cfg: models.ModelConfig, prompt: Sequence[int], sampling: SamplingParams,
+                     scored_only: bool = False) -> list[str]:
+    """What is wrong with a request, in words a client can act on (empty: nothing). A prompt
+    ``scored_only`` (nothing generated) may fill the whole context."""
     found = sampling.problems()
+    new_tokens = 0 if scored_only else sampling.max_new_tokens
     if not len(prompt):
         found.append("prompt is empty")
-    elif len(prompt) + sampling.max_new_tokens > cfg.max_seq_len:
-        found.append(f"prompt ({len(prompt)} tokens) + max_tokens ({sampling.max_new_tokens}) exceeds the "
+    elif len(prompt) + new_tokens > cfg.max_seq_len:
+        found.append(f"prompt ({len(prompt)} tokens) + max_tokens ({new_tokens}) exceeds the "
                      f"model's context of {cfg.max_seq_len} tokens; shorten the prompt or lower max_tokens")
     return found
 

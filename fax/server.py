@@ -93,10 +93,6 @@ def parse_completion(body: Any, encode: Callable[[str], list[int]], settings: Se
         raise RequestError("n must be 1 (one completion per request)", "n")
     prompt = _prompt_ids(body["prompt"], encode, model.vocab_size)
     context = model.max_seq_len
-    max_prompt = settings.max_prompt_tokens or context - 1
-    if len(prompt) > max_prompt:
-        raise RequestError(f"prompt is {len(prompt)} tokens; this server accepts at most {max_prompt} "
-                           "(serve.max_prompt_tokens)", "prompt")
     stream = _typed(body, "stream", (bool,), False, "true or false")
     echo = _typed(body, "echo", (bool,), False, "true or false")
     logprobs = _typed(body, "logprobs", (int,), None, "an integer")
@@ -106,6 +102,10 @@ def parse_completion(body: Any, encode: Callable[[str], list[int]], settings: Se
         raise RequestError("logprobs and echo are not supported with stream=true; ask without stream", "stream")
     max_tokens = _typed(body, "max_tokens", (int,), settings.default_max_tokens, "an integer")
     generate = not (echo and max_tokens == 0)  # echo with nothing to generate: the prompt scored
+    max_prompt = settings.max_prompt_tokens or context - generate  # scored alone, it may fill the context
+    if len(prompt) > max_prompt:
+        raise RequestError(f"prompt is {len(prompt)} tokens; this server accepts at most {max_prompt} "
+                           "(serve.max_prompt_tokens)", "prompt")
     limit = settings.max_tokens or context
     if max_tokens > limit:
         raise RequestError(f"max_tokens={max_tokens} is above this server's limit of {limit} (serve.max_tokens)",
@@ -123,7 +123,7 @@ def parse_completion(body: Any, encode: Callable[[str], list[int]], settings: Se
         top_k=_typed(body, "top_k", (int,), 0, "an integer"),
         top_p=float(_typed(body, "top_p", (int, float), 1.0, "a number")),
         seed=secrets.randbelow(2 ** 32) if seed is None else seed, stop=tuple(stop))
-    problems = request_problems(model, prompt, sampling)
+    problems = request_problems(model, prompt, sampling, scored_only=not generate)
     if problems:
         raise RequestError("; ".join(problems))
     return Completion(prompt, sampling, stream, logprobs, echo, generate)

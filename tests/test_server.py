@@ -111,6 +111,10 @@ def test_echo_with_logprobs_scores_the_prompt(url, run_dir):
     ids = [int(t) for t in tokenizer.encode(prompt)]
     # The same prompt as token ids in a batch of one, as lm-evaluation-harness sends it.
     assert complete(url, prompt=[ids], max_tokens=0, echo=True, logprobs=2)["choices"][0]["logprobs"] == logprobs
+    # Scored alone, a prompt may fill the whole context (one that generates must leave room).
+    window = complete(url, prompt=[1] * 128, max_tokens=0, echo=True, logprobs=0)["choices"][0]["logprobs"]
+    assert len(window["token_logprobs"]) == 128 and all(t == {"\x01": lp} for t, lp in
+                                                        zip(window["top_logprobs"][1:], window["token_logprobs"][1:]))
     assert "".join(logprobs["tokens"]) == prompt and len(logprobs["tokens"]) == len(ids)
     assert all(prompt[at:at + len(t)] == t for at, t in zip(logprobs["text_offset"], logprobs["tokens"]))
     assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
@@ -158,6 +162,7 @@ BAD = [
     ({"prompt": "x", "stop": [1]}, 400, "stop must be a string or a list of at most 4 strings"),
     ({"prompt": "x", "n": 2}, 400, "n must be 1"),
     ({"prompt": "x" * 128}, 400, "prompt is 128 tokens; this server accepts at most 127"),
+    ({"prompt": [1] * 129, "echo": True, "max_tokens": 0}, 400, "prompt is 129 tokens; this server accepts at most 128"),
     ({"prompt": "x" * 100, "max_tokens": 64}, 400, "exceeds the model's context of 128 tokens"),
     ({"prompt": "x", "model": "gpt-5"}, 404, "model 'gpt-5' is not served here"),
     ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens must be positive, got 0"),
