@@ -124,19 +124,18 @@ def evaluate_checkpoint(run_dir: str | Path, overrides: Sequence[str] = (), step
     validate(config, len(devices))
     data_path = dataset_path(config.data.path)
     problems = dataset_problems(data_path, config.seq_len, config.model.vocab_size)
-    if not problems:
-        meta = TokenDataset.open(data_path).meta
-        tokens = meta.get("val_tokens", 0) if split == "val" else meta["num_tokens"]
-        if tokens < config.seq_len + 1:
-            problems.append(f"the {split} split of data.path={str(data_path)!r} holds {tokens} tokens, fewer than one "
-                            f"sequence ({config.seq_len + 1}); pick another data.path or split, or lower train.seq_len")
+    data = None if problems else TokenDataset.open(data_path, split)
+    if data is not None and len(data.tokens) < config.seq_len + 1:
+        problems.append(f"the {split} split of data.path={str(data_path)!r} holds {len(data.tokens)} tokens, fewer "
+                        f"than one sequence ({config.seq_len + 1}); pick another data.path or split, or lower "
+                        "train.seq_len")
     raise_problems(problems)
     training = step_lib.build(config, make_mesh(config.parallel, devices))
     params, step = run_params(run_dir, config, training.mesh, step, merged=False)
     t = config.train
     echo(f"fax: step {step} of {run_dir}, {split} split of {data_path}: {t.eval_batches} batches of "
          f"{t.batch_size} x {config.seq_len} tokens on {len(devices)} device(s), mesh {mesh_desc(training.mesh.shape)}")
-    held_out = Sampler(TokenDataset.open(data_path, split), t.batch_size, config.seq_len, config.seed)
+    held_out = Sampler(data, t.batch_size, config.seq_len, config.seed)
     shape = (t.batch_size, config.seq_len + 1)
     rows = host_rows(training.batch_sharding, shape)
     batches = (take_rows(held_out.batch(i), rows) for i in tqdm(range(t.eval_batches), desc="eval", unit="batch",
