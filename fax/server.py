@@ -238,10 +238,10 @@ class CompletionServer:
             if i == 0:
                 return None
             likely = {decode(t): float(lp) for t, lp in zip(top_ids[i - 1][:n], top_logp[i - 1][:n])}
-            return likely | {decode(sequence[i]): float(chosen[i - 1])}
+            return likely | {texts[i - first]: float(chosen[i - 1])}
 
-        positions = range(first, len(sequence))
-        return {"tokens": shown + made,
+        positions, texts = range(first, len(sequence)), shown + made
+        return {"tokens": texts,
                 "token_logprobs": [None if i == 0 else float(chosen[i - 1]) for i in positions],
                 "top_logprobs": [top(i) for i in positions], "text_offset": offsets(shown, 0) + offsets(made, start)}
 
