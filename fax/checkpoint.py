@@ -19,7 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from fax.config import CheckpointConfig
+from fax.config import CheckpointConfig, ConfigError
 
 TMP_MARKER = ".orbax-checkpoint-tmp"
 # Model settings that change only how the step is computed, not the shapes a checkpoint holds.
@@ -87,6 +87,15 @@ class Checkpointer:
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def complete_step(self, step: int | None, run_dir: str | Path) -> int:
+        """``step``, or by default the latest complete one; a clear error where there is none."""
+        step = self.latest_step() if step is None else step
+        if step is None or step not in self.steps():
+            raise ConfigError(f"{str(run_dir)!r} has no complete checkpoint"
+                              f"{'' if step is None else f' of step {step}'}; steps: {self.steps()}. "
+                              f"Train first (fax train run_dir={run_dir})")
+        return step
 
     def partial(self) -> list[str]:
         """Folders of saves that never completed (the process died while writing)."""

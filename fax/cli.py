@@ -10,15 +10,19 @@ import threading
 from collections.abc import Sequence
 
 
+def _cluster_settings(args: argparse.Namespace) -> list[str]:
+    """The Ray-mode options as ``cluster.*`` settings (the ``key=value`` ones come after: they win)."""
+    return [f"cluster.{key}={value}" for key, value in (
+        ("ray", "true" if args.ray or args.emulate_hosts or args.address else None),
+        ("address", args.address), ("emulate_hosts", args.emulate_hosts),
+        ("devices_per_host", args.devices_per_host)) if value is not None]
+
+
 def _train(args: argparse.Namespace) -> int:
     from fax.config import load_config
     from fax.trainer import PREEMPTED_EXIT_CODE, Preempted, Trainer
 
-    flags = [f"cluster.{key}={value}" for key, value in (
-        ("ray", "true" if args.ray or args.emulate_hosts or args.address else None),
-        ("address", args.address), ("emulate_hosts", args.emulate_hosts),
-        ("devices_per_host", args.devices_per_host)) if value is not None]
-    config = load_config(args.config, [*flags, *args.overrides])
+    config = load_config(args.config, [*_cluster_settings(args), *args.overrides])
     try:
         with Trainer(config) as trainer:
             trainer.fit()
@@ -52,14 +56,10 @@ def _checkpoint_ls(args: argparse.Namespace) -> int:
 
 
 def _checkpoint_info(args: argparse.Namespace) -> int:
-    from fax.config import ConfigError
     from fax.metrics import mesh_desc
 
     ckpt = _open_checkpoints(args.run_dir)
-    step = args.step if args.step is not None else ckpt.latest_step()
-    if step is None or step not in ckpt.steps():
-        raise ConfigError(f"no complete checkpoint {'' if step is None else f'of step {step} '}in {args.run_dir!r}; "
-                          f"steps: {ckpt.steps()}")
+    step = ckpt.complete_step(args.step, args.run_dir)
     meta = ckpt.meta(step)
     print(f"step {step}, {ckpt.size_bytes(step) / 2**20:.1f}MB, saved on {meta['devices']} {meta['device_kind']} "
           f"device(s), mesh {mesh_desc(meta['mesh'])}")
@@ -93,7 +93,8 @@ def _eval(args: argparse.Namespace) -> int:
 
     from fax.trainer import evaluate_checkpoint
 
-    step, loss = evaluate_checkpoint(args.run_dir, args.overrides, args.step, args.split, echo=print)
+    step, loss = evaluate_checkpoint(args.run_dir, [*_cluster_settings(args), *args.overrides], args.step, args.split,
+                                     echo=print)
     print(f"step {step}: {args.split} loss {loss:.4f}, perplexity {math.exp(loss):,.2f}")
     return 0
 
@@ -258,6 +259,17 @@ def _presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ray_options(command: argparse.ArgumentParser) -> None:
+    ray_mode = command.add_argument_group("Ray mode (one worker per host; see the README)")
+    ray_mode.add_argument("--ray", action="store_true", help="run on a Ray cluster (cluster.ray=true)")
+    ray_mode.add_argument("--address", help="the Ray cluster to join, e.g. auto (cluster.address); "
+                                            "default: start a local one")
+    ray_mode.add_argument("--emulate-hosts", type=int, metavar="N",
+                          help="a local cluster of N emulated CPU hosts (cluster.emulate_hosts)")
+    ray_mode.add_argument("--devices-per-host", type=int, metavar="K",
+                          help="emulated CPU devices per host (cluster.devices_per_host, default 4)")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fax", description="Train and serve language models with JAX.")
     p.add_argument("--cpu-devices", type=int, default=8,
@@ -269,14 +281,7 @@ def parser() -> argparse.ArgumentParser:
                                        "`fax train model=llama-tiny train.steps=30 run_dir=runs/a`.")
     train.add_argument("overrides", nargs="*", metavar="key=value")
     train.add_argument("--config", help="a YAML file of settings, applied before the overrides")
-    ray_mode = train.add_argument_group("Ray mode (one worker per host; see the README)")
-    ray_mode.add_argument("--ray", action="store_true", help="run on a Ray cluster (cluster.ray=true)")
-    ray_mode.add_argument("--address", help="the Ray cluster to join, e.g. auto (cluster.address); "
-                                            "default: start a local one")
-    ray_mode.add_argument("--emulate-hosts", type=int, metavar="N",
-                          help="a local cluster of N emulated CPU hosts (cluster.emulate_hosts)")
-    ray_mode.add_argument("--devices-per-host", type=int, metavar="K",
-                          help="emulated CPU devices per host (cluster.devices_per_host, default 4)")
+    _ray_options(train)
     train.set_defaults(run=_train)
 
     prep = sub.add_parser("prepare", help="tokenize text, JSONL and Parquet files into the dataset format `data.path` reads")
@@ -330,9 +335,10 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("run_dir")
     ev.add_argument("overrides", nargs="*", metavar="key=value",
                     help="settings to change: data.path, train.eval_batches, train.batch_size, train.seq_len, "
-                         "parallel.* (the mesh: any that fits this machine's devices)")
+                         "parallel.* (the mesh: any that fits the devices), cluster.* (Ray mode)")
     ev.add_argument("--step", type=int, help="the checkpoint (default: the latest complete one)")
     ev.add_argument("--split", choices=("val", "train"), default="val")
+    _ray_options(ev)
     ev.set_defaults(run=_eval)
 
     met = sub.add_parser("metrics", help="compare runs' logged metrics: loss, val_loss, tokens/s, MFU; --plot "

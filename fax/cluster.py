@@ -19,7 +19,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import jax
 import numpy as np
@@ -72,6 +72,11 @@ class HostWorker:
         self.runtime = HostRuntime(config_from_dict(config))
         seconds = self.runtime.start(resume_step)
         return {"rows": self.runtime.rows, "seconds": seconds, **self.runtime.describe()}
+
+    def load_params(self, config: dict[str, Any], step: int | None) -> dict[str, Any]:
+        """This host's shards of a checkpoint's params, to evaluate them (no optimizer state, no train step)."""
+        self.runtime = HostRuntime(config_from_dict(config))
+        return {"rows": self.runtime.rows, "step": self.runtime.load_params(step), **self.runtime.describe()}
 
     def step(self, rows: np.ndarray) -> dict[str, float]:
         self.rows_seen = rows
@@ -297,11 +302,19 @@ class RayRuntime:
     # The HostRuntime interface.
 
     def start(self, resume_step: int | None) -> float:
+        self._build("build", "building the model and compiling the step", resume_step)
+        return max(b["seconds"] for b in self.built)
+
+    def load_params(self, step: int | None) -> int:
+        self._build("load_params", "restoring the params", step)
+        return self.built[0]["step"]
+
+    def _build(self, method: str, what: str, step: int | None) -> None:
+        """Every host builds its runtime from the config (``method``: the HostWorker's) at ``step``."""
         self.bring_up()
         config = self.config.to_dict()
-        self.built = self._gather([w.build.remote(config, resume_step) for w in self.workers],
-                                  self.config.cluster.step_timeout_s, "building the model and compiling the step")
-        return max(b["seconds"] for b in self.built)
+        self.built = self._gather([getattr(w, method).remote(config, step) for w in self.workers],
+                                  self.config.cluster.step_timeout_s, what)
 
     @property
     def rows(self) -> list[RowRanges]:
@@ -328,9 +341,10 @@ class RayRuntime:
         return self._gather([getattr(w, method).remote(*args) for w in self.workers],
                             self.config.cluster.step_timeout_s, what)
 
-    def evaluate(self, batches: list[np.ndarray]) -> float:
+    def evaluate(self, batches: Iterable[np.ndarray]) -> float:
         while self.pending:
             self.metrics(self.pending[0])
+        batches = list(batches)
         return self._gather([w.evaluate.remote([take_rows(b, rows) for b in batches])
                              for w, rows in zip(self.workers, self.rows)],
                             self.config.cluster.step_timeout_s, "an evaluation")[0]  # replicated, as metrics

@@ -68,14 +68,6 @@ def global_batch(local: np.ndarray, rows: RowRanges, sharding: jax.sharding.Shar
     return jax.make_array_from_single_device_arrays(shape, sharding, per_device)
 
 
-def mean_loss(training: step_lib.ShardedTraining, params: Any, local_batches: Iterable[np.ndarray], rows: RowRanges,
-              shape: tuple[int, ...]) -> float:
-    """Mean cross-entropy of ``params`` over batches of ``shape``, given this process's ``rows`` of each."""
-    losses = [training.evaluate(params, global_batch(local, rows, training.batch_sharding, shape))
-              for local in local_batches]
-    return float(np.mean(jax.device_get(losses)))
-
-
 def profile_dir(run_dir: str | Path) -> Path:
     """Where this process writes its profiler traces: a folder per host (hosts of one machine share
     a host name, which names the trace files)."""
@@ -117,6 +109,15 @@ class HostRuntime:
         self.next_step = (resume_step or 0) + 1
         return time.perf_counter() - started
 
+    def load_params(self, step: int | None) -> int:
+        """The params alone of checkpoint ``step`` (default: the latest complete one) placed on this
+        mesh, to evaluate them: no optimizer state read, no train step compiled. Returns the step."""
+        from fax.serve import run_params
+
+        params, step = run_params(self.config.run_dir, self.config, self.training.mesh, step, merged=False)
+        self.state = {"params": params}
+        return step
+
     def step_rows(self, local: np.ndarray) -> dict[str, jax.Array]:
         """Run one step on this process's rows of the global batch; returns before it finishes."""
         tokens = global_batch(local, self.rows, self.training.batch_sharding, self.batch_shape)
@@ -125,18 +126,21 @@ class HostRuntime:
         self.next_step += 1
         return metrics
 
-    def evaluate_rows(self, local_batches: list[np.ndarray]) -> float:
+    def evaluate_rows(self, local_batches: Iterable[np.ndarray]) -> float:
         """Mean cross-entropy of the current params over batches, given this process's rows of each."""
-        return mean_loss(self.training, self.state["params"], local_batches, self.rows, self.batch_shape)
+        losses = [self.training.evaluate(self.state["params"],
+                                         global_batch(local, self.rows, self.training.batch_sharding, self.batch_shape))
+                  for local in local_batches]
+        return float(np.mean(jax.device_get(losses)))
 
     # The head-side interface (fax.cluster.RayRuntime offers the same methods).
 
     def submit(self, batch: np.ndarray) -> dict[str, jax.Array]:
         return self.step_rows(take_rows(batch, self.rows))
 
-    def evaluate(self, batches: list[np.ndarray]) -> float:
-        """Mean cross-entropy of the params after the last submitted step over ``batches``."""
-        return self.evaluate_rows([take_rows(b, self.rows) for b in batches])
+    def evaluate(self, batches: Iterable[np.ndarray]) -> float:
+        """Mean cross-entropy of the current params (after the last submitted step, or loaded) over ``batches``."""
+        return self.evaluate_rows(take_rows(b, self.rows) for b in batches)
 
     @staticmethod
     def metrics(handle: dict[str, jax.Array]) -> dict[str, float]:

@@ -208,10 +208,7 @@ def run_params(run_dir: str | Path, config: Config, mesh: jax.sharding.Mesh, ste
     """A run's params of ``step`` (default: its latest complete checkpoint), restored onto ``mesh``;
     LoRA adapters come merged into their weights unless ``merged`` is False."""
     ckpt = Checkpointer(checkpoint_dir(run_dir, config.checkpoint), read_only=True)
-    step = ckpt.latest_step() if step is None else step
-    if step is None or step not in ckpt.steps():
-        raise ConfigError(f"{str(run_dir)!r} has no complete checkpoint{'' if step is None else f' of step {step}'}"
-                          f"; steps: {ckpt.steps()}. Train first (fax train run_dir={run_dir})")
+    step = ckpt.complete_step(step, run_dir)
     _, target, _, shardings = step_lib.param_layout(config, mesh)
     params = ckpt.restore_params(step, target, shardings)
     return (step_lib.model_params(params, config.lora) if merged else params), step

@@ -19,11 +19,11 @@ from tqdm.auto import tqdm
 import models
 from fax import step as step_lib
 from fax.checkpoint import Checkpointer, abstract_like, checkpoint_dir, incompatible_keys
-from fax.config import (Config, ConfigError, apply_overrides, raise_problems, run_config, setting_problems,
+from fax.config import (ClusterConfig, Config, ConfigError, apply_overrides, raise_problems, run_config, setting_problems,
                         validate, with_layout)
 from fax.data import Sampler, TokenDataset, dataset_path, dataset_problems
 from fax.metrics import MetricsLog, mesh_desc, mfu, peak_flops_per_device, read_metrics
-from fax.runtime import HostRuntime, WorkerFailure, host_rows, mean_loss, take_rows
+from fax.runtime import HostRuntime, WorkerFailure
 from fax.signals import handling
 from parallel import make_mesh
 from parallel.cost import Candidate
@@ -115,32 +115,45 @@ def evaluate_checkpoint(run_dir: str | Path, overrides: Sequence[str] = (), step
                         echo: Callable[[str], None] = lambda _: None) -> tuple[int, float]:
     """The mean cross-entropy of a run's checkpoint (default: its latest) on ``train.eval_batches``
     batches of a dataset split: with the run's settings, the batches and the loss its ``val_loss``
-    logs. ``overrides`` change the data, the batches or the mesh (any that fits these devices);
-    ``echo`` hears what is evaluated. Returns (the checkpoint's step, the loss)."""
-    from fax.serve import run_params
+    logs. ``overrides`` change the data, the batches or the mesh (any that fits the devices); with
+    ``cluster.ray=true`` (and the other ``cluster.*`` settings) every host restores its shards and
+    evaluates its rows of the batches this process reads, as in training. The cluster the run
+    trained on is not assumed: by default it runs on ``devices`` (this process's). ``echo`` hears
+    what is evaluated. Returns (the checkpoint's step, the loss)."""
+    saved = dataclasses.replace(run_config(run_dir), run_dir=str(Path(run_dir).absolute()),
+                                cluster=ClusterConfig())
+    config = apply_overrides(saved, overrides)
+    step = Checkpointer(checkpoint_dir(run_dir, config.checkpoint), read_only=True).complete_step(step, run_dir)
+    runtime: Any = None
+    try:
+        if config.cluster.ray:
+            from fax.cluster import RayRuntime
 
-    config = apply_overrides(run_config(run_dir), overrides)
-    devices = list(jax.devices() if devices is None else devices)
-    validate(config, len(devices))
-    data_path = dataset_path(config.data.path)
-    problems = dataset_problems(data_path, config.seq_len, config.model.vocab_size)
-    data = None if problems else TokenDataset.open(data_path, split)
-    if data is not None and len(data.tokens) < config.seq_len + 1:
-        problems.append(f"the {split} split of data.path={str(data_path)!r} holds {len(data.tokens)} tokens, fewer "
-                        f"than one sequence ({config.seq_len + 1}); pick another data.path or split, or lower "
-                        "train.seq_len")
-    raise_problems(problems)
-    training = step_lib.build(config, make_mesh(config.parallel, devices))
-    params, step = run_params(run_dir, config, training.mesh, step, merged=False)
-    t = config.train
-    echo(f"fax: step {step} of {run_dir}, {split} split of {data_path}: {t.eval_batches} batches of "
-         f"{t.batch_size} x {config.seq_len} tokens on {len(devices)} device(s), mesh {mesh_desc(training.mesh.shape)}")
-    held_out = Sampler(data, t.batch_size, config.seq_len, config.seed)
-    shape = (t.batch_size, config.seq_len + 1)
-    rows = host_rows(training.batch_sharding, shape)
-    batches = (take_rows(held_out.batch(i), rows) for i in tqdm(range(t.eval_batches), desc="eval", unit="batch",
-                                                                leave=False))
-    return step, mean_loss(training, params, batches, rows, shape)
+            runtime = RayRuntime(config, echo)
+            device_count = runtime.device_count
+        else:
+            devices = list(jax.devices() if devices is None else devices)
+            device_count = len(devices)
+        axis_sizes = validate(config, device_count)
+        data_path = dataset_path(config.data.path)
+        problems = dataset_problems(data_path, config.seq_len, config.model.vocab_size)
+        data = None if problems else TokenDataset.open(data_path, split)
+        if data is not None and len(data.tokens) < config.seq_len + 1:
+            problems.append(f"the {split} split of data.path={str(data_path)!r} holds {len(data.tokens)} tokens, "
+                            f"fewer than one sequence ({config.seq_len + 1}); pick another data.path or split, or "
+                            "lower train.seq_len")
+        raise_problems(problems)
+        runtime = runtime or HostRuntime(config, devices)
+        runtime.load_params(step)
+        t = config.train
+        echo(f"fax: step {step} of {run_dir}, {split} split of {data_path}: {t.eval_batches} batches of "
+             f"{t.batch_size} x {config.seq_len} tokens on {device_count} device(s), mesh {mesh_desc(axis_sizes)}")
+        held_out = Sampler(data, t.batch_size, config.seq_len, config.seed)
+        batches = (held_out.batch(i) for i in tqdm(range(t.eval_batches), desc="eval", unit="batch", leave=False))
+        return step, runtime.evaluate(batches)
+    finally:
+        if runtime is not None:
+            runtime.close()
 
 
 def layout_compiler(config: Config, devices: list[jax.Device]) -> Callable[[Candidate], Any]:

@@ -19,9 +19,11 @@ from fax import Trainer, load_config  # noqa: E402
 from fax import step as step_lib  # noqa: E402
 from fax.checkpoint import Checkpointer  # noqa: E402
 from fax.cluster import ClusterEngine, ClusterError, RayRuntime, host_layout  # noqa: E402
+from fax.config import ConfigError  # noqa: E402
 from fax.data import Sampler, TokenDataset  # noqa: E402
 from fax.metrics import read_metrics  # noqa: E402
 from fax.serve import Engine, SamplingParams, generate  # noqa: E402
+from fax.trainer import evaluate_checkpoint  # noqa: E402
 from parallel import make_mesh  # noqa: E402
 
 STEPS = 6
@@ -183,6 +185,17 @@ def test_a_host_that_never_joins_is_a_clear_error(ray_cluster, tmp_path, small_c
         Trainer(cfg, echo=lambda _: None).fit()
     assert time.monotonic() - started < 60
     assert ray.available_resources().get("fax_host") == 2  # nothing left reserved
+
+
+def test_eval_on_two_hosts_gives_what_one_process_does(ray_cluster, local_run):
+    """`fax eval --ray`: the hosts restore their shards of the params and score the head's batches."""
+    said = []
+    step, loss = evaluate_checkpoint(local_run, ["cluster.ray=true", "train.eval_batches=3"], split="train",
+                                     echo=said.append)
+    assert step == STEPS and any("2 host workers joined (8 cpu devices" in line for line in said), said
+    assert loss == pytest.approx(evaluate_checkpoint(local_run, ["train.eval_batches=3"], split="train")[1], rel=1e-5)
+    with pytest.raises(ConfigError, match=rf"has no complete checkpoint of step 5; steps: \[2, 4, {STEPS}\]"):
+        evaluate_checkpoint(local_run, ["cluster.ray=true"], step=5)  # refused before any host starts
 
 
 def test_engine_on_two_hosts_generates_what_one_process_does(ray_cluster, local_run):
