@@ -129,7 +129,7 @@ class ServeConfig:
     host: str = "127.0.0.1"  # 0.0.0.0 to accept connections from other machines
     port: int = 8000
     max_batch: int = 16  # requests decoded together (rows of the KV cache)
-    max_concurrent: int = 64  # requests running or queued; more get 429
+    max_concurrent: int = 64  # requests running, queued or being scored; more get 429
     max_prompt_tokens: int = 0  # 0: up to the model's context
     max_tokens: int = 0  # the most tokens one request may ask for; 0: up to the model's context
     default_max_tokens: int = 16  # when a request does not say

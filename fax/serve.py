@@ -500,27 +500,38 @@ class Scheduler:
         self._sinks: dict[object, Sink] = {}
         self._cancelled: set[object] = set()
         self._scores: deque[tuple[list[int], Future]] = deque()
+        self._scoring = 0  # scores asked for and not yet done
         self._wake = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="fax-scheduler", daemon=True)
         self._thread.start()
 
+    def _check_room(self) -> None:
+        """Busy once max_pending requests are running, queued or being scored (under the lock)."""
+        pending = len(self._sinks) + self._scoring
+        if pending >= self.max_pending:
+            raise Busy(f"{pending} requests are running, queued or being scored (the limit, max_concurrent="
+                       f"{self.max_pending}); retry later")
+
     def submit(self, prompt: list[int], sampling: SamplingParams, sink: Sink) -> object:
         with self._wake:
-            if len(self._sinks) >= self.max_pending:
-                raise Busy(f"{len(self._sinks)} requests are running or queued (the limit, max_concurrent="
-                           f"{self.max_pending}); retry later")
+            self._check_room()
             key = object()
             self._sinks[key] = sink
             self._queue.append((key, (prompt, sampling)))
             self._wake.notify()
         return key
 
-    def score(self, tokens: list[int]) -> Future:
+    def score(self, tokens: list[int], request: bool = False) -> Future:
         """The engine's ``score`` of ``tokens``, run between decode calls (every engine call is made
-        from this thread: a multi-host engine's processes must all make the same calls in order)."""
+        from this thread: a multi-host engine's processes must all make the same calls in order).
+        A ``request`` of its own is refused (Busy) like a generation when the scheduler is full; the
+        scoring of a finished generation is not (that request had its place)."""
         future: Future = Future()
         with self._wake:
+            if request:
+                self._check_room()
+            self._scoring += 1
             self._scores.append((tokens, future))
             self._wake.notify()
         return future
@@ -534,7 +545,8 @@ class Scheduler:
 
     def load(self) -> dict[str, int]:
         with self._wake:
-            return {"running": len(self._sinks) - len(self._queue), "queued": len(self._queue)}
+            return {"running": len(self._sinks) - len(self._queue), "queued": len(self._queue),
+                    "scoring": self._scoring}
 
     def close(self) -> None:
         with self._wake:
@@ -562,6 +574,8 @@ class Scheduler:
                     future.set_result(self.engine.score(tokens))
                 except Exception as error:  # noqa: BLE001 - this request's failure, not the server's
                     future.set_exception(error)
+            with self._wake:
+                self._scoring -= len(scores)
             try:
                 events = self.batcher.admit(joining) + self.batcher.step()
             except Exception as error:  # noqa: BLE001 - reported to every request it touched

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
@@ -190,8 +191,11 @@ class CompletionServer:
             completion = parse_completion(body, self._encode, self.settings, self.model, self.model_name)
             decoded = TextStream(self.tokenizer, completion.sampling.stop)
             pieces = self._pieces(completion, decoded) if completion.generate else None
+            scoring = None
             if pieces is not None:
                 await anext(pieces)  # queued, or refused before any response is sent
+            elif completion.logprobs is not None:  # the prompt scored alone: a request of its own
+                scoring = self.scheduler.score(completion.prompt, request=True)
         except RequestError as e:
             return e.response()
         except Busy as e:
@@ -207,7 +211,8 @@ class CompletionServer:
                         text += delta
             logprobs = None
             if completion.logprobs is not None:
-                logprobs = await self._logprobs(completion, decoded.ids)
+                scoring = scoring or self.scheduler.score(completion.prompt + decoded.ids)
+                logprobs = self._logprobs(completion, decoded.ids, *await asyncio.wrap_future(scoring))
         except Exception as e:  # noqa: BLE001 - the engine failed this request; the server goes on
             return RequestError(f"generation failed: {e}", status=500, kind="server_error").response()
         if completion.echo:
@@ -216,14 +221,15 @@ class CompletionServer:
                  "total_tokens": len(completion.prompt) + used}
         return self._body(rid, text, reason, logprobs) | {"usage": usage}
 
-    async def _logprobs(self, completion: Completion, generated: list[int]) -> dict[str, Any]:
+    def _logprobs(self, completion: Completion, generated: list[int], chosen: np.ndarray, top_ids: np.ndarray,
+                  top_logp: np.ndarray) -> dict[str, Any]:
         """OpenAI's logprobs object: for the echoed prompt's tokens (the first has none) and every
         generated token (up to the one that completed a stop sequence), the model's own
         log-probability (before temperature and filters) and the ``completion.logprobs`` most
-        likely tokens with it. A token's offset counts the decoded text of the tokens before it."""
+        likely tokens with it (``Engine.score`` of prompt + generated gives them). A token's offset
+        counts the decoded text of the tokens before it."""
         prompt, n = completion.prompt, completion.logprobs
         sequence = prompt + generated
-        chosen, top_ids, top_logp = await asyncio.wrap_future(self.scheduler.score(sequence))
         decode = lambda token: self.tokenizer.decode([int(token)])  # noqa: E731
 
         def offsets(texts: list[str], start: int) -> list[int]:

@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+import threading
 import time
 
 import jax
@@ -166,7 +167,7 @@ def test_requests_joining_a_running_batch_get_what_they_would_alone():
             scheduler.submit(prompt, sampling, sink(i))
             time.sleep(0.05 * i)  # the later ones arrive while the batch runs
         deadline = time.monotonic() + 60
-        while scheduler.load() != {"running": 0, "queued": 0} and time.monotonic() < deadline:
+        while scheduler.load() != {"running": 0, "queued": 0, "scoring": 0} and time.monotonic() < deadline:
             time.sleep(0.05)
     finally:
         scheduler.close()
@@ -179,6 +180,28 @@ def test_requests_joining_a_running_batch_get_what_they_would_alone():
             scheduler.submit(PROMPTS[0], SamplingParams(max_new_tokens=100), lambda item: None)
         with pytest.raises(Busy, match="max_concurrent=2"):
             scheduler.submit(PROMPTS[0], SamplingParams(), sink(0))
+        with pytest.raises(Busy, match="max_concurrent=2"):  # a prompt to score is a request too
+            scheduler.score(PROMPTS[0], request=True)
+        # A finished generation's scoring is not refused: that request had its place.
+        np.testing.assert_array_equal(scheduler.score(PROMPTS[0]).result(timeout=60)[0], engine.score(PROMPTS[0])[0])
+    finally:
+        scheduler.close()
+    # Prompts being scored count against the limit (a scoring flood would otherwise starve generation).
+    gate = threading.Event()
+    score = engine.score
+    engine.score = lambda tokens: gate.wait(60) and score(tokens)
+    scheduler = Scheduler(engine, max_pending=1)
+    try:
+        scored = scheduler.score(PROMPTS[1], request=True)
+        assert scheduler.load() == {"running": 0, "queued": 0, "scoring": 1}
+        with pytest.raises(Busy, match="1 requests are running, queued or being scored"):
+            scheduler.submit(PROMPTS[0], SamplingParams(), sink(0))
+        gate.set()
+        np.testing.assert_array_equal(scored.result(timeout=60)[0], score(PROMPTS[1])[0])
+        deadline = time.monotonic() + 10
+        while scheduler.load()["scoring"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        scheduler.submit(PROMPTS[0], SamplingParams(max_new_tokens=1), sink(0))  # room again
     finally:
         scheduler.close()
 
