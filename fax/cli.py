@@ -104,7 +104,8 @@ def _prepare(args: argparse.Namespace) -> int:
 
     suffixes = tuple(args.suffix) if args.suffix else None
     index = prepare(text_files(args.inputs, suffixes), args.out, args.tokenizer, vocab_size=args.vocab_size,
-                    val_fraction=args.val_fraction, text_field=args.text_field, engine=args.engine, progress=True)
+                    val_fraction=args.val_fraction, text_field=args.text_field, prompt_field=args.prompt_field,
+                    engine=args.engine, progress=True)
     print(f"wrote {index['num_tokens']:,} tokens from {index['num_documents']:,} documents to {args.out} "
           f"(validation: {index['val_tokens']:,} tokens, {index['val_documents']:,} documents; "
           f"tokenizer {index['tokenizer']}, {index['vocab_size']:,} tokens)")
@@ -292,6 +293,8 @@ def parser() -> argparse.ArgumentParser:
     prep.add_argument("--vocab-size", type=int, default=8192, help="tokens of a bpe tokenizer")
     prep.add_argument("--val-fraction", type=float, default=0.0, help="share of documents kept for validation")
     prep.add_argument("--text-field", default="text", help="the text of a JSONL record / Parquet row")
+    prep.add_argument("--prompt-field", default="", help="a record's prompt: read by the model before its text, "
+                                                         "not trained on (instruction tuning); default: none")
     prep.add_argument("--engine", choices=("ray", "local"), default="ray",
                       help="ray: tokenize files in parallel with Ray Data (default); local: this process")
     prep.add_argument("--suffix", action="append", help="only files with this suffix (repeatable), e.g. .txt")

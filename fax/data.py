@@ -25,6 +25,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 FORMAT = "fax-tokens-v1"
+# Set on the tokens of a document's prompt (datasets prepared with a prompt field, always uint32):
+# the model reads them but is not trained to predict them. Read as int32 they are negative.
+PROMPT_FLAG = 1 << 31
 
 
 class ByteTokenizer:
@@ -113,47 +116,66 @@ def text_files(paths: Iterable[str | Path], suffixes: tuple[str, ...] | None = N
     return out
 
 
-def read_documents(path: Path, text_field: str = "text") -> list[str]:
-    """The documents of one file: a line of JSONL, a row of Parquet (field ``text_field``), or a whole
-    text file. A file that is not UTF-8 text holds none."""
+def read_documents(path: Path, text_field: str = "text", prompt_field: str = "") -> list[tuple[str, str]]:
+    """The documents of one file as (prompt, text): a line of JSONL or a row of Parquet (fields
+    ``prompt_field``, if named, and ``text_field``), or a whole text file (no prompt). A file that is
+    not UTF-8 text holds none; a document without text is dropped."""
+    fields = [f for f in (prompt_field, text_field) if f]
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
         table = pq.read_table(path)
-        if text_field not in table.column_names:
-            raise ValueError(f"{path}: no column {text_field!r} (columns: {', '.join(table.column_names)}); "
-                             "set --text-field")
-        return [t for t in table.column(text_field).to_pylist() if t]
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        return []
-    if path.suffix == ".jsonl":
-        docs = []
+        for field in fields:
+            if field not in table.column_names:
+                raise ValueError(f"{path}: no column {field!r} (columns: {', '.join(table.column_names)}); "
+                                 f"set --{'prompt' if field == prompt_field else 'text'}-field")
+        rows = table.select(fields).to_pylist()
+    else:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            return []
+        if path.suffix != ".jsonl":
+            return [("", text)] if text else []
+        rows = []
         for n, line in enumerate(text.splitlines(), 1):
             if line.strip():
-                row = json.loads(line)
-                if text_field not in row:
-                    raise ValueError(f"{path}:{n}: no field {text_field!r}; set --text-field")
-                docs.append(row[text_field])
-        return [d for d in docs if d]
-    return [text] if text else []
+                rows.append(json.loads(line))
+                missing = [f for f in fields if f not in rows[-1]]
+                if missing:
+                    raise ValueError(f"{path}:{n}: no field {missing[0]!r}; set "
+                                     f"--{'prompt' if missing[0] == prompt_field else 'text'}-field")
+    docs = [(row[prompt_field] or "" if prompt_field else "", row[text_field]) for row in rows]
+    for prompt, text in docs:
+        if not isinstance(prompt, str) or not isinstance(text, (str, type(None))):
+            raise ValueError(f"{path}: fields {', '.join(map(repr, fields))} must hold text, got "
+                             f"{type(prompt).__name__} and {type(text).__name__}")
+    return [(prompt, text) for prompt, text in docs if text]
 
 
-def tokenize_file(path: Path, tok: Tokenizer, dtype: np.dtype, text_field: str) -> tuple[np.ndarray, int]:
-    """All documents of ``path``, each followed by the end-of-document id; and how many there were."""
-    docs = read_documents(path, text_field)
-    parts = [p for ids in tok.encode_batch(docs) if len(ids) for p in (ids.astype(dtype), np.array([tok.eos_id], dtype))]
-    return (np.concatenate(parts) if parts else np.zeros(0, dtype)), len(parts) // 2
+def tokenize_file(path: Path, tok: Tokenizer, dtype: np.dtype, text_field: str,
+                  prompt_field: str = "") -> tuple[np.ndarray, int]:
+    """All documents of ``path``, each followed by the end-of-document id, a prompt's tokens marked
+    with ``PROMPT_FLAG``; and how many documents there were."""
+    docs = read_documents(path, text_field, prompt_field)
+    texts = tok.encode_batch([text for _, text in docs])
+    if prompt_field:
+        prompts = [ids.astype(dtype) | dtype.type(PROMPT_FLAG) for ids in tok.encode_batch([p for p, _ in docs])]
+    else:
+        prompts = [np.zeros(0, dtype)] * len(docs)
+    eos = np.array([tok.eos_id], dtype)
+    parts = [p for prompt, text in zip(prompts, texts) if len(text) for p in (prompt, text.astype(dtype), eos)]
+    return (np.concatenate(parts) if parts else np.zeros(0, dtype)), len(parts) // 3
 
 
 def _fingerprint(*parts: object) -> str:
     return hashlib.sha1(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
 
-def _file_key(path: Path, tokenizer_id: str, text_field: str) -> str:
+def _file_key(path: Path, tokenizer_id: str, text_field: str, prompt_field: str) -> str:
     stat = path.stat()
-    return _fingerprint(str(path.absolute()), stat.st_size, stat.st_mtime_ns, tokenizer_id, text_field)
+    fields = [text_field, prompt_field] if prompt_field else text_field  # without prompts: the keys as before
+    return _fingerprint(str(path.absolute()), stat.st_size, stat.st_mtime_ns, tokenizer_id, fields)
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -166,14 +188,14 @@ def write_atomic(path: Path, data: bytes) -> None:
 class _ShardWriter:
     """Tokenizes one file into its shard (``shards/KEY-DOCS.npy``); what Ray Data runs on its workers."""
 
-    def __init__(self, out: str, tokenizer: str, dtype: str, text_field: str):
-        self.out, self.dtype, self.text_field = Path(out), np.dtype(dtype), text_field
+    def __init__(self, out: str, tokenizer: str, dtype: str, text_field: str, prompt_field: str):
+        self.out, self.dtype, self.fields = Path(out), np.dtype(dtype), (text_field, prompt_field)
         self.tok = get_tokenizer(tokenizer, self.out)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         docs = []
         for path, key in zip(batch["path"], batch["key"]):
-            tokens, n = tokenize_file(Path(path), self.tok, self.dtype, self.text_field)
+            tokens, n = tokenize_file(Path(path), self.tok, self.dtype, *self.fields)
             buffer = io.BytesIO()
             np.save(buffer, tokens)
             write_atomic(self.out / "shards" / f"{key}-{n}.npy", buffer.getvalue())
@@ -186,7 +208,7 @@ def _shard(out: Path, key: str) -> Path | None:
 
 
 def prepare(files: list[Path], out_dir: str | Path, tokenizer: str = "byte", *, vocab_size: int = 8192,
-            val_fraction: float = 0.0, text_field: str = "text", engine: str = "local",
+            val_fraction: float = 0.0, text_field: str = "text", prompt_field: str = "", engine: str = "local",
             progress: bool = False) -> dict:
     """Tokenize ``files`` into ``out_dir``; returns the index.
 
@@ -196,7 +218,9 @@ def prepare(files: list[Path], out_dir: str | Path, tokenizer: str = "byte", *, 
     shard named by the file's path, size, mtime and tokenizer, so a re-run tokenizes only what
     changed; a re-run with nothing changed returns at once. Documents go to the validation split
     (``val.bin``) with probability ``val_fraction``, decided by their position alone, so both
-    engines write the same bytes. ``index.json`` is written last.
+    engines write the same bytes. With ``prompt_field`` each JSONL/Parquet record is a prompt and
+    its ``text_field``, and only the text is trained on (the prompt's tokens carry ``PROMPT_FLAG``).
+    ``index.json`` is written last.
     """
     out = Path(out_dir)
     (out / "shards").mkdir(parents=True, exist_ok=True)
@@ -204,7 +228,8 @@ def prepare(files: list[Path], out_dir: str | Path, tokenizer: str = "byte", *, 
         raise ValueError("no input files")
     if tokenizer == "bpe":
         if not (out / HFTokenizer.name).exists():
-            train_bpe((d for f in files for d in read_documents(f, text_field)), vocab_size, out / HFTokenizer.name)
+            train_bpe((part for f in files for doc in read_documents(f, text_field, prompt_field) for part in doc),
+                      vocab_size, out / HFTokenizer.name)
         tokenizer = HFTokenizer.name
     elif tokenizer != "byte":
         source = Path(tokenizer)
@@ -215,15 +240,15 @@ def prepare(files: list[Path], out_dir: str | Path, tokenizer: str = "byte", *, 
         tokenizer = HFTokenizer.name
     tok = get_tokenizer(tokenizer, out)
     tokenizer_id = tokenizer if tokenizer == "byte" else _fingerprint((out / tokenizer).read_text())
-    dtype = np.dtype(np.uint16 if tok.vocab_size <= 2 ** 16 else np.uint32)
-    keys = [_file_key(f, tokenizer_id, text_field) for f in files]
+    dtype = np.dtype(np.uint16 if tok.vocab_size <= 2 ** 16 and not prompt_field else np.uint32)
+    keys = [_file_key(f, tokenizer_id, text_field, prompt_field) for f in files]
     fingerprint = _fingerprint(keys, val_fraction)
     index_path = out / "index.json"
     if index_path.exists() and json.loads(index_path.read_text()).get("fingerprint") == fingerprint:
         return json.loads(index_path.read_text())
     index_path.unlink(missing_ok=True)  # the folder is incomplete until the new index lands
     todo = [(str(f), k) for f, k in zip(files, keys) if _shard(out, k) is None]
-    writer_args = (str(out), tokenizer, dtype.name, text_field)
+    writer_args = (str(out), tokenizer, dtype.name, text_field, prompt_field)
     bar = tqdm(total=len(files), initial=len(files) - len(todo), desc="tokenize", unit="file", disable=not progress)
     if engine == "ray" and todo:
         _tokenize_on_ray(todo, writer_args, bar)

@@ -24,11 +24,24 @@ from parallel.pipeline import gpipe, split_microbatches
 State = dict[str, Any]  # {"step": int32 scalar, "params": ..., "opt_state": ...}
 
 
+TOKEN_ID = 0x7FFFFFFF  # the id bits of a dataset token; the sign bit is fax.data.PROMPT_FLAG
+
+
 def loss_sums(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """[sum of next-token cross-entropies, sum of logsumexp^2] over every position."""
+    """[sum of next-token cross-entropies, sum of logsumexp^2] over the positions whose target
+    counts (a prompt's tokens, negative, do not)."""
+    counted = targets >= 0
     log_z = jax.nn.logsumexp(logits, axis=-1)
-    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return jnp.stack([jnp.sum(log_z - target_logits), jnp.sum(log_z**2)])
+    target_logits = jnp.take_along_axis(logits, (targets & TOKEN_ID)[..., None], axis=-1)[..., 0]
+    return jnp.stack([jnp.sum(jnp.where(counted, log_z - target_logits, 0.0)),
+                      jnp.sum(jnp.where(counted, log_z**2, 0.0))])
+
+
+def target_count(tokens: jax.Array, microbatches: int = 1) -> jax.Array:
+    """The next-token targets of rows [batch, seq_len + 1] that count, as a share of one of
+    ``microbatches``: each microbatch divides its loss sums by it, so that the microbatches' mean
+    is the whole batch's mean however the prompts fall among them."""
+    return jnp.maximum(jnp.sum(tokens[:, 1:] >= 0), 1).astype(jnp.float32) / microbatches
 
 
 @dataclass(frozen=True)
@@ -41,8 +54,10 @@ class Objective:
     z_loss: float = 0.0
     chunks: int = 1
 
-    def __call__(self, hidden: jax.Array, head: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """(the objective, the cross-entropy) of final hidden states [batch, length, embed]."""
+    def __call__(self, hidden: jax.Array, head: jax.Array, targets: jax.Array,
+                 count: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(the objective, the cross-entropy) of final hidden states [batch, length, embed], the
+        sums over the targets that count divided by ``count``."""
         if self.chunks == 1:
             sums = loss_sums(models.project(hidden, head), targets)
         else:
@@ -53,7 +68,7 @@ class Objective:
             piece_sums = jax.checkpoint(lambda x, t, w: loss_sums(models.project(x, w), t))
             sums = jax.lax.scan(lambda total, xt: (total + piece_sums(*xt, head), None),
                                 jnp.zeros(2, jnp.float32), (pieces, piece_targets))[0]
-        ce, z = sums[0] / targets.size, sums[1] / targets.size
+        ce, z = sums[0] / count, sums[1] / count
         return ce + self.z_loss * z, ce
 
 
@@ -107,18 +122,22 @@ def model_params(params: Any, lora: LoraConfig, dropout_key: jax.Array | None = 
 
 
 def batch_objective(graphdef: nnx.GraphDef, weights: Any, tokens: jax.Array, objective: Objective,
-                    run_layers: models.RunLayers = models.scan_layers) -> tuple[jax.Array, jax.Array]:
-    """(the objective, the cross-entropy) of predicting each next token of rows [batch, seq_len + 1]."""
-    return objective(*models.apply_hidden(graphdef, weights, tokens[:, :-1], run_layers), tokens[:, 1:])
+                    run_layers: models.RunLayers = models.scan_layers,
+                    count: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """(the objective, the cross-entropy) of predicting each next token of rows [batch, seq_len + 1]
+    but a prompt's, over ``count`` targets (default: these rows' own, ``target_count``)."""
+    count = target_count(tokens) if count is None else count
+    hidden = models.apply_hidden(graphdef, weights, tokens[:, :-1] & TOKEN_ID, run_layers)
+    return objective(*hidden, tokens[:, 1:], count)
 
 
 def loss_and_grads(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, objective: Objective,
-                   run_layers: models.RunLayers = models.scan_layers, to_model: ToModel = _same
-                   ) -> tuple[jax.Array, Any]:
+                   run_layers: models.RunLayers = models.scan_layers, to_model: ToModel = _same,
+                   count: jax.Array | None = None) -> tuple[jax.Array, Any]:
     """Cross-entropy of one (micro)batch [batch, seq_len + 1] and the gradient of the objective with
     respect to ``params`` (``to_model`` turns them into the model's weights)."""
     def of(p: Any) -> tuple[jax.Array, jax.Array]:
-        return batch_objective(graphdef, to_model(p), tokens, objective, run_layers)
+        return batch_objective(graphdef, to_model(p), tokens, objective, run_layers, count)
 
     (_, ce), grads = jax.value_and_grad(of, has_aux=True)(params)
     return ce, grads
@@ -134,13 +153,13 @@ def accumulated_grads(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, mi
     """
     if microbatches == 1:
         return loss_and_grads(graphdef, params, tokens, objective, to_model=to_model)
-    micro = split_microbatches(tokens, microbatches)
+    micro, count = split_microbatches(tokens, microbatches), target_count(tokens, microbatches)
 
     def body(carry: tuple[jax.Array, Any], mb_index: tuple[jax.Array, jax.Array]) -> tuple[tuple[jax.Array, Any], None]:
         loss_sum, grad_sum = carry
         mb, index = mb_index
         loss, grads = loss_and_grads(graphdef, params, constrain(mb, BATCH_AXES), objective,
-                                     to_model=lambda p: lora_lib.for_microbatch(to_model(p), index))
+                                     to_model=lambda p: lora_lib.for_microbatch(to_model(p), index), count=count)
         return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
@@ -165,12 +184,15 @@ def eval_loss(params: Any, tokens: jax.Array, *, graphdef: nnx.GraphDef, microba
     split into microbatches as the train step is, so that it fits wherever the step does."""
     weights = model_params(params, lora)
 
-    def ce(tokens: jax.Array, run_layers: models.RunLayers = models.scan_layers) -> jax.Array:
-        return batch_objective(graphdef, weights, tokens, objective, run_layers)[1]
+    def ce(tokens: jax.Array, run_layers: models.RunLayers = models.scan_layers, count: jax.Array | None = None
+           ) -> jax.Array:
+        return batch_objective(graphdef, weights, tokens, objective, run_layers, count)[1]
 
     if stages > 1:
         return ce(tokens, gpipe(stages, microbatches))
-    return jnp.mean(jax.lax.map(lambda mb: ce(constrain(mb, BATCH_AXES)), split_microbatches(tokens, microbatches)))
+    count = target_count(tokens, microbatches)
+    return jnp.mean(jax.lax.map(lambda mb: ce(constrain(mb, BATCH_AXES), count=count),
+                                split_microbatches(tokens, microbatches)))
 
 
 def train_step(state: State, tokens: jax.Array, *, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,

@@ -28,6 +28,23 @@ def test_prepare_writes_documents_separated_by_eos(tmp_path):
     assert json.loads((tmp_path / "ds" / "index.json").read_text())["format"] == "fax-tokens-v1"
 
 
+def test_prompts_are_marked_as_context(tmp_path):
+    """--prompt-field: a record's prompt tokens carry PROMPT_FLAG (negative in a batch), its text and
+    end-of-document id do not; a record without text is dropped, one without the field refused."""
+    records = [{"q": "hi ", "a": "yo"}, {"q": "", "a": "z"}, {"q": "x", "a": ""}, {"q": None, "a": "w"}]
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    index = prepare([tmp_path / "sft.jsonl"], tmp_path / "ds", text_field="a", prompt_field="q")
+    assert index["num_documents"] == 3 and index["dtype"] == "uint32"
+    flag = 1 << 31
+    assert list(TokenDataset.open(tmp_path / "ds").tokens) == [
+        flag | 104, flag | 105, flag | 32, 121, 111, 256, 122, 256, 119, 256]
+    batch = Sampler(TokenDataset.open(tmp_path / "ds"), 1, 9, seed=0).batch(0)  # the one window there is
+    assert batch.dtype == np.int32
+    assert batch[0].tolist() == [104 - flag, 105 - flag, 32 - flag, 121, 111, 256, 122, 256, 119, 256]
+    with pytest.raises(ValueError, match=r"sft.jsonl:1: no field 'prompt'; set --prompt-field"):
+        prepare([tmp_path / "sft.jsonl"], tmp_path / "ds2", text_field="a", prompt_field="prompt")
+
+
 def test_prepare_refuses_empty_input_and_leaves_no_index(tmp_path):
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(ValueError, match="no text found"):
@@ -111,7 +128,7 @@ def test_bpe_tokenizer_round_trips_the_corpus_and_travels_with_the_data(tmp_path
     index = prepare(files, tmp_path / "bpe", "bpe", vocab_size=400)
     assert index["tokenizer"] == "tokenizer.json" and 256 < index["vocab_size"] <= 400  # merges the corpus has
     tok = HFTokenizer(tmp_path / "bpe" / "tokenizer.json")
-    docs = [d for f in files for d in read_documents(f)]
+    docs = [text for f in files for _, text in read_documents(f)]
     assert all(tok.decode(tok.encode(d)) == d for d in docs)
     assert index["num_tokens"] < sum(len(d.encode()) for d in docs) / 1.5  # merges shorten the text
     # Any tokenizer.json (e.g. one shipped with a Hugging Face checkpoint) gives the same tokens.

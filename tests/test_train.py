@@ -1,5 +1,6 @@
 """The Trainer end to end: falling loss, metrics files, hooks, the CLI, no Ray in local mode."""
 
+import functools
 import json
 import subprocess
 import sys
@@ -9,11 +10,13 @@ import jax
 import numpy as np
 import pytest
 import yaml
+from flax import nnx
 
 import models
 from fax import ConfigError, Trainer, load_config
 from fax.cli import main, parse
-from fax.data import Sampler, TokenDataset
+from fax import step as step_lib
+from fax.data import Sampler, TokenDataset, prepare
 from fax.metrics import read_metrics
 from fax.trainer import evaluate_checkpoint
 
@@ -57,6 +60,50 @@ def test_loss_and_validation_loss_fall_on_the_default_corpus(tmp_path, small_cor
     with pytest.raises(ConfigError, match=r"the val split of data.path=.* holds 0 tokens, fewer than one sequence "
                                           r"\(65\); pick another data.path or split"):
         evaluate_checkpoint(tmp_path, [f"data.path={small_corpus}"])
+
+
+def masked_cross_entropy(graphdef, params, tokens):
+    """float64 reference: the mean next-token cross-entropy over the targets that are not a prompt's
+    (negative: PROMPT_FLAG), every token read by its id."""
+    ids = tokens & 0x7FFFFFFF
+    logits = np.asarray(models.apply(graphdef, params, ids[:, :-1]), np.float64)
+    logits -= logits.max(-1, keepdims=True)
+    log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    ce = -np.take_along_axis(log_p, ids[:, 1:, None], -1)[..., 0]
+    return ce[tokens[:, 1:] >= 0].mean()
+
+
+def test_prompt_tokens_are_read_but_not_trained_on(tmp_path):
+    cfg = load_config(overrides=["model=gpt-tiny"])
+    graphdef, state = nnx.split(models.build(cfg.model, seed=0))
+    params = nnx.to_pure_dict(state)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, cfg.model.vocab_size, (8, 33)).astype(np.int32)
+    prompt = rng.random(ids.shape) < np.linspace(0.1, 0.9, 8)[:, None]  # rows from few to many prompt tokens
+    tokens = np.where(prompt, ids | np.uint32(1 << 31), ids).astype(np.int32)  # PROMPT_FLAG set: negative
+    expected = masked_cross_entropy(graphdef, params, tokens)
+    objective = step_lib.Objective()
+    assert float(step_lib.batch_objective(graphdef, params, tokens, objective)[1]) == pytest.approx(expected, rel=1e-5)
+    # Microbatches hold different numbers of targets: the loss and gradients are still the batch's.
+    whole = jax.jit(step_lib.accumulated_grads, static_argnums=(0, 3, 4))(graphdef, params, tokens, 1, objective)
+    parts = jax.jit(step_lib.accumulated_grads, static_argnums=(0, 3, 4))(graphdef, params, tokens, 4, objective)
+    assert float(parts[0]) == pytest.approx(float(whole[0]), rel=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), parts[1], whole[1])
+    evaluate = functools.partial(step_lib.eval_loss, graphdef=graphdef, stages=1, objective=objective, lora=cfg.lora)
+    assert float(evaluate(params, tokens, microbatches=4)) == pytest.approx(expected, rel=1e-5)
+
+    # End to end: `fax prepare --prompt-field` records train, and the logged val_loss is the masked one.
+    records = [{"prompt": f"Q{i}: what is {i} + {i}? ", "answer": f"{2 * i}."} for i in range(400)]
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    prepare([tmp_path / "sft.jsonl"], tmp_path / "sft", text_field="answer", prompt_field="prompt", val_fraction=0.2)
+    trainer = Trainer(overrides=tiny(tmp_path / "run", f"data.path={tmp_path / 'sft'}", "train.steps=20",
+                                     "train.eval_every=20", "train.eval_batches=2", "train.log_every=20"),
+                      echo=lambda _: None)
+    history = trainer.fit()
+    held_out = Sampler(TokenDataset.open(tmp_path / "sft", "val"), 16, 64, seed=0)
+    reference = np.mean([masked_cross_entropy(trainer.training.graphdef, jax.device_get(trainer.state["params"]),
+                                              held_out.batch(i)) for i in range(2)])
+    assert history[-1]["val_loss"] == pytest.approx(reference, rel=1e-5)
 
 
 def test_settings_may_follow_options_on_the_command_line():
