@@ -369,7 +369,8 @@ def parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
-    srv.add_argument("--max-concurrent", type=int, default=64, help="requests running, queued or being scored; more get 429")
+    srv.add_argument("--max-concurrent", type=int, default=64,
+                     help="requests running, queued or being scored; more get 429")
     srv.add_argument("--max-prompt-tokens", type=int, default=0, help="0: the model's context")
     srv.add_argument("--max-tokens", type=int, default=0, help="the most a request may ask for; 0: the context")
     srv.add_argument("--model-name", default="", help="the id in /v1/models (default: the run directory's name)")

@@ -19,8 +19,8 @@ from tqdm.auto import tqdm
 import models
 from fax import step as step_lib
 from fax.checkpoint import Checkpointer, abstract_like, checkpoint_dir, incompatible_keys
-from fax.config import (ClusterConfig, Config, ConfigError, apply_overrides, raise_problems, run_config, setting_problems,
-                        validate, with_layout)
+from fax.config import (ClusterConfig, Config, ConfigError, apply_overrides, raise_problems, run_config,
+                        setting_problems, validate, with_layout)
 from fax.data import Sampler, TokenDataset, dataset_path, dataset_problems
 from fax.metrics import MetricsLog, mesh_desc, mfu, peak_flops_per_device, read_metrics
 from fax.runtime import HostRuntime, WorkerFailure
