@@ -16,6 +16,7 @@ from jax.sharding import Mesh, NamedSharding
 import models
 from models import lora as lora_lib
 from fax.config import Config, LoraConfig, OptimConfig
+from fax.data import PROMPT_FLAG
 from models.sharding import activation_sharding, constrain
 from parallel import (BATCH_AXES, activation_resolver, logical_sharding, optimizer_shardings, replicated,
                       tree_shardings)
@@ -24,7 +25,7 @@ from parallel.pipeline import gpipe, split_microbatches
 State = dict[str, Any]  # {"step": int32 scalar, "params": ..., "opt_state": ...}
 
 
-TOKEN_ID = 0x7FFFFFFF  # the id bits of a dataset token; the sign bit is fax.data.PROMPT_FLAG
+TOKEN_ID = PROMPT_FLAG - 1  # the id bits of a dataset token, below the flag (its sign bit in int32)
 
 
 def loss_sums(logits: jax.Array, targets: jax.Array) -> jax.Array:
