@@ -121,6 +121,10 @@ def read_documents(path: Path, text_field: str = "text", prompt_field: str = "")
     ``prompt_field``, if named, and ``text_field``), or a whole text file (no prompt). A file that is
     not UTF-8 text holds none; a document without text is dropped."""
     fields = [f for f in (prompt_field, text_field) if f]
+
+    def option(field: str) -> str:
+        return "--prompt-field" if field == prompt_field else "--text-field"
+
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -128,7 +132,7 @@ def read_documents(path: Path, text_field: str = "text", prompt_field: str = "")
         for field in fields:
             if field not in table.column_names:
                 raise ValueError(f"{path}: no column {field!r} (columns: {', '.join(table.column_names)}); "
-                                 f"set --{'prompt' if field == prompt_field else 'text'}-field")
+                                 f"set {option(field)}")
         rows = table.select(fields).to_pylist()
     else:
         try:
@@ -143,8 +147,7 @@ def read_documents(path: Path, text_field: str = "text", prompt_field: str = "")
                 rows.append(json.loads(line))
                 missing = [f for f in fields if f not in rows[-1]]
                 if missing:
-                    raise ValueError(f"{path}:{n}: no field {missing[0]!r}; set "
-                                     f"--{'prompt' if missing[0] == prompt_field else 'text'}-field")
+                    raise ValueError(f"{path}:{n}: no field {missing[0]!r}; set {option(missing[0])}")
     docs = [(row[prompt_field] or "" if prompt_field else "", row[text_field]) for row in rows]
     for prompt, text in docs:
         if not isinstance(prompt, str) or not isinstance(text, (str, type(None))):
