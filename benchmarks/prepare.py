@@ -37,7 +37,7 @@ def main() -> None:
     files = sorted(text_files([stdlib_dir()], (".py",)), key=lambda f: -f.stat().st_size)[:args.files]
     megabytes = sum(f.stat().st_size for f in files) / 1e6
     root = Path(tempfile.mkdtemp(prefix="fax-prepare-bench-"))
-    bpe = train_bpe((text for f in files[:50] for _, text in read_documents(f)), 8192, root / "bpe.json")
+    bpe = train_bpe((text for f in files[:50] for doc in read_documents(f) for text, _ in doc), 8192, root / "bpe.json")
     print(f"{len(files)} files, {megabytes:.1f} MB; BPE vocabulary {bpe.vocab_size}")
     results = {}
     try:

@@ -105,7 +105,7 @@ def _prepare(args: argparse.Namespace) -> int:
     suffixes = tuple(args.suffix) if args.suffix else None
     index = prepare(text_files(args.inputs, suffixes), args.out, args.tokenizer, vocab_size=args.vocab_size,
                     val_fraction=args.val_fraction, text_field=args.text_field, prompt_field=args.prompt_field,
-                    engine=args.engine, progress=True)
+                    messages_field=args.messages_field, engine=args.engine, progress=True)
     print(f"wrote {index['num_tokens']:,} tokens from {index['num_documents']:,} documents to {args.out} "
           f"(validation: {index['val_tokens']:,} tokens, {index['val_documents']:,} documents; "
           f"tokenizer {index['tokenizer']}, {index['vocab_size']:,} tokens)")
@@ -113,21 +113,25 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from fax.chat import END_OF_TURN, prompt_ids
     from fax.config import run_config
     from fax.serve import Engine, SamplingParams, TextStream, request_problems, run_tokenizer, stream
 
     tokenizer = run_tokenizer(run_config(args.run_dir))
     engine = Engine.from_run_dir(args.run_dir, step=args.step, max_batch=1)
     sampling = SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                              top_p=args.top_p, seed=args.seed, stop=tuple(args.stop or ()))
-    prompt = [int(t) for t in tokenizer.encode(args.prompt)]
+                              top_p=args.top_p, seed=args.seed, stop=(*(args.stop or ()), *[END_OF_TURN] * args.chat))
+    # A chat: the message laid out as /v1/chat/completions does it
+    prompt = (prompt_ids(tokenizer, [{"role": "user", "content": args.prompt}]) if args.chat
+              else [int(t) for t in tokenizer.encode(args.prompt)])
     problems = request_problems(engine.cfg, prompt, sampling)
     if problems:
         from fax.config import ConfigError
 
         raise ConfigError("; ".join(problems))
+    if not args.chat:  # the prompt, then its continuation (a chat: the reply alone)
+        print(args.prompt, end="", flush=True)
     text = TextStream(tokenizer, sampling.stop)
-    print(args.prompt, end="", flush=True)
     for (token,) in stream(engine, [prompt], [sampling]):
         if token is not None and not text.stopped:
             print(text.push(token), end="", flush=True)
@@ -295,6 +299,9 @@ def parser() -> argparse.ArgumentParser:
     prep.add_argument("--text-field", default="text", help="the text of a JSONL record / Parquet row")
     prep.add_argument("--prompt-field", default="", help="a record's prompt: read by the model before its text, "
                                                          "not trained on (instruction tuning); default: none")
+    prep.add_argument("--messages-field", default="", help="a record's conversation, a list of {role, content} "
+                                                           "messages: only the assistant's are trained on (chat "
+                                                           "tuning, served by /v1/chat/completions); default: none")
     prep.add_argument("--engine", choices=("ray", "local"), default="ray",
                       help="ray: tokenize files in parallel with Ray Data (default); local: this process")
     prep.add_argument("--suffix", action="append", help="only files with this suffix (repeatable), e.g. .txt")
@@ -354,6 +361,8 @@ def parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="continue a prompt with a trained run's model (KV cache, streamed)")
     gen.add_argument("run_dir")
     gen.add_argument("--prompt", required=True)
+    gen.add_argument("--chat", action="store_true", help="the prompt is a user's message to a chat-tuned run "
+                                                         "(fax prepare --messages-field): print the reply")
     gen.add_argument("--max-tokens", type=int, default=100)
     gen.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
     gen.add_argument("--top-k", type=int, default=0, help="0: no limit")

@@ -24,6 +24,9 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from fax import chat
+from fax.chat import Piece
+
 FORMAT = "fax-tokens-v1"
 # Set on the tokens of a document's prompt (datasets prepared with a prompt field, always uint32):
 # the model reads them but is not trained to predict them. Read as int32 they are negative.
@@ -116,14 +119,17 @@ def text_files(paths: Iterable[str | Path], suffixes: tuple[str, ...] | None = N
     return out
 
 
-def read_documents(path: Path, text_field: str = "text", prompt_field: str = "") -> list[tuple[str, str]]:
-    """The documents of one file as (prompt, text): a line of JSONL or a row of Parquet (fields
-    ``prompt_field``, if named, and ``text_field``), or a whole text file (no prompt). A file that is
-    not UTF-8 text holds none; a document without text is dropped."""
-    fields = [f for f in (prompt_field, text_field) if f]
+def read_documents(path: Path, text_field: str = "text", prompt_field: str = "",
+                   messages_field: str = "") -> list[list[Piece]]:
+    """The documents of one file, each as pieces of text and whether it is trained on: a line of
+    JSONL or a row of Parquet (its ``text_field``, after its ``prompt_field`` if one is named, read
+    but not trained on; or its ``messages_field``, a conversation laid out by ``fax.chat``), or a
+    whole text file. A file that is not UTF-8 text holds none; a document without text, or a
+    conversation without an assistant message, is dropped."""
+    fields = [messages_field] if messages_field else [f for f in (prompt_field, text_field) if f]
 
     def option(field: str) -> str:
-        return "--prompt-field" if field == prompt_field else "--text-field"
+        return {messages_field: "--messages-field", prompt_field: "--prompt-field"}.get(field, "--text-field")
 
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -133,51 +139,58 @@ def read_documents(path: Path, text_field: str = "text", prompt_field: str = "")
             if field not in table.column_names:
                 raise ValueError(f"{path}: no column {field!r} (columns: {', '.join(table.column_names)}); "
                                  f"set {option(field)}")
-        rows = table.select(fields).to_pylist()
+        rows = [(f"{path}: row {n}", row) for n, row in enumerate(table.select(fields).to_pylist(), 1)]
     else:
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
             return []
         if path.suffix != ".jsonl":
-            return [("", text)] if text else []
-        rows = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                rows.append(json.loads(line))
-                missing = [f for f in fields if f not in rows[-1]]
-                if missing:
-                    raise ValueError(f"{path}:{n}: no field {missing[0]!r}; set {option(missing[0])}")
-    docs = [(row[prompt_field] or "" if prompt_field else "", row[text_field]) for row in rows]
+            return [[(text, True)]] if text else []
+        rows = [(f"{path}:{n}", json.loads(line)) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+        for where, row in rows:
+            missing = [f for f in fields if f not in row]
+            if missing:
+                raise ValueError(f"{where}: no field {missing[0]!r}; set {option(missing[0])}")
+    if messages_field:
+        for where, row in rows:
+            problems = chat.message_problems(row[messages_field])
+            if problems:
+                raise ValueError(f"{where}: {problems[0]} (field {messages_field!r})")
+        return [chat.pieces(messages) for messages in (row[messages_field] for _, row in rows)
+                if any(m["role"] == "assistant" for m in messages)]
+    docs = [(row[prompt_field] or "" if prompt_field else "", row[text_field]) for _, row in rows]
     for prompt, text in docs:
         if not isinstance(prompt, str) or not isinstance(text, (str, type(None))):
             raise ValueError(f"{path}: fields {', '.join(map(repr, fields))} must hold text, got "
                              f"{type(prompt).__name__} and {type(text).__name__}")
-    return [(prompt, text) for prompt, text in docs if text]
+    return [[(prompt, False), (text, True)] if prompt_field else [(text, True)] for prompt, text in docs if text]
 
 
-def tokenize_file(path: Path, tok: Tokenizer, dtype: np.dtype, text_field: str,
-                  prompt_field: str = "") -> tuple[np.ndarray, int]:
-    """All documents of ``path``, each followed by the end-of-document id, a prompt's tokens marked
-    with ``PROMPT_FLAG``; and how many documents there were."""
-    docs = read_documents(path, text_field, prompt_field)
-    texts = tok.encode_batch([text for _, text in docs])
-    if prompt_field:
-        prompts = [ids.astype(dtype) | dtype.type(PROMPT_FLAG) for ids in tok.encode_batch([p for p, _ in docs])]
-    else:
-        prompts = [np.zeros(0, dtype)] * len(docs)
+def tokenize_file(path: Path, tok: Tokenizer, dtype: np.dtype, text_field: str, prompt_field: str = "",
+                  messages_field: str = "") -> tuple[np.ndarray, int]:
+    """All documents of ``path``, each followed by the end-of-document id, the tokens of what is not
+    trained on marked with ``PROMPT_FLAG``; and how many documents there were."""
+    docs = read_documents(path, text_field, prompt_field, messages_field)
+    encoded = iter(tok.encode_batch([text for doc in docs for text, _ in doc]))
     eos = np.array([tok.eos_id], dtype)
-    parts = [p for prompt, text in zip(prompts, texts) if len(text) for p in (prompt, text.astype(dtype), eos)]
-    return (np.concatenate(parts) if parts else np.zeros(0, dtype)), len(parts) // 3
+    parts = []
+    for doc in docs:
+        for _, trained in doc:
+            ids = next(encoded).astype(dtype)
+            parts.append(ids if trained else ids | dtype.type(PROMPT_FLAG))
+        parts.append(eos)
+    return (np.concatenate(parts) if parts else np.zeros(0, dtype)), len(docs)
 
 
 def _fingerprint(*parts: object) -> str:
     return hashlib.sha1(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
 
-def _file_key(path: Path, tokenizer_id: str, text_field: str, prompt_field: str) -> str:
+def _file_key(path: Path, tokenizer_id: str, text_field: str, prompt_field: str, messages_field: str) -> str:
     stat = path.stat()
-    fields = [text_field, prompt_field] if prompt_field else text_field  # without prompts: the keys as before
+    # plain text: the keys as before prompts and conversations
+    fields = [text_field, prompt_field, messages_field] if prompt_field or messages_field else text_field
     return _fingerprint(str(path.absolute()), stat.st_size, stat.st_mtime_ns, tokenizer_id, fields)
 
 
@@ -191,8 +204,8 @@ def write_atomic(path: Path, data: bytes) -> None:
 class _ShardWriter:
     """Tokenizes one file into its shard (``shards/KEY-DOCS.npy``); what Ray Data runs on its workers."""
 
-    def __init__(self, out: str, tokenizer: str, dtype: str, text_field: str, prompt_field: str):
-        self.out, self.dtype, self.fields = Path(out), np.dtype(dtype), (text_field, prompt_field)
+    def __init__(self, out: str, tokenizer: str, dtype: str, *fields: str):
+        self.out, self.dtype, self.fields = Path(out), np.dtype(dtype), fields
         self.tok = get_tokenizer(tokenizer, self.out)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -211,8 +224,8 @@ def _shard(out: Path, key: str) -> Path | None:
 
 
 def prepare(files: list[Path], out_dir: str | Path, tokenizer: str = "byte", *, vocab_size: int = 8192,
-            val_fraction: float = 0.0, text_field: str = "text", prompt_field: str = "", engine: str = "local",
-            progress: bool = False) -> dict:
+            val_fraction: float = 0.0, text_field: str = "text", prompt_field: str = "", messages_field: str = "",
+            engine: str = "local", progress: bool = False) -> dict:
     """Tokenize ``files`` into ``out_dir``; returns the index.
 
     ``tokenizer``: ``byte``, ``bpe`` (trained here on the files, ``vocab_size`` tokens) or a path to a
@@ -222,16 +235,21 @@ def prepare(files: list[Path], out_dir: str | Path, tokenizer: str = "byte", *, 
     changed; a re-run with nothing changed returns at once. Documents go to the validation split
     (``val.bin``) with probability ``val_fraction``, decided by their position alone, so both
     engines write the same bytes. With ``prompt_field`` each JSONL/Parquet record is a prompt and
-    its ``text_field``, and only the text is trained on (the prompt's tokens carry ``PROMPT_FLAG``).
-    ``index.json`` is written last.
+    its ``text_field``, and only the text is trained on (the prompt's tokens carry ``PROMPT_FLAG``);
+    with ``messages_field`` each is a conversation (``fax.chat``), and only the assistant's messages
+    are trained on. ``index.json`` is written last.
     """
+    if prompt_field and messages_field:
+        raise ValueError("a record is a prompt and a text (--prompt-field) or a conversation (--messages-field), "
+                         "not both: set one")
+    fields = (text_field, prompt_field, messages_field)
     out = Path(out_dir)
     (out / "shards").mkdir(parents=True, exist_ok=True)
     if not files:
         raise ValueError("no input files")
     if tokenizer == "bpe":
         if not (out / HFTokenizer.name).exists():
-            train_bpe((part for f in files for doc in read_documents(f, text_field, prompt_field) for part in doc),
+            train_bpe((text for f in files for doc in read_documents(f, *fields) for text, _ in doc),
                       vocab_size, out / HFTokenizer.name)
         tokenizer = HFTokenizer.name
     elif tokenizer != "byte":
@@ -243,15 +261,15 @@ def prepare(files: list[Path], out_dir: str | Path, tokenizer: str = "byte", *, 
         tokenizer = HFTokenizer.name
     tok = get_tokenizer(tokenizer, out)
     tokenizer_id = tokenizer if tokenizer == "byte" else _fingerprint((out / tokenizer).read_text())
-    dtype = np.dtype(np.uint16 if tok.vocab_size <= 2 ** 16 and not prompt_field else np.uint32)
-    keys = [_file_key(f, tokenizer_id, text_field, prompt_field) for f in files]
+    dtype = np.dtype(np.uint16 if tok.vocab_size <= 2 ** 16 and not (prompt_field or messages_field) else np.uint32)
+    keys = [_file_key(f, tokenizer_id, *fields) for f in files]
     fingerprint = _fingerprint(keys, val_fraction)
     index_path = out / "index.json"
     if index_path.exists() and json.loads(index_path.read_text()).get("fingerprint") == fingerprint:
         return json.loads(index_path.read_text())
     index_path.unlink(missing_ok=True)  # the folder is incomplete until the new index lands
     todo = [(str(f), k) for f, k in zip(files, keys) if _shard(out, k) is None]
-    writer_args = (str(out), tokenizer, dtype.name, text_field, prompt_field)
+    writer_args = (str(out), tokenizer, dtype.name, *fields)
     bar = tqdm(total=len(files), initial=len(files) - len(todo), desc="tokenize", unit="file", disable=not progress)
     if engine == "ray" and todo:
         _tokenize_on_ray(todo, writer_args, bar)

@@ -1,4 +1,4 @@
-"""`fax serve`: an OpenAI-style completions API on Ray Serve over a continuously batched engine.
+"""`fax serve`: an OpenAI-style completions and chat API on Ray Serve over a continuously batched engine.
 
 The ingress replica holds a ``Scheduler``: requests from the HTTP event loop are queued, join the
 running batch as rows free up, and get their tokens back through the loop as they are produced
@@ -26,6 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
+from fax.chat import END_OF_TURN, message_problems, prompt_ids
 from fax.config import ClusterConfig, ConfigError, ServeConfig, run_config
 from fax.serve import MAX_LOGPROBS, Busy, SamplingParams, Scheduler, TextStream, request_problems, run_tokenizer
 
@@ -130,6 +131,24 @@ def parse_completion(body: Any, encode: Callable[[str], list[int]], settings: Se
     return Completion(prompt, sampling, stream, logprobs, echo, generate)
 
 
+def parse_chat(body: Any, tokenizer: Any, settings: ServeConfig, model: Any, model_name: str) -> Completion:
+    """A /v1/chat/completions body: the conversation laid out as in training (``fax.chat``), the
+    reply generated after it and ended by the end-of-turn marker; the rest as for a completion."""
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    problems = message_problems(body.get("messages"))
+    if problems:
+        raise RequestError("; ".join(problems), "messages")
+    for name in ("echo", "logprobs", "top_logprobs"):
+        if body.get(name) not in (None, False):
+            raise RequestError(f"{name} is not supported on /v1/chat/completions; ask /v1/completions", name)
+    reply = {**body, "prompt": prompt_ids(tokenizer, body["messages"]),
+             "max_tokens": body.get("max_completion_tokens", body.get("max_tokens"))}
+    completion = parse_completion(reply, tokenizer.encode, settings, model, model_name)
+    sampling = dataclasses.replace(completion.sampling, stop=(*completion.sampling.stop, END_OF_TURN))
+    return dataclasses.replace(completion, sampling=sampling)
+
+
 def serving_hosts(cluster: ClusterConfig) -> int:
     return cluster.hosts or cluster.emulate_hosts or 1
 
@@ -183,12 +202,21 @@ class CompletionServer:
 
     @api.post("/v1/completions")
     async def completions(self, request: Request) -> Any:
+        return await self._answer(request, lambda body: parse_completion(
+            body, self._encode, self.settings, self.model, self.model_name), chat=False)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Any:
+        return await self._answer(request, lambda body: parse_chat(
+            body, self.tokenizer, self.settings, self.model, self.model_name), chat=True)
+
+    async def _answer(self, request: Request, parse: Callable[[Any], Completion], chat: bool) -> Any:
         try:
             body = json.loads(await request.body())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             return RequestError(f"the request body is not valid JSON: {e}").response()
         try:
-            completion = parse_completion(body, self._encode, self.settings, self.model, self.model_name)
+            completion = parse(body)
             decoded = TextStream(self.tokenizer, completion.sampling.stop)
             pieces = self._pieces(completion, decoded) if completion.generate else None
             scoring = None
@@ -200,9 +228,9 @@ class CompletionServer:
             return e.response()
         except Busy as e:
             return RequestError(str(e), status=429, kind="server_busy").response()
-        rid = f"cmpl-{uuid.uuid4().hex[:24]}"
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         if completion.stream:
-            return StreamingResponse(self._events(rid, pieces), media_type="text/event-stream")
+            return StreamingResponse(self._events(rid, pieces, chat), media_type="text/event-stream")
         text, reason, used = "", "length", 0
         try:
             if pieces is not None:
@@ -219,7 +247,7 @@ class CompletionServer:
             text = self.tokenizer.decode(completion.prompt) + text
         usage = {"prompt_tokens": len(completion.prompt), "completion_tokens": used,
                  "total_tokens": len(completion.prompt) + used}
-        return self._body(rid, text, reason, logprobs) | {"usage": usage}
+        return self._body(rid, text, reason, chat, logprobs=logprobs) | {"usage": usage}
 
     def _logprobs(self, completion: Completion, generated: list[int], chosen: np.ndarray, top_ids: np.ndarray,
                   top_logp: np.ndarray) -> dict[str, Any]:
@@ -254,16 +282,30 @@ class CompletionServer:
     def _encode(self, text: str) -> list[int]:
         return [int(t) for t in self.tokenizer.encode(text)]
 
-    def _body(self, rid: str, text: str, reason: str | None, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
-        return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": self.model_name,
-                "choices": [{"index": 0, "text": text, "finish_reason": reason, "logprobs": logprobs}]}
+    def _body(self, rid: str, text: str, reason: str | None, chat: bool, streamed: bool = False,
+              logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A completion (``text_completion``) or a chat reply (``chat.completion``; a streamed piece of
+        one is a ``chat.completion.chunk`` with the text in its ``delta``)."""
+        if chat:
+            kind, choice = ("chat.completion.chunk", {"delta": {"content": text}}) if streamed else (
+                "chat.completion", {"message": {"role": "assistant", "content": text}})
+        else:
+            kind, choice = "text_completion", {"text": text, "logprobs": logprobs}
+        return {"id": rid, "object": kind, "created": int(time.time()), "model": self.model_name,
+                "choices": [{"index": 0, **choice, "finish_reason": reason}]}
 
-    async def _events(self, rid: str, pieces: AsyncIterator[tuple[str, str | None, int]]) -> AsyncIterator[str]:
-        """Server-sent events: one per text delta, then ``[DONE]``; a failure mid-way is an error event."""
+    async def _events(self, rid: str, pieces: AsyncIterator[tuple[str, str | None, int]],
+                      chat: bool) -> AsyncIterator[str]:
+        """Server-sent events: one per text delta (a chat's first also names the assistant's role),
+        then ``[DONE]``; a failure mid-way is an error event."""
         async with contextlib.aclosing(pieces):
             try:
+                first = chat
                 async for delta, reason, _ in pieces:
-                    yield f"data: {json.dumps(self._body(rid, delta, reason))}\n\n"
+                    body = self._body(rid, delta, reason, chat, streamed=True)
+                    if first:
+                        body["choices"][0]["delta"]["role"], first = "assistant", False
+                    yield f"data: {json.dumps(body)}\n\n"
             except Exception as e:  # noqa: BLE001 - the status line has gone out: say it in the stream
                 yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error'}})}\n\n"
         yield "data: [DONE]\n\n"

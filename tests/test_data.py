@@ -45,6 +45,42 @@ def test_prompts_are_marked_as_context(tmp_path):
         prepare([tmp_path / "sft.jsonl"], tmp_path / "ds2", text_field="a", prompt_field="prompt")
 
 
+def test_conversations_train_on_what_the_assistant_says(tmp_path):
+    """--messages-field: a conversation's tokens are all read, but only the assistant's messages and
+    the end-of-turn markers closing them are trained on; JSONL and Parquet alike; bad messages are
+    refused with the record and the problem; a conversation without a reply is dropped."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    talk = [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "yo"}, {"role": "user", "content": "?"},
+            {"role": "assistant", "content": "!"}]
+    records = [{"messages": talk}, {"messages": [{"role": "user", "content": "no reply"}]}]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "chat.parquet")
+
+    def read(text: str) -> list[int]:
+        return [(1 << 31) | b for b in text.encode()]
+
+    def trained(text: str) -> list[int]:
+        return list(text.encode())
+
+    expected = (read("<|system|>\ns<|end|>\n<|user|>\nhi<|end|>\n<|assistant|>\n") + trained("yo<|end|>")
+                + read("\n<|user|>\n?<|end|>\n<|assistant|>\n") + trained("!<|end|>") + read("\n") + [256])
+    for name in ("chat.jsonl", "chat.parquet"):
+        index = prepare([tmp_path / name], tmp_path / name.replace(".", "_"), messages_field="messages")
+        assert index["num_documents"] == 1
+        assert list(TokenDataset.open(tmp_path / name.replace(".", "_")).tokens) == expected
+
+    bad = {"messages": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]}
+    (tmp_path / "bad.jsonl").write_text(json.dumps(records[0]) + "\n" + json.dumps(bad) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: messages\[1\].role must be one of system, user, assistant, "
+                                         r"got 'bot' \(field 'messages'\)"):
+        prepare([tmp_path / "bad.jsonl"], tmp_path / "bad", messages_field="messages")
+    with pytest.raises(ValueError, match="not both: set one"):
+        prepare([tmp_path / "chat.jsonl"], tmp_path / "both", prompt_field="q", messages_field="messages")
+
+
 def test_prepare_refuses_empty_input_and_leaves_no_index(tmp_path):
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(ValueError, match="no text found"):
@@ -128,7 +164,7 @@ def test_bpe_tokenizer_round_trips_the_corpus_and_travels_with_the_data(tmp_path
     index = prepare(files, tmp_path / "bpe", "bpe", vocab_size=400)
     assert index["tokenizer"] == "tokenizer.json" and 256 < index["vocab_size"] <= 400  # merges the corpus has
     tok = HFTokenizer(tmp_path / "bpe" / "tokenizer.json")
-    docs = [text for f in files for _, text in read_documents(f)]
+    docs = [text for f in files for doc in read_documents(f) for text, _ in doc]
     assert all(tok.decode(tok.encode(d)) == d for d in docs)
     assert index["num_tokens"] < sum(len(d.encode()) for d in docs) / 1.5  # merges shorten the text
     # Any tokenizer.json (e.g. one shipped with a Hugging Face checkpoint) gives the same tokens.

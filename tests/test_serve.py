@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+import json
 import threading
 import time
 
@@ -138,6 +139,35 @@ def test_generate_command_continues_a_trained_run(tmp_path, small_corpus, capsys
     assert out.startswith("def ") and len(out) > len("def \n")
     assert main(["generate", str(tmp_path), "--prompt", "x" * 120, "--max-tokens", "20"]) == 2
     assert "exceeds the model's context of 128 tokens" in capsys.readouterr().err
+
+
+def test_a_chat_tuned_run_replies_as_taught_and_ends_its_turn(tmp_path, capsys):
+    """Conversations prepared with --messages-field train a model which, asked in the same layout
+    (what /v1/chat/completions sends), gives the reply it was taught and ends its turn there."""
+    from fax import Trainer, load_config
+    from fax.chat import END_OF_TURN, prompt_ids
+    from fax.cli import main
+    from fax.data import prepare
+
+    taught = {"hello": "hi there", "bye": "see you"}
+    rng = np.random.default_rng(0)
+    talks = [[{"role": "user", "content": asked}, {"role": "assistant", "content": taught[asked]}]
+             for asked in rng.choice(list(taught), 300)]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps({"messages": t}) + "\n" for t in talks))
+    prepare([tmp_path / "chat.jsonl"], tmp_path / "data", messages_field="messages")
+    Trainer(load_config(overrides=["model=gpt-tiny", f"run_dir={tmp_path / 'run'}", f"data.path={tmp_path / 'data'}",
+                                   "train.steps=200", "train.batch_size=16", "train.seq_len=64", "optim.lr=3e-3",
+                                   "train.sample_tokens=0"]), echo=lambda _: None).fit()
+    engine = Engine.from_run_dir(tmp_path / "run")
+    for asked, reply in taught.items():
+        tokens = generate(engine, [prompt_ids(ByteTokenizer(), [{"role": "user", "content": asked}])],
+                          [SamplingParams(max_new_tokens=20, temperature=0.0)])[0]
+        text = TextStream(ByteTokenizer(), [END_OF_TURN])
+        assert "".join(text.push(t) for t in tokens) == reply and text.stopped
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "run"), "--prompt", "bye", "--chat", "--max-tokens", "20",
+                 "--temperature", "0"]) == 0
+    assert capsys.readouterr().out == "see you\n"
 
 
 def test_text_stream_ends_at_a_stop_sequence_and_completes_characters():

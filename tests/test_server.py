@@ -55,8 +55,12 @@ def url(run_dir):
 
 
 def complete(url, stream=False, **body):
-    body = {"prompt": "def ", "max_tokens": 12, "temperature": 0, **body}
-    response = requests.post(f"{url}/v1/completions", json={**body, "stream": stream}, stream=stream, timeout=60)
+    return post(f"{url}/v1/completions", {"prompt": "def ", "max_tokens": 12, "temperature": 0, **body}, stream)
+
+
+def post(endpoint, body, stream):
+    """The answer, or the list of its server-sent events (after checking they end with [DONE])."""
+    response = requests.post(endpoint, json={**body, "stream": stream}, stream=stream, timeout=60)
     assert response.status_code == 200, response.text
     if not stream:
         return response.json()
@@ -143,6 +147,50 @@ def test_greedy_tokens_are_the_most_likely_ones(url):
     assert scored["logprobs"]["tokens"] == [*"import ", logprobs["tokens"][0]]
     assert scored["logprobs"]["token_logprobs"][-1] == pytest.approx(logprobs["token_logprobs"][0], abs=1e-5)
     assert scored["logprobs"]["text_offset"] == list(range(8))
+
+
+TALK = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "def "}]
+
+
+def ask_chat(url, stream=False, **body):
+    return post(f"{url}/v1/chat/completions", {"messages": TALK, "max_tokens": 12, "temperature": 0, **body}, stream)
+
+
+def test_chat_reply_continues_the_conversation_laid_out_as_in_training(url):
+    """The conversation becomes the text `fax prepare --messages-field` trains on, ending with the
+    assistant's header; the reply is its greedy continuation, streamed or whole."""
+    reply = ask_chat(url)
+    laid_out = "<|system|>\nBe brief.<|end|>\n<|user|>\ndef <|end|>\n<|assistant|>\n"
+    alone = complete(url, prompt=laid_out, stop="<|end|>")
+    assert reply["object"] == "chat.completion" and reply["id"].startswith("chatcmpl-")
+    assert reply["choices"][0]["message"] == {"role": "assistant", "content": alone["choices"][0]["text"]}
+    assert reply["choices"][0]["finish_reason"] == alone["choices"][0]["finish_reason"]
+    assert reply["usage"] == alone["usage"] and reply["usage"]["prompt_tokens"] == len(laid_out)
+    chunks = ask_chat(url, stream=True)
+    assert len(chunks) > 1 and all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert "".join(c["choices"][0]["delta"]["content"] for c in chunks) == reply["choices"][0]["message"]["content"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == reply["choices"][0]["finish_reason"]
+    assert ask_chat(url, max_completion_tokens=3)["usage"]["completion_tokens"] == 3
+
+
+BAD_CHATS = [
+    ({"prompt": "x"}, "messages must be a non-empty list"),
+    ({"messages": []}, "messages must be a non-empty list"),
+    ({"messages": [{"role": "bot", "content": "x"}]}, "messages[0].role must be one of system, user, assistant"),
+    ({"messages": [{"role": "user", "content": 3}]}, "messages[0].content must be text"),
+    ({"messages": TALK, "logprobs": True}, "logprobs is not supported on /v1/chat/completions"),
+    ({"messages": TALK, "max_tokens": 65}, "above this server's limit of 64"),
+    ({"messages": TALK, "temperature": -1}, "temperature must be >= 0"),
+]
+
+
+@pytest.mark.parametrize("body,message", BAD_CHATS, ids=[m for _, m in BAD_CHATS])
+def test_bad_chats_get_a_400_that_says_why_and_the_server_goes_on(url, body, message):
+    response = requests.post(f"{url}/v1/chat/completions", json=body, timeout=30)
+    assert response.status_code == 400
+    assert message in response.json()["error"]["message"]
+    assert ask_chat(url, max_tokens=2)["choices"][0]["finish_reason"] == "length"
 
 
 BAD = [
