@@ -25,11 +25,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fax import chat
-from fax.chat import Piece
 
 FORMAT = "fax-tokens-v1"
-# Set on the tokens of a document's prompt (datasets prepared with a prompt field, always uint32):
-# the model reads them but is not trained to predict them. Read as int32 they are negative.
+# Set on the tokens a document holds as context: a prompt, or a conversation's messages other than the
+# assistant's (datasets prepared with a prompt or messages field, always uint32). The model reads them
+# but is not trained to predict them. Read as int32 they are negative.
 PROMPT_FLAG = 1 << 31
 
 
@@ -120,7 +120,7 @@ def text_files(paths: Iterable[str | Path], suffixes: tuple[str, ...] | None = N
 
 
 def read_documents(path: Path, text_field: str = "text", prompt_field: str = "",
-                   messages_field: str = "") -> list[list[Piece]]:
+                   messages_field: str = "") -> list[list[chat.Piece]]:
     """The documents of one file, each as pieces of text and whether it is trained on: a line of
     JSONL or a row of Parquet (its ``text_field``, after its ``prompt_field`` if one is named, read
     but not trained on; or its ``messages_field``, a conversation laid out by ``fax.chat``), or a
