@@ -8,6 +8,7 @@ is generated after the assistant's header and ends at the marker.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any
 
 ROLES = ("system", "user", "assistant")
@@ -48,6 +49,6 @@ def pieces(messages: list[dict[str, str]], reply: bool = False) -> list[Piece]:
     return out
 
 
-def prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
-    """The tokens a reply to ``messages`` is generated after."""
-    return [int(t) for text, _ in pieces(messages, reply=True) for t in tokenizer.encode(text)]
+def prompt_ids(encode: Callable[[str], Iterable[int]], messages: list[dict[str, str]]) -> list[int]:
+    """The tokens (of a tokenizer's ``encode``) a reply to ``messages`` is generated after."""
+    return [int(t) for text, _ in pieces(messages, reply=True) for t in encode(text)]

@@ -122,7 +122,7 @@ def _generate(args: argparse.Namespace) -> int:
     sampling = SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, seed=args.seed, stop=(*(args.stop or ()), *[END_OF_TURN] * args.chat))
     # A chat: the message laid out as /v1/chat/completions does it
-    prompt = (prompt_ids(tokenizer, [{"role": "user", "content": args.prompt}]) if args.chat
+    prompt = (prompt_ids(tokenizer.encode, [{"role": "user", "content": args.prompt}]) if args.chat
               else [int(t) for t in tokenizer.encode(args.prompt)])
     problems = request_problems(engine.cfg, prompt, sampling)
     if problems:

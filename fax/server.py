@@ -131,7 +131,8 @@ def parse_completion(body: Any, encode: Callable[[str], list[int]], settings: Se
     return Completion(prompt, sampling, stream, logprobs, echo, generate)
 
 
-def parse_chat(body: Any, tokenizer: Any, settings: ServeConfig, model: Any, model_name: str) -> Completion:
+def parse_chat(body: Any, encode: Callable[[str], list[int]], settings: ServeConfig, model: Any,
+               model_name: str) -> Completion:
     """A /v1/chat/completions body: the conversation laid out as in training (``fax.chat``), the
     reply generated after it and ended by the end-of-turn marker; the rest as for a completion."""
     if not isinstance(body, dict):
@@ -142,9 +143,9 @@ def parse_chat(body: Any, tokenizer: Any, settings: ServeConfig, model: Any, mod
     for name in ("echo", "logprobs", "top_logprobs"):
         if body.get(name) not in (None, False):
             raise RequestError(f"{name} is not supported on /v1/chat/completions; ask /v1/completions", name)
-    reply = {**body, "prompt": prompt_ids(tokenizer, body["messages"]),
+    reply = {**body, "prompt": prompt_ids(encode, body["messages"]),
              "max_tokens": body.get("max_completion_tokens", body.get("max_tokens"))}
-    completion = parse_completion(reply, tokenizer.encode, settings, model, model_name)
+    completion = parse_completion(reply, encode, settings, model, model_name)
     sampling = dataclasses.replace(completion.sampling, stop=(*completion.sampling.stop, END_OF_TURN))
     return dataclasses.replace(completion, sampling=sampling)
 
@@ -208,7 +209,7 @@ class CompletionServer:
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Any:
         return await self._answer(request, lambda body: parse_chat(
-            body, self.tokenizer, self.settings, self.model, self.model_name), chat=True)
+            body, self._encode, self.settings, self.model, self.model_name), chat=True)
 
     async def _answer(self, request: Request, parse: Callable[[Any], Completion], chat: bool) -> Any:
         try:

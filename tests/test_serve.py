@@ -160,7 +160,7 @@ def test_a_chat_tuned_run_replies_as_taught_and_ends_its_turn(tmp_path, capsys):
                                    "train.sample_tokens=0"]), echo=lambda _: None).fit()
     engine = Engine.from_run_dir(tmp_path / "run")
     for asked, reply in taught.items():
-        tokens = generate(engine, [prompt_ids(ByteTokenizer(), [{"role": "user", "content": asked}])],
+        tokens = generate(engine, [prompt_ids(ByteTokenizer().encode, [{"role": "user", "content": asked}])],
                           [SamplingParams(max_new_tokens=20, temperature=0.0)])[0]
         text = TextStream(ByteTokenizer(), [END_OF_TURN])
         assert "".join(text.push(t) for t in tokens) == reply and text.stopped
