@@ -8,7 +8,7 @@ is generated after the assistant's header and ends at the marker.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 ROLES = ("system", "user", "assistant")
@@ -52,3 +52,8 @@ def pieces(messages: list[dict[str, str]], reply: bool = False) -> list[Piece]:
 def prompt_ids(encode: Callable[[str], Iterable[int]], messages: list[dict[str, str]]) -> list[int]:
     """The tokens (of a tokenizer's ``encode``) a reply to ``messages`` is generated after."""
     return [int(t) for text, _ in pieces(messages, reply=True) for t in encode(text)]
+
+
+def reply_stops(stop: Sequence[str]) -> tuple[str, ...]:
+    """The stop sequences of a reply: the caller's, and the end of the assistant's turn."""
+    return (*stop, END_OF_TURN)

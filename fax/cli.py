@@ -113,14 +113,15 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from fax.chat import END_OF_TURN, prompt_ids
+    from fax.chat import prompt_ids, reply_stops
     from fax.config import run_config
     from fax.serve import Engine, SamplingParams, TextStream, request_problems, run_tokenizer, stream
 
     tokenizer = run_tokenizer(run_config(args.run_dir))
     engine = Engine.from_run_dir(args.run_dir, step=args.step, max_batch=1)
+    stop = tuple(args.stop or ())
     sampling = SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                              top_p=args.top_p, seed=args.seed, stop=(*(args.stop or ()), *[END_OF_TURN] * args.chat))
+                              top_p=args.top_p, seed=args.seed, stop=reply_stops(stop) if args.chat else stop)
     # A chat: the message laid out as /v1/chat/completions does it
     prompt = (prompt_ids(tokenizer.encode, [{"role": "user", "content": args.prompt}]) if args.chat
               else [int(t) for t in tokenizer.encode(args.prompt)])

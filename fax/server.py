@@ -26,7 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
-from fax.chat import END_OF_TURN, message_problems, prompt_ids
+from fax.chat import message_problems, prompt_ids, reply_stops
 from fax.config import ClusterConfig, ConfigError, ServeConfig, run_config
 from fax.serve import MAX_LOGPROBS, Busy, SamplingParams, Scheduler, TextStream, request_problems, run_tokenizer
 
@@ -146,7 +146,7 @@ def parse_chat(body: Any, encode: Callable[[str], list[int]], settings: ServeCon
     reply = {**body, "prompt": prompt_ids(encode, body["messages"]),
              "max_tokens": body.get("max_completion_tokens", body.get("max_tokens"))}
     completion = parse_completion(reply, encode, settings, model, model_name)
-    sampling = dataclasses.replace(completion.sampling, stop=(*completion.sampling.stop, END_OF_TURN))
+    sampling = dataclasses.replace(completion.sampling, stop=reply_stops(completion.sampling.stop))
     return dataclasses.replace(completion, sampling=sampling)
 
 
