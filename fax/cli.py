@@ -244,7 +244,7 @@ def _infer(args: argparse.Namespace) -> int:
     from fax.infer import InferSettings, infer
 
     settings = InferSettings(args.field, args.max_tokens, args.temperature, args.top_k, args.top_p, args.seed,
-                             tuple(args.stop or ()), args.max_batch)
+                             tuple(args.stop or ()), args.max_batch, args.messages_field)
     try:
         done = infer(args.run_dir, args.input, args.output, settings, args.workers, args.engine, progress=True)
     except (ValueError, FileNotFoundError) as e:
@@ -315,11 +315,15 @@ def parser() -> argparse.ArgumentParser:
     export.add_argument("--adapters-only", action="store_true", help="a LoRA run's adapters alone (safetensors)")
     export.set_defaults(run=_export)
 
-    inf = sub.add_parser("infer", help="complete every prompt of a JSONL/Parquet file (Ray Data, resumable)")
+    inf = sub.add_parser("infer", help="complete every prompt (or reply to every conversation) of a JSONL/Parquet "
+                                       "file (Ray Data, resumable)")
     inf.add_argument("run_dir")
     inf.add_argument("--input", required=True, help="a .jsonl or .parquet file of prompts")
     inf.add_argument("--output", required=True, help="a .jsonl or .parquet file (parts kept in OUTPUT.parts/)")
     inf.add_argument("--field", default="prompt", help="the prompt's field or column")
+    inf.add_argument("--messages-field", default="",
+                     help="instead of a prompt, the field of a conversation ({role, content} messages) to reply "
+                          "to, laid out as in chat tuning (fax prepare --messages-field)")
     inf.add_argument("--max-tokens", type=int, default=64)
     inf.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     inf.add_argument("--top-k", type=int, default=0)

@@ -1,5 +1,5 @@
-"""``fax infer``: generate a completion for every prompt of a file, with Ray Data over a pool of
-serving engines (one per worker process), resumable.
+"""``fax infer``: generate a completion for every prompt (or a reply to every conversation) of a
+file, with Ray Data over a pool of serving engines (one per worker process), resumable.
 
 Prompts are cut into chunks; each chunk's results land in its own part file (written atomically),
 so a re-run computes only the chunks without one. Every row's sampling seed is ``seed + row``, so a
@@ -32,27 +32,36 @@ class InferSettings:
     seed: int = 0
     stop: tuple[str, ...] = ()
     max_batch: int = 16  # prompts decoded together by one engine
+    messages_field: str = ""  # instead of a prompt, a conversation (``fax.chat``) to reply to
 
 
-def read_prompts(path: str | Path, field: str) -> list[str]:
+def read_column(path: str | Path, field: str, option: str = "--field") -> list[Any]:
+    """The values of ``field`` of every JSONL record / Parquet row, in order."""
     path = Path(path)
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
         table = pq.read_table(path)
         if field not in table.column_names:
-            raise ValueError(f"{path}: no column {field!r} (columns: {', '.join(table.column_names)}); set --field")
-        return [str(p) for p in table.column(field).to_pylist()]
+            raise ValueError(f"{path}: no column {field!r} (columns: {', '.join(table.column_names)}); set {option}")
+        return table.column(field).to_pylist()
     if path.suffix != ".jsonl":
         raise ValueError(f"{path}: expected a .jsonl or .parquet file of prompts")
-    prompts = []
+    values = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if line.strip():
             row = json.loads(line)
             if field not in row:
-                raise ValueError(f"{path}:{n}: no field {field!r}; set --field")
-            prompts.append(str(row[field]))
-    return prompts
+                raise ValueError(f"{path}:{n}: no field {field!r}; set {option}")
+            values.append(row[field])
+    return values
+
+
+def read_prompts(path: str | Path, settings: InferSettings) -> list[Any]:
+    """Each row's prompt (text), or its conversation with ``messages_field``."""
+    if settings.messages_field:
+        return read_column(path, settings.messages_field, "--messages-field")
+    return [str(p) for p in read_column(path, settings.field)]
 
 
 class ChunkWorker:
@@ -67,16 +76,27 @@ class ChunkWorker:
         self.tokenizer = run_tokenizer(run_config(run_dir))
         self.parts = Path(parts)
 
-    def complete(self, start: int, prompts: list[str]) -> list[dict[str, Any]]:
+    def complete(self, start: int, prompts: list[Any]) -> list[dict[str, Any]]:
+        """Rows of ``row``, the prompt as ``prompt`` (a conversation as ``messages``, None where it is
+        not one), ``completion``, ``tokens`` and ``error``."""
+        from fax.chat import message_problems, prompt_ids, reply_stops
         from fax.serve import SamplingParams, TextStream, generate, request_problems
 
         s = self.settings
-        rows = [{"row": start + i, "prompt": p} for i, p in enumerate(prompts)]
+        chat = bool(s.messages_field)
+        name = "messages" if chat else "prompt"
+        stop = reply_stops(s.stop) if chat else s.stop
+        rows = [{"row": start + i, name: p} for i, p in enumerate(prompts)]
         todo = []
         for row in rows:
-            ids = [int(t) for t in self.tokenizer.encode(row["prompt"])]
-            sampling = SamplingParams(s.max_tokens, s.temperature, s.top_k, s.top_p, s.seed + row["row"], s.stop)
-            problems = request_problems(self.engine.cfg, ids, sampling)
+            problems = message_problems(row[name]) if chat else []
+            if problems:
+                row[name], ids = None, []  # a column of conversations only
+            else:
+                ids = (prompt_ids(self.tokenizer.encode, row[name]) if chat
+                       else [int(t) for t in self.tokenizer.encode(row[name])])
+            sampling = SamplingParams(s.max_tokens, s.temperature, s.top_k, s.top_p, s.seed + row["row"], stop)
+            problems = problems or request_problems(self.engine.cfg, ids, sampling, prompt_name=name)
             if problems:  # one bad row is reported in its place; the job goes on
                 row.update(completion=None, error="; ".join(problems))
             else:
@@ -101,7 +121,7 @@ def infer(run_dir: str | Path, input_path: str | Path, output: str | Path, setti
           workers: int = 1, engine: str = "ray", chunk_rows: int = CHUNK_ROWS, progress: bool = False) -> dict:
     """Complete every prompt of ``input_path`` into ``output``; returns counts. Parts live beside the
     output (``OUTPUT.parts/``) and make a re-run resume; parts of a different job are refused."""
-    prompts = read_prompts(input_path, settings.field)
+    prompts = read_prompts(input_path, settings)
     output = Path(output)
     if output.suffix not in (".jsonl", ".parquet"):
         raise ValueError(f"output {output}: use a .jsonl or .parquet file name")

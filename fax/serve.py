@@ -58,16 +58,17 @@ class SamplingParams:
 
 
 def request_problems(cfg: models.ModelConfig, prompt: Sequence[int], sampling: SamplingParams,
-                     scored_only: bool = False) -> list[str]:
-    """What is wrong with a request, in words a client can act on (empty: nothing). A prompt
-    ``scored_only`` (nothing generated) may fill the whole context."""
+                     scored_only: bool = False, prompt_name: str = "prompt") -> list[str]:
+    """What is wrong with a request, in words a client can act on (empty: nothing); ``prompt_name``
+    is what the client calls the prompt (a conversation's ``messages``). A prompt ``scored_only``
+    (nothing generated) may fill the whole context."""
     found = sampling.problems()
     new_tokens = 0 if scored_only else sampling.max_new_tokens
     if not len(prompt):
-        found.append("prompt is empty")
+        found.append(f"{prompt_name} is empty")
     elif len(prompt) + new_tokens > cfg.max_seq_len:
-        found.append(f"prompt ({len(prompt)} tokens) + max_tokens ({new_tokens}) exceeds the "
-                     f"model's context of {cfg.max_seq_len} tokens; shorten the prompt or lower max_tokens")
+        found.append(f"{prompt_name} ({len(prompt)} tokens) + max_tokens ({new_tokens}) exceeds the "
+                     f"model's context of {cfg.max_seq_len} tokens; shorten the {prompt_name} or lower max_tokens")
     return found
 
 

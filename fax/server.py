@@ -82,8 +82,9 @@ def _prompt_ids(prompt: Any, encode: Callable[[str], list[int]], vocab_size: int
 
 
 def parse_completion(body: Any, encode: Callable[[str], list[int]], settings: ServeConfig,
-                     model: Any, model_name: str) -> Completion:
-    """A /v1/completions body checked against the settings and the model, every problem named."""
+                     model: Any, model_name: str, prompt_name: str = "prompt") -> Completion:
+    """A /v1/completions body checked against the settings and the model, every problem named
+    (the prompt as ``prompt_name``: what the client sent it as)."""
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
     if "prompt" not in body:
@@ -106,8 +107,8 @@ def parse_completion(body: Any, encode: Callable[[str], list[int]], settings: Se
     generate = not (echo and max_tokens == 0)  # echo with nothing to generate: the prompt scored
     max_prompt = settings.max_prompt_tokens or context - generate  # scored alone, it may fill the context
     if len(prompt) > max_prompt:
-        raise RequestError(f"prompt is {len(prompt)} tokens; this server accepts at most {max_prompt} "
-                           "(serve.max_prompt_tokens)", "prompt")
+        raise RequestError(f"{prompt_name}: {len(prompt)} tokens, more than the {max_prompt} this server accepts "
+                           "(serve.max_prompt_tokens)", prompt_name)
     limit = settings.max_tokens or context
     if max_tokens > limit:
         raise RequestError(f"max_tokens={max_tokens} is above this server's limit of {limit} (serve.max_tokens)",
@@ -125,7 +126,7 @@ def parse_completion(body: Any, encode: Callable[[str], list[int]], settings: Se
         top_k=_typed(body, "top_k", (int,), 0, "an integer"),
         top_p=float(_typed(body, "top_p", (int, float), 1.0, "a number")),
         seed=secrets.randbelow(2 ** 32) if seed is None else seed, stop=tuple(stop))
-    problems = request_problems(model, prompt, sampling, scored_only=not generate)
+    problems = request_problems(model, prompt, sampling, scored_only=not generate, prompt_name=prompt_name)
     if problems:
         raise RequestError("; ".join(problems))
     return Completion(prompt, sampling, stream, logprobs, echo, generate)
@@ -145,7 +146,7 @@ def parse_chat(body: Any, encode: Callable[[str], list[int]], settings: ServeCon
             raise RequestError(f"{name} is not supported on /v1/chat/completions; ask /v1/completions", name)
     reply = {**body, "prompt": prompt_ids(encode, body["messages"]),
              "max_tokens": body.get("max_completion_tokens", body.get("max_tokens"))}
-    completion = parse_completion(reply, encode, settings, model, model_name)
+    completion = parse_completion(reply, encode, settings, model, model_name, prompt_name="messages")
     sampling = dataclasses.replace(completion.sampling, stop=reply_stops(completion.sampling.stop))
     return dataclasses.replace(completion, sampling=sampling)
 

@@ -62,3 +62,30 @@ def test_infer_command_writes_parquet(tmp_path, run_dir):
     assert [r["row"] for r in table] == list(range(20)) and all(r["completion"] is not None for r in table)
     assert main(["infer", str(run_dir), "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "o.csv"),
                  "--field", "text"]) == 2
+
+
+def test_infer_replies_to_conversations_laid_out_as_in_chat_tuning(tmp_path, run_dir):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    talks = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"def f{i}"}] for i in range(6)]
+    talks[2] = [{"role": "bot", "content": "hi"}]  # not a conversation: an error in its row
+    talks[3] = [{"role": "user", "content": "x" * 100}]  # with max_tokens, longer than the context
+    pq.write_table(pa.Table.from_pylist([{"talk": t} for t in talks]), tmp_path / "in.parquet")
+    out = tmp_path / "out.jsonl"
+    assert main(["infer", str(run_dir), "--input", str(tmp_path / "in.parquet"), "--output", str(out),
+                 "--messages-field", "talk", "--max-tokens", "8", "--engine", "local"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["row"] for r in rows] == list(range(6)) and "prompt" not in rows[0]
+    assert rows[2]["messages"] is None and "messages[0].role must be one of" in rows[2]["error"]
+    assert "messages (131 tokens) + max_tokens (8) exceeds the model's context" in rows[3]["error"]
+    # A reply is the greedy continuation of the conversation's text in the chat layout.
+    engine = Engine.from_run_dir(run_dir, devices=jax.devices()[:1], max_batch=1)
+    tok = run_tokenizer(run_config(run_dir))
+    for i in (0, 5):
+        layout = f"<|system|>\nBe brief.<|end|>\n<|user|>\ndef f{i}<|end|>\n<|assistant|>\n"
+        ids = generate(engine, [[int(t) for t in tok.encode(layout)]], [SamplingParams(8, 0.0, seed=i)])[0]
+        assert rows[i]["messages"] == talks[i] and rows[i]["error"] is None
+        assert rows[i]["completion"] == tok.decode(ids).split("<|end|>")[0] and rows[i]["tokens"] == len(ids)
+    assert main(["infer", str(run_dir), "--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "o.jsonl"),
+                 "--messages-field", "chat", "--engine", "local"]) == 2  # no such column

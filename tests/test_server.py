@@ -182,6 +182,9 @@ BAD_CHATS = [
     ({"messages": TALK, "logprobs": True}, "logprobs is not supported on /v1/chat/completions"),
     ({"messages": TALK, "max_tokens": 65}, "above this server's limit of 64"),
     ({"messages": TALK, "temperature": -1}, "temperature must be >= 0"),
+    ({"messages": [{"role": "user", "content": "x" * 120}]}, "messages: 151 tokens, more than the 127 this server"),
+    ({"messages": [{"role": "user", "content": "x" * 80}], "max_tokens": 20},
+     "messages (111 tokens) + max_tokens (20) exceeds the model's context of 128 tokens; shorten the messages"),
 ]
 
 
@@ -209,8 +212,8 @@ BAD = [
     ({"prompt": "x", "stream": "yes"}, 400, "stream must be true or false"),
     ({"prompt": "x", "stop": [1]}, 400, "stop must be a string or a list of at most 4 strings"),
     ({"prompt": "x", "n": 2}, 400, "n must be 1"),
-    ({"prompt": "x" * 128}, 400, "prompt is 128 tokens; this server accepts at most 127"),
-    ({"prompt": [1] * 129, "echo": True, "max_tokens": 0}, 400, "prompt is 129 tokens; this server accepts at most 128"),
+    ({"prompt": "x" * 128}, 400, "prompt: 128 tokens, more than the 127 this server accepts"),
+    ({"prompt": [1] * 129, "echo": True, "max_tokens": 0}, 400, "prompt: 129 tokens, more than the 128 this server accepts"),
     ({"prompt": "x" * 100, "max_tokens": 64}, 400, "exceeds the model's context of 128 tokens"),
     ({"prompt": "x", "model": "gpt-5"}, 404, "model 'gpt-5' is not served here"),
     ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens must be positive, got 0"),
