@@ -67,6 +67,14 @@ def _typed(body: dict[str, Any], name: str, kinds: tuple[type, ...], default: An
     return value
 
 
+def _logprobs_count(body: dict[str, Any], name: str) -> int | None:
+    """How many of the most likely tokens to list at each position (None: no logprobs)."""
+    count = _typed(body, name, (int,), None, "an integer")
+    if count is not None and not 0 <= count <= MAX_LOGPROBS:
+        raise RequestError(f"{name} must be in [0, {MAX_LOGPROBS}], got {count}", name)
+    return count
+
+
 def _prompt_ids(prompt: Any, encode: Callable[[str], list[int]], vocab_size: int) -> list[int]:
     """A string or token ids, alone or as a batch of one (what OpenAI clients and evaluation
     harnesses send)."""
@@ -98,9 +106,7 @@ def parse_completion(body: Any, encode: Callable[[str], list[int]], settings: Se
     context = model.max_seq_len
     stream = _typed(body, "stream", (bool,), False, "true or false")
     echo = _typed(body, "echo", (bool,), False, "true or false")
-    logprobs = _typed(body, "logprobs", (int,), None, "an integer")
-    if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
-        raise RequestError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {logprobs}", "logprobs")
+    logprobs = _logprobs_count(body, "logprobs")
     if stream and (echo or logprobs is not None):
         raise RequestError("logprobs and echo are not supported with stream=true; ask without stream", "stream")
     max_tokens = _typed(body, "max_tokens", (int,), settings.default_max_tokens, "an integer")
@@ -135,16 +141,20 @@ def parse_completion(body: Any, encode: Callable[[str], list[int]], settings: Se
 def parse_chat(body: Any, encode: Callable[[str], list[int]], settings: ServeConfig, model: Any,
                model_name: str) -> Completion:
     """A /v1/chat/completions body: the conversation laid out as in training (``fax.chat``), the
-    reply generated after it and ended by the end-of-turn marker; the rest as for a completion."""
+    reply generated after it and ended by the end-of-turn marker; ``logprobs`` (true or false) with
+    ``top_logprobs`` (a count); the rest as for a completion."""
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
     problems = message_problems(body.get("messages"))
     if problems:
         raise RequestError("; ".join(problems), "messages")
-    for name in ("echo", "logprobs", "top_logprobs"):
-        if body.get(name) not in (None, False):
-            raise RequestError(f"{name} is not supported on /v1/chat/completions; ask /v1/completions", name)
-    reply = {**body, "prompt": prompt_ids(encode, body["messages"]),
+    if body.get("echo") not in (None, False):
+        raise RequestError("echo is not supported on /v1/chat/completions; ask /v1/completions", "echo")
+    logprobs = _typed(body, "logprobs", (bool,), False, "true or false")
+    top = _logprobs_count(body, "top_logprobs")
+    if top is not None and not logprobs:
+        raise RequestError("top_logprobs needs logprobs=true", "top_logprobs")
+    reply = {**body, "prompt": prompt_ids(encode, body["messages"]), "logprobs": (top or 0) if logprobs else None,
              "max_tokens": body.get("max_completion_tokens", body.get("max_tokens"))}
     completion = parse_completion(reply, encode, settings, model, model_name, prompt_name="messages")
     sampling = dataclasses.replace(completion.sampling, stop=reply_stops(completion.sampling.stop))
@@ -242,7 +252,8 @@ class CompletionServer:
             logprobs = None
             if completion.logprobs is not None:
                 scoring = scoring or self.scheduler.score(completion.prompt + decoded.ids)
-                logprobs = self._logprobs(completion, decoded.ids, *await asyncio.wrap_future(scoring))
+                scores = await asyncio.wrap_future(scoring)
+                logprobs = (self._chat_logprobs if chat else self._logprobs)(completion, decoded.ids, *scores)
         except Exception as e:  # noqa: BLE001 - the engine failed this request; the server goes on
             return RequestError(f"generation failed: {e}", status=500, kind="server_error").response()
         if completion.echo:
@@ -281,6 +292,20 @@ class CompletionServer:
                 "token_logprobs": [None if i == 0 else float(chosen[i - 1]) for i in positions],
                 "top_logprobs": [top(i) for i in positions], "text_offset": offsets(shown, 0) + offsets(made, start)}
 
+    def _chat_logprobs(self, completion: Completion, generated: list[int], chosen: np.ndarray, top_ids: np.ndarray,
+                       top_logp: np.ndarray) -> dict[str, Any]:
+        """The chat form of logprobs: for every generated token (as for a completion), its text,
+        its UTF-8 bytes (None where the token holds part of a character) and log-probability, and
+        the ``completion.logprobs`` most likely tokens in order."""
+        def entry(token: int, logp: float) -> dict[str, Any]:
+            text = self.tokenizer.decode([int(token)])
+            return {"token": text, "logprob": float(logp), "bytes": None if "\ufffd" in text else list(text.encode())}
+
+        at = len(completion.prompt) - 1  # scores[i] are for token i + 1 of prompt + generated
+        return {"content": [entry(token, chosen[at + k]) | {"top_logprobs": [
+            entry(t, lp) for t, lp in zip(top_ids[at + k][:completion.logprobs], top_logp[at + k][:completion.logprobs])]}
+            for k, token in enumerate(generated)]}
+
     def _encode(self, text: str) -> list[int]:
         return [int(t) for t in self.tokenizer.encode(text)]
 
@@ -290,7 +315,7 @@ class CompletionServer:
         one is a ``chat.completion.chunk`` with the text in its ``delta``)."""
         if chat:
             kind, choice = ("chat.completion.chunk", {"delta": {"content": text}}) if streamed else (
-                "chat.completion", {"message": {"role": "assistant", "content": text}})
+                "chat.completion", {"message": {"role": "assistant", "content": text}, "logprobs": logprobs})
         else:
             kind, choice = "text_completion", {"text": text, "logprobs": logprobs}
         return {"id": rid, "object": kind, "created": int(time.time()), "model": self.model_name,

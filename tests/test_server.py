@@ -174,12 +174,34 @@ def test_chat_reply_continues_the_conversation_laid_out_as_in_training(url):
     assert ask_chat(url, max_completion_tokens=3)["usage"]["completion_tokens"] == 3
 
 
+def test_chat_logprobs_list_the_reply_tokens_with_the_most_likely_in_order(url):
+    """logprobs=true, top_logprobs=2 on a chat: the tokens a completion of the laid-out conversation
+    lists, with the same log-probabilities, in the chat form (a list per token, most likely first)."""
+    laid_out = "<|system|>\nBe brief.<|end|>\n<|user|>\ndef <|end|>\n<|assistant|>\n"
+    reply = ask_chat(url, logprobs=True, top_logprobs=2)
+    alone = complete(url, prompt=laid_out, stop="<|end|>", logprobs=2)["choices"][0]["logprobs"]
+    content = reply["choices"][0]["logprobs"]["content"]
+    assert len(content) == reply["usage"]["completion_tokens"] and [c["token"] for c in content] == alone["tokens"]
+    np.testing.assert_allclose([c["logprob"] for c in content], alone["token_logprobs"], rtol=1e-6)
+    for c, top in zip(content, alone["top_logprobs"]):
+        likely = c["top_logprobs"]
+        assert len(likely) == 2 and likely[0]["logprob"] >= likely[1]["logprob"]
+        assert c["logprob"] == pytest.approx(likely[0]["logprob"])  # greedy: the reply's token is the most likely
+        assert all(top[e["token"]] == pytest.approx(e["logprob"]) for e in likely if e["bytes"] is not None)
+        assert c["bytes"] is None or bytes(c["bytes"]).decode() == c["token"]
+    assert ask_chat(url)["choices"][0]["logprobs"] is None
+
+
 BAD_CHATS = [
     ({"prompt": "x"}, "messages must be a non-empty list"),
     ({"messages": []}, "messages must be a non-empty list"),
     ({"messages": [{"role": "bot", "content": "x"}]}, "messages[0].role must be one of system, user, assistant"),
     ({"messages": [{"role": "user", "content": 3}]}, "messages[0].content must be text"),
-    ({"messages": TALK, "logprobs": True}, "logprobs is not supported on /v1/chat/completions"),
+    ({"messages": TALK, "echo": True}, "echo is not supported on /v1/chat/completions"),
+    ({"messages": TALK, "logprobs": 1}, "logprobs must be true or false, got 1"),
+    ({"messages": TALK, "top_logprobs": 2}, "top_logprobs needs logprobs=true"),
+    ({"messages": TALK, "logprobs": True, "top_logprobs": 9}, "top_logprobs must be in [0, 5], got 9"),
+    ({"messages": TALK, "logprobs": True, "stream": True}, "not supported with stream=true"),
     ({"messages": TALK, "max_tokens": 65}, "above this server's limit of 64"),
     ({"messages": TALK, "temperature": -1}, "temperature must be >= 0"),
     ({"messages": [{"role": "user", "content": "x" * 120}]}, "messages: 151 tokens, more than the 127 this server"),
