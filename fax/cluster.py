@@ -10,6 +10,7 @@ batch. A worker that dies or hangs raises ``WorkerFailure``; the Trainer then ca
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import socket
@@ -33,6 +34,7 @@ from fax.runtime import HostRuntime, RowRanges, WorkerFailure, take_rows
 
 HOST_RESOURCE = "fax_host"  # one unit per emulated CPU host (`ray start --resources='{"fax_host": 1}'`)
 IN_FLIGHT_STEPS = 2  # the step running on the hosts and the next one, whose batch is already there
+EVAL_BATCHES_PER_CALL = 4  # an evaluation's batches go to the hosts in groups, two groups in flight
 SOCKET_PATH_ROOM = 40  # Ray's socket paths under its temp dir must stay below the 107-byte Unix limit
 
 
@@ -82,7 +84,7 @@ class HostWorker:
         self.rows_seen = rows
         return HostRuntime.metrics(self.runtime.step_rows(rows))
 
-    def evaluate(self, local_batches: list[np.ndarray]) -> float:
+    def evaluate(self, local_batches: list[np.ndarray]) -> np.ndarray:
         return self.runtime.evaluate_rows(local_batches)
 
     def last_rows(self) -> np.ndarray | None:
@@ -342,12 +344,22 @@ class RayRuntime:
                             self.config.cluster.step_timeout_s, what)
 
     def evaluate(self, batches: Iterable[np.ndarray]) -> float:
+        """As ``HostRuntime.evaluate``; the batches go out a few at a time, the next group sent while
+        the hosts evaluate one, so the head never holds more than two groups."""
         while self.pending:
             self.metrics(self.pending[0])
-        batches = list(batches)
-        return self._gather([w.evaluate.remote([take_rows(b, rows) for b in batches])
-                             for w, rows in zip(self.workers, self.rows)],
-                            self.config.cluster.step_timeout_s, "an evaluation")[0]  # replicated, as metrics
+
+        def gathered(calls: list[ray.ObjectRef]) -> np.ndarray:
+            return self._gather(calls, self.config.cluster.step_timeout_s, "an evaluation")[0]  # replicated
+
+        batches, in_flight, losses = iter(batches), deque(), []
+        while group := list(itertools.islice(batches, EVAL_BATCHES_PER_CALL)):
+            in_flight.append([w.evaluate.remote([take_rows(b, rows) for b in group])
+                              for w, rows in zip(self.workers, self.rows)])
+            if len(in_flight) == 2:
+                losses.append(gathered(in_flight.popleft()))
+        losses += [gathered(calls) for calls in in_flight]
+        return float(np.mean(np.concatenate(losses)))
 
     def save(self, meta: dict[str, Any], wait: bool) -> None:
         self._on_all(f"saving the checkpoint of step {meta['step']}", "save", meta, wait)

@@ -126,12 +126,12 @@ class HostRuntime:
         self.next_step += 1
         return metrics
 
-    def evaluate_rows(self, local_batches: Iterable[np.ndarray]) -> float:
-        """Mean cross-entropy of the current params over batches, given this process's rows of each."""
+    def evaluate_rows(self, local_batches: Iterable[np.ndarray]) -> np.ndarray:
+        """Each batch's mean cross-entropy under the current params, given this process's rows of each."""
         losses = [self.training.evaluate(self.state["params"],
                                          global_batch(local, self.rows, self.training.batch_sharding, self.batch_shape))
                   for local in local_batches]
-        return float(np.mean(jax.device_get(losses)))
+        return np.asarray(jax.device_get(losses), np.float32)
 
     # The head-side interface (fax.cluster.RayRuntime offers the same methods).
 
@@ -140,7 +140,7 @@ class HostRuntime:
 
     def evaluate(self, batches: Iterable[np.ndarray]) -> float:
         """Mean cross-entropy of the current params (after the last submitted step, or loaded) over ``batches``."""
-        return self.evaluate_rows(take_rows(b, self.rows) for b in batches)
+        return float(np.mean(self.evaluate_rows(take_rows(b, self.rows) for b in batches)))
 
     @staticmethod
     def metrics(handle: dict[str, jax.Array]) -> dict[str, float]:
