@@ -31,6 +31,12 @@ from fax.config import ClusterConfig, ConfigError, ServeConfig, run_config
 from fax.serve import MAX_LOGPROBS, Busy, SamplingParams, Scheduler, TextStream, request_problems, run_tokenizer
 
 MAX_STOP_SEQUENCES = 4
+# OpenAI settings this server does not implement, taken only at a value that changes nothing (never
+# silently ignored): each with the values it accepts.
+NO_OP_SETTINGS: dict[str, tuple[Any, ...]] = {
+    "frequency_penalty": (0,), "presence_penalty": (0,), "logit_bias": ({},), "best_of": (1,), "suffix": ("",)}
+NO_OP_CHAT_SETTINGS: dict[str, tuple[Any, ...]] = {
+    "tools": ([],), "tool_choice": ("none",), "functions": ([],), "response_format": ({"type": "text"},)}
 
 
 class RequestError(Exception):
@@ -65,6 +71,12 @@ def _typed(body: dict[str, Any], name: str, kinds: tuple[type, ...], default: An
     if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
         raise RequestError(f"{name} must be {what}, got {json.dumps(value)[:40]}", name)
     return value
+
+
+def _refuse_unsupported(body: dict[str, Any], settings: dict[str, tuple[Any, ...]], endpoint: str) -> None:
+    for name, no_ops in settings.items():
+        if body.get(name) not in (None, *no_ops):
+            raise RequestError(f"{name} is not supported on {endpoint} (only {json.dumps(no_ops[0])})", name)
 
 
 def _logprobs_count(body: dict[str, Any], name: str) -> int | None:
@@ -102,6 +114,7 @@ def parse_completion(body: Any, encode: Callable[[str], list[int]], settings: Se
                            "model", 404, "model_not_found")
     if _typed(body, "n", (int,), 1, "an integer") != 1:
         raise RequestError("n must be 1 (one completion per request)", "n")
+    _refuse_unsupported(body, NO_OP_SETTINGS, "/v1/completions")
     prompt = _prompt_ids(body["prompt"], encode, model.vocab_size)
     context = model.max_seq_len
     stream = _typed(body, "stream", (bool,), False, "true or false")
@@ -150,6 +163,7 @@ def parse_chat(body: Any, encode: Callable[[str], list[int]], settings: ServeCon
         raise RequestError("; ".join(problems), "messages")
     if body.get("echo") not in (None, False):
         raise RequestError("echo is not supported on /v1/chat/completions; ask /v1/completions", "echo")
+    _refuse_unsupported(body, NO_OP_SETTINGS | NO_OP_CHAT_SETTINGS, "/v1/chat/completions")
     logprobs = _typed(body, "logprobs", (bool,), False, "true or false")
     top = _logprobs_count(body, "top_logprobs")
     if top is not None and not logprobs:

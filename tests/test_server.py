@@ -172,6 +172,10 @@ def test_chat_reply_continues_the_conversation_laid_out_as_in_training(url):
     assert "".join(c["choices"][0]["delta"]["content"] for c in chunks) == reply["choices"][0]["message"]["content"]
     assert chunks[-1]["choices"][0]["finish_reason"] == reply["choices"][0]["finish_reason"]
     assert ask_chat(url, max_completion_tokens=3)["usage"]["completion_tokens"] == 3
+    # What OpenAI clients send by default changes nothing.
+    defaults = {"frequency_penalty": 0, "presence_penalty": 0.0, "logit_bias": {}, "tools": [], "tool_choice": "none",
+                "response_format": {"type": "text"}, "user": "someone"}
+    assert ask_chat(url, **defaults)["choices"] == reply["choices"]
 
 
 def test_chat_logprobs_list_the_reply_tokens_with_the_most_likely_in_order(url):
@@ -203,6 +207,8 @@ BAD_CHATS = [
     ({"messages": TALK, "logprobs": True, "top_logprobs": 9}, "top_logprobs must be in [0, 5], got 9"),
     ({"messages": TALK, "logprobs": True, "stream": True}, "not supported with stream=true"),
     ({"messages": TALK, "max_tokens": 65}, "above this server's limit of 64"),
+    ({"messages": TALK, "presence_penalty": 1}, "presence_penalty is not supported on /v1/chat/completions (only 0)"),
+    ({"messages": TALK, "tools": [{"type": "function"}]}, "tools is not supported on /v1/chat/completions (only [])"),
     ({"messages": TALK, "temperature": -1}, "temperature must be >= 0"),
     ({"messages": [{"role": "user", "content": "x" * 120}]}, "messages: 151 tokens, more than the 127 this server"),
     ({"messages": [{"role": "user", "content": "x" * 80}], "max_tokens": 20},
@@ -233,6 +239,8 @@ BAD = [
     ({"prompt": "x", "top_p": 0}, 400, "top_p must be in (0, 1]"),
     ({"prompt": "x", "stream": "yes"}, 400, "stream must be true or false"),
     ({"prompt": "x", "stop": [1]}, 400, "stop must be a string or a list of at most 4 strings"),
+    ({"prompt": "x", "frequency_penalty": 0.5}, 400, "frequency_penalty is not supported on /v1/completions (only 0)"),
+    ({"prompt": "x", "logit_bias": {"5": 100}}, 400, "logit_bias is not supported on /v1/completions (only {})"),
     ({"prompt": "x", "n": 2}, 400, "n must be 1"),
     ({"prompt": "x" * 128}, 400, "prompt: 128 tokens, more than the 127 this server accepts"),
     ({"prompt": [1] * 129, "echo": True, "max_tokens": 0}, 400, "prompt: 129 tokens, more than the 128 this server accepts"),
