@@ -36,7 +36,7 @@ MAX_STOP_SEQUENCES = 4
 NO_OP_SETTINGS: dict[str, tuple[Any, ...]] = {
     "frequency_penalty": (0,), "presence_penalty": (0,), "logit_bias": ({},), "best_of": (1,), "suffix": ("",)}
 NO_OP_CHAT_SETTINGS: dict[str, tuple[Any, ...]] = {
-    "tools": ([],), "tool_choice": ("none",), "functions": ([],), "response_format": ({"type": "text"},)}
+    "tools": ([],), "tool_choice": ("none", "auto"), "functions": ([],), "response_format": ({"type": "text"},)}
 
 
 class RequestError(Exception):
@@ -62,6 +62,7 @@ class Completion:
     logprobs: int | None = None  # the most likely tokens to list at each position, if any
     echo: bool = False  # the prompt's text (and its tokens' logprobs) before the completion's
     generate: bool = True  # False: max_tokens=0 with echo, the prompt scored alone
+    usage_chunk: bool = False  # streamed: a last chunk with the usage (stream_options.include_usage)
 
 
 def _typed(body: dict[str, Any], name: str, kinds: tuple[type, ...], default: Any, what: str) -> Any:
@@ -119,6 +120,10 @@ def parse_completion(body: Any, encode: Callable[[str], list[int]], settings: Se
     context = model.max_seq_len
     stream = _typed(body, "stream", (bool,), False, "true or false")
     echo = _typed(body, "echo", (bool,), False, "true or false")
+    options = _typed(body, "stream_options", (dict,), {}, "an object")
+    if options and not stream:
+        raise RequestError("stream_options needs stream=true", "stream_options")
+    usage_chunk = _typed(options, "include_usage", (bool,), False, "true or false")
     logprobs = _logprobs_count(body, "logprobs")
     if stream and (echo or logprobs is not None):
         raise RequestError("logprobs and echo are not supported with stream=true; ask without stream", "stream")
@@ -148,7 +153,7 @@ def parse_completion(body: Any, encode: Callable[[str], list[int]], settings: Se
     problems = request_problems(model, prompt, sampling, scored_only=not generate, prompt_name=prompt_name)
     if problems:
         raise RequestError("; ".join(problems))
-    return Completion(prompt, sampling, stream, logprobs, echo, generate)
+    return Completion(prompt, sampling, stream, logprobs, echo, generate, usage_chunk)
 
 
 def parse_chat(body: Any, encode: Callable[[str], list[int]], settings: ServeConfig, model: Any,
@@ -173,6 +178,11 @@ def parse_chat(body: Any, encode: Callable[[str], list[int]], settings: ServeCon
     completion = parse_completion(reply, encode, settings, model, model_name, prompt_name="messages")
     sampling = dataclasses.replace(completion.sampling, stop=reply_stops(completion.sampling.stop))
     return dataclasses.replace(completion, sampling=sampling)
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
 
 
 def serving_hosts(cluster: ClusterConfig) -> int:
@@ -256,7 +266,8 @@ class CompletionServer:
             return RequestError(str(e), status=429, kind="server_busy").response()
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         if completion.stream:
-            return StreamingResponse(self._events(rid, pieces, chat), media_type="text/event-stream")
+            return StreamingResponse(self._events(rid, pieces, chat, len(completion.prompt) if completion.usage_chunk
+                                                  else None), media_type="text/event-stream")
         text, reason, used = "", "length", 0
         try:
             if pieces is not None:
@@ -272,9 +283,7 @@ class CompletionServer:
             return RequestError(f"generation failed: {e}", status=500, kind="server_error").response()
         if completion.echo:
             text = self.tokenizer.decode(completion.prompt) + text
-        usage = {"prompt_tokens": len(completion.prompt), "completion_tokens": used,
-                 "total_tokens": len(completion.prompt) + used}
-        return self._body(rid, text, reason, chat, logprobs=logprobs) | {"usage": usage}
+        return self._body(rid, text, reason, chat, logprobs=logprobs) | {"usage": usage(len(completion.prompt), used)}
 
     def _logprobs(self, completion: Completion, generated: list[int], chosen: np.ndarray, top_ids: np.ndarray,
                   top_logp: np.ndarray) -> dict[str, Any]:
@@ -335,17 +344,24 @@ class CompletionServer:
         return {"id": rid, "object": kind, "created": int(time.time()), "model": self.model_name,
                 "choices": [{"index": 0, **choice, "finish_reason": reason}]}
 
-    async def _events(self, rid: str, pieces: AsyncIterator[tuple[str, str | None, int]],
-                      chat: bool) -> AsyncIterator[str]:
+    async def _events(self, rid: str, pieces: AsyncIterator[tuple[str, str | None, int]], chat: bool,
+                      prompt_tokens: int | None) -> AsyncIterator[str]:
         """Server-sent events: one per text delta (a chat's first also names the assistant's role),
-        then ``[DONE]``; a failure mid-way is an error event."""
+        with ``prompt_tokens`` a last one of the usage (no choices; the others' usage null), then
+        ``[DONE]``; a failure mid-way is an error event."""
         async with contextlib.aclosing(pieces):
             try:
-                first = chat
-                async for delta, reason, _ in pieces:
+                first, used = chat, 0
+                async for delta, reason, used in pieces:
                     body = self._body(rid, delta, reason, chat, streamed=True)
                     if first:
                         body["choices"][0]["delta"]["role"], first = "assistant", False
+                    if prompt_tokens is not None:
+                        body["usage"] = None
+                    yield f"data: {json.dumps(body)}\n\n"
+                if prompt_tokens is not None:
+                    body = self._body(rid, "", None, chat, streamed=True) | {"choices": [],
+                                                                            "usage": usage(prompt_tokens, used)}
                     yield f"data: {json.dumps(body)}\n\n"
             except Exception as e:  # noqa: BLE001 - the status line has gone out: say it in the stream
                 yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error'}})}\n\n"

@@ -93,6 +93,9 @@ def test_streamed_completion_arrives_in_chunks_that_add_up(url):
     assert len(chunks) >= 5
     assert [c["choices"][0]["finish_reason"] for c in chunks] == [None] * (len(chunks) - 1) + ["length"]
     assert "".join(c["choices"][0]["text"] for c in chunks) == complete(url, **sampled)["choices"][0]["text"]
+    counted = complete(url, stream=True, stream_options={"include_usage": True}, **sampled)
+    assert counted[-1]["choices"] == [] and counted[-1]["usage"] == {"prompt_tokens": 4, "completion_tokens": 24,
+                                                                     "total_tokens": 28}
 
 
 def test_stop_sequence_ends_the_text_before_it(url):
@@ -171,6 +174,10 @@ def test_chat_reply_continues_the_conversation_laid_out_as_in_training(url):
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
     assert "".join(c["choices"][0]["delta"]["content"] for c in chunks) == reply["choices"][0]["message"]["content"]
     assert chunks[-1]["choices"][0]["finish_reason"] == reply["choices"][0]["finish_reason"]
+    counted = ask_chat(url, stream=True, stream_options={"include_usage": True})  # a last chunk of the usage
+    assert counted[-1]["choices"] == [] and counted[-1]["usage"] == reply["usage"]
+    assert [c["choices"] for c in counted[:-1]] == [c["choices"] for c in chunks]
+    assert all(c["usage"] is None for c in counted[:-1])
     assert ask_chat(url, max_completion_tokens=3)["usage"]["completion_tokens"] == 3
     # What OpenAI clients send by default changes nothing.
     defaults = {"frequency_penalty": 0, "presence_penalty": 0.0, "logit_bias": {}, "tools": [], "tool_choice": "none",
@@ -239,6 +246,8 @@ BAD = [
     ({"prompt": "x", "top_p": 0}, 400, "top_p must be in (0, 1]"),
     ({"prompt": "x", "stream": "yes"}, 400, "stream must be true or false"),
     ({"prompt": "x", "stop": [1]}, 400, "stop must be a string or a list of at most 4 strings"),
+    ({"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options needs stream=true"),
+    ({"prompt": "x", "stream": True, "stream_options": {"include_usage": 1}}, 400, "include_usage must be true or false"),
     ({"prompt": "x", "frequency_penalty": 0.5}, 400, "frequency_penalty is not supported on /v1/completions (only 0)"),
     ({"prompt": "x", "logit_bias": {"5": 100}}, 400, "logit_bias is not supported on /v1/completions (only {})"),
     ({"prompt": "x", "n": 2}, 400, "n must be 1"),
