@@ -1,5 +1,6 @@
 """Tokens/s and MFU of the fax train step on the present accelerator (meant for one H100/H200),
-side by side for several remat policies, attention implementations and loss chunkings in one run.
+side by side for several remat policies, attention implementations, loss chunkings and document
+masking in one run.
 
 Default: a ~1B Llama (llama-1b shape), sequence 2048, bf16 compute; for each (remat, attention)
 variant it tries global batch sizes from the largest down until one fits, and reports tokens/s
@@ -10,6 +11,7 @@ tokens/s as a ratio of the first's, and the scratch memory XLA planned for the s
     python benchmarks/mfu.py --model llama-tiny --seq-len 128 --batches 8,4 --attention xla   # CPU check
     python benchmarks/mfu.py --model llama-tiny --set model.vocab_size=32768 --seq-len 256 --batches 8 \
         --attention xla --loss-chunks 1,4,16      # the logits' memory on the CPU
+    python benchmarks/mfu.py --document-mask false,true   # what attention stopping at documents costs
 """
 
 from __future__ import annotations
@@ -39,12 +41,13 @@ def device_time_by_op(trace_dir: str, top: int) -> list[tuple[str, float]]:
     return totals.most_common(top)
 
 
-def measure(model: str, seq_len: int, batch: int, remat: str, attention: str, loss_chunks: int, steps: int,
-            trace: str | None = None, settings: tuple[str, ...] = ()) -> dict | None:
+def measure(model: str, seq_len: int, batch: int, remat: str, attention: str, loss_chunks: int, document_mask: bool,
+            steps: int, trace: str | None = None, settings: tuple[str, ...] = ()) -> dict | None:
     """One variant's step time at one batch size; None when it does not fit in device memory."""
     import models
     from fax import load_config
     from fax import step as step_lib
+    from fax.data import DOCUMENT_END
     from fax.metrics import mfu, peak_flops_per_device
     from parallel import make_mesh
     from parallel.planner import out_of_memory
@@ -53,9 +56,12 @@ def measure(model: str, seq_len: int, batch: int, remat: str, attention: str, lo
     cfg = load_config(overrides=[f"model={model}", f"model.max_seq_len={seq_len}", "model.dtype=bfloat16",
                                  f"model.remat={remat}", f"model.attention_impl={attention}",
                                  f"train.batch_size={batch}", f"train.seq_len={seq_len}",
-                                 f"train.loss_chunks={loss_chunks}", *settings])
+                                 f"train.loss_chunks={loss_chunks}", f"data.document_mask={document_mask}",
+                                 *settings])
     training = step_lib.build(cfg, make_mesh(cfg.parallel, devices))
-    tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (batch, seq_len + 1), np.int32)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, cfg.model.vocab_size, (batch, seq_len + 1), np.int32)
+    tokens |= np.where(rng.random(tokens.shape) < 1 / 1024, DOCUMENT_END, 0).astype(np.int32)  # documents ~1k long
     try:
         state = training.init()
         data = jax.device_put(tokens, training.batch_sharding)
@@ -75,13 +81,15 @@ def measure(model: str, seq_len: int, batch: int, remat: str, attention: str, lo
     except Exception as e:  # out of memory: the caller tries a smaller batch
         if not out_of_memory(e):
             raise
-        print(f"  {remat}/{attention}/loss_chunks={loss_chunks} batch {batch}: does not fit "
+        print(f"  {remat}/{attention}/loss_chunks={loss_chunks}/document_mask={document_mask} batch {batch}: "
+              "does not fit "
               f"({str(e).splitlines()[0][:100]})")
         return None
     tokens_per_s = batch * seq_len / step_s
     peak = peak_flops_per_device(devices[0].device_kind, devices[0].platform, len(devices))
     return {"model": model, "params": models.param_count(cfg.model), "remat": remat, "attention": attention,
-            "loss_chunks": loss_chunks, "batch": batch, "seq_len": seq_len, "device": devices[0].device_kind,
+            "loss_chunks": loss_chunks, "document_mask": document_mask, "batch": batch, "seq_len": seq_len,
+            "device": devices[0].device_kind,
             "devices": len(devices),
             "step_s": step_s, "tokens_per_s": tokens_per_s, "peak_flops": peak, "scratch_bytes": scratch,
             "mfu": mfu(models.train_flops_per_token(cfg.model, seq_len), tokens_per_s, peak, len(devices)),
@@ -96,6 +104,7 @@ def main() -> None:
     p.add_argument("--remat", default="dots_with_no_batch_dims_saveable", help="model.remat values, comma-separated")
     p.add_argument("--attention", default="cudnn", help="model.attention_impl values, comma-separated")
     p.add_argument("--loss-chunks", default="1", help="train.loss_chunks values, comma-separated")
+    p.add_argument("--document-mask", default="false", help="data.document_mask values (false, true), comma-separated")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="another config setting")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--trace", help="also profile one step of each variant into this folder and print its top ops")
@@ -104,19 +113,20 @@ def main() -> None:
 
     results = []
     variants = itertools.product(args.remat.split(","), args.attention.split(","),
-                                 map(int, args.loss_chunks.split(",")))
-    for remat, attention, chunks in variants:
+                                 map(int, args.loss_chunks.split(",")),
+                                 [m == "true" for m in args.document_mask.split(",")])
+    for remat, attention, chunks, masked in variants:
         for batch in map(int, args.batches.split(",")):
-            trace = args.trace and f"{args.trace}/{remat}-{attention}-{chunks}"
-            result = measure(args.model, args.seq_len, batch, remat, attention, chunks, args.steps, trace,
+            trace = args.trace and f"{args.trace}/{remat}-{attention}-{chunks}-{'masked' if masked else 'causal'}"
+            result = measure(args.model, args.seq_len, batch, remat, attention, chunks, masked, args.steps, trace,
                              tuple(args.set))
             if result:  # the largest batch that fits
                 results.append(result)
                 if trace:
                     ops = device_time_by_op(trace, 25)
                     result["top_ops_ms"] = ops
-                    print(f"{remat}/{attention}/loss_chunks={chunks} batch {batch}: top device ops of one step "
-                          f"({result['step_s'] * 1e3:.0f} ms)")
+                    print(f"{remat}/{attention}/loss_chunks={chunks}/document_mask={masked} batch {batch}: "
+                          f"top device ops of one step ({result['step_s'] * 1e3:.0f} ms)")
                     for name, ms in ops or [("(no device ops in the trace)", 0.0)]:
                         print(f"  {ms:8.2f} ms  {name[:110]}")
                 break
@@ -125,7 +135,8 @@ def main() -> None:
           f"{first['device']} (peak {first['peak_flops'] / 1e12:.3g} TFLOP/s/device)")
     for r in results:
         print(f"  remat {r['remat']:<34} attention {r['attention']:<6} loss chunks {r['loss_chunks']:>3} "
-              f"batch {r['batch']:>3}: {r['step_s'] * 1e3:7.0f} ms/step  "
+              f"{'doc mask' if r['document_mask'] else 'causal  '} batch {r['batch']:>3}: "
+              f"{r['step_s'] * 1e3:7.0f} ms/step  "
               f"scratch {r['scratch_bytes'] / 2 ** 30:6.2f} GiB {r['tokens_per_s']:>11,.0f} tokens/s  MFU {100 * r['mfu']:5.1f}%  "
               f"{r['tokens_per_s'] / first['tokens_per_s']:.2f}x the first")
     out = Path(args.out)

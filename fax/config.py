@@ -63,6 +63,9 @@ class TrainConfig:
 @dataclass(frozen=True)
 class DataConfig:
     path: str = ""  # a folder written by `fax prepare`; empty: the Python standard library corpus
+    # Each document a training window packs is read as if it stood alone: its tokens attend only to
+    # its own, and its positions count from its first token. Off: windows read straight across ends.
+    document_mask: bool = False
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,10 @@ FORMAT = "fax-tokens-v1"
 # assistant's (datasets prepared with a prompt or messages field, always uint32). The model reads them
 # but is not trained to predict them. Read as int32 they are negative.
 PROMPT_FLAG = 1 << 31
+# Set by a Sampler told the end-of-document id on the tokens that end a document: the step then
+# masks attention at them (``data.document_mask``). Never stored.
+DOCUMENT_END = 1 << 30
+TOKEN_ID = DOCUMENT_END - 1  # the id bits of a batch's token, below the flags
 
 
 class ByteTokenizer:
@@ -421,8 +425,10 @@ class Sampler:
     k, k+1, ... as an uninterrupted run, and no host's clock or iteration history matters.
     """
 
-    def __init__(self, dataset: TokenDataset, batch_size: int, seq_len: int, seed: int):
+    def __init__(self, dataset: TokenDataset, batch_size: int, seq_len: int, seed: int,
+                 document_end: int | None = None):
         self.dataset, self.batch_size, self.seq_len, self.seed = dataset, batch_size, seq_len, seed
+        self.document_end = document_end  # the end-of-document id, to flag with DOCUMENT_END
         self.n_starts = len(dataset.tokens) - seq_len  # valid window starts
 
     def batch(self, step: int) -> np.ndarray:
@@ -430,7 +436,10 @@ class Sampler:
         rng = np.random.default_rng([self.seed, step])
         starts = rng.integers(0, self.n_starts, size=self.batch_size)
         offsets = starts[:, None] + np.arange(self.seq_len + 1)
-        return np.asarray(self.dataset.tokens[offsets], dtype=np.int32)
+        tokens = np.asarray(self.dataset.tokens[offsets], dtype=np.int32)
+        if self.document_end is not None:
+            tokens[(tokens & TOKEN_ID) == self.document_end] |= DOCUMENT_END
+        return tokens
 
     def batches(self, start: int = 0) -> Iterator[np.ndarray]:
         step = start

@@ -16,16 +16,13 @@ from jax.sharding import Mesh, NamedSharding
 import models
 from models import lora as lora_lib
 from fax.config import Config, LoraConfig, OptimConfig
-from fax.data import PROMPT_FLAG
+from fax.data import DOCUMENT_END, TOKEN_ID
 from models.sharding import activation_sharding, constrain
 from parallel import (BATCH_AXES, activation_resolver, logical_sharding, optimizer_shardings, replicated,
                       tree_shardings)
 from parallel.pipeline import gpipe, split_microbatches
 
 State = dict[str, Any]  # {"step": int32 scalar, "params": ..., "opt_state": ...}
-
-
-TOKEN_ID = PROMPT_FLAG - 1  # the id bits of a dataset token, below the flag (its sign bit in int32)
 
 
 def loss_sums(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -54,6 +51,7 @@ class Objective:
 
     z_loss: float = 0.0
     chunks: int = 1
+    documents: bool = False  # each document of a row read alone: attention stops at the flagged ends
 
     def __call__(self, hidden: jax.Array, head: jax.Array, targets: jax.Array,
                  count: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -128,7 +126,9 @@ def batch_objective(graphdef: nnx.GraphDef, weights: Any, tokens: jax.Array, obj
     """(the objective, the cross-entropy) of predicting each next token of rows [batch, seq_len + 1]
     but a prompt's, over ``count`` targets (default: these rows' own, ``target_count``)."""
     count = target_count(tokens) if count is None else count
-    hidden = models.apply_hidden(graphdef, weights, tokens[:, :-1] & TOKEN_ID, run_layers)
+    inputs = tokens[:, :-1]
+    ends = (inputs & DOCUMENT_END) != 0 if objective.documents else None
+    hidden = models.apply_hidden(graphdef, weights, inputs & TOKEN_ID, run_layers, ends)
     return objective(*hidden, tokens[:, 1:], count)
 
 
@@ -279,7 +279,8 @@ def build(cfg: Config, mesh: Mesh) -> ShardedTraining:
     }
     batch_sharding = logical_sharding(("batch", None), mesh)  # rows of seq_len + 1 tokens: split by the step
     layout = dict(graphdef=graphdef, microbatches=cfg.train.microbatches, stages=mesh.shape["stage"],
-                  objective=Objective(cfg.train.z_loss, cfg.train.loss_chunks), lora=cfg.lora)
+                  objective=Objective(cfg.train.z_loss, cfg.train.loss_chunks, cfg.data.document_mask),
+                  lora=cfg.lora)
     step = functools.partial(train_step, tx=tx, schedule=lr_schedule(cfg.optim, cfg.train.steps), seed=cfg.seed,
                              **layout)
     return ShardedTraining(

@@ -110,6 +110,13 @@ def _load_layout(path: str) -> Candidate:
         raise ConfigError(f"plan={path!r} is not a readable plan ({e}); write one with `fax plan ... --json`") from None
 
 
+def sampler(config: Config, data: TokenDataset, data_path: Path) -> Sampler:
+    """The batches ``config`` trains on, drawn from ``data``; under ``data.document_mask`` the
+    tokens ending a document flagged for the step."""
+    end = data.tokenizer(data_path).eos_id if config.data.document_mask else None
+    return Sampler(data, config.train.batch_size, config.seq_len, config.seed, end)
+
+
 def evaluate_checkpoint(run_dir: str | Path, overrides: Sequence[str] = (), step: int | None = None,
                         split: str = "val", devices: list[jax.Device] | None = None,
                         echo: Callable[[str], None] = lambda _: None) -> tuple[int, float]:
@@ -148,7 +155,7 @@ def evaluate_checkpoint(run_dir: str | Path, overrides: Sequence[str] = (), step
         t = config.train
         echo(f"fax: step {step} of {run_dir}, {split} split of {data_path}: {t.eval_batches} batches of "
              f"{t.batch_size} x {config.seq_len} tokens on {device_count} device(s), mesh {mesh_desc(axis_sizes)}")
-        held_out = Sampler(data, t.batch_size, config.seq_len, config.seed)
+        held_out = sampler(config, data, data_path)
         batches = (held_out.batch(i) for i in tqdm(range(t.eval_batches), desc="eval", unit="batch", leave=False))
         return step, runtime.evaluate(batches)
     finally:
@@ -367,13 +374,13 @@ class Trainer:
         kept = [r for r in read_metrics(log_path) if r["step"] <= first] if first and log_path.exists() else []
         log = MetricsLog(log_path, keep=kept)  # a resumed run drops what it logged past its checkpoint
         self.history = [r for r in self.history if r["step"] <= first]
-        sampler = Sampler(self.dataset, t.batch_size, seq_len, cfg.seed)
+        train_batches = sampler(cfg, self.dataset, self.data_path)
         if t.eval_every:  # the same validation batches at every evaluation
-            held_out = Sampler(TokenDataset.open(self.data_path, "val"), t.batch_size, seq_len, cfg.seed)
+            held_out = sampler(cfg, TokenDataset.open(self.data_path, "val"), self.data_path)
             val_batches = [held_out.batch(i) for i in range(t.eval_batches)]
         tokens_per_step = t.batch_size * seq_len
         every_save = cfg.checkpoint.every_n_steps
-        batch = sampler.batch(first)
+        batch = train_batches.batch(first)
         window_start, window_steps = time.perf_counter(), 0
         with (_stop_on_signals() as stop,
               tqdm(total=t.steps, initial=first, desc="train", unit="step", disable=None) as bar,
@@ -383,7 +390,7 @@ class Trainer:
                 trace.before(done)
                 handle = runtime.submit(batch)
                 if done < last:  # the next batch is built while this step runs
-                    batch = sampler.batch(done)
+                    batch = train_batches.batch(done)
                 bar.update(1)
                 window_steps += 1
                 stopping = stop.is_set()  # read once: a signal arriving later is handled next step

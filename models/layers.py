@@ -122,10 +122,13 @@ class Attention(nnx.Module):
             y = y + self.out_bias[...].astype(out.dtype)
         return constrain(y, RESIDUAL)
 
-    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, positions: jax.Array, documents: jax.Array | None = None) -> jax.Array:
+        """Causal attention; with ``documents`` ([b, length] ints, ``document_ids``) a token sees only
+        the earlier tokens of its own document."""
         q, k, v = self._project(x, positions)
         kernel = attention_implementation(self.cfg, jax.default_backend())
-        return self._output(jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=kernel))
+        mask = None if documents is None else (documents[:, :, None] == documents[:, None, :])[:, None]
+        return self._output(jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=kernel))
 
     def cached(self, x: jax.Array, positions: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """New tokens (``x`` [b, length], at ``positions`` [b, length]) write their keys and values
@@ -187,8 +190,8 @@ class Block(nnx.Module):
         self.attn_norm, self.attn = Norm(cfg), Attention(cfg, rngs)
         self.mlp_norm, self.mlp = Norm(cfg), Mlp(cfg, rngs)
 
-    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
-        x = x + self.attn(self.attn_norm(x), positions)
+    def __call__(self, x: jax.Array, positions: jax.Array, documents: jax.Array | None = None) -> jax.Array:
+        x = x + self.attn(self.attn_norm(x), positions, documents)
         return x + self.mlp(self.mlp_norm(x))
 
     def cached(self, x: jax.Array, positions: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:

@@ -14,12 +14,15 @@ from models.layers import RESIDUAL, Block, KVCache, Norm, compute_dtype, param
 from models.sharding import constrain
 
 Params = dict[str, Any]
-LayerFn = Callable[[jax.Array, Any], jax.Array]  # (hidden, one layer's params) -> hidden
-# (layer, the layers' params stacked on axis 0, hidden) -> hidden: how the stack of blocks runs.
-RunLayers = Callable[[LayerFn, Any, jax.Array], jax.Array]
+# What flows from layer to layer: the hidden states [batch, length, embed], and what else each row
+# carries through the stack (every leaf's leading axis is the batch, so a pipeline can split it).
+Carry = Any
+LayerFn = Callable[[Carry, Any], Carry]  # (carry, one layer's params) -> carry
+# (layer, the layers' params stacked on axis 0, carry) -> carry: how the stack of blocks runs.
+RunLayers = Callable[[LayerFn, Any, Carry], Carry]
 
 
-def scan_layers(layer: LayerFn, layer_params: Any, x: jax.Array) -> jax.Array:
+def scan_layers(layer: LayerFn, layer_params: Any, x: Carry) -> Carry:
     """One layer after another, compiled once (the default way to run the stack)."""
     return jax.lax.scan(lambda h, p: (layer(h, p), None), x, layer_params)[0]
 
@@ -65,22 +68,45 @@ class DecoderLM(nnx.Module):
     def _logits(self, x: jax.Array, head: jax.Array | None = None) -> jax.Array:
         return project(self.final_norm(x), self.lm_head() if head is None else head)
 
-    def hidden(self, tokens: jax.Array, run_layers: RunLayers = scan_layers) -> jax.Array:
+    def hidden(self, tokens: jax.Array, run_layers: RunLayers = scan_layers,
+               document_ends: jax.Array | None = None) -> jax.Array:
         """The final (normed) hidden states [batch, length, embed] of int tokens [batch, length]:
-        what the LM head projects; ``run_layers`` may pipeline the blocks."""
-        positions = jnp.arange(tokens.shape[1])
+        what the LM head projects; ``run_layers`` may pipeline the blocks. With ``document_ends``
+        ([batch, length] bool: the token ends its document) each document a row packs is read as if
+        it stood alone: it attends only to itself and its positions count from its first token."""
+        documents = None if document_ends is None else document_ids(document_ends)
+        positions = jnp.arange(tokens.shape[1]) if documents is None else document_positions(documents)
         graphdef, layer_params = nnx.split(self.blocks)
 
-        def layer(h: jax.Array, params: Params) -> jax.Array:
-            return nnx.merge(graphdef, params)(h, positions)
+        def layer(carry: Carry, params: Params) -> Carry:
+            h, documents = carry  # the documents travel with their rows (a pipeline splits the batch)
+            at = positions if documents is None else document_positions(documents)
+            return nnx.merge(graphdef, params)(h, at, documents), documents
 
         if self.cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=REMAT_POLICY[self.cfg.remat], prevent_cse=False)
-        return self.final_norm(run_layers(layer, layer_params, self._embed(tokens, positions)))
+        h, _ = run_layers(layer, layer_params, (self._embed(tokens, positions), documents))
+        return self.final_norm(h)
 
-    def __call__(self, tokens: jax.Array, run_layers: RunLayers = scan_layers) -> jax.Array:
+    def __call__(self, tokens: jax.Array, run_layers: RunLayers = scan_layers,
+                 document_ends: jax.Array | None = None) -> jax.Array:
         """Logits (float32) for int tokens [batch, length]."""
-        return project(self.hidden(tokens, run_layers), self.lm_head())
+        return project(self.hidden(tokens, run_layers, document_ends), self.lm_head())
+
+
+def document_ids(ends: jax.Array) -> jax.Array:
+    """Which of its row's documents each token belongs to, [batch, length] ints counted from 0, of
+    ``ends`` ([batch, length] bool): a document's end is its last token, the next token starts another."""
+    ends = ends.astype(jnp.int32)
+    return jnp.cumsum(ends, axis=1) - ends
+
+
+def document_positions(documents: jax.Array) -> jax.Array:
+    """Each token's position in its document (``document_ids``), counted from the document's first
+    token in the row."""
+    index = jnp.arange(documents.shape[1])
+    first = jnp.concatenate([jnp.ones_like(documents[:, :1], bool), documents[:, 1:] != documents[:, :-1]], axis=1)
+    return index - jax.lax.cummax(jnp.where(first, index, 0), axis=1)
 
 
 def project(x: jax.Array, head: jax.Array) -> jax.Array:
@@ -122,17 +148,17 @@ def init_params(cfg: ModelConfig, seed: int) -> Params:
     return nnx.to_pure_dict(nnx.state(build(cfg, seed), nnx.Param))
 
 
-def apply(graphdef: nnx.GraphDef, params: Params, tokens: jax.Array,
-          run_layers: RunLayers = scan_layers) -> jax.Array:
-    return nnx.merge(graphdef, params)(tokens, run_layers)
+def apply(graphdef: nnx.GraphDef, params: Params, tokens: jax.Array, run_layers: RunLayers = scan_layers,
+          document_ends: jax.Array | None = None) -> jax.Array:
+    return nnx.merge(graphdef, params)(tokens, run_layers, document_ends)
 
 
-def apply_hidden(graphdef: nnx.GraphDef, params: Params, tokens: jax.Array,
-                 run_layers: RunLayers = scan_layers) -> tuple[jax.Array, jax.Array]:
+def apply_hidden(graphdef: nnx.GraphDef, params: Params, tokens: jax.Array, run_layers: RunLayers = scan_layers,
+                 document_ends: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """The final hidden states and the LM head, for a loss that projects the states a piece at a
     time (``project``) instead of holding every position's logits at once."""
     model = nnx.merge(graphdef, params)
-    return model.hidden(tokens, run_layers), model.lm_head()
+    return model.hidden(tokens, run_layers, document_ends), model.lm_head()
 
 
 def unstack_layers(params: Params) -> Params:

@@ -23,6 +23,12 @@ from models.sharding import constrain
 STAGE_STATE = ("stage", "batch", "length", "embed")  # one microbatch of hidden states per stage
 
 
+def _stage_state(state: Any) -> Any:
+    """Every leaf of the stages' carry [stage, batch, length, ...] sharded by stage (the hidden
+    states, and the rows' document ids, which take the leading names)."""
+    return jax.tree.map(lambda x: constrain(x, STAGE_STATE[:x.ndim]), state)
+
+
 def ticks(stages: int, microbatches: int) -> int:
     """Schedule length: every microbatch enters stage 0 once; the last needs stages - 1 more ticks."""
     return microbatches + stages - 1
@@ -56,23 +62,23 @@ def gpipe(stages: int, microbatches: int, for_microbatch: Callable[[Any, jax.Arr
     (its dropout masks)."""
     specialize = for_microbatch or (lambda params, _: params)
 
-    def run(layer: Any, layer_params: Any, x: jax.Array) -> jax.Array:
+    def run(layer: Any, layer_params: Any, x: Any) -> Any:
         staged = by_stage(layer_params, stages)
-        inputs = split_microbatches(x, microbatches)
+        inputs = jax.tree.map(lambda a: split_microbatches(a, microbatches), x)
         run_stages = jax.vmap(lambda p, h, m: scan_layers(layer, specialize(p, m), h), spmd_axis_name="stage")
 
-        def tick(state: jax.Array, incoming_t: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        def tick(state: Any, incoming_t: tuple[Any, jax.Array]) -> tuple[Any, Any]:
             incoming, t = incoming_t
             done = run_stages(staged, state, t - jnp.arange(stages))  # stage s works on microbatch t - s
-            state = constrain(jnp.concatenate([incoming[None], done[:-1]], axis=0), STAGE_STATE)
-            return state, done[-1]
+            state = jax.tree.map(lambda i, d: jnp.concatenate([i[None], d[:-1]], axis=0), incoming, done)
+            return _stage_state(state), jax.tree.map(lambda d: d[-1], done)
 
         n = ticks(stages, microbatches)
         # Stage 0 takes microbatch t + 1 after tick t (past the last, a repeat whose result is dropped).
-        incoming = inputs[jnp.minimum(jnp.arange(1, n + 1), microbatches - 1)]
-        first = jnp.concatenate([inputs[:1], jnp.zeros((stages - 1, *inputs.shape[1:]), x.dtype)], axis=0)
-        _, finished = jax.lax.scan(tick, constrain(first, STAGE_STATE), (incoming, jnp.arange(n)))
+        incoming = jax.tree.map(lambda a: a[jnp.minimum(jnp.arange(1, n + 1), microbatches - 1)], inputs)
+        first = jax.tree.map(lambda a: jnp.concatenate([a[:1], jnp.zeros((stages - 1, *a.shape[1:]), a.dtype)]), inputs)
+        _, finished = jax.lax.scan(tick, _stage_state(first), (incoming, jnp.arange(n)))
         # The last stage finishes microbatch t - (S - 1) at tick t: the first S - 1 ticks' results are scratch.
-        return merge_microbatches(finished[stages - 1:])
+        return jax.tree.map(lambda f: merge_microbatches(f[stages - 1:]), finished)
 
     return run

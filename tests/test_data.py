@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fax.config import ConfigError, load_config, validate
-from fax.data import ByteTokenizer, Sampler, TokenDataset, prepare, text_files
+from fax.data import DOCUMENT_END, ByteTokenizer, Sampler, TokenDataset, prepare, text_files
 
 
 def test_byte_tokenizer_round_trip():
@@ -117,6 +117,19 @@ def test_batches_are_windows_of_the_corpus(small_corpus):
     for row in batch:
         starts = np.flatnonzero(flat[: len(flat) - 16] == row[0])
         assert any(np.array_equal(flat[s:s + 17], row) for s in starts)
+
+
+def test_sampler_flags_the_document_ends_it_is_told_of(tmp_path):
+    (tmp_path / "in").mkdir()
+    for i in range(30):
+        (tmp_path / "in" / f"{i}.txt").write_text(f"note {i} " * (i % 4 + 1))
+    prepare(text_files([tmp_path / "in"]), tmp_path / "ds")
+    ds = TokenDataset.open(tmp_path / "ds")
+    plain = Sampler(ds, 8, 32, seed=0).batch(0)
+    flagged = Sampler(ds, 8, 32, seed=0, document_end=ByteTokenizer.eos_id).batch(0)
+    ends = plain == ByteTokenizer.eos_id
+    assert ends.sum() >= 8  # documents of 7-32 bytes: several ends per row
+    np.testing.assert_array_equal(flagged, np.where(ends, plain | DOCUMENT_END, plain))
 
 
 def mixed_folder(root):

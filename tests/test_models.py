@@ -55,6 +55,28 @@ def test_causal_future_tokens_do_not_change_past_logits(name):
     assert not np.allclose(a[:, 12:], b[:, 12:], atol=1e-3)
 
 
+@pytest.mark.parametrize("name", ["gpt-tiny", "llama-tiny"])
+def test_document_mask_reads_each_packed_document_as_if_alone(name):
+    """A row packing the tail of one document, a whole one and the head of a third: under the
+    document mask each piece's logits are those of the piece run by itself (from position 0)."""
+    cfg = models.preset(name)
+    model = models.build(cfg, seed=1)
+    eos = cfg.vocab_size - 1
+    rng = np.random.default_rng(0)
+    pieces = [rng.integers(0, eos, n) for n in (5, 9, 10)]
+    pieces[0][-1] = pieces[1][-1] = eos  # the first two end their documents
+    row = jnp.asarray(np.concatenate(pieces)[None], jnp.int32)
+    packed = model(row, document_ends=row == eos)
+    start = 0
+    for piece in pieces:
+        alone = model(jnp.asarray(piece[None], jnp.int32))
+        np.testing.assert_allclose(packed[:, start:start + len(piece)], alone, rtol=1e-5, atol=1e-5)
+        start += len(piece)
+    assert models.transformer.document_ids(row == eos).tolist() == [[0] * 5 + [1] * 9 + [2] * 10]
+    # Without the mask the later pieces read the earlier ones.
+    assert not np.allclose(model(row)[:, 5:], packed[:, 5:], atol=1e-3)
+
+
 def test_rope_scores_depend_only_on_relative_position():
     rng = np.random.default_rng(0)
     q, k = (jnp.asarray(rng.normal(size=(1, 1, 1, 16)), jnp.float32) for _ in range(2))

@@ -159,6 +159,26 @@ def test_pipeline_stages_match_one_stage(model):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=where), piped, grads)
 
 
+def test_document_mask_gives_the_same_step_on_every_mesh(model="llama-tiny"):
+    """Rows packing several documents (their ends flagged as a Sampler flags them) under
+    data.document_mask: one device, a sharded mesh that splits the sequence, and a pipeline whose
+    microbatches carry their rows' documents through the stages all take the same step."""
+    from fax.data import DOCUMENT_END
+
+    masked = ("data.document_mask=true", "model.n_layers=4")
+    tokens = batch(config(model, (1, 1, 1), *masked))
+    ends = np.random.default_rng(1).random(tokens.shape) < 0.1
+    tokens = np.where(ends, tokens | DOCUMENT_END, tokens).astype(np.int32)
+    _, _, reference = one_step(config(model, (1, 1, 1), *masked), 1, tokens)
+    _, _, unmasked = one_step(config(model, (1, 1, 1), "model.n_layers=4"), 1, tokens)
+    assert abs(unmasked["loss"] - reference["loss"]) > 1e-4  # the mask changes what is read
+    for mesh, extra in (((2, 1, 2), ["parallel.sequence=2"]),
+                        ((1, 2, 2), ["parallel.stage=2", "train.microbatches=4"])):
+        _, _, metrics = one_step(config(model, mesh, *masked, *extra), 8, tokens)
+        for key in ("loss", "grad_norm"):
+            np.testing.assert_allclose(metrics[key], reference[key], rtol=1e-5, err_msg=f"{model} {mesh} {extra}")
+
+
 def test_pipeline_schedule_runs_m_plus_s_minus_1_ticks():
     """GPipe: the stack runs in order on every microbatch, in M + S - 1 ticks of all stages at once."""
     from models import scan_layers

@@ -193,5 +193,6 @@ def test_cli_prepare_then_train_on_it(tmp_path):
     assert done.returncode == 0, done.stderr
     index = json.loads(Path(tmp_path / "ds" / "index.json").read_text())
     assert index["num_documents"] == 3
-    trained = run_cli(["train", *tiny(tmp_path / "run", "train.steps=2", f"data.path={tmp_path / 'ds'}")], tmp_path)
+    trained = run_cli(["train", *tiny(tmp_path / "run", "train.steps=2", f"data.path={tmp_path / 'ds'}",
+                                      "data.document_mask=true")], tmp_path)
     assert trained.returncode == 0, trained.stderr
