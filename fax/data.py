@@ -123,6 +123,28 @@ def text_files(paths: Iterable[str | Path], suffixes: tuple[str, ...] | None = N
     return out
 
 
+def read_records(path: Path, options: dict[str, str]) -> list[tuple[str, dict[str, Any]]]:
+    """Each JSONL record / Parquet row of ``path``, with where it is (``file:line``, ``file: row N``).
+    Every record must hold the fields ``options`` names; a missing one is refused with the option
+    that sets it."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        for field, option in options.items():
+            if field not in table.column_names:
+                raise ValueError(f"{path}: no column {field!r} (columns: {', '.join(table.column_names)}); "
+                                 f"set {option}")
+        return [(f"{path}: row {n}", row) for n, row in enumerate(table.select(list(options)).to_pylist(), 1)]
+    lines = path.read_text(encoding="utf-8").splitlines()
+    rows = [(f"{path}:{n}", json.loads(line)) for n, line in enumerate(lines, 1) if line.strip()]
+    for where, row in rows:
+        missing = [f for f in options if f not in row]
+        if missing:
+            raise ValueError(f"{where}: no field {missing[0]!r}; set {options[missing[0]]}")
+    return rows
+
+
 def read_documents(path: Path, text_field: str = "text", prompt_field: str = "",
                    messages_field: str = "") -> list[list[chat.Piece]]:
     """The documents of one file, each as pieces of text and whether it is trained on: a line of
@@ -131,31 +153,16 @@ def read_documents(path: Path, text_field: str = "text", prompt_field: str = "",
     whole text file. A file that is not UTF-8 text holds none; a document without text, or a
     conversation without an assistant message, is dropped."""
     fields = [messages_field] if messages_field else [f for f in (prompt_field, text_field) if f]
-
-    def option(field: str) -> str:
-        return {messages_field: "--messages-field", prompt_field: "--prompt-field"}.get(field, "--text-field")
-
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path)
-        for field in fields:
-            if field not in table.column_names:
-                raise ValueError(f"{path}: no column {field!r} (columns: {', '.join(table.column_names)}); "
-                                 f"set {option(field)}")
-        rows = [(f"{path}: row {n}", row) for n, row in enumerate(table.select(fields).to_pylist(), 1)]
-    else:
-        try:
+    options = {field: {messages_field: "--messages-field", prompt_field: "--prompt-field"}.get(field, "--text-field")
+               for field in fields}
+    try:
+        if path.suffix in (".parquet", ".jsonl"):
+            rows = read_records(path, options)
+        else:
             text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            return []
-        if path.suffix != ".jsonl":
             return [[(text, True)]] if text else []
-        rows = [(f"{path}:{n}", json.loads(line)) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
-        for where, row in rows:
-            missing = [f for f in fields if f not in row]
-            if missing:
-                raise ValueError(f"{where}: no field {missing[0]!r}; set {option(missing[0])}")
+    except UnicodeDecodeError:
+        return []
     if messages_field:
         for where, row in rows:
             problems = chat.message_problems(row[messages_field])

@@ -17,7 +17,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from fax.data import ray_data_session, write_atomic
+from fax.data import ray_data_session, read_records, write_atomic
 
 CHUNK_ROWS = 64
 
@@ -38,23 +38,9 @@ class InferSettings:
 def read_column(path: str | Path, field: str, option: str = "--field") -> list[Any]:
     """The values of ``field`` of every JSONL record / Parquet row, in order."""
     path = Path(path)
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path)
-        if field not in table.column_names:
-            raise ValueError(f"{path}: no column {field!r} (columns: {', '.join(table.column_names)}); set {option}")
-        return table.column(field).to_pylist()
-    if path.suffix != ".jsonl":
+    if path.suffix not in (".jsonl", ".parquet"):
         raise ValueError(f"{path}: expected a .jsonl or .parquet file of prompts")
-    values = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            row = json.loads(line)
-            if field not in row:
-                raise ValueError(f"{path}:{n}: no field {field!r}; set {option}")
-            values.append(row[field])
-    return values
+    return [row[field] for _, row in read_records(path, {field: option})]
 
 
 def read_prompts(path: str | Path, settings: InferSettings) -> list[Any]:
