@@ -43,6 +43,11 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int = 0
     stop: tuple[str, ...] = ()
+    # OpenAI's adjustments of the logits before sampling: minus frequency_penalty times the times a
+    # token was generated so far, minus presence_penalty once it was; plus logit_bias's (id, bias) pairs.
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def problems(self) -> list[str]:
         found = []
@@ -54,6 +59,13 @@ class SamplingParams:
             found.append(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             found.append(f"top_p must be in (0, 1], got {self.top_p}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                found.append(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            found.append(f"logit_bias may hold at most {MAX_LOGIT_BIAS} tokens, got {len(self.logit_bias)}")
+        if any(not -100 <= bias <= 100 for _, bias in self.logit_bias):
+            found.append("logit_bias values must be in [-100, 100]")
         return found
 
 
@@ -63,6 +75,8 @@ def request_problems(cfg: models.ModelConfig, prompt: Sequence[int], sampling: S
     is what the client calls the prompt (a conversation's ``messages``). A prompt ``scored_only``
     (nothing generated) may fill the whole context."""
     found = sampling.problems()
+    if any(not 0 <= token < cfg.vocab_size for token, _ in sampling.logit_bias):
+        found.append(f"logit_bias token ids must be in [0, {cfg.vocab_size})")
     new_tokens = 0 if scored_only else sampling.max_new_tokens
     if not len(prompt):
         found.append(f"{prompt_name} is empty")
@@ -73,6 +87,7 @@ def request_problems(cfg: models.ModelConfig, prompt: Sequence[int], sampling: S
 
 
 MAX_LOGPROBS = 5  # the most likely tokens a request may ask to see at each position (OpenAI's limit)
+MAX_LOGIT_BIAS = 300  # the tokens a request's logit_bias may name (OpenAI's limit)
 TOKENS_PER_CALL = 8  # decode steps per device call: fewer host round trips, tokens arrive in bursts
 # XLA:CPU's YNN matmul fusions run decode's skinny products (one token per sequence against each weight,
 # a memory-bound read of the weights) ~20% slower at batch 16 than its own dot emitter; batches 1-4 equal.
@@ -84,9 +99,28 @@ GREEDY_PAD = SamplingParams(max_new_tokens=1, temperature=0.0)  # the rows that 
 
 
 def _controls(rows: Sequence[SamplingParams]) -> tuple[np.ndarray, ...]:
-    """Per-row sampling settings as the arrays the compiled functions take."""
+    """Per-row sampling settings as the arrays the compiled functions take: those of ``sample``, then
+    those of ``adjust``. The logit biases are MAX_LOGIT_BIAS (id, bias) pairs a row, padded with (0, 0),
+    or none at all when no row has any (two shapes, so two compilations at most)."""
+    width = MAX_LOGIT_BIAS if any(s.logit_bias for s in rows) else 0
+    bias_ids, biases = np.zeros((len(rows), width), np.int32), np.zeros((len(rows), width), np.float32)
+    for i, s in enumerate(rows):
+        for j, (token, bias) in enumerate(s.logit_bias):
+            bias_ids[i, j], biases[i, j] = token, bias
     return (np.array([s.seed for s in rows], np.uint32), np.array([s.temperature for s in rows], np.float32),
-            np.array([s.top_k for s in rows], np.int32), np.array([s.top_p for s in rows], np.float32))
+            np.array([s.top_k for s in rows], np.int32), np.array([s.top_p for s in rows], np.float32),
+            np.array([s.frequency_penalty for s in rows], np.float32),
+            np.array([s.presence_penalty for s in rows], np.float32), bias_ids, biases)
+
+
+def adjust(logits: jax.Array, counts: jax.Array, frequency: jax.Array, presence: jax.Array, bias_ids: jax.Array,
+           biases: jax.Array) -> jax.Array:
+    """Each row's logits [b, vocab] after its penalties, given how many times it has generated each
+    token (``counts`` [b, vocab]), and its logit biases."""
+    logits = logits.at[jnp.arange(logits.shape[0])[:, None], bias_ids].add(biases)
+    return jax.lax.cond(jnp.any(frequency != 0) | jnp.any(presence != 0),
+                        lambda: logits - frequency[:, None] * counts - presence[:, None] * (counts > 0),
+                        lambda: logits)
 
 
 def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
@@ -125,7 +159,8 @@ def _prefill(cfg: models.ModelConfig, graphdef: nnx.GraphDef, params: Any, token
     positions = jnp.broadcast_to(jnp.arange(length), tokens.shape)
     logits, fresh = models.apply_cached(graphdef, params, tokens, positions, models.empty_cache(cfg, batch, length),
                                         last=lengths - 1)
-    return sample(logits, controls[0], jnp.zeros_like(lengths), *controls[1:]), fresh, logits
+    adjusted = adjust(logits, jnp.zeros(logits.shape, jnp.int32), *controls[4:])  # nothing generated yet
+    return sample(adjusted, controls[0], jnp.zeros_like(lengths), *controls[1:4]), fresh, logits
 
 
 def _score(cfg: models.ModelConfig, graphdef: nnx.GraphDef, params: Any, tokens: jax.Array
@@ -147,27 +182,46 @@ def _insert(cache: Any, fresh: Any, rows: jax.Array) -> Any:
     return jax.tree.map(lambda c, f: c.at[rows, :, :f.shape[2]].set(f, mode="drop"), cache, fresh)
 
 
+def _count_first(counts: jax.Array, rows: jax.Array, first: jax.Array) -> jax.Array:
+    """``rows`` of the generated-token counts restarted with their first token (out-of-range rows:
+    padding, dropped)."""
+    return counts.at[rows].set(jax.nn.one_hot(first, counts.shape[1], dtype=counts.dtype), mode="drop")
+
+
+def _cut_or_pad(x: jax.Array, shape: tuple[int | None, ...]) -> jax.Array:
+    """``x`` cut to ``shape``, or zero-padded at the ends up to it (None: an axis as it is)."""
+    x = x[tuple(slice(n) for n in shape)]
+    return jnp.pad(x, [(0, 0 if n is None else n - size) for n, size in zip(shape, x.shape)])
+
+
 def _resize(rows: int, slots: int, layer: models.KVCache) -> models.KVCache:
-    """One layer's cache with ``rows`` rows and ``slots`` slots: cut, or zero-padded at the ends."""
-    return tuple(jnp.pad(c[:rows, :, :slots], ((0, max(0, rows - c.shape[0])), (0, 0),
-                                                (0, max(0, slots - c.shape[2])), (0, 0))) for c in layer)
+    """One layer's cache with ``rows`` rows and ``slots`` slots."""
+    return tuple(_cut_or_pad(c, (rows, None, slots, None)) for c in layer)
 
 
-def _decode(graphdef: nnx.GraphDef, tokens_per_call: int, params: Any, cache: Any, tokens: jax.Array,
-            positions: jax.Array, steps: jax.Array, *controls: jax.Array) -> tuple[jax.Array, Any]:
+def _resize_counts(rows: int, counts: jax.Array) -> jax.Array:
+    """The generated-token counts of ``rows`` rows."""
+    return _cut_or_pad(counts, (rows, None))
+
+
+def _decode(graphdef: nnx.GraphDef, tokens_per_call: int, params: Any, cache: Any, counts: jax.Array,
+            tokens: jax.Array, positions: jax.Array, steps: jax.Array, *controls: jax.Array
+            ) -> tuple[jax.Array, Any, jax.Array]:
     """``tokens_per_call`` tokens [rows, n] for each cache row, each fed back for the next, in one
-    device call."""
+    device call; the rows' counts of generated tokens [rows, vocab] follow them."""
     head = models.lm_head(graphdef, params)  # once per call, not per token
+    rows = jnp.arange(tokens.shape[0])
+    Carry = tuple[jax.Array, Any, jax.Array]  # the last tokens, the cache, the counts
 
-    def one(carry: tuple[jax.Array, Any], i: jax.Array) -> tuple[tuple[jax.Array, Any], jax.Array]:
-        token, cache = carry
+    def one(carry: Carry, i: jax.Array) -> tuple[Carry, jax.Array]:
+        token, cache, counts = carry
         logits, cache = models.apply_cached(graphdef, params, token[:, None], (positions + i)[:, None], cache,
                                             head=head)
-        token = sample(logits, controls[0], steps + i, *controls[1:])
-        return (token, cache), token
+        token = sample(adjust(logits, counts, *controls[4:]), controls[0], steps + i, *controls[1:4])
+        return (token, cache, counts.at[rows, token].add(1)), token
 
-    (_, cache), out = jax.lax.scan(one, (tokens, cache), jnp.arange(tokens_per_call))
-    return out.T, cache
+    (_, cache, counts), out = jax.lax.scan(one, (tokens, cache, counts), jnp.arange(tokens_per_call))
+    return out.T, cache, counts
 
 
 def buckets(limit: int, smallest: int, halfway: bool = False) -> tuple[int, ...]:
@@ -246,11 +300,17 @@ class Engine:
         self._resize = jax.jit(_resize, static_argnums=(0, 1), out_shardings=self.cache_sharding)
         self._empty_cache = jax.jit(functools.partial(models.empty_cache, cfg), static_argnums=(0, 1),
                                     out_shardings=self.cache_sharding)
+        self.counts: Any = None  # each cache row's count of every token it generated [rows, vocab]
+        self._count_first = jax.jit(_count_first, out_shardings=self._replicated, donate_argnums=(0,))
+        self._resize_counts = jax.jit(_resize_counts, static_argnums=(0,), out_shardings=self._replicated)
+        self._empty_counts = jax.jit(lambda rows: jnp.zeros((rows, cfg.vocab_size), jnp.int32), static_argnums=(0,),
+                                     out_shardings=self._replicated)
         self.tokens_per_call = tokens_per_call
         cpu = mesh.devices.flat[0].platform == "cpu"
         self._decode = jax.jit(with_activation_sharding(functools.partial(_decode, self.graphdef, tokens_per_call),
                                                         mesh),
-                               out_shardings=(self._replicated, self.cache_sharding), donate_argnums=(1,),
+                               out_shardings=(self._replicated, self.cache_sharding, self._replicated),
+                               donate_argnums=(1, 2),
                                compiler_options=CPU_DECODE_OPTIONS if cpu else None)
 
     @property
@@ -301,11 +361,13 @@ class Engine:
         """A fresh, empty cache, of the smallest size (calls grow it to what they need)."""
         self.cache = None  # free the old cache before allocating the new one
         self.cache = self._empty_cache(self.batch_buckets[0], self.span_buckets[0])
+        self.counts = self._empty_counts(self.batch_buckets[0])
 
     def _fit(self, rows: int, positions: int) -> None:
         """Size the cache to the buckets that hold ``rows`` rows and ``positions`` positions."""
         shape = bucket(self.batch_buckets, rows), bucket(self.span_buckets, min(positions, self.cfg.max_seq_len))
         if shape != (self.rows, self.slots):
+            self.counts = self._resize_counts(shape[0], self.counts)
             for i in range(len(self.cache)):  # a layer at a time: never the old and the new cache both whole
                 self.cache[i] = self._resize(*shape, self.cache[i])
 
@@ -325,13 +387,14 @@ class Engine:
         first, fresh, logits = self._prefill(self.params, *self._put(
             tokens, lengths, *_controls([*sampling, *[GREEDY_PAD] * pad])))
         self.cache = self._insert(self.cache, fresh, *self._put(targets))
+        self.counts = self._count_first(self.counts, *self._put(targets), first)
         return np.asarray(first)[:len(prompts)], np.asarray(logits)[:len(prompts)]
 
     def decode(self, tokens: np.ndarray, positions: np.ndarray, steps: np.ndarray,
                sampling: Sequence[SamplingParams]) -> np.ndarray:
         """Feed a token to each of the first ``len(tokens)`` cache rows; the next tokens of each [rows, n]."""
         self._fit(len(tokens), int(positions.max()) + self.tokens_per_call)  # the rows past len(tokens) are free
-        out, self.cache = self._decode(self.params, self.cache, *self._put(
+        out, self.cache, self.counts = self._decode(self.params, self.cache, self.counts, *self._put(
             tokens.astype(np.int32), positions.astype(np.int32), steps.astype(np.int32), *_controls(sampling)))
         return np.asarray(out)
 

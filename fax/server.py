@@ -33,8 +33,7 @@ from fax.serve import MAX_LOGPROBS, Busy, SamplingParams, Scheduler, TextStream,
 MAX_STOP_SEQUENCES = 4
 # OpenAI settings this server does not implement, taken only at a value that changes nothing (never
 # silently ignored): each with the values it accepts.
-NO_OP_SETTINGS: dict[str, tuple[Any, ...]] = {
-    "frequency_penalty": (0,), "presence_penalty": (0,), "logit_bias": ({},), "best_of": (1,), "suffix": ("",)}
+NO_OP_SETTINGS: dict[str, tuple[Any, ...]] = {"best_of": (1,), "suffix": ("",)}
 NO_OP_CHAT_SETTINGS: dict[str, tuple[Any, ...]] = {
     "tools": ([],), "tool_choice": ("none", "auto"), "functions": ([],), "response_format": ({"type": "text"},)}
 
@@ -86,6 +85,15 @@ def _logprobs_count(body: dict[str, Any], name: str) -> int | None:
     if count is not None and not 0 <= count <= MAX_LOGPROBS:
         raise RequestError(f"{name} must be in [0, {MAX_LOGPROBS}], got {count}", name)
     return count
+
+
+def _logit_bias(body: dict[str, Any]) -> tuple[tuple[int, float], ...]:
+    """``logit_bias``: an object of token ids (JSON keys: strings) and the biases added to their logits."""
+    bias = _typed(body, "logit_bias", (dict,), {}, "an object of token ids and biases")
+    if not all(key.isascii() and key.isdigit() and isinstance(value, (int, float)) and not isinstance(value, bool)
+               for key, value in bias.items()):
+        raise RequestError("logit_bias must map token ids (as strings, e.g. \"50256\") to numbers", "logit_bias")
+    return tuple((int(key), float(value)) for key, value in bias.items())
 
 
 def _prompt_ids(prompt: Any, encode: Callable[[str], list[int]], vocab_size: int) -> list[int]:
@@ -149,7 +157,10 @@ def parse_completion(body: Any, encode: Callable[[str], list[int]], settings: Se
         temperature=float(_typed(body, "temperature", (int, float), 1.0, "a number")),
         top_k=_typed(body, "top_k", (int,), 0, "an integer"),
         top_p=float(_typed(body, "top_p", (int, float), 1.0, "a number")),
-        seed=secrets.randbelow(2 ** 32) if seed is None else seed, stop=tuple(stop))
+        seed=secrets.randbelow(2 ** 32) if seed is None else seed, stop=tuple(stop),
+        frequency_penalty=float(_typed(body, "frequency_penalty", (int, float), 0.0, "a number")),
+        presence_penalty=float(_typed(body, "presence_penalty", (int, float), 0.0, "a number")),
+        logit_bias=_logit_bias(body))
     problems = request_problems(model, prompt, sampling, scored_only=not generate, prompt_name=prompt_name)
     if problems:
         raise RequestError("; ".join(problems))

@@ -207,7 +207,8 @@ def test_engine_on_two_hosts_generates_what_one_process_does(ray_cluster, local_
         assert engine.step == STEPS
         hot = SamplingParams(max_new_tokens=10, temperature=0.9, top_k=40, seed=5)
         prompts = [[5, 17, 99, 3], [7] * 9, [1, 2]]
-        sampling = [hot, SamplingParams(max_new_tokens=6, temperature=0.0), dataclasses.replace(hot, seed=6)]
+        penalized = SamplingParams(max_new_tokens=10, temperature=0.0, frequency_penalty=1.0, logit_bias=((3, 2.0),))
+        sampling = [hot, penalized, dataclasses.replace(hot, seed=6)]
         local = Engine.from_run_dir(local_run, max_batch=4)
         assert generate(engine, prompts, sampling) == generate(local, prompts, sampling)
         for got, expected in zip(engine.score(prompts[0] + prompts[1]), local.score(prompts[0] + prompts[1])):

@@ -1,5 +1,6 @@
 """Serving engine: KV-cache decode equals recomputation, sharded logits equal one device, sampling."""
 
+import collections
 import dataclasses
 import functools
 import json
@@ -34,14 +35,21 @@ def full_forward(graphdef):
     return jax.jit(functools.partial(models.apply, graphdef))
 
 
-def greedy_by_recomputing(graphdef, params, prompt, new_tokens, window=32):
+def greedy_by_recomputing(graphdef, params, prompt, new_tokens, window=32, sampling=SamplingParams()):
     """The whole forward pass again for every token, over one right-padded window (causal attention
-    keeps the padding out of earlier positions), so it compiles once."""
-    tokens = list(prompt)
+    keeps the padding out of earlier positions), so it compiles once; the logits adjusted by
+    ``sampling``'s penalties and logit biases as OpenAI defines them, in float64."""
+    tokens, counts = list(prompt), collections.Counter()
     for _ in range(new_tokens):
         padded = np.zeros((1, window), np.int32)
         padded[0, :len(tokens)] = tokens
-        tokens.append(int(jnp.argmax(full_forward(graphdef)(params, padded)[0, len(tokens) - 1])))
+        logits = np.asarray(full_forward(graphdef)(params, padded)[0, len(tokens) - 1], np.float64)
+        for token, count in counts.items():
+            logits[token] -= sampling.frequency_penalty * count + sampling.presence_penalty
+        for token, bias in sampling.logit_bias:
+            logits[token] += bias
+        tokens.append(int(np.argmax(logits)))
+        counts[tokens[-1]] += 1
     return tokens[len(prompt):]
 
 
@@ -90,6 +98,23 @@ def test_scores_are_the_forward_pass_log_probabilities(name, n_devices):
         with pytest.raises(ValueError, match=rf"can score 1 to {cfg.max_seq_len} tokens \(the model's context\), "
                                              rf"got {len(wrong)}"):
             engine.score(wrong)
+
+
+def test_penalties_and_logit_biases_adjust_each_rows_logits_as_openai_defines_them():
+    """Greedy rows with and without penalties and biases in one batch, over several decode calls:
+    each equals the recomputed reference whose logits are adjusted by hand."""
+    cfg, graphdef, params = model("gpt-tiny")
+    engine = Engine(cfg, params, serving_mesh(cfg, jax.devices()[:1]), max_batch=4)
+    greedy = SamplingParams(max_new_tokens=20, temperature=0.0)
+    banned = greedy_by_recomputing(graphdef, params, PROMPTS[0], 1)[0]  # the first greedy token
+    rows = [greedy, dataclasses.replace(greedy, frequency_penalty=1.5),
+            dataclasses.replace(greedy, presence_penalty=-0.5, logit_bias=((7, 4.0), (banned, -100.0))),
+            dataclasses.replace(greedy, frequency_penalty=0.3)]
+    got = generate(engine, [PROMPTS[0]] * len(rows), rows)
+    for tokens, sampling in zip(got, rows):
+        assert tokens == greedy_by_recomputing(graphdef, params, PROMPTS[0], 20, sampling=sampling), sampling
+    assert len({tuple(t) for t in got}) == len(rows)  # each adjustment changed the continuation
+    assert banned not in got[2]
 
 
 def test_a_requests_samples_do_not_depend_on_its_batch():
@@ -183,7 +208,9 @@ def test_text_stream_ends_at_a_stop_sequence_and_completes_characters():
 def test_requests_joining_a_running_batch_get_what_they_would_alone():
     cfg, _, params = model("gpt-tiny")
     engine = Engine(cfg, params, serving_mesh(cfg, jax.devices()[:2]), max_batch=4)
-    requests = [(PROMPTS[i % 3], SamplingParams(max_new_tokens=4 + 3 * i, temperature=0.8, top_k=20, seed=i))
+    # Penalties and biases on some: a row's counts of generated tokens restart with each request it takes.
+    requests = [(PROMPTS[i % 3], SamplingParams(max_new_tokens=4 + 3 * i, temperature=0.8, top_k=20, seed=i,
+                                                frequency_penalty=float(i % 3), logit_bias=((i, 2.0),) * (i % 2)))
                 for i in range(6)]
     alone = [generate(engine, [p], [s])[0] for p, s in requests]
     got: dict[int, list] = {i: [] for i in range(len(requests))}

@@ -152,6 +152,13 @@ def test_greedy_tokens_are_the_most_likely_ones(url):
     assert scored["logprobs"]["text_offset"] == list(range(8))
 
 
+def test_logit_bias_and_penalties_change_the_completion(url):
+    """They reach the engine (whose arithmetic test_serve checks against a reference)."""
+    assert complete(url, max_tokens=6, logit_bias={str(ord("z")): 100})["choices"][0]["text"] == "zzzzzz"
+    plain = complete(url, max_tokens=30)["choices"][0]["text"]
+    assert complete(url, max_tokens=30, frequency_penalty=2)["choices"][0]["text"] != plain
+
+
 TALK = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "def "}]
 
 
@@ -214,7 +221,9 @@ BAD_CHATS = [
     ({"messages": TALK, "logprobs": True, "top_logprobs": 9}, "top_logprobs must be in [0, 5], got 9"),
     ({"messages": TALK, "logprobs": True, "stream": True}, "not supported with stream=true"),
     ({"messages": TALK, "max_tokens": 65}, "above this server's limit of 64"),
-    ({"messages": TALK, "presence_penalty": 1}, "presence_penalty is not supported on /v1/chat/completions (only 0)"),
+    ({"messages": TALK, "presence_penalty": 2.5}, "presence_penalty must be in [-2, 2], got 2.5"),
+    ({"messages": TALK, "response_format": {"type": "json_object"}},
+     "response_format is not supported on /v1/chat/completions (only {\"type\": \"text\"})"),
     ({"messages": TALK, "tools": [{"type": "function"}]}, "tools is not supported on /v1/chat/completions (only [])"),
     ({"messages": TALK, "temperature": -1}, "temperature must be >= 0"),
     ({"messages": [{"role": "user", "content": "x" * 120}]}, "messages: 151 tokens, more than the 127 this server"),
@@ -248,8 +257,15 @@ BAD = [
     ({"prompt": "x", "stop": [1]}, 400, "stop must be a string or a list of at most 4 strings"),
     ({"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options needs stream=true"),
     ({"prompt": "x", "stream": True, "stream_options": {"include_usage": 1}}, 400, "include_usage must be true or false"),
-    ({"prompt": "x", "frequency_penalty": 0.5}, 400, "frequency_penalty is not supported on /v1/completions (only 0)"),
-    ({"prompt": "x", "logit_bias": {"5": 100}}, 400, "logit_bias is not supported on /v1/completions (only {})"),
+    ({"prompt": "x", "frequency_penalty": -3}, 400, "frequency_penalty must be in [-2, 2], got -3.0"),
+    ({"prompt": "x", "frequency_penalty": "high"}, 400, "frequency_penalty must be a number"),
+    ({"prompt": "x", "logit_bias": {"5": 101}}, 400, "logit_bias values must be in [-100, 100]"),
+    ({"prompt": "x", "logit_bias": {"5": True}}, 400, "logit_bias must map token ids"),
+    ({"prompt": "x", "logit_bias": {"fox": 1}}, 400, "logit_bias must map token ids"),
+    ({"prompt": "x", "logit_bias": [5]}, 400, "logit_bias must be an object"),
+    ({"prompt": "x", "logit_bias": {"512": 1}}, 400, "logit_bias token ids must be in [0, 512)"),
+    ({"prompt": "x", "logit_bias": {str(i): 1 for i in range(301)}}, 400, "logit_bias may hold at most 300 tokens"),
+    ({"prompt": "x", "best_of": 2}, 400, "best_of is not supported on /v1/completions (only 1)"),
     ({"prompt": "x", "n": 2}, 400, "n must be 1"),
     ({"prompt": "x" * 128}, 400, "prompt: 128 tokens, more than the 127 this server accepts"),
     ({"prompt": [1] * 129, "echo": True, "max_tokens": 0}, 400, "prompt: 129 tokens, more than the 128 this server accepts"),
