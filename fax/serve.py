@@ -366,8 +366,9 @@ class Engine:
     def _fit(self, rows: int, positions: int) -> None:
         """Size the cache to the buckets that hold ``rows`` rows and ``positions`` positions."""
         shape = bucket(self.batch_buckets, rows), bucket(self.span_buckets, min(positions, self.cfg.max_seq_len))
-        if shape != (self.rows, self.slots):
+        if shape[0] != self.rows:
             self.counts = self._resize_counts(shape[0], self.counts)
+        if shape != (self.rows, self.slots):
             for i in range(len(self.cache)):  # a layer at a time: never the old and the new cache both whole
                 self.cache[i] = self._resize(*shape, self.cache[i])
 
