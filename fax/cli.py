@@ -113,17 +113,18 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from fax.chat import prompt_ids, reply_stops
+    from fax import chat
     from fax.config import run_config
     from fax.serve import Engine, SamplingParams, TextStream, request_problems, run_tokenizer, stream
 
     tokenizer = run_tokenizer(run_config(args.run_dir))
+    conversation = chat.layout(tokenizer)
     engine = Engine.from_run_dir(args.run_dir, step=args.step, max_batch=1)
     stop = tuple(args.stop or ())
     sampling = SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                              top_p=args.top_p, seed=args.seed, stop=reply_stops(stop) if args.chat else stop)
+                              top_p=args.top_p, seed=args.seed, stop=conversation.reply_stops(stop) if args.chat else stop)
     # A chat: the message laid out as /v1/chat/completions does it
-    prompt = (prompt_ids(tokenizer.encode, [{"role": "user", "content": args.prompt}]) if args.chat
+    prompt = (conversation.prompt_ids(tokenizer.encode, [{"role": "user", "content": args.prompt}]) if args.chat
               else [int(t) for t in tokenizer.encode(args.prompt)])
     problems = request_problems(engine.cfg, prompt, sampling)
     if problems:
@@ -447,13 +448,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # Only the CPU backend reads this: with no accelerator, the CPU is split into emulated devices.
     jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    from fax.chat import TemplateError
     from fax.config import ConfigError
     from fax.signals import handling
 
     try:
         with handling(_interrupt, signal.SIGTERM):
             return args.run(args)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, TemplateError) as e:
         print(f"fax: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

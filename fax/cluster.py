@@ -112,7 +112,7 @@ class HostWorker:
 
         self.engine = Engine.from_run_dir(run_dir, step=step, max_batch=max_batch)
         e = self.engine
-        return {"step": e.step, "cfg": e.cfg, "eos_id": e.eos_id, "batch_buckets": e.batch_buckets,
+        return {"step": e.step, "cfg": e.cfg, "end_ids": e.end_ids, "batch_buckets": e.batch_buckets,
                 "tensor": e.mesh.shape["tensor"]}
 
     def engine_call(self, method: str, *args: Any) -> Any:
@@ -411,7 +411,7 @@ class ClusterEngine:
         runtime.bring_up()
         loaded = runtime._gather([w.load_engine.remote(run_dir, step, max_batch) for w in runtime.workers],
                                  runtime.config.cluster.step_timeout_s, "restoring the params onto the hosts")[0]
-        self.step, self.cfg, self.eos_id = loaded["step"], loaded["cfg"], loaded["eos_id"]
+        self.step, self.cfg, self.end_ids = loaded["step"], loaded["cfg"], loaded["end_ids"]
         self.batch_buckets = loaded["batch_buckets"]  # what the Batcher reads of an engine, as the hosts built it
         runtime.echo(f"fax: serving step {self.step} on {runtime.layout.hosts} hosts "
                      f"(tensor parallel over {loaded['tensor']} devices)")

@@ -56,9 +56,12 @@ class ByteTokenizer:
 
 class HFTokenizer:
     """A ``tokenizer.json`` of the ``tokenizers`` library: one trained here (``bpe``) or one shipped
-    with a Hugging Face checkpoint. Its end-of-document id is its end-of-text special token."""
+    with a Hugging Face checkpoint. Its end-of-document id is its end-of-text special token. A
+    Hugging Face ``tokenizer_config.json`` or ``chat_template.jinja`` beside it brings its chat
+    template and named special tokens (``fax.chat`` lays conversations out with them)."""
 
     name = "tokenizer.json"  # the file a dataset folder and a run directory keep it in
+    COMPANIONS = ("tokenizer_config.json", "chat_template.jinja")  # kept beside it wherever it is copied
     EOS_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eot_id|>")
 
     def __init__(self, path: str | Path):
@@ -72,6 +75,19 @@ class HFTokenizer:
         if not found:
             raise ValueError(f"{path}: no end-of-text token ({', '.join(self.EOS_TOKENS)}) to separate documents")
         self.eos_id = found[0]
+        config_file, template_file = (self.path.with_name(n) for n in self.COMPANIONS)
+        config = json.loads(config_file.read_text()) if config_file.exists() else {}
+        template = config.get("chat_template")
+        if isinstance(template, list):  # named templates: the default one
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        self.chat_template: str | None = template_file.read_text() if template_file.exists() else template
+        self.special_tokens = {k: v.get("content", "") if isinstance(v, dict) else v for k, v in config.items()
+                               if k.endswith("_token") and isinstance(v, (str, dict))}
+        self._special_ids = {t.content: i for i, t in self.tok.get_added_tokens_decoder().items()}
+
+    def token_id(self, text: str) -> int | None:
+        """The id of the added (special) token that is exactly ``text``, if there is one."""
+        return self._special_ids.get(text)
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self.tok.encode(text, add_special_tokens=False).ids, np.uint32)
@@ -84,6 +100,26 @@ class HFTokenizer:
 
 
 Tokenizer = ByteTokenizer | HFTokenizer
+
+
+def copy_tokenizer(source: Path, folder: Path) -> None:
+    """A ``tokenizer.json`` and the companions beside it (a chat template) copied into ``folder``
+    (a dataset folder, a run directory); a companion the source lacks is removed there."""
+    if source.absolute() != (folder / HFTokenizer.name).absolute():
+        write_atomic(folder / HFTokenizer.name, source.read_bytes())
+    for name in HFTokenizer.COMPANIONS:
+        if (source.parent / name).absolute() == (folder / name).absolute():
+            continue
+        if (source.parent / name).exists():
+            write_atomic(folder / name, (source.parent / name).read_bytes())
+        else:
+            (folder / name).unlink(missing_ok=True)
+
+
+def tokenizer_fingerprint(folder: Path) -> str:
+    """What a ``tokenizer.json`` and its companions in ``folder`` say, as a short hash."""
+    files = [HFTokenizer.name, *HFTokenizer.COMPANIONS]
+    return _fingerprint(*[(folder / n).read_text() for n in files if (folder / n).exists()])
 
 
 def get_tokenizer(name: str, folder: str | Path | None = None) -> Tokenizer:
@@ -145,11 +181,11 @@ def read_records(path: Path, options: dict[str, str]) -> list[tuple[str, dict[st
     return rows
 
 
-def read_documents(path: Path, text_field: str = "text", prompt_field: str = "",
-                   messages_field: str = "") -> list[list[chat.Piece]]:
+def read_documents(path: Path, text_field: str = "text", prompt_field: str = "", messages_field: str = "",
+                   layout: chat.Layout = chat.FAX_LAYOUT) -> list[list[chat.Piece]]:
     """The documents of one file, each as pieces of text and whether it is trained on: a line of
     JSONL or a row of Parquet (its ``text_field``, after its ``prompt_field`` if one is named, read
-    but not trained on; or its ``messages_field``, a conversation laid out by ``fax.chat``), or a
+    but not trained on; or its ``messages_field``, a conversation in the tokenizer's ``layout``), or a
     whole text file. A file that is not UTF-8 text holds none; a document without text, or a
     conversation without an assistant message, is dropped."""
     fields = [messages_field] if messages_field else [f for f in (prompt_field, text_field) if f]
@@ -164,12 +200,18 @@ def read_documents(path: Path, text_field: str = "text", prompt_field: str = "",
     except UnicodeDecodeError:
         return []
     if messages_field:
+        docs = []
         for where, row in rows:
-            problems = chat.message_problems(row[messages_field])
+            messages = row[messages_field]
+            problems = chat.message_problems(messages)
             if problems:
                 raise ValueError(f"{where}: {problems[0]} (field {messages_field!r})")
-        return [chat.pieces(messages) for messages in (row[messages_field] for _, row in rows)
-                if any(m["role"] == "assistant" for m in messages)]
+            if any(m["role"] == "assistant" for m in messages):
+                try:
+                    docs.append(layout.pieces(messages))
+                except chat.TemplateError as e:
+                    raise ValueError(f"{where}: {e} (field {messages_field!r})") from None
+        return docs
     docs = [(row[prompt_field] or "" if prompt_field else "", row[text_field]) for _, row in rows]
     for prompt, text in docs:
         if not isinstance(prompt, str) or not isinstance(text, (str, type(None))):
@@ -182,7 +224,8 @@ def tokenize_file(path: Path, tok: Tokenizer, dtype: np.dtype, text_field: str, 
                   messages_field: str = "") -> tuple[np.ndarray, int]:
     """All documents of ``path``, each followed by the end-of-document id, the tokens of what is not
     trained on marked with ``PROMPT_FLAG``; and how many documents there were."""
-    docs = read_documents(path, text_field, prompt_field, messages_field)
+    layout = chat.layout(tok) if messages_field else chat.FAX_LAYOUT  # a chat template matters to conversations only
+    docs = read_documents(path, text_field, prompt_field, messages_field, layout)
     encoded = iter(tok.encode_batch([text for doc in docs for text, _ in doc]))
     eos = np.array([tok.eos_id], dtype)
     parts = []
@@ -267,11 +310,10 @@ def prepare(files: list[Path], out_dir: str | Path, tokenizer: str = "byte", *, 
         source = Path(tokenizer)
         if not source.is_file():
             raise ValueError(f"tokenizer {tokenizer!r}: use byte, bpe, or the path of a tokenizer.json")
-        if source.absolute() != (out / HFTokenizer.name).absolute():
-            write_atomic(out / HFTokenizer.name, source.read_bytes())
+        copy_tokenizer(source, out)
         tokenizer = HFTokenizer.name
     tok = get_tokenizer(tokenizer, out)
-    tokenizer_id = tokenizer if tokenizer == "byte" else _fingerprint((out / tokenizer).read_text())
+    tokenizer_id = tokenizer if tokenizer == "byte" else tokenizer_fingerprint(out)
     dtype = np.dtype(np.uint16 if tok.vocab_size <= 2 ** 16 and not (prompt_field or messages_field) else np.uint32)
     keys = [_file_key(f, tokenizer_id, *fields) for f in files]
     fingerprint = _fingerprint(keys, val_fraction)

@@ -54,33 +54,40 @@ class ChunkWorker:
     """One serving engine; completes chunks of prompts and writes each chunk's part file."""
 
     def __init__(self, run_dir: str, parts: str, settings: dict[str, Any]):
+        from fax.chat import layout
         from fax.config import run_config
         from fax.serve import Engine, run_tokenizer
 
         self.settings = InferSettings(**{**settings, "stop": tuple(settings["stop"])})
         self.engine = Engine.from_run_dir(run_dir, max_batch=self.settings.max_batch)
         self.tokenizer = run_tokenizer(run_config(run_dir))
+        self.layout = layout(self.tokenizer)  # of conversations (--messages-field)
         self.parts = Path(parts)
 
     def complete(self, start: int, prompts: list[Any]) -> list[dict[str, Any]]:
         """Rows of ``row``, the prompt as ``prompt`` (a conversation as ``messages``, None where it is
         not one), ``completion``, ``tokens`` and ``error``."""
-        from fax.chat import message_problems, prompt_ids, reply_stops
+        from fax.chat import TemplateError, message_problems
         from fax.serve import SamplingParams, TextStream, generate, request_problems
 
         s = self.settings
         chat = bool(s.messages_field)
         name = "messages" if chat else "prompt"
-        stop = reply_stops(s.stop) if chat else s.stop
+        stop = self.layout.reply_stops(s.stop) if chat else s.stop
         rows = [{"row": start + i, name: p} for i, p in enumerate(prompts)]
         todo = []
         for row in rows:
             problems = message_problems(row[name]) if chat else []
+            ids: list[int] = []
             if problems:
-                row[name], ids = None, []  # a column of conversations only
+                row[name] = None  # a column of conversations only
+            elif chat:
+                try:
+                    ids = self.layout.prompt_ids(self.tokenizer.encode, row[name])
+                except TemplateError as e:  # the chat template's own demands (alternating roles...)
+                    problems = [str(e)]
             else:
-                ids = (prompt_ids(self.tokenizer.encode, row[name]) if chat
-                       else [int(t) for t in self.tokenizer.encode(row[name])])
+                ids = [int(t) for t in self.tokenizer.encode(row[name])]
             sampling = SamplingParams(s.max_tokens, s.temperature, s.top_k, s.top_p, s.seed + row["row"], stop)
             problems = problems or request_problems(self.engine.cfg, ids, sampling, prompt_name=name)
             if problems:  # one bad row is reported in its place; the job goes on

@@ -28,6 +28,7 @@ import models
 from fax.checkpoint import Checkpointer, checkpoint_dir
 from fax.config import Config, ConfigError, run_config
 from fax.data import HFTokenizer, TokenDataset, dataset_path, get_tokenizer
+from fax import chat
 from fax import step as step_lib
 from fax.step import with_activation_sharding
 from parallel import ParallelConfig, logical_sharding, make_mesh, replicated
@@ -279,8 +280,9 @@ class Engine:
     what runs; every process of a multi-host engine receives the same calls."""
 
     def __init__(self, cfg: models.ModelConfig, params: Any, mesh: jax.sharding.Mesh, max_batch: int = 8,
-                 eos_id: int | None = None, tokens_per_call: int = TOKENS_PER_CALL):
-        self.cfg, self.mesh, self.eos_id = cfg, mesh, eos_id
+                 end_ids: Sequence[int] = (), tokens_per_call: int = TOKENS_PER_CALL):
+        self.cfg, self.mesh = cfg, mesh
+        self.end_ids = tuple(end_ids)  # tokens that end a request (not emitted): end of text, end of turn
         self.step: int | None = None  # the checkpoint step the params came from, if any
         self.graphdef, _, shardings = param_layout(cfg, mesh)
         self.params = models.unstack_layers(jax.device_put(params, shardings))
@@ -343,7 +345,7 @@ class Engine:
         config = run_config(run_dir)
         mesh = serving_mesh(config.model, jax.devices() if devices is None else devices, tensor)
         params, step = run_params(run_dir, config, mesh, step)
-        engine = cls(config.model, params, mesh, max_batch, run_tokenizer(config).eos_id)
+        engine = cls(config.model, params, mesh, max_batch, generation_ends(run_tokenizer(config)))
         engine.step = step
         return engine
 
@@ -505,7 +507,7 @@ class Batcher:
 
     def _emit(self, i: int, token: int) -> Event:
         row = self.rows[i]
-        eos = self.engine.eos_id is not None and token == self.engine.eos_id
+        eos = token in self.engine.end_ids
         if not eos:
             row.token, row.emitted = token, row.emitted + 1
         finished = eos or row.emitted >= row.sampling.max_new_tokens
@@ -662,6 +664,12 @@ class Scheduler:
             self.batcher.clear()
         except Exception:  # noqa: BLE001 - the engine is unusable: the next requests fail with its error
             pass
+
+
+def generation_ends(tokenizer: Any) -> tuple[int, ...]:
+    """The tokens that end a generation: the tokenizer's end of text, and the end of an assistant's
+    turn where its chat template writes a token for it (Llama 3's ``<|eot_id|>``)."""
+    return (tokenizer.eos_id, *chat.layout(tokenizer).end_ids)
 
 
 def run_tokenizer(config: Config):

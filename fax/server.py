@@ -26,7 +26,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
-from fax.chat import message_problems, prompt_ids, reply_stops
+from fax.chat import Layout, TemplateError, message_problems
+from fax.chat import layout as chat_layout  # "layout" names the argument of parse_chat
 from fax.config import ClusterConfig, ConfigError, ServeConfig, run_config
 from fax.serve import MAX_LOGPROBS, Busy, SamplingParams, Scheduler, TextStream, request_problems, run_tokenizer
 
@@ -168,10 +169,10 @@ def parse_completion(body: Any, encode: Callable[[str], list[int]], settings: Se
 
 
 def parse_chat(body: Any, encode: Callable[[str], list[int]], settings: ServeConfig, model: Any,
-               model_name: str) -> Completion:
-    """A /v1/chat/completions body: the conversation laid out as in training (``fax.chat``), the
-    reply generated after it and ended by the end-of-turn marker; ``logprobs`` (true or false) with
-    ``top_logprobs`` (a count); the rest as for a completion."""
+               model_name: str, layout: Layout) -> Completion:
+    """A /v1/chat/completions body: the conversation in the tokenizer's ``layout``, as in training
+    (``fax.chat``), the reply generated after it and ended by the end-of-turn marker; ``logprobs``
+    (true or false) with ``top_logprobs`` (a count); the rest as for a completion."""
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
     problems = message_problems(body.get("messages"))
@@ -184,10 +185,14 @@ def parse_chat(body: Any, encode: Callable[[str], list[int]], settings: ServeCon
     top = _logprobs_count(body, "top_logprobs")
     if top is not None and not logprobs:
         raise RequestError("top_logprobs needs logprobs=true", "top_logprobs")
-    reply = {**body, "prompt": prompt_ids(encode, body["messages"]), "logprobs": (top or 0) if logprobs else None,
+    try:
+        prompt = layout.prompt_ids(encode, body["messages"])
+    except TemplateError as e:  # the chat template's own demands (alternating roles...)
+        raise RequestError(str(e), "messages") from None
+    reply = {**body, "prompt": prompt, "logprobs": (top or 0) if logprobs else None,
              "max_tokens": body.get("max_completion_tokens", body.get("max_tokens"))}
     completion = parse_completion(reply, encode, settings, model, model_name, prompt_name="messages")
-    sampling = dataclasses.replace(completion.sampling, stop=reply_stops(completion.sampling.stop))
+    sampling = dataclasses.replace(completion.sampling, stop=layout.reply_stops(completion.sampling.stop))
     return dataclasses.replace(completion, sampling=sampling)
 
 
@@ -229,6 +234,7 @@ class CompletionServer:
         config = run_config(run_dir)
         self.model = config.model
         self.tokenizer = run_tokenizer(config)
+        self.chat_layout = chat_layout(self.tokenizer)
         self.engine = _engine(run_dir, settings, cluster)
         self.scheduler = Scheduler(self.engine, settings.max_concurrent)
         self.created = int(time.time())
@@ -255,7 +261,7 @@ class CompletionServer:
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Any:
         return await self._answer(request, lambda body: parse_chat(
-            body, self._encode, self.settings, self.model, self.model_name), chat=True)
+            body, self._encode, self.settings, self.model, self.model_name, self.chat_layout), chat=True)
 
     async def _answer(self, request: Request, parse: Callable[[Any], Completion], chat: bool) -> Any:
         try:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import signal
 import threading
 import time
@@ -21,7 +20,7 @@ from fax import step as step_lib
 from fax.checkpoint import Checkpointer, abstract_like, checkpoint_dir, incompatible_keys
 from fax.config import (ClusterConfig, Config, ConfigError, apply_overrides, raise_problems, run_config,
                         setting_problems, validate, with_layout)
-from fax.data import Sampler, TokenDataset, dataset_path, dataset_problems
+from fax.data import Sampler, TokenDataset, copy_tokenizer, dataset_path, dataset_problems
 from fax.metrics import MetricsLog, mesh_desc, mfu, peak_flops_per_device, read_metrics
 from fax.runtime import HostRuntime, WorkerFailure
 from fax.signals import handling
@@ -325,7 +324,7 @@ class Trainer:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
         if self.dataset.meta["tokenizer"] != "byte":  # generate and serve decode with the run's own copy
-            shutil.copyfile(self.data_path / self.dataset.meta["tokenizer"], run_dir / self.dataset.meta["tokenizer"])
+            copy_tokenizer(self.data_path / self.dataset.meta["tokenizer"], run_dir)
         if self.plan is not None:
             (run_dir / "plan.json").write_text(self.plan.to_json())
         if self.runtime is None:

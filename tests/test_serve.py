@@ -170,7 +170,7 @@ def test_a_chat_tuned_run_replies_as_taught_and_ends_its_turn(tmp_path, capsys):
     """Conversations prepared with --messages-field train a model which, asked in the same layout
     (what /v1/chat/completions sends), gives the reply it was taught and ends its turn there."""
     from fax import Trainer, load_config
-    from fax.chat import END_OF_TURN, prompt_ids
+    from fax.chat import END_OF_TURN, FAX_LAYOUT
     from fax.cli import main
     from fax.data import prepare
 
@@ -185,7 +185,7 @@ def test_a_chat_tuned_run_replies_as_taught_and_ends_its_turn(tmp_path, capsys):
                                    "train.sample_tokens=0"]), echo=lambda _: None).fit()
     engine = Engine.from_run_dir(tmp_path / "run")
     for asked, reply in taught.items():
-        tokens = generate(engine, [prompt_ids(ByteTokenizer().encode, [{"role": "user", "content": asked}])],
+        tokens = generate(engine, [FAX_LAYOUT.prompt_ids(ByteTokenizer().encode, [{"role": "user", "content": asked}])],
                           [SamplingParams(max_new_tokens=20, temperature=0.0)])[0]
         text = TextStream(ByteTokenizer(), [END_OF_TURN])
         assert "".join(text.push(t) for t in tokens) == reply and text.stopped
