@@ -273,13 +273,18 @@ def _run_on_one_device(run_dir: str | Path, step: int | None, merged: bool) -> t
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None) -> tuple[Path, int]:
-    """A run directory's checkpoint (default: the latest; LoRA adapters merged in) as a HF directory;
-    returns it and the step."""
+    """A run directory's checkpoint (default: the latest; LoRA adapters merged in) as a HF directory,
+    with the run's tokenizer and chat template where it has a Hugging Face one; returns it and the step."""
     from fax.config import run_config
+    from fax.data import HFTokenizer, copy_tokenizer
 
     family(run_config(run_dir).model)  # fails before anything is read
     config, params, step = _run_on_one_device(run_dir, step, merged=True)
-    return export_params(params, config.model, out_dir), step
+    out = export_params(params, config.model, out_dir)
+    tokenizer = Path(run_dir) / HFTokenizer.name  # the run's copy; fax's byte tokenizer has no Hugging Face form
+    if tokenizer.exists():
+        copy_tokenizer(tokenizer, out)
+    return out, step
 
 
 def export_adapters(run_dir: str | Path, out_dir: str | Path, step: int | None = None) -> tuple[Path, int]:

@@ -138,7 +138,8 @@ def test_a_run_tuned_with_a_template_replies_in_it_and_stops_at_its_end_of_turn_
     """Conversations prepared with a Llama-3-style template train a model; the run keeps the template,
     and its engine, asked in that layout (what /v1/chat/completions and fax generate --chat send), gives
     the reply it was taught and stops at <|eot_id|>, which ends a reply without being one of its tokens;
-    a conversation the template refuses is a clear error."""
+    `fax export` writes the tokenizer and its template beside the weights; a conversation the template
+    refuses is a clear error."""
     from fax import Trainer, load_config
     from fax.cli import main
     from fax.serve import Engine, SamplingParams, generate
@@ -166,6 +167,12 @@ def test_a_run_tuned_with_a_template_replies_in_it_and_stops_at_its_end_of_turn_
     assert main(["generate", str(tmp_path / "run"), "--prompt", "bye", "--chat", "--max-tokens", "20",
                  "--temperature", "0"]) == 0
     assert capsys.readouterr().out == "see you\n"
+    transformers = pytest.importorskip("transformers")
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "exported")]) == 0
+    exported = transformers.AutoTokenizer.from_pretrained(tmp_path / "exported")  # the tokenizer and its template
+    talk = [{"role": "user", "content": "bye"}]
+    assert exported.apply_chat_template(talk, add_generation_prompt=True, return_dict=True)["input_ids"] == \
+        chat.prompt_ids(tok.encode, talk)
     (tmp_path / "run" / "tokenizer_config.json").write_text(json.dumps({
         "chat_template": "{{ raise_exception('a system message comes first') }}"}))
     assert main(["generate", str(tmp_path / "run"), "--prompt", "bye", "--chat"]) == 2
