@@ -220,11 +220,10 @@ def read_documents(path: Path, text_field: str = "text", prompt_field: str = "",
     return [[(prompt, False), (text, True)] if prompt_field else [(text, True)] for prompt, text in docs if text]
 
 
-def tokenize_file(path: Path, tok: Tokenizer, dtype: np.dtype, text_field: str, prompt_field: str = "",
-                  messages_field: str = "") -> tuple[np.ndarray, int]:
-    """All documents of ``path``, each followed by the end-of-document id, the tokens of what is not
-    trained on marked with ``PROMPT_FLAG``; and how many documents there were."""
-    layout = chat.layout(tok) if messages_field else chat.FAX_LAYOUT  # a chat template matters to conversations only
+def tokenize_file(path: Path, tok: Tokenizer, layout: chat.Layout, dtype: np.dtype, text_field: str,
+                  prompt_field: str = "", messages_field: str = "") -> tuple[np.ndarray, int]:
+    """All documents of ``path`` (conversations in ``layout``), each followed by the end-of-document id,
+    the tokens of what is not trained on marked with ``PROMPT_FLAG``; and how many documents there were."""
     docs = read_documents(path, text_field, prompt_field, messages_field, layout)
     encoded = iter(tok.encode_batch([text for doc in docs for text, _ in doc]))
     eos = np.array([tok.eos_id], dtype)
@@ -261,11 +260,13 @@ class _ShardWriter:
     def __init__(self, out: str, tokenizer: str, dtype: str, *fields: str):
         self.out, self.dtype, self.fields = Path(out), np.dtype(dtype), fields
         self.tok = get_tokenizer(tokenizer, self.out)
+        messages_field = fields[2]  # a chat template matters to conversations only
+        self.layout = chat.layout(self.tok) if messages_field else chat.FAX_LAYOUT
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         docs = []
         for path, key in zip(batch["path"], batch["key"]):
-            tokens, n = tokenize_file(Path(path), self.tok, self.dtype, *self.fields)
+            tokens, n = tokenize_file(Path(path), self.tok, self.layout, self.dtype, *self.fields)
             buffer = io.BytesIO()
             np.save(buffer, tokens)
             write_atomic(self.out / "shards" / f"{key}-{n}.npy", buffer.getvalue())
