@@ -139,9 +139,10 @@ def test_a_run_tuned_with_a_template_replies_in_it_and_stops_at_its_end_of_turn_
     and its engine, asked in that layout (what /v1/chat/completions and fax generate --chat send), gives
     the reply it was taught and stops at <|eot_id|>, which ends a reply without being one of its tokens;
     `fax export` writes the tokenizer and its template beside the weights; a conversation the template
-    refuses is a clear error."""
+    refuses is a clear error (in `fax infer`, that row's)."""
     from fax import Trainer, load_config
     from fax.cli import main
+    from fax.infer import InferSettings, infer
     from fax.serve import Engine, SamplingParams, generate
 
     taught = {"hello": "hi there", "bye": "see you"}
@@ -173,6 +174,17 @@ def test_a_run_tuned_with_a_template_replies_in_it_and_stops_at_its_end_of_turn_
     talk = [{"role": "user", "content": "bye"}]
     assert exported.apply_chat_template(talk, add_generation_prompt=True, return_dict=True)["input_ids"] == \
         chat.prompt_ids(tok.encode, talk)
+    # a template that refuses some conversations: in `fax infer` each refusal is its row's error, the rest answered
+    (tmp_path / "run" / "tokenizer_config.json").write_text(json.dumps({"chat_template": (
+        "{% if messages | length > 1 %}{{ raise_exception('one message at a time') }}{% endif %}" + LLAMA3),
+        "eos_token": "<|endoftext|>", "bos_token": "<|begin_of_text|>"}))
+    rows = [[{"role": "user", "content": "bye"}], [{"role": "user", "content": "hello"}] * 2]
+    (tmp_path / "talks.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n" for m in rows))
+    infer(tmp_path / "run", tmp_path / "talks.jsonl", tmp_path / "replies.jsonl",
+          InferSettings(max_tokens=20, temperature=0.0, messages_field="messages"), engine="local")
+    answered, refused = (json.loads(line) for line in (tmp_path / "replies.jsonl").read_text().splitlines())
+    assert (answered["completion"], answered["error"]) == ("see you", None)
+    assert refused["completion"] is None and "one message at a time" in refused["error"]
     (tmp_path / "run" / "tokenizer_config.json").write_text(json.dumps({
         "chat_template": "{{ raise_exception('a system message comes first') }}"}))
     assert main(["generate", str(tmp_path / "run"), "--prompt", "bye", "--chat"]) == 2
