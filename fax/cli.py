@@ -122,7 +122,8 @@ def _generate(args: argparse.Namespace) -> int:
     engine = Engine.from_run_dir(args.run_dir, step=args.step, max_batch=1)
     stop = tuple(args.stop or ())
     sampling = SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                              top_p=args.top_p, seed=args.seed, stop=conversation.reply_stops(stop) if args.chat else stop)
+                              top_p=args.top_p, seed=args.seed, stop=conversation.reply_stops(stop) if args.chat else stop,
+                              frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty)
     # A chat: the message laid out as /v1/chat/completions does it
     prompt = (conversation.prompt_ids(tokenizer.encode, [{"role": "user", "content": args.prompt}]) if args.chat
               else [int(t) for t in tokenizer.encode(args.prompt)])
@@ -245,7 +246,8 @@ def _infer(args: argparse.Namespace) -> int:
     from fax.infer import InferSettings, infer
 
     settings = InferSettings(args.field, args.max_tokens, args.temperature, args.top_k, args.top_p, args.seed,
-                             tuple(args.stop or ()), args.max_batch, args.messages_field)
+                             tuple(args.stop or ()), args.max_batch, args.messages_field, args.frequency_penalty,
+                             args.presence_penalty)
     try:
         done = infer(args.run_dir, args.input, args.output, settings, args.workers, args.engine, progress=True)
     except (ValueError, FileNotFoundError) as e:
@@ -275,6 +277,14 @@ def _ray_options(command: argparse.ArgumentParser) -> None:
                           help="a local cluster of N emulated CPU hosts (cluster.emulate_hosts)")
     ray_mode.add_argument("--devices-per-host", type=int, metavar="K",
                           help="emulated CPU devices per host (cluster.devices_per_host, default 4)")
+
+
+def _penalty_options(command: argparse.ArgumentParser) -> None:
+    """OpenAI's repetition penalties, as the HTTP API takes them."""
+    command.add_argument("--frequency-penalty", type=float, default=0.0,
+                         help="lower a token's logit by this times its count in the text generated so far ([-2, 2])")
+    command.add_argument("--presence-penalty", type=float, default=0.0,
+                         help="lower a token's logit by this once it was generated ([-2, 2])")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -331,6 +341,7 @@ def parser() -> argparse.ArgumentParser:
     inf.add_argument("--top-p", type=float, default=1.0)
     inf.add_argument("--seed", type=int, default=0, help="row i samples with seed + i")
     inf.add_argument("--stop", action="append", help="a stop sequence (repeatable)")
+    _penalty_options(inf)
     inf.add_argument("--max-batch", type=int, default=16, help="prompts one engine decodes together")
     inf.add_argument("--workers", type=int, default=1, help="engines (Ray actors) working in parallel")
     inf.add_argument("--engine", choices=("ray", "local"), default="ray")
@@ -375,6 +386,7 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--stop", action="append", help="stop before this text (repeatable)")
+    _penalty_options(gen)
     gen.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     gen.set_defaults(run=_generate)
 

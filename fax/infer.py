@@ -13,11 +13,14 @@ import json
 import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
 from fax.data import ray_data_session, read_records, write_atomic
+
+if TYPE_CHECKING:
+    from fax.serve import SamplingParams
 
 CHUNK_ROWS = 64
 
@@ -33,6 +36,15 @@ class InferSettings:
     stop: tuple[str, ...] = ()
     max_batch: int = 16  # prompts decoded together by one engine
     messages_field: str = ""  # instead of a prompt, a conversation (``fax.chat``) to reply to
+    frequency_penalty: float = 0.0  # as SamplingParams
+    presence_penalty: float = 0.0
+
+    def sampling(self, row: int, stop: tuple[str, ...]) -> SamplingParams:
+        """Row ``row``'s SamplingParams (its own seed)."""
+        from fax.serve import SamplingParams
+
+        return SamplingParams(self.max_tokens, self.temperature, self.top_k, self.top_p, self.seed + row, stop,
+                              self.frequency_penalty, self.presence_penalty)
 
 
 def read_column(path: str | Path, field: str, option: str = "--field") -> list[Any]:
@@ -68,7 +80,7 @@ class ChunkWorker:
         """Rows of ``row``, the prompt as ``prompt`` (a conversation as ``messages``, None where it is
         not one), ``completion``, ``tokens`` and ``error``."""
         from fax.chat import TemplateError, message_problems
-        from fax.serve import SamplingParams, TextStream, generate, request_problems
+        from fax.serve import TextStream, generate, request_problems
 
         s = self.settings
         chat = bool(s.messages_field)
@@ -88,7 +100,7 @@ class ChunkWorker:
                     problems = [str(e)]
             else:
                 ids = [int(t) for t in self.tokenizer.encode(row[name])]
-            sampling = SamplingParams(s.max_tokens, s.temperature, s.top_k, s.top_p, s.seed + row["row"], stop)
+            sampling = s.sampling(row["row"], stop)
             problems = problems or request_problems(self.engine.cfg, ids, sampling, prompt_name=name)
             if problems:  # one bad row is reported in its place; the job goes on
                 row.update(completion=None, error="; ".join(problems))
@@ -114,6 +126,9 @@ def infer(run_dir: str | Path, input_path: str | Path, output: str | Path, setti
           workers: int = 1, engine: str = "ray", chunk_rows: int = CHUNK_ROWS, progress: bool = False) -> dict:
     """Complete every prompt of ``input_path`` into ``output``; returns counts. Parts live beside the
     output (``OUTPUT.parts/``) and make a re-run resume; parts of a different job are refused."""
+    problems = settings.sampling(0, settings.stop).problems()  # the whole job's: before any engine starts
+    if problems:
+        raise ValueError("; ".join(problems))
     prompts = read_prompts(input_path, settings)
     output = Path(output)
     if output.suffix not in (".jsonl", ".parquet"):

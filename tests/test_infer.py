@@ -62,6 +62,23 @@ def test_infer_command_writes_parquet(tmp_path, run_dir):
     assert [r["row"] for r in table] == list(range(20)) and all(r["completion"] is not None for r in table)
     assert main(["infer", str(run_dir), "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "o.csv"),
                  "--field", "text"]) == 2
+    # the repetition penalties: each row as the engine continues it under them; a bad one stops the job at once
+    assert main(["infer", str(run_dir), "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "p.jsonl"),
+                 "--field", "text", "--max-tokens", "8", "--frequency-penalty", "1.5", "--engine", "local"]) == 0
+    penalized = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    engine = Engine.from_run_dir(run_dir, devices=jax.devices()[:1], max_batch=1)
+    tok = run_tokenizer(run_config(run_dir))
+    changed = []
+    for row in (penalized[0], penalized[13]):
+        prompt = [int(t) for t in tok.encode(f"import os{row['row']}")]
+        plain, under = (tok.decode(generate(engine, [prompt], [SamplingParams(8, 0.0, frequency_penalty=p)])[0])
+                        for p in (0.0, 1.5))
+        assert row["completion"] == under
+        changed.append(under != plain)
+    assert any(changed)
+    assert main(["infer", str(run_dir), "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "q.jsonl"),
+                 "--field", "text", "--presence-penalty", "-3"]) == 2
+    assert not (tmp_path / "q.jsonl.parts").exists()
 
 
 def test_infer_replies_to_conversations_laid_out_as_in_chat_tuning(tmp_path, run_dir):

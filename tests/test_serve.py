@@ -152,6 +152,8 @@ def test_requests_the_engine_cannot_serve_are_refused_with_reasons():
 def test_generate_command_continues_a_trained_run(tmp_path, small_corpus, capsys):
     from fax import Trainer, load_config
     from fax.cli import main
+    from fax.config import run_config
+    from fax.serve import run_tokenizer
 
     Trainer(load_config(overrides=["model=gpt-tiny", f"run_dir={tmp_path}", f"data.path={small_corpus}",
                                    "train.steps=2", "train.batch_size=8", "train.seq_len=32",
@@ -164,6 +166,17 @@ def test_generate_command_continues_a_trained_run(tmp_path, small_corpus, capsys
     assert out.startswith("def ") and len(out) > len("def \n")
     assert main(["generate", str(tmp_path), "--prompt", "x" * 120, "--max-tokens", "20"]) == 2
     assert "exceeds the model's context of 128 tokens" in capsys.readouterr().err
+    # the repetition penalties of the HTTP API: the engine's own continuation under them, which differs
+    tok = run_tokenizer(run_config(tmp_path))
+    prompt = [int(t) for t in tok.encode("def ")]
+    plain, penalized = (generate(engine, [prompt], [SamplingParams(12, 0.0, presence_penalty=p, frequency_penalty=p)])[0]
+                        for p in (0.0, 2.0))
+    assert plain != penalized
+    assert main(["generate", str(tmp_path), "--prompt", "def ", "--max-tokens", "12", "--temperature", "0",
+                 "--presence-penalty", "2", "--frequency-penalty", "2"]) == 0
+    assert capsys.readouterr().out == "def " + tok.decode(penalized) + "\n"
+    assert main(["generate", str(tmp_path), "--prompt", "def ", "--presence-penalty", "3"]) == 2
+    assert "presence_penalty must be in [-2, 2], got 3.0" in capsys.readouterr().err
 
 
 def test_a_chat_tuned_run_replies_as_taught_and_ends_its_turn(tmp_path, capsys):
