@@ -115,11 +115,13 @@ def _prepare(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from fax import chat
     from fax.config import run_config
-    from fax.serve import Engine, SamplingParams, TextStream, request_problems, run_tokenizer, stream
+    from fax.serve import (Engine, SamplingParams, TextStream, generation_ends, request_problems, run_tokenizer,
+                           stream)
 
     tokenizer = run_tokenizer(run_config(args.run_dir))
     conversation = chat.layout(tokenizer)
-    engine = Engine.from_run_dir(args.run_dir, step=args.step, max_batch=1)
+    engine = Engine.from_run_dir(args.run_dir, step=args.step, max_batch=1,
+                                 end_ids=generation_ends(tokenizer, conversation))
     stop = tuple(args.stop or ())
     sampling = SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, seed=args.seed, stop=conversation.reply_stops(stop) if args.chat else stop,

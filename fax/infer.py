@@ -68,12 +68,13 @@ class ChunkWorker:
     def __init__(self, run_dir: str, parts: str, settings: dict[str, Any]):
         from fax.chat import layout
         from fax.config import run_config
-        from fax.serve import Engine, run_tokenizer
+        from fax.serve import Engine, generation_ends, run_tokenizer
 
         self.settings = InferSettings(**{**settings, "stop": tuple(settings["stop"])})
-        self.engine = Engine.from_run_dir(run_dir, max_batch=self.settings.max_batch)
         self.tokenizer = run_tokenizer(run_config(run_dir))
         self.layout = layout(self.tokenizer)  # of conversations (--messages-field)
+        self.engine = Engine.from_run_dir(run_dir, max_batch=self.settings.max_batch,
+                                          end_ids=generation_ends(self.tokenizer, self.layout))
         self.parts = Path(parts)
 
     def complete(self, start: int, prompts: list[Any]) -> list[dict[str, Any]]:

@@ -340,12 +340,16 @@ class Engine:
 
     @classmethod
     def from_run_dir(cls, run_dir: str | Path, devices: Sequence[jax.Device] | None = None, tensor: int = 0,
-                     step: int | None = None, max_batch: int = 8) -> Engine:
-        """The params of a run directory's latest (or ``step``'s) checkpoint, restored onto this mesh."""
+                     step: int | None = None, max_batch: int = 8, end_ids: Sequence[int] | None = None) -> Engine:
+        """The params of a run directory's latest (or ``step``'s) checkpoint, restored onto this mesh.
+        ``end_ids``: ``generation_ends`` of the run's tokenizer, from a caller that holds it already
+        (default: the tokenizer is read here)."""
         config = run_config(run_dir)
         mesh = serving_mesh(config.model, jax.devices() if devices is None else devices, tensor)
         params, step = run_params(run_dir, config, mesh, step)
-        engine = cls(config.model, params, mesh, max_batch, generation_ends(run_tokenizer(config)))
+        if end_ids is None:
+            end_ids = generation_ends(run_tokenizer(config))
+        engine = cls(config.model, params, mesh, max_batch, end_ids)
         engine.step = step
         return engine
 
@@ -666,10 +670,11 @@ class Scheduler:
             pass
 
 
-def generation_ends(tokenizer: Any) -> tuple[int, ...]:
+def generation_ends(tokenizer: Any, conversation: chat.Layout | None = None) -> tuple[int, ...]:
     """The tokens that end a generation: the tokenizer's end of text, and the end of an assistant's
-    turn where its chat template writes a token for it (Llama 3's ``<|eot_id|>``)."""
-    return (tokenizer.eos_id, *chat.layout(tokenizer).end_ids)
+    turn where its chat template writes a token for it (Llama 3's ``<|eot_id|>``). ``conversation``:
+    the tokenizer's ``chat.layout``, when the caller has built it."""
+    return (tokenizer.eos_id, *(conversation or chat.layout(tokenizer)).end_ids)
 
 
 def run_tokenizer(config: Config):

@@ -16,7 +16,7 @@ import secrets
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,8 @@ from ray import serve
 from fax.chat import Layout, TemplateError, message_problems
 from fax.chat import layout as chat_layout  # "layout" names the argument of parse_chat
 from fax.config import ClusterConfig, ConfigError, ServeConfig, run_config
-from fax.serve import MAX_LOGPROBS, Busy, SamplingParams, Scheduler, TextStream, request_problems, run_tokenizer
+from fax.serve import (MAX_LOGPROBS, Busy, SamplingParams, Scheduler, TextStream, generation_ends, request_problems,
+                       run_tokenizer)
 
 MAX_STOP_SEQUENCES = 4
 # OpenAI settings this server does not implement, taken only at a value that changes nothing (never
@@ -205,8 +206,9 @@ def serving_hosts(cluster: ClusterConfig) -> int:
     return cluster.hosts or cluster.emulate_hosts or 1
 
 
-def _engine(run_dir: str, settings: ServeConfig, cluster: ClusterConfig) -> Any:
-    """The engine in this process, or spread over host workers when it needs more than one host."""
+def _engine(run_dir: str, settings: ServeConfig, cluster: ClusterConfig, end_ids: Sequence[int]) -> Any:
+    """The engine in this process (ending generations at ``end_ids``), or spread over host workers
+    when it needs more than one host (each reads the run's tokenizer itself)."""
     if serving_hosts(cluster) > 1:
         from fax.cluster import ClusterEngine, RayRuntime
 
@@ -214,7 +216,7 @@ def _engine(run_dir: str, settings: ServeConfig, cluster: ClusterConfig) -> Any:
         return ClusterEngine(RayRuntime(config), run_dir, None, settings.max_batch)
     from fax.serve import Engine
 
-    return Engine.from_run_dir(run_dir, max_batch=settings.max_batch)
+    return Engine.from_run_dir(run_dir, max_batch=settings.max_batch, end_ids=end_ids)
 
 
 api = FastAPI(title="fax")
@@ -235,7 +237,7 @@ class CompletionServer:
         self.model = config.model
         self.tokenizer = run_tokenizer(config)
         self.chat_layout = chat_layout(self.tokenizer)
-        self.engine = _engine(run_dir, settings, cluster)
+        self.engine = _engine(run_dir, settings, cluster, generation_ends(self.tokenizer, self.chat_layout))
         self.scheduler = Scheduler(self.engine, settings.max_concurrent)
         self.created = int(time.time())
 
