@@ -257,10 +257,11 @@ def write_atomic(path: Path, data: bytes) -> None:
 class _ShardWriter:
     """Tokenizes one file into its shard (``shards/KEY-DOCS.npy``); what Ray Data runs on its workers."""
 
-    def __init__(self, out: str, tokenizer: str, dtype: str, *fields: str):
-        self.out, self.dtype, self.fields = Path(out), np.dtype(dtype), fields
+    def __init__(self, out: str, tokenizer: str, dtype: str, text_field: str, prompt_field: str, messages_field: str):
+        self.out, self.dtype = Path(out), np.dtype(dtype)
+        self.fields = (text_field, prompt_field, messages_field)
         self.tok = get_tokenizer(tokenizer, self.out)
-        messages_field = fields[2]  # a chat template matters to conversations only
+        # a chat template matters to conversations only
         self.layout = chat.layout(self.tok) if messages_field else chat.FAX_LAYOUT
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
