@@ -72,9 +72,10 @@ class SamplingParams:
 
 def request_problems(cfg: models.ModelConfig, prompt: Sequence[int], sampling: SamplingParams,
                      scored_only: bool = False, prompt_name: str = "prompt") -> list[str]:
-    """What is wrong with a request, in words a client can act on (empty: nothing); ``prompt_name``
-    is what the client calls the prompt (a conversation's ``messages``). A prompt ``scored_only``
-    (nothing generated) may fill the whole context."""
+    """What is wrong with a request, in words a client can act on (empty: nothing), each problem
+    beginning with the name of the setting it is about; ``prompt_name`` is what the client calls the
+    prompt (a conversation's ``messages``). A prompt ``scored_only`` (nothing generated) may fill the
+    whole context."""
     found = sampling.problems()
     if any(not 0 <= token < cfg.vocab_size for token, _ in sampling.logit_bias):
         found.append(f"logit_bias token ids must be in [0, {cfg.vocab_size})")

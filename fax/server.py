@@ -165,7 +165,7 @@ def parse_completion(body: Any, encode: Callable[[str], list[int]], settings: Se
         logit_bias=_logit_bias(body))
     problems = request_problems(model, prompt, sampling, scored_only=not generate, prompt_name=prompt_name)
     if problems:
-        raise RequestError("; ".join(problems))
+        raise RequestError("; ".join(problems), problems[0].split()[0])  # each begins with its setting's name
     return Completion(prompt, sampling, stream, logprobs, echo, generate, usage_chunk)
 
 
