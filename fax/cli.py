@@ -100,12 +100,16 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
+    from fax.config import ConfigError
     from fax.data import prepare, text_files
 
     suffixes = tuple(args.suffix) if args.suffix else None
-    index = prepare(text_files(args.inputs, suffixes), args.out, args.tokenizer, vocab_size=args.vocab_size,
-                    val_fraction=args.val_fraction, text_field=args.text_field, prompt_field=args.prompt_field,
-                    messages_field=args.messages_field, engine=args.engine, progress=True)
+    try:
+        index = prepare(text_files(args.inputs, suffixes), args.out, args.tokenizer, vocab_size=args.vocab_size,
+                        val_fraction=args.val_fraction, text_field=args.text_field, prompt_field=args.prompt_field,
+                        messages_field=args.messages_field, engine=args.engine, progress=True)
+    except ValueError as e:  # a record the options do not fit, a tokenizer that is not there...
+        raise ConfigError(str(e)) from None
     print(f"wrote {index['num_tokens']:,} tokens from {index['num_documents']:,} documents to {args.out} "
           f"(validation: {index['val_tokens']:,} tokens, {index['val_documents']:,} documents; "
           f"tokenizer {index['tokenizer']}, {index['vocab_size']:,} tokens)")

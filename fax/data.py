@@ -159,6 +159,16 @@ def text_files(paths: Iterable[str | Path], suffixes: tuple[str, ...] | None = N
     return out
 
 
+def _json_record(line: str, where: str) -> dict[str, Any]:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not valid JSON ({e.msg}, column {e.colno})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: a record must be a JSON object of fields, got {type(record).__name__}")
+    return record
+
+
 def read_records(path: Path, options: dict[str, str]) -> list[tuple[str, dict[str, Any]]]:
     """Each JSONL record / Parquet row of ``path``, with where it is (``file:line``, ``file: row N``).
     Every record must hold the fields ``options`` names; a missing one is refused with the option
@@ -173,7 +183,7 @@ def read_records(path: Path, options: dict[str, str]) -> list[tuple[str, dict[st
                                  f"set {option}")
         return [(f"{path}: row {n}", row) for n, row in enumerate(table.select(list(options)).to_pylist(), 1)]
     lines = path.read_text(encoding="utf-8").splitlines()
-    rows = [(f"{path}:{n}", json.loads(line)) for n, line in enumerate(lines, 1) if line.strip()]
+    rows = [(f"{path}:{n}", _json_record(line, f"{path}:{n}")) for n, line in enumerate(lines, 1) if line.strip()]
     for where, row in rows:
         missing = [f for f in options if f not in row]
         if missing:
@@ -265,14 +275,29 @@ class _ShardWriter:
         self.layout = chat.layout(self.tok) if messages_field else chat.FAX_LAYOUT
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        docs = []
+        """The files' document counts, and for each its problem ("" when none): a file the options do
+        not fit is reported, not raised, so that Ray hands the driver the message itself."""
+        docs, errors = [], []
         for path, key in zip(batch["path"], batch["key"]):
-            tokens, n = tokenize_file(Path(path), self.tok, self.layout, self.dtype, *self.fields)
+            try:
+                tokens, n = tokenize_file(Path(path), self.tok, self.layout, self.dtype, *self.fields)
+            except ValueError as e:
+                docs.append(0)
+                errors.append(str(e))
+                continue
             buffer = io.BytesIO()
             np.save(buffer, tokens)
             write_atomic(self.out / "shards" / f"{key}-{n}.npy", buffer.getvalue())
             docs.append(n)
-        return {"key": list(batch["key"]), "documents": docs}
+            errors.append("")
+        return {"key": list(batch["key"]), "documents": docs, "error": errors}
+
+
+def _refuse_file(written: dict[str, Any]) -> None:
+    """Raise the first problem a ``_ShardWriter`` reported, as the file's own ValueError."""
+    problem = next((e for e in written["error"] if e), None)
+    if problem:
+        raise ValueError(problem)
 
 
 def _shard(out: Path, key: str) -> Path | None:
@@ -331,7 +356,7 @@ def prepare(files: list[Path], out_dir: str | Path, tokenizer: str = "byte", *, 
     elif engine == "local":
         writer = _ShardWriter(*writer_args)
         for path, key in todo:
-            writer({"path": [path], "key": [key]})
+            _refuse_file(writer({"path": [path], "key": [key]}))
             bar.update(1)
     elif engine != "ray":
         raise ValueError(f"engine {engine!r}: use local or ray")
@@ -372,7 +397,8 @@ def _tokenize_on_ray(todo: list[tuple[str, str]], writer_args: tuple, bar: Any) 
         written = files.map_batches(_ShardWriter, fn_constructor_args=writer_args, batch_size=None,
                                     compute=data.ActorPoolStrategy(min_size=1, max_size=cpus),
                                     runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
-        for _ in written.iter_rows():
+        for row in written.iter_rows():
+            _refuse_file({"error": [row["error"]]})
             bar.update(1)
 
 

@@ -59,7 +59,11 @@ def read_prompts(path: str | Path, settings: InferSettings) -> list[Any]:
     """Each row's prompt (text), or its conversation with ``messages_field``."""
     if settings.messages_field:
         return read_column(path, settings.messages_field, "--messages-field")
-    return [str(p) for p in read_column(path, settings.field)]
+    return read_column(path, settings.field)
+
+
+def _text_problems(prompt: Any, field: str) -> list[str]:
+    return [] if isinstance(prompt, str) else [f"{field} must be text, got {json.dumps(prompt)[:40]}"]
 
 
 class ChunkWorker:
@@ -78,8 +82,8 @@ class ChunkWorker:
         self.parts = Path(parts)
 
     def complete(self, start: int, prompts: list[Any]) -> list[dict[str, Any]]:
-        """Rows of ``row``, the prompt as ``prompt`` (a conversation as ``messages``, None where it is
-        not one), ``completion``, ``tokens`` and ``error``."""
+        """Rows of ``row``, the prompt as ``prompt`` (a conversation as ``messages``; None where it is
+        not text, or not a conversation), ``completion``, ``tokens`` and ``error``."""
         from fax.chat import TemplateError, message_problems
         from fax.serve import TextStream, generate, request_problems
 
@@ -90,10 +94,10 @@ class ChunkWorker:
         rows = [{"row": start + i, name: p} for i, p in enumerate(prompts)]
         todo = []
         for row in rows:
-            problems = message_problems(row[name]) if chat else []
+            problems = message_problems(row[name]) if chat else _text_problems(row[name], s.field)
             ids: list[int] = []
             if problems:
-                row[name] = None  # a column of conversations only
+                row[name] = None  # a column of text, or of conversations, only
             elif chat:
                 try:
                     ids = self.layout.prompt_ids(self.tokenizer.encode, row[name])

@@ -268,8 +268,10 @@ class CompletionServer:
     async def _answer(self, request: Request, parse: Callable[[Any], Completion], chat: bool) -> Any:
         try:
             body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
             return RequestError(f"the request body is not valid JSON: {e}").response()
+        except RecursionError:
+            return RequestError("the request body nests JSON too deeply").response()
         try:
             completion = parse(body)
             decoded = TextStream(self.tokenizer, completion.sampling.stop)

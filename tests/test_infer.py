@@ -25,14 +25,18 @@ def run_dir(tmp_path_factory, small_corpus):
 def test_infer_writes_one_row_per_prompt_in_order_and_resumes(tmp_path, run_dir):
     prompts = [f"def f{i}(x):" if i % 7 else "" for i in range(300)]
     prompts[5] = "x" * 500  # longer than the context: an error in its row, the job goes on
+    prompts[8:10] = [None, 42]  # not text: errors in their rows, never completed as "None" or "42"
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({"prompt": p, "id": i}) + "\n" for i, p in enumerate(prompts)))
     settings = InferSettings(max_tokens=6, max_batch=16)
     done = infer(run_dir, tmp_path / "in.jsonl", tmp_path / "out.jsonl", settings, workers=2, chunk_rows=64)
     rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
-    assert done == {"rows": 300, "errors": 44, "chunks_run": 5}  # 43 empty prompts + the long one
-    assert [r["row"] for r in rows] == list(range(300)) and [r["prompt"] for r in rows] == prompts
+    assert done == {"rows": 300, "errors": 46, "chunks_run": 5}  # 43 empty prompts, the long one, the two not text
+    assert [r["row"] for r in rows] == list(range(300))
+    assert [r["prompt"] for r in rows] == [p if isinstance(p, str) else None for p in prompts]
     assert "longer than" in rows[5]["error"] or "context" in rows[5]["error"]
-    assert all(r["error"] is None and r["tokens"] >= 1 for i, r in enumerate(rows) if prompts[i] and i != 5)
+    assert rows[8]["error"] == "prompt must be text, got null" and rows[9]["error"] == "prompt must be text, got 42"
+    text = [isinstance(p, str) and p and i != 5 for i, p in enumerate(prompts)]
+    assert all(r["error"] is None and r["tokens"] >= 1 for r, ok in zip(rows, text) if ok)
     # Greedy rows equal the engine run alone.
     engine = Engine.from_run_dir(run_dir, devices=jax.devices()[:1], max_batch=1)
     tok = run_tokenizer(run_config(run_dir))
@@ -52,7 +56,7 @@ def test_infer_writes_one_row_per_prompt_in_order_and_resumes(tmp_path, run_dir)
         infer(run_dir, tmp_path / "in.jsonl", tmp_path / "out.jsonl", InferSettings(max_tokens=7), engine="local")
 
 
-def test_infer_command_writes_parquet(tmp_path, run_dir):
+def test_infer_command_writes_parquet(tmp_path, run_dir, capsys):
     import pyarrow.parquet as pq
 
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": f"import os{i}"}) + "\n" for i in range(20)))
@@ -62,6 +66,10 @@ def test_infer_command_writes_parquet(tmp_path, run_dir):
     assert [r["row"] for r in table] == list(range(20)) and all(r["completion"] is not None for r in table)
     assert main(["infer", str(run_dir), "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "o.csv"),
                  "--field", "text"]) == 2
+    (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"text": oops}\n')
+    assert main(["infer", str(run_dir), "--input", str(tmp_path / "bad.jsonl"), "--output", str(tmp_path / "b.jsonl"),
+                 "--field", "text"]) == 2
+    assert f"{tmp_path / 'bad.jsonl'}:2: not valid JSON (Expecting value, column 10)" in capsys.readouterr().err
     # the repetition penalties: each row as the engine continues it under them; a bad one stops the job at once
     assert main(["infer", str(run_dir), "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "p.jsonl"),
                  "--field", "text", "--max-tokens", "8", "--frequency-penalty", "1.5", "--engine", "local"]) == 0

@@ -243,6 +243,7 @@ def test_bad_chats_get_a_400_that_says_why_and_the_server_goes_on(url, body, mes
 BAD = [
     ("{not json", 400, "not valid JSON"),
     ("[1, 2]", 400, "must be a JSON object"),
+    ('{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}", 400, "nests JSON too deeply"),
     ({}, 400, "prompt is required"),
     ({"prompt": ""}, 400, "prompt is empty"),
     ({"prompt": 7}, 400, "prompt must be a string or a list of token ids"),
