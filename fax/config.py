@@ -237,11 +237,20 @@ def preset_or_error(name: str) -> ModelConfig:
         raise ConfigError(str(e)) from None
 
 
+def _yaml(text: str, where: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"{where} is not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {text!r} is not of the form key.sub=value")
-    return key.strip(), yaml.safe_load(raw) if raw else ""
+    return key.strip(), _yaml(raw, f"override {text!r}") if raw else ""
 
 
 def apply_overrides(cfg: Config, overrides: typing.Sequence[str]) -> Config:
@@ -256,7 +265,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     """Defaults, then a YAML file, then ``key=value`` overrides."""
     cfg = Config()
     if path is not None:
-        values = yaml.safe_load(Path(path).read_text()) or {}
+        values = _yaml(Path(path).read_text(), str(path)) or {}
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping of settings at the top level")
         cfg = _apply_dict(cfg, values, "")

@@ -65,6 +65,14 @@ def test_unknown_preset_and_unknown_key():
         load_config(overrides=["train.stepz=3"])
     with pytest.raises(ConfigError, match="train.steps='many': expected int"):
         load_config(overrides=["train.steps=many"])
+    with pytest.raises(ConfigError, match=r"override 'train.steps=\[' is not valid YAML \(line 1, column 2\): expected"):
+        load_config(overrides=["train.steps=["])
+
+
+def test_a_config_file_that_is_not_yaml_is_named(tmp_path):
+    (tmp_path / "job.yaml").write_text("model: gpt-tiny\ntrain: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"job.yaml is not valid YAML \(line 3, column 1\): expected ',' or ']'"):
+        load_config(tmp_path / "job.yaml")
 
 
 def test_missing_and_empty_data_path(tmp_path):

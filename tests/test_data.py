@@ -96,12 +96,14 @@ def test_prepare_command_names_the_bad_record_on_either_engine(tmp_path, capsys,
     worker too), exit 2, and no index."""
     from fax.cli import main
 
-    cases = [('{"text": oops}', "not valid JSON (Expecting value, column 10)"), ('{"txt": "b"}', "no field 'text'; set --text-field"),
+    cases = [('{"text": oops}', "not valid JSON (Expecting value, column 10)"),
+             ('{"txt": "b"}', "no field 'text'; set --text-field"),
              ('["a"]', "a record must be a JSON object of fields, got list")]
     for n, (line, message) in enumerate(cases if engine == "local" else cases[1:2]):  # Ray: ~9 s a start
-        (tmp_path / f"bad{n}.jsonl").write_text('{"text": "a"}\n' + line + "\n")
-        assert main(["prepare", str(tmp_path / f"bad{n}.jsonl"), "--out", str(tmp_path / "ds"), "--engine", engine]) == 2
-        assert f"fax: error: {tmp_path / f'bad{n}.jsonl'}:2: {message}\n" in capsys.readouterr().err
+        bad = tmp_path / f"bad{n}.jsonl"
+        bad.write_text('{"text": "a"}\n' + line + "\n")
+        assert main(["prepare", str(bad), "--out", str(tmp_path / "ds"), "--engine", engine]) == 2
+        assert f"fax: error: {bad}:2: {message}\n" in capsys.readouterr().err
         assert not (tmp_path / "ds" / "index.json").exists()
 
 
