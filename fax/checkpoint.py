@@ -91,10 +91,11 @@ class Checkpointer:
     def complete_step(self, step: int | None, run_dir: str | Path) -> int:
         """``step``, or by default the latest complete one; a clear error where there is none."""
         step = self.latest_step() if step is None else step
-        if step is None or step not in self.steps():
+        steps = self.steps()
+        if step is None or step not in steps:
+            fix = f"choose one of steps {steps}" if steps else f"train first (fax train run_dir={run_dir})"
             raise ConfigError(f"{str(run_dir)!r} has no complete checkpoint"
-                              f"{'' if step is None else f' of step {step}'}; steps: {self.steps()}. "
-                              f"Train first (fax train run_dir={run_dir})")
+                              f"{'' if step is None else f' of step {step}'}; {fix}")
         return step
 
     def partial(self) -> list[str]:

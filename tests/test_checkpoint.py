@@ -200,4 +200,4 @@ def test_checkpoint_cli_lists_and_describes(tmp_path, small_corpus):
     assert info.returncode == 0, info.stderr
     assert "step 2" in info.stdout and "['blocks']['attn']['wq']" in info.stdout and "(2, 64, 8, 8)" in info.stdout
     missing = run("info", str(tmp_path), "3")
-    assert missing.returncode == 2 and "no complete checkpoint of step 3" in missing.stderr
+    assert missing.returncode == 2 and "no complete checkpoint of step 3; choose one of steps [2, 4]" in missing.stderr
