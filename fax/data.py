@@ -293,9 +293,9 @@ class _ShardWriter:
         return {"key": list(batch["key"]), "documents": docs, "error": errors}
 
 
-def _refuse_file(written: dict[str, Any]) -> None:
+def _refuse_file(errors: Iterable[str]) -> None:
     """Raise the first problem a ``_ShardWriter`` reported, as the file's own ValueError."""
-    problem = next((e for e in written["error"] if e), None)
+    problem = next((e for e in errors if e), None)
     if problem:
         raise ValueError(problem)
 
@@ -356,7 +356,7 @@ def prepare(files: list[Path], out_dir: str | Path, tokenizer: str = "byte", *, 
     elif engine == "local":
         writer = _ShardWriter(*writer_args)
         for path, key in todo:
-            _refuse_file(writer({"path": [path], "key": [key]}))
+            _refuse_file(writer({"path": [path], "key": [key]})["error"])
             bar.update(1)
     elif engine != "ray":
         raise ValueError(f"engine {engine!r}: use local or ray")
@@ -398,7 +398,7 @@ def _tokenize_on_ray(todo: list[tuple[str, str]], writer_args: tuple, bar: Any) 
                                     compute=data.ActorPoolStrategy(min_size=1, max_size=cpus),
                                     runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
         for row in written.iter_rows():
-            _refuse_file({"error": [row["error"]]})
+            _refuse_file([row["error"]])
             bar.update(1)
 
 

@@ -56,7 +56,8 @@ def read_column(path: str | Path, field: str, option: str = "--field") -> list[A
 
 
 def read_prompts(path: str | Path, settings: InferSettings) -> list[Any]:
-    """Each row's prompt (text), or its conversation with ``messages_field``."""
+    """Each row's prompt (text; a row that holds something else is refused in its place), or its
+    conversation with ``messages_field``."""
     if settings.messages_field:
         return read_column(path, settings.messages_field, "--messages-field")
     return read_column(path, settings.field)
