@@ -295,8 +295,9 @@ def _penalty_options(command: argparse.ArgumentParser) -> None:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fax", description="Train and serve language models with JAX.")
-    p.add_argument("--cpu-devices", type=int, default=8,
-                   help="devices to emulate on the CPU when there is no accelerator (default 8)")
+    p.add_argument("--cpu-devices", type=int,
+                   help="devices to emulate on the CPU when there is no accelerator (default: 8, and 1 for "
+                        "generate and serve)")
     sub = p.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a model (defaults: a small GPT on the Python standard library)",
@@ -460,12 +461,26 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def cpu_devices(command: str, asked: int | None) -> int:
+    """How many devices to emulate on the CPU: 8 by default, a mesh to train and evaluate over; 1 to
+    generate and serve. Emulated devices share the same cores, so an engine split over them does the
+    same work plus collectives (a quarter of one device's tokens/s at batch 1), and even an engine on
+    one of 8 runs 30% slower at batch 16 than in a process of one device."""
+    if asked is not None:
+        return asked
+    return 1 if command in ("generate", "serve") else 8
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
     import jax
 
-    # Only the CPU backend reads this: with no accelerator, the CPU is split into emulated devices.
-    jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    explicit, args.cpu_devices = args.cpu_devices is not None, cpu_devices(args.command, args.cpu_devices)
+    try:  # only the CPU backend reads this: with no accelerator, the CPU is split into emulated devices
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    except RuntimeError:  # JAX had started in this process already (main called from Python): its devices stand
+        if explicit:
+            raise
     from fax.chat import TemplateError
     from fax.config import ConfigError
     from fax.signals import handling

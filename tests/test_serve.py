@@ -149,6 +149,17 @@ def test_requests_the_engine_cannot_serve_are_refused_with_reasons():
         next(stream(engine, [[]], [SamplingParams()]))
 
 
+@pytest.mark.parametrize(("argv", "devices"), [(["generate", "run", "--prompt", "x"], 1), (["serve", "run"], 1),
+                                               (["train"], 8), (["eval", "run"], 8),
+                                               (["--cpu-devices", "4", "serve", "run"], 4)])
+def test_commands_that_decode_emulate_one_cpu_device_unless_told(argv, devices):
+    """An engine split over emulated devices runs slower than on one (they share the cores)."""
+    from fax.cli import cpu_devices, parse
+
+    args = parse(argv)
+    assert cpu_devices(args.command, args.cpu_devices) == devices
+
+
 def test_generate_command_continues_a_trained_run(tmp_path, small_corpus, capsys):
     from fax import Trainer, load_config
     from fax.cli import main
