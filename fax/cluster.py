@@ -435,5 +435,8 @@ class ClusterEngine:
     def score(self, tokens: Sequence[int]) -> tuple[np.ndarray, ...]:
         return self._call("score", list(tokens))
 
+    def warm_up(self) -> None:
+        self._call("warm_up")
+
     def close(self) -> None:
         self.runtime.close()

@@ -137,6 +137,7 @@ class ServeConfig:
     max_tokens: int = 0  # the most tokens one request may ask for; 0: up to the model's context
     default_max_tokens: int = 16  # when a request does not say
     model_name: str = ""  # what /v1/models reports and requests may name; empty: the run directory's name
+    warm_up: bool = False  # compile every prefill and decode shape before serving (Engine.warm_up)
 
     def problems(self) -> list[str]:
         found = [] if 0 < self.port < 65536 else [f"serve.port={self.port} must be in 1..65535"]

@@ -379,6 +379,20 @@ class Engine:
             for i in range(len(self.cache)):  # a layer at a time: never the old and the new cache both whole
                 self.cache[i] = self._resize(*shape, self.cache[i])
 
+    def warm_up(self) -> None:
+        """Compile the prefill of every batch and prompt-length bucket and the decode of every cache
+        shape now, by running each once on a dummy batch: the first request to reach a new shape would
+        otherwise stall every running request for the compile (~1 s each on a CPU, 35 decode shapes
+        at max_batch 16). Requests with logit biases compile their own decode on first use."""
+        for rows in self.batch_buckets:
+            for length in self.length_buckets:
+                self.reset()
+                self.prefill(range(rows), [[0] * length] * rows, [GREEDY_PAD] * rows)
+            for slots in self.span_buckets:
+                self.decode(np.zeros(rows, np.int32), np.full(rows, max(slots - self.tokens_per_call, 0)),
+                            np.zeros(rows, np.int32), [GREEDY_PAD] * rows)
+        self.reset()
+
     def prefill(self, rows: Sequence[int], prompts: Sequence[Sequence[int]],
                 sampling: Sequence[SamplingParams]) -> np.ndarray:
         """Write the prompts into cache ``rows``; their first sampled tokens."""

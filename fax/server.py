@@ -208,15 +208,19 @@ def serving_hosts(cluster: ClusterConfig) -> int:
 
 def _engine(run_dir: str, settings: ServeConfig, cluster: ClusterConfig, end_ids: Sequence[int]) -> Any:
     """The engine in this process (ending generations at ``end_ids``), or spread over host workers
-    when it needs more than one host (each reads the run's tokenizer itself)."""
+    when it needs more than one host (each reads the run's tokenizer itself); warmed up if asked."""
     if serving_hosts(cluster) > 1:
         from fax.cluster import ClusterEngine, RayRuntime
 
         config = dataclasses.replace(run_config(run_dir), run_dir=run_dir, cluster=cluster)
-        return ClusterEngine(RayRuntime(config), run_dir, None, settings.max_batch)
-    from fax.serve import Engine
+        engine = ClusterEngine(RayRuntime(config), run_dir, None, settings.max_batch)
+    else:
+        from fax.serve import Engine
 
-    return Engine.from_run_dir(run_dir, max_batch=settings.max_batch, end_ids=end_ids)
+        engine = Engine.from_run_dir(run_dir, max_batch=settings.max_batch, end_ids=end_ids)
+    if settings.warm_up:
+        engine.warm_up()
+    return engine
 
 
 api = FastAPI(title="fax")
@@ -453,6 +457,8 @@ def start(run_dir: str | Path, settings: ServeConfig, cluster: ClusterConfig, cp
     else:
         layout = host_layout(ray.cluster_resources(), ray.nodes(), 1, cpu_devices)
         options = actor_options(layout, layout.bundle)
+    if settings.warm_up:
+        echo("fax: compiling every prefill and decode shape before serving (--warm-up)")
     serve.start(http_options={"host": settings.host, "port": settings.port})
     app = CompletionServer.options(max_ongoing_requests=settings.max_concurrent + 8, ray_actor_options=options)
     serve.run(app.bind(run_dir, settings, cluster, cpu_devices), name="fax", route_prefix="/")

@@ -4,6 +4,8 @@ import collections
 import dataclasses
 import functools
 import json
+import logging
+import re
 import threading
 import time
 
@@ -115,6 +117,31 @@ def test_penalties_and_logit_biases_adjust_each_rows_logits_as_openai_defines_th
         assert tokens == greedy_by_recomputing(graphdef, params, PROMPTS[0], 20, sampling=sampling), sampling
     assert len({tuple(t) for t in got}) == len(rows)  # each adjustment changed the continuation
     assert banned not in got[2]
+
+
+def test_after_warm_up_no_request_waits_for_a_prefill_or_decode_compile(caplog):
+    """Batches of every size, prompts and generations of many lengths: their prefill and decode
+    were all compiled (what is left: resizing the cache between two shapes, ~0.05 s)."""
+    cfg, _, params = model("gpt-tiny")
+    cfg = dataclasses.replace(cfg, max_seq_len=48)  # fewer shapes: prompt buckets 16, 32, 48; caches to 48 slots
+    engine = Engine(cfg, params, serving_mesh(cfg, jax.devices()[:1]), max_batch=4)
+    engine.warm_up()
+
+    def compiled() -> list[str]:
+        found = re.findall(r"Finished XLA compilation of jit\((\w+)\)", caplog.text)
+        caplog.clear()
+        return [name for name in found if name in ("_prefill", "_decode")]
+
+    rng = np.random.default_rng(0)
+    with jax.log_compiles(), caplog.at_level(logging.WARNING):
+        for batch in (1, 3, 4, 2):
+            prompts = [list(rng.integers(0, cfg.vocab_size, rng.integers(1, 40))) for _ in range(batch)]
+            sampling = [SamplingParams(max_new_tokens=int(rng.integers(1, 49 - len(p))), temperature=0.7, seed=i)
+                        for i, p in enumerate(prompts)]
+            assert [len(t) for t in generate(engine, prompts, sampling)] == [s.max_new_tokens for s in sampling]
+        assert compiled() == []
+        generate(engine, [[1, 2]], [SamplingParams(max_new_tokens=3, logit_bias=((5, 1.0),))])
+        assert compiled() == ["_prefill", "_decode"]  # logit biases: programs of their own, compiled on first use
 
 
 def test_a_requests_samples_do_not_depend_on_its_batch():

@@ -2,7 +2,9 @@
 
 import itertools
 import json
+import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -307,6 +309,17 @@ def test_sixteen_concurrent_clients_get_complete_answers(url):
         assert text == alone["choices"][0]["text"]
         assert alone["usage"]["completion_tokens"] == 8 + i % 5
     assert requests.get(f"{url}/health", timeout=10).json()["running"] == 0
+
+
+def test_a_warmed_up_server_engine_compiles_nothing_for_its_requests(run_dir, caplog):
+    """`fax serve --warm-up`: the engine the ingress builds has every prefill and decode compiled."""
+    from fax.server import _engine
+
+    engine = _engine(str(run_dir), ServeConfig(max_batch=1, warm_up=True), ClusterConfig(), end_ids=())
+    with jax.log_compiles(), caplog.at_level(logging.WARNING):
+        for prompt, new in (([5, 6], 3), (list(range(40)), 70), (list(range(100)), 20)):
+            assert len(generate(engine, [prompt], [SamplingParams(max_new_tokens=new, temperature=0.0)])[0]) == new
+    assert not re.findall(r"compilation of jit\((_prefill|_decode)\)", caplog.text)
 
 
 def test_a_port_in_use_or_a_foreign_host_is_refused_before_ray_starts(run_dir):
