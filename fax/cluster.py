@@ -436,6 +436,7 @@ class ClusterEngine:
         return self._call("score", list(tokens))
 
     def warm_up(self) -> None:
+        """``Engine.warm_up`` on every host (within cluster.step_timeout_s, as any engine call)."""
         self._call("warm_up")
 
     def close(self) -> None:

@@ -383,7 +383,7 @@ class Engine:
         """Compile the prefill of every batch and prompt-length bucket and the decode of every cache
         shape now, by running each once on a dummy batch: the first request to reach a new shape would
         otherwise stall every running request for the compile (~1 s each on a CPU, 35 decode shapes
-        at max_batch 16). Requests with logit biases compile their own decode on first use."""
+        at max_batch 16). Requests with logit biases compile their own prefill and decode on first use."""
         for rows in self.batch_buckets:
             for length in self.length_buckets:
                 self.reset()
