@@ -77,7 +77,9 @@ def test_sharded_engine_logits_equal_one_device_forward():
     logits = engine.prefill_logits(PROMPTS)
     for prompt, row in zip(PROMPTS, logits):
         reference = models.apply(graphdef, params, jnp.asarray([prompt]))[0, -1]
-        np.testing.assert_allclose(row, reference, rtol=1e-5, atol=1e-5)
+        # 1e-5 of the logits' scale (these reach ~11): eight devices sum the heads' outputs in another
+        # order than one, and float32 rounding alone then differs by up to ~2e-5 on some CPUs.
+        np.testing.assert_allclose(row, reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
 
 
 @pytest.mark.parametrize("name", ["gpt-tiny", "llama-tiny"])
