@@ -153,27 +153,27 @@ def sample(logits: jax.Array, seeds: jax.Array, steps: jax.Array, temperature: j
     return jnp.where(temperature > 0, jax.lax.cond(jnp.any(temperature > 0), drawn, lambda: greedy), greedy)
 
 
-def _prefill(cfg: models.ModelConfig, graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, lengths: jax.Array,
-             *controls: jax.Array) -> tuple[jax.Array, Any, jax.Array]:
+def _prefill(cfg: models.ModelConfig, graphdef: nnx.GraphDef, params: Any, weights: models.ServingWeights,
+             tokens: jax.Array, lengths: jax.Array, *controls: jax.Array) -> tuple[jax.Array, Any, jax.Array]:
     """Right-padded prompts through the model into a cache of their own: the first sampled
     tokens, that cache and the next-token logits."""
     batch, length = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(length), tokens.shape)
-    logits, fresh = models.apply_cached(graphdef, params, tokens, positions, models.empty_cache(cfg, batch, length),
-                                        last=lengths - 1)
+    logits, fresh = models.apply_cached(graphdef, params, weights, tokens, positions,
+                                        models.empty_cache(cfg, batch, length), last=lengths - 1)
     adjusted = adjust(logits, jnp.zeros(logits.shape, jnp.int32), *controls[4:])  # nothing generated yet
     return sample(adjusted, controls[0], jnp.zeros_like(lengths), *controls[1:4]), fresh, logits
 
 
-def _score(cfg: models.ModelConfig, graphdef: nnx.GraphDef, params: Any, tokens: jax.Array
-           ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _score(cfg: models.ModelConfig, graphdef: nnx.GraphDef, params: Any, weights: models.ServingWeights,
+           tokens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Each token's log-probability given those before it [b, length - 1], under the model's own
     distribution (no temperature, no filters), and the most likely tokens at each of those
     positions: ids and log-probabilities [b, length - 1, MAX_LOGPROBS]."""
     batch, length = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(length), tokens.shape)
-    logits, _ = models.apply_cached(graphdef, params, tokens, positions, models.empty_cache(cfg, batch, length),
-                                    last=positions[:, :-1])
+    logits, _ = models.apply_cached(graphdef, params, weights, tokens, positions,
+                                    models.empty_cache(cfg, batch, length), last=positions[:, :-1])
     logp = jax.nn.log_softmax(logits.astype(jnp.float32))
     top_logp, top_ids = jax.lax.top_k(logp, min(MAX_LOGPROBS, cfg.vocab_size))
     return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0], top_ids, top_logp
@@ -206,19 +206,17 @@ def _resize_counts(rows: int, counts: jax.Array) -> jax.Array:
     return _cut_or_pad(counts, (rows, None))
 
 
-def _decode(graphdef: nnx.GraphDef, tokens_per_call: int, params: Any, cache: Any, counts: jax.Array,
-            tokens: jax.Array, positions: jax.Array, steps: jax.Array, *controls: jax.Array
+def _decode(graphdef: nnx.GraphDef, tokens_per_call: int, params: Any, weights: models.ServingWeights, cache: Any,
+            counts: jax.Array, tokens: jax.Array, positions: jax.Array, steps: jax.Array, *controls: jax.Array
             ) -> tuple[jax.Array, Any, jax.Array]:
     """``tokens_per_call`` tokens [rows, n] for each cache row, each fed back for the next, in one
     device call; the rows' counts of generated tokens [rows, vocab] follow them."""
-    head = models.lm_head(graphdef, params)  # once per call, not per token
     rows = jnp.arange(tokens.shape[0])
     Carry = tuple[jax.Array, Any, jax.Array]  # the last tokens, the cache, the counts
 
     def one(carry: Carry, i: jax.Array) -> tuple[Carry, jax.Array]:
         token, cache, counts = carry
-        logits, cache = models.apply_cached(graphdef, params, token[:, None], (positions + i)[:, None], cache,
-                                            head=head)
+        logits, cache = models.apply_cached(graphdef, params, weights, token[:, None], (positions + i)[:, None], cache)
         token = sample(adjust(logits, counts, *controls[4:]), controls[0], steps + i, *controls[1:4])
         return (token, cache, counts.at[rows, token].add(1)), token
 
@@ -287,6 +285,9 @@ class Engine:
         self.step: int | None = None  # the checkpoint step the params came from, if any
         self.graphdef, _, shardings = param_layout(cfg, mesh)
         self.params = models.unstack_layers(jax.device_put(params, shardings))
+        head, qkv = (logical_sharding(axes, mesh) for axes in models.SERVING_AXES)
+        self.weights = jax.jit(functools.partial(models.serving_weights, self.graphdef),
+                               out_shardings=models.ServingWeights(head, [qkv] * cfg.n_layers))(self.params)
         self.batch_buckets = buckets(max_batch, 1)
         self.length_buckets = buckets(cfg.max_seq_len, min(16, cfg.max_seq_len))
         # The cache's sizes: a finer ladder, since attention's cost is the slots'.
@@ -313,7 +314,7 @@ class Engine:
         self._decode = jax.jit(with_activation_sharding(functools.partial(_decode, self.graphdef, tokens_per_call),
                                                         mesh),
                                out_shardings=(self._replicated, self.cache_sharding, self._replicated),
-                               donate_argnums=(1, 2),
+                               donate_argnums=(2, 3),
                                compiler_options=CPU_DECODE_OPTIONS if cpu else None)
 
     @property
@@ -321,13 +322,13 @@ class Engine:
         return self.batch_buckets[-1]
 
     def _check_memory(self) -> None:
-        """The cache grows with the requests: check now that it fits beside the params at its
-        largest (max_batch rows, the whole context), not when a request needs it."""
+        """The cache grows with the requests: check now that it fits beside the params and their
+        serving weights at its largest (max_batch rows, the whole context), not when a request needs it."""
         limit = device_memory_bytes(self.mesh.local_devices[0])  # one of this process's: others cannot say
         if limit is None:
             return
         cfg = self.cfg
-        params = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(self.params))
+        params = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves((self.params, self.weights)))
         largest = jax.eval_shape(functools.partial(models.empty_cache, cfg, self.max_batch, cfg.max_seq_len))
         cache = sum(math.prod(self.cache_sharding.shard_shape(x.shape)) * x.dtype.itemsize
                     for x in jax.tree.leaves(largest))
@@ -406,7 +407,7 @@ class Engine:
         self._fit(max(self.rows, max(rows) + 1), max(self.slots, tokens.shape[1]))
         pad = len(lengths) - len(prompts)
         targets = np.array([*rows, *[self.rows] * pad], np.int32)  # padding points past the cache
-        first, fresh, logits = self._prefill(self.params, *self._put(
+        first, fresh, logits = self._prefill(self.params, self.weights, *self._put(
             tokens, lengths, *_controls([*sampling, *[GREEDY_PAD] * pad])))
         self.cache = self._insert(self.cache, fresh, *self._put(targets))
         self.counts = self._count_first(self.counts, *self._put(targets), first)
@@ -416,7 +417,7 @@ class Engine:
                sampling: Sequence[SamplingParams]) -> np.ndarray:
         """Feed a token to each of the first ``len(tokens)`` cache rows; the next tokens of each [rows, n]."""
         self._fit(len(tokens), int(positions.max()) + self.tokens_per_call)  # the rows past len(tokens) are free
-        out, self.cache, self.counts = self._decode(self.params, self.cache, self.counts, *self._put(
+        out, self.cache, self.counts = self._decode(self.params, self.weights, self.cache, self.counts, *self._put(
             tokens.astype(np.int32), positions.astype(np.int32), steps.astype(np.int32), *_controls(sampling)))
         return np.asarray(out)
 
@@ -426,7 +427,7 @@ class Engine:
         if not 1 <= len(tokens) <= self.cfg.max_seq_len:
             raise ValueError(f"can score 1 to {self.cfg.max_seq_len} tokens (the model's context), got {len(tokens)}")
         padded, _ = self._pack([tokens])
-        return tuple(np.asarray(x)[0, :len(tokens) - 1] for x in self._score(self.params, *self._put(padded)))
+        return tuple(np.asarray(x)[0, :len(tokens) - 1] for x in self._score(self.params, self.weights, *self._put(padded)))
 
     def prefill_logits(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
         """The next-token logits after each prompt (for checks against the training forward pass)."""

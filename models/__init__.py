@@ -3,10 +3,11 @@
 from models.config import ModelConfig, param_count, train_flops_per_token
 from models.presets import preset, preset_names
 from models.layers import CACHE_AXES, KVCache
-from models.transformer import (DecoderLM, RunLayers, abstract, apply, apply_cached, apply_hidden, build,
-                                empty_cache, init_params, lm_head, logical_axes, project, scan_layers,
-                                unstack_layers)
+from models.transformer import (SERVING_AXES, DecoderLM, RunLayers, ServingWeights, abstract, apply, apply_cached,
+                                apply_hidden, build, empty_cache, init_params, logical_axes, project, scan_layers,
+                                serving_weights, unstack_layers)
 
-__all__ = ["CACHE_AXES", "DecoderLM", "KVCache", "ModelConfig", "RunLayers", "abstract", "apply", "apply_cached", "apply_hidden",
-           "build", "empty_cache", "init_params", "lm_head", "logical_axes", "project", "scan_layers", "unstack_layers",
-           "param_count", "preset", "preset_names", "train_flops_per_token"]
+__all__ = ["CACHE_AXES", "SERVING_AXES", "DecoderLM", "KVCache", "ModelConfig", "RunLayers", "ServingWeights", "abstract",
+           "apply", "apply_cached", "apply_hidden", "build", "empty_cache", "init_params", "logical_axes", "project",
+           "scan_layers", "serving_weights", "unstack_layers", "param_count", "preset", "preset_names",
+           "train_flops_per_token"]

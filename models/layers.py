@@ -89,10 +89,11 @@ class Attention(nnx.Module):
             self.out_bias = param(None, (d,), ("norm",), "zeros")
 
     def _project(self, x: jax.Array, positions: jax.Array,
-                 fused: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+                 fused: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """q, k, v of ``x``; with ``fused`` (``fused_qkv``) from one matmul."""
         cfg, dt = self.cfg, x.dtype
-        q, k, v = self._fused_qkv(x) if fused else (project("bld,dhk->blhk", x, w[...])
-                                                     for w in (self.wq, self.wk, self.wv))
+        q, k, v = (self._split_qkv(project("bld,dkgh->blkgh", x, fused)) if fused is not None else
+                   (project("bld,dhk->blhk", x, w[...]) for w in (self.wq, self.wk, self.wv)))
         if cfg.use_bias:
             q, k, v = q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt), v + self.v_bias[...].astype(dt)
         if cfg.position == "rope":
@@ -102,17 +103,19 @@ class Attention(nnx.Module):
         v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
         return q, k, v
 
-    def _fused_qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """q, k, v from one matmul with the three weights side by side, grouped by kv head (so that
-        a tensor-parallel split of the heads stays local). A decode step has few rows, for which
-        one wide matmul is faster than three narrow ones; inside the decode loop the weights'
-        concatenation is loop-invariant and XLA hoists it out."""
+    def fused_qkv(self) -> jax.Array:
+        """The q, k and v weights side by side [embed, kv_heads, group + 2, head_dim], grouped by kv
+        head (so that a tensor-parallel split of the heads stays local). A decode step has few rows,
+        for which one wide matmul is faster than three narrow ones. Inference builds it once, when
+        it loads the params: inside a decode call the concatenation cost 6% of a batch-16 call."""
         kv, hd = self.cfg.n_kv_heads, self.cfg.kv_head_dim
-        group = self.cfg.n_heads // kv
-        w = jnp.concatenate([self.wq[...].reshape(-1, kv, group, hd), self.wk[...][:, :, None],
-                             self.wv[...][:, :, None]], axis=2)  # [embed, kv_heads, group + 2, head_dim]
-        qkv = project("bld,dkgh->blkgh", x, w)
-        q = qkv[:, :, :, :group].reshape(*x.shape[:2], kv * group, hd)
+        return jnp.concatenate([self.wq[...].reshape(-1, kv, self.cfg.n_heads // kv, hd), self.wk[...][:, :, None],
+                                self.wv[...][:, :, None]], axis=2)
+
+    def _split_qkv(self, qkv: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """q, k, v out of the fused projection [b, length, kv_heads, group + 2, head_dim]."""
+        group = qkv.shape[3] - 2
+        q = qkv[:, :, :, :group].reshape(*qkv.shape[:2], self.cfg.n_heads, qkv.shape[4])
         return q, qkv[:, :, :, group], qkv[:, :, :, group + 1]
 
     def _output(self, out: jax.Array) -> jax.Array:
@@ -130,13 +133,14 @@ class Attention(nnx.Module):
         mask = None if documents is None else (documents[:, :, None] == documents[:, None, :])[:, None]
         return self._output(jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=kernel))
 
-    def cached(self, x: jax.Array, positions: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    def cached(self, x: jax.Array, positions: jax.Array, cache: KVCache,
+               fused: jax.Array) -> tuple[jax.Array, KVCache]:
         """New tokens (``x`` [b, length], at ``positions`` [b, length]) write their keys and values
         into ``cache`` (b rows; positions past its end are dropped), then attend to everything
         cached at or before them. Attention reads the whole cache: its owner sizes it to the rows
         and positions in use, as a slice of a larger cache would be a copy of it at every token.
-        The update is a scatter into the donated cache."""
-        q, k, v = self._project(x, positions, fused=True)
+        The update is a scatter into the donated cache. ``fused``: this layer's ``fused_qkv``."""
+        q, k, v = self._project(x, positions, fused)
         rows = jnp.arange(x.shape[0])[:, None]
         keys, values = (constrain(c.at[rows, :, positions].set(new.astype(c.dtype), mode="drop"), CACHE_AXES)
                         for c, new in zip(cache, (k, v)))
@@ -194,7 +198,8 @@ class Block(nnx.Module):
         x = x + self.attn(self.attn_norm(x), positions, documents)
         return x + self.mlp(self.mlp_norm(x))
 
-    def cached(self, x: jax.Array, positions: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
-        h, cache = self.attn.cached(self.attn_norm(x), positions, cache)
+    def cached(self, x: jax.Array, positions: jax.Array, cache: KVCache,
+               fused: jax.Array) -> tuple[jax.Array, KVCache]:
+        h, cache = self.attn.cached(self.attn_norm(x), positions, cache, fused)
         x = x + h
         return x + self.mlp(self.mlp_norm(x)), cache

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -174,31 +174,42 @@ def _merge_unstacked(graphdef: nnx.GraphDef, params: Params) -> DecoderLM:
     return nnx.merge(graphdef, {**params, "blocks": jax.tree.map(lambda *xs: jnp.stack(xs), *params["blocks"])})
 
 
-def lm_head(graphdef: nnx.GraphDef, params: Params) -> jax.Array:
-    """The output projection [embed, vocab] of unstacked ``params``. A decode loop takes it once,
-    before the loop: a tied embedding's transpose is then laid out for the matmul, where inside the
-    loop XLA:CPU would multiply by the transpose in place (the embedding also serves the lookup),
-    about 4x slower."""
-    return _merge_unstacked(graphdef, params).lm_head()
+class ServingWeights(NamedTuple):
+    """Weights inference derives from the params once, when it loads them, rather than in every
+    call: the LM head [embed, vocab] (a tied embedding's transpose, laid out for the matmul: XLA:CPU
+    multiplies by a transpose in place about 4x slower) and each layer's ``fused_qkv``. They take
+    memory beside the params, as much as a decode call used to hold them in while it ran."""
+
+    head: jax.Array
+    qkv: list[jax.Array]
 
 
-def apply_cached(graphdef: nnx.GraphDef, params: Params, tokens: jax.Array, positions: jax.Array,
-                 cache: list[KVCache], last: jax.Array | None = None,
-                 head: jax.Array | None = None) -> tuple[jax.Array, list[KVCache]]:
+SERVING_AXES = ServingWeights(("embed", "vocab"), ("embed", "kv_heads", None, "head_dim"))  # qkv: every layer's
+
+
+def serving_weights(graphdef: nnx.GraphDef, params: Params) -> ServingWeights:
+    """The ``ServingWeights`` of unstacked ``params``."""
+    model = _merge_unstacked(graphdef, params)
+    block = nnx.graphdef(model.blocks)
+    return ServingWeights(model.lm_head(), [nnx.merge(block, layer).attn.fused_qkv() for layer in params["blocks"]])
+
+
+def apply_cached(graphdef: nnx.GraphDef, params: Params, weights: ServingWeights, tokens: jax.Array,
+                 positions: jax.Array, cache: list[KVCache],
+                 last: jax.Array | None = None) -> tuple[jax.Array, list[KVCache]]:
     """Inference with a KV cache: ``tokens`` [b, length] at ``positions`` go into ``cache`` (one
-    (keys, values) per layer, [b, kv_heads, slots, head_dim]). ``params`` has its
-    layers unstacked (``unstack_layers``); ``head`` is ``lm_head``'s, when the caller holds it.
-    Returns the logits at index ``last[b]`` of each row [b, vocab] (default: the last), or at the
-    indices ``last[b, :]`` [b, n, vocab], and the updated cache."""
-    layers = params["blocks"]
+    (keys, values) per layer, [b, kv_heads, slots, head_dim]). ``params`` has its layers unstacked
+    (``unstack_layers``); ``weights`` are its ``serving_weights``. Returns the logits at index
+    ``last[b]`` of each row [b, vocab] (default: the last), or at the indices ``last[b, :]``
+    [b, n, vocab], and the updated cache."""
     model = _merge_unstacked(graphdef, params)
     block = nnx.graphdef(model.blocks)
     x = model._embed(tokens, positions)
     updated = []
-    for layer, layer_cache in zip(layers, cache):
-        x, layer_cache = nnx.merge(block, layer).cached(x, positions, layer_cache)
+    for layer, fused, layer_cache in zip(params["blocks"], weights.qkv, cache):
+        x, layer_cache = nnx.merge(block, layer).cached(x, positions, layer_cache, fused)
         updated.append(layer_cache)
     if last is None:
         last = jnp.full((tokens.shape[0],), tokens.shape[1] - 1)
-    logits = model._logits(jnp.take_along_axis(x, last.reshape(len(last), -1)[..., None], axis=1), head)
+    logits = model._logits(jnp.take_along_axis(x, last.reshape(len(last), -1)[..., None], axis=1), weights.head)
     return (logits if last.ndim == 2 else logits[:, 0]), updated

@@ -377,8 +377,9 @@ def test_the_cache_follows_the_rows_and_positions_in_use_and_decode_still_equals
 
 
 def test_an_engine_whose_largest_cache_would_not_fit_is_refused_at_the_start(monkeypatch):
-    cfg, _, params = model("gpt-tiny")  # float32 params 0.54 MiB; a cache of 8 rows x 128 positions 1 MiB
-    monkeypatch.setattr(serve, "device_memory_bytes", lambda device: 2 ** 20)  # as a GPU would report
+    # float32 params 0.54 MiB and their serving weights 0.22 MiB; a cache of 8 rows x 128 positions 1 MiB
+    cfg, _, params = model("gpt-tiny")
+    monkeypatch.setattr(serve, "device_memory_bytes", lambda device: 5 * 2 ** 18)  # as a GPU would report
     with pytest.raises(ConfigError, match=r"KV cache of max_batch=8 x 128 positions .* lower max_batch"):
         Engine(cfg, params, serving_mesh(cfg, jax.devices()[:1]), max_batch=8)
     Engine(cfg, params, serving_mesh(cfg, jax.devices()[:1]), max_batch=2)  # 0.25 MiB of cache fits
