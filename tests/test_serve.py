@@ -19,8 +19,8 @@ import models
 from fax import serve
 from fax.config import ConfigError
 from fax.data import ByteTokenizer
-from fax.serve import (Batcher, Busy, Engine, Scheduler, SamplingParams, TextStream, filter_logits, generate, request_problems, serving_mesh,
-                       stream)
+from fax.serve import (Batcher, Busy, Engine, Scheduler, SamplingParams, TextStream, argmax, filter_logits, generate,
+                       request_problems, sample, serving_mesh, stream)
 
 PROMPTS = [[5, 17, 99, 3, 42], [7] * 11 + [300], [1, 2, 3]]
 
@@ -155,6 +155,20 @@ def test_a_requests_samples_do_not_depend_on_its_batch():
     assert alone == batched and len(alone) == 10
     other_seed = generate(engine, [PROMPTS[0]], [dataclasses.replace(hot, seed=8)])[0]
     assert other_seed != alone
+
+
+def test_argmax_and_sampling_pick_what_jax_would():
+    """The two-reduction argmax: jnp.argmax's index on ties, NaNs and all -inf rows; sampling with it
+    draws jax.random.categorical's tokens for the same keys."""
+    logits = jax.random.normal(jax.random.key(0), (16, 1000))
+    logits = logits.at[1, 7].set(jnp.nan).at[1, 9].set(jnp.nan).at[2].set(-jnp.inf).at[3, 4:9].set(50.0)
+    np.testing.assert_array_equal(argmax(logits), jnp.argmax(logits, axis=-1))
+    seeds, steps = jnp.arange(16, dtype=jnp.uint32), jnp.arange(16) * 3
+    hot = jnp.full((16,), 0.8)
+    keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(seeds, steps)
+    finite = logits.at[1].set(0.0)  # a NaN row samples the NaN; not a question of which one
+    np.testing.assert_array_equal(sample(finite, seeds, steps, hot, jnp.zeros(16, jnp.int32), jnp.ones(16)),
+                                  jax.vmap(jax.random.categorical)(keys, finite / 0.8))
 
 
 def test_top_k_and_top_p_keep_the_right_tokens():
