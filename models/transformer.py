@@ -168,10 +168,12 @@ def unstack_layers(params: Params) -> Params:
     return {**params, "blocks": [jax.tree.map(lambda p, i=i: p[i], params["blocks"]) for i in range(n)]}
 
 
-def _merge_unstacked(graphdef: nnx.GraphDef, params: Params) -> DecoderLM:
-    """The model from params whose layers are unstacked (``unstack_layers``)."""
+def _merge_unstacked(graphdef: nnx.GraphDef, params: Params) -> tuple[DecoderLM, list[Block]]:
+    """The model from params whose layers are unstacked (``unstack_layers``), and each layer's block."""
     # The stacked blocks are only there to rebuild the module; nothing reads them, so XLA drops them.
-    return nnx.merge(graphdef, {**params, "blocks": jax.tree.map(lambda *xs: jnp.stack(xs), *params["blocks"])})
+    model = nnx.merge(graphdef, {**params, "blocks": jax.tree.map(lambda *xs: jnp.stack(xs), *params["blocks"])})
+    block = nnx.graphdef(model.blocks)
+    return model, [nnx.merge(block, layer) for layer in params["blocks"]]
 
 
 class ServingWeights(NamedTuple):
@@ -189,9 +191,8 @@ SERVING_AXES = ServingWeights(("embed", "vocab"), ("embed", "kv_heads", None, "h
 
 def serving_weights(graphdef: nnx.GraphDef, params: Params) -> ServingWeights:
     """The ``ServingWeights`` of unstacked ``params``."""
-    model = _merge_unstacked(graphdef, params)
-    block = nnx.graphdef(model.blocks)
-    return ServingWeights(model.lm_head(), [nnx.merge(block, layer).attn.fused_qkv() for layer in params["blocks"]])
+    model, blocks = _merge_unstacked(graphdef, params)
+    return ServingWeights(model.lm_head(), [block.attn.fused_qkv() for block in blocks])
 
 
 def apply_cached(graphdef: nnx.GraphDef, params: Params, weights: ServingWeights, tokens: jax.Array,
@@ -202,12 +203,11 @@ def apply_cached(graphdef: nnx.GraphDef, params: Params, weights: ServingWeights
     (``unstack_layers``); ``weights`` are its ``serving_weights``. Returns the logits at index
     ``last[b]`` of each row [b, vocab] (default: the last), or at the indices ``last[b, :]``
     [b, n, vocab], and the updated cache."""
-    model = _merge_unstacked(graphdef, params)
-    block = nnx.graphdef(model.blocks)
+    model, blocks = _merge_unstacked(graphdef, params)
     x = model._embed(tokens, positions)
     updated = []
-    for layer, fused, layer_cache in zip(params["blocks"], weights.qkv, cache):
-        x, layer_cache = nnx.merge(block, layer).cached(x, positions, layer_cache, fused)
+    for block, fused, layer_cache in zip(blocks, weights.qkv, cache):
+        x, layer_cache = block.cached(x, positions, layer_cache, fused)
         updated.append(layer_cache)
     if last is None:
         last = jnp.full((tokens.shape[0],), tokens.shape[1] - 1)
