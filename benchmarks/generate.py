@@ -1,8 +1,11 @@
 """Decode throughput of the serving engine, side by side in one run on the same model shape and
 prompts: KV-cache decode vs recomputing the whole forward pass for every token, vs Hugging Face
 transformers' `generate` (PyTorch, the same GPT-2 shape with random weights, its KV cache), at
-batch 1, 4 and 16. On a GPU both run on it (PyTorch with TF32 matmuls, as JAX's default precision
-does for float32); on the CPU, ``--cpu-devices 8`` adds a tensor-parallel engine over emulated devices.
+batch 1, 4 and 16: whole generations (prompt and new tokens) and the decode alone (a generation's
+time less that of its first token). The two take turns, round after round, and each keeps its fastest
+round, so that a shared machine's drift reaches both alike. On a GPU both run on it (PyTorch with TF32
+matmuls, as JAX's default precision does for float32); on the CPU, ``--cpu-devices 8`` adds a
+tensor-parallel engine over emulated devices.
 
     pip install torch==2.13.0 transformers   # the CPU wheel; see the README
     python benchmarks/generate.py [--model gpt-mini --new-tokens 64]
@@ -19,9 +22,9 @@ from pathlib import Path
 import jax
 
 
-def transformers_baseline(cfg, prompts: list[list[int]], new_tokens: int):
-    """Hugging Face GPT-2 of the same shape (random weights): greedy `generate` with its KV cache.
-    None (and a note) where torch or transformers is not installed."""
+def transformers_baseline(cfg, prompts: list[list[int]]):
+    """Hugging Face GPT-2 of the same shape (random weights): greedy `generate` with its KV cache,
+    as a function of (batch, new tokens). None (and a note) where torch or transformers is not installed."""
     try:
         import torch
         import transformers
@@ -37,7 +40,7 @@ def transformers_baseline(cfg, prompts: list[list[int]], new_tokens: int):
     print(f"transformers {transformers.__version__}, torch {torch.__version__} on {device} "
           f"({torch.get_num_threads()} threads)")
 
-    def run(batch: int) -> None:
+    def run(batch: int, new_tokens: int) -> None:
         ids = torch.tensor(prompts[:batch], device=device)
         with torch.inference_mode():
             model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
@@ -52,6 +55,7 @@ def main() -> None:
     p.add_argument("--model", default="gpt-mini")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--cpu-devices", type=int, default=1,
                    help="emulated CPU devices; with more than one, also a tensor-parallel engine over them (the "
                         "emulation slows even the single-device engine by 20-30%%, so the comparison runs on one)")
@@ -65,7 +69,7 @@ def main() -> None:
 
     import models
     from fax.serve import Engine, SamplingParams, generate, serving_mesh
-    from parallel.calibrate import best_time
+    from parallel.calibrate import race
 
     cfg = models.preset(args.model)
     window = args.prompt_tokens + args.new_tokens
@@ -74,9 +78,7 @@ def main() -> None:
     params = nnx.to_pure_dict(state)
     rng = np.random.default_rng(0)
     prompts = [list(rng.integers(0, 256, args.prompt_tokens)) for _ in range(16)]
-    greedy = SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0)
-
-    timed = functools.partial(best_time, repeats=3)  # after a warm-up that compiles
+    greedy, first = (SamplingParams(max_new_tokens=n, temperature=0.0) for n in (args.new_tokens, 1))
 
     results: dict[str, float] = {}
     engine = Engine(cfg, params, serving_mesh(cfg, jax.devices()[:1]), max_batch=16)
@@ -88,28 +90,40 @@ def main() -> None:
         for i in range(args.prompt_tokens, window):
             tokens[:, i] = np.asarray(jnp.argmax(forward(params, tokens)[:, i - 1], axis=-1))
 
-    hf_generate = transformers_baseline(cfg, prompts, args.new_tokens)
-    results["recompute_b1"] = args.new_tokens / timed(lambda: recompute(1), repeats=1)
+    hf_generate = transformers_baseline(cfg, prompts)
+    results["recompute_b1"] = args.new_tokens / race({"recompute": lambda: recompute(1)}, 1)["recompute"]
     for batch in (1, 4, 16):
-        results[f"kv_b{batch}"] = batch * args.new_tokens / timed(
-            lambda: generate(engine, prompts[:batch], [greedy] * batch))
+        runs = {"kv": lambda: generate(engine, prompts[:batch], [greedy] * batch),
+                "kv_first": lambda: generate(engine, prompts[:batch], [first] * batch)}
         if hf_generate:
-            results[f"transformers_b{batch}"] = batch * args.new_tokens / timed(lambda: hf_generate(batch))
+            runs |= {"transformers": lambda: hf_generate(batch, args.new_tokens),
+                     "transformers_first": lambda: hf_generate(batch, 1)}
+        best = race(runs, args.rounds)
+        for name in ("kv", "transformers"):
+            if name in best:
+                results[f"{name}_b{batch}"] = batch * args.new_tokens / best[name]
+                results[f"{name}_decode_b{batch}"] = batch * (args.new_tokens - 1) / (best[name] - best[f"{name}_first"])
     # logprobs: a finished request's prompt and completion scored in one forward pass
     completion = generate(engine, prompts[:1], [greedy])[0]
-    results["score_share_b1"] = timed(lambda: engine.score(prompts[0] + completion)) * results["kv_b1"] / args.new_tokens
+    score = race({"score": lambda: engine.score(prompts[0] + completion)}, args.rounds)["score"]
+    results["score_share_b1"] = score * results["kv_b1"] / args.new_tokens
     if len(jax.devices()) > 1:
         sharded = Engine(cfg, params, serving_mesh(cfg, jax.devices()), max_batch=16)
-        results["kv_b16_tensor_parallel"] = 16 * args.new_tokens / timed(
-            lambda: generate(sharded, prompts, [greedy] * 16))
+        tensor_parallel = race({"tp": lambda: generate(sharded, prompts, [greedy] * 16)}, args.rounds)["tp"]
+        results["kv_b16_tensor_parallel"] = 16 * args.new_tokens / tensor_parallel
 
     print(f"{args.model} ({models.param_count(cfg) / 1e6:.1f}M params), prompt {args.prompt_tokens} + "
           f"{args.new_tokens} new tokens, greedy, one {jax.devices()[0].device_kind} device unless noted")
     print(f"  recompute everything, batch 1: {results['recompute_b1']:8.1f} tokens/s")
     for batch in (1, 4, 16):
-        hf = results.get(f"transformers_b{batch}")
-        versus = f"   transformers {hf:8.1f} tokens/s, fax / transformers {results[f'kv_b{batch}'] / hf:.2f}x" if hf else ""
-        print(f"  KV cache, batch {batch:>2}:             {results[f'kv_b{batch}']:8.1f} tokens/s{versus}")
+        line = (f"  KV cache, batch {batch:>2}: {results[f'kv_b{batch}']:8.1f} tokens/s "
+                f"(decode alone {results[f'kv_decode_b{batch}']:8.1f})")
+        if f"transformers_b{batch}" in results:
+            line += (f"   transformers {results[f'transformers_b{batch}']:7.1f} "
+                     f"({results[f'transformers_decode_b{batch}']:7.1f});  fax / transformers "
+                     f"{results[f'kv_b{batch}'] / results[f'transformers_b{batch}']:.2f}x "
+                     f"(decode alone {results[f'kv_decode_b{batch}'] / results[f'transformers_decode_b{batch}']:.2f}x)")
+        print(line)
     if "kv_b16_tensor_parallel" in results:
         print(f"  KV cache, batch 16, tensor-parallel over {len(jax.devices())} devices: "
               f"{results['kv_b16_tensor_parallel']:.1f} tokens/s")

@@ -71,6 +71,11 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return out.astype(x.dtype)
 
 
+def take_tokens(x: jax.Array, index: jax.Array) -> jax.Array:
+    """The tokens of ``x`` [b, length, ...] at ``index`` [b, n] along its length: [b, n, ...]."""
+    return jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
 class Attention(nnx.Module):
     """Multi-head / grouped-query causal self-attention via ``jax.nn.dot_product_attention``."""
 
@@ -133,17 +138,21 @@ class Attention(nnx.Module):
         mask = None if documents is None else (documents[:, :, None] == documents[:, None, :])[:, None]
         return self._output(jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=kernel))
 
-    def cached(self, x: jax.Array, positions: jax.Array, cache: KVCache,
-               fused: jax.Array) -> tuple[jax.Array, KVCache]:
+    def cached(self, x: jax.Array, positions: jax.Array, cache: KVCache, fused: jax.Array,
+               queries: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
         """New tokens (``x`` [b, length], at ``positions`` [b, length]) write their keys and values
         into ``cache`` (b rows; positions past its end are dropped), then attend to everything
         cached at or before them. Attention reads the whole cache: its owner sizes it to the rows
         and positions in use, as a slice of a larger cache would be a copy of it at every token.
-        The update is a scatter into the donated cache. ``fused``: this layer's ``fused_qkv``."""
+        The update is a scatter into the donated cache. ``fused``: this layer's ``fused_qkv``.
+        With ``queries`` [b, n] (indices along ``length``) only those tokens attend, and only their
+        outputs come back [b, n, embed]; every token's keys and values still go into the cache."""
         q, k, v = self._project(x, positions, fused)
         rows = jnp.arange(x.shape[0])[:, None]
         keys, values = (constrain(c.at[rows, :, positions].set(new.astype(c.dtype), mode="drop"), CACHE_AXES)
                         for c, new in zip(cache, (k, v)))
+        if queries is not None:
+            q, positions = take_tokens(q, queries), take_tokens(positions, queries)
         batch, length, heads, head_dim = q.shape
         groups = q.reshape(batch, length, keys.shape[1], heads // keys.shape[1], head_dim).astype(keys.dtype)
         scores = jnp.einsum("btkgd,bksd->bkgts", groups, keys, preferred_element_type=jnp.float32) / head_dim ** 0.5
@@ -198,8 +207,8 @@ class Block(nnx.Module):
         x = x + self.attn(self.attn_norm(x), positions, documents)
         return x + self.mlp(self.mlp_norm(x))
 
-    def cached(self, x: jax.Array, positions: jax.Array, cache: KVCache,
-               fused: jax.Array) -> tuple[jax.Array, KVCache]:
-        h, cache = self.attn.cached(self.attn_norm(x), positions, cache, fused)
-        x = x + h
+    def cached(self, x: jax.Array, positions: jax.Array, cache: KVCache, fused: jax.Array,
+               queries: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+        h, cache = self.attn.cached(self.attn_norm(x), positions, cache, fused, queries)
+        x = (x if queries is None else take_tokens(x, queries)) + h
         return x + self.mlp(self.mlp_norm(x)), cache

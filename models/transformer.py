@@ -205,11 +205,14 @@ def apply_cached(graphdef: nnx.GraphDef, params: Params, weights: ServingWeights
     [b, n, vocab], and the updated cache."""
     model, blocks = _merge_unstacked(graphdef, params)
     x = model._embed(tokens, positions)
+    queries = None if last is None else last.reshape(len(last), -1)
     updated = []
-    for block, fused, layer_cache in zip(blocks, weights.qkv, cache):
-        x, layer_cache = block.cached(x, positions, layer_cache, fused)
+    for i, (block, fused, layer_cache) in enumerate(zip(blocks, weights.qkv, cache)):
+        # The last layer needs every token's keys and values, but its queries, attention output and MLP
+        # only where the logits are read: in a prefill, the prompts' last tokens (a fifth of the FLOPs
+        # of a 4-layer model's prefill).
+        final = i == len(blocks) - 1
+        x, layer_cache = block.cached(x, positions, layer_cache, fused, queries if final else None)
         updated.append(layer_cache)
-    if last is None:
-        last = jnp.full((tokens.shape[0],), tokens.shape[1] - 1)
-    logits = model._logits(jnp.take_along_axis(x, last.reshape(len(last), -1)[..., None], axis=1), weights.head)
-    return (logits if last.ndim == 2 else logits[:, 0]), updated
+    logits = model._logits(x[:, -1:] if last is None else x, weights.head)
+    return (logits if last is not None and last.ndim == 2 else logits[:, 0]), updated

@@ -33,17 +33,26 @@ ALLREDUCE_BYTES = (2 ** 12, 2 ** 24)
 PROFILE_VERSION = 2  # 1: square matmuls timed on one device alone, no fitted knees
 
 
-def best_time(fn: Callable[[], Any], repeats: int = 5) -> float:
-    """The fastest of ``repeats`` calls after a warm-up (the least disturbed by a shared machine)."""
+def race(runs: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
+    """Each run's fastest time (seconds) over ``rounds`` rounds in which every run goes once, in
+    turn, after a warm-up call each: the least disturbed by a shared machine, whose drift then
+    reaches every run alike."""
     import jax
 
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - started)
-    return min(times)
+    for run in runs.values():
+        jax.block_until_ready(run())
+    best = dict.fromkeys(runs, math.inf)
+    for _ in range(rounds):
+        for name, run in runs.items():
+            started = time.perf_counter()
+            jax.block_until_ready(run())
+            best[name] = min(best[name], time.perf_counter() - started)
+    return best
+
+
+def best_time(fn: Callable[[], Any], repeats: int = 5) -> float:
+    """The fastest of ``repeats`` calls after a warm-up."""
+    return race({"fn": fn}, repeats)["fn"]
 
 
 def line_mesh(devices: list):
