@@ -2,7 +2,8 @@
 prompts: KV-cache decode vs recomputing the whole forward pass for every token, vs Hugging Face
 transformers' `generate` (PyTorch, the same GPT-2 shape with random weights, its KV cache), at
 batch 1, 4 and 16: whole generations (prompt and new tokens) and the decode alone (a generation's
-time less that of its first token). The two take turns, round after round, and each keeps its fastest
+time less that of its first token); then, at batch 16, fax with its compiled CPU decode-attention
+kernel against fax with XLA's attention. The runs take turns, round after round, and each keeps its fastest
 round, so that a shared machine's drift reaches both alike. On a GPU both run on it (PyTorch with TF32
 matmuls, as JAX's default precision does for float32); on the CPU, ``--cpu-devices 8`` adds a
 tensor-parallel engine over emulated devices.
@@ -103,6 +104,14 @@ def main() -> None:
             if name in best:
                 results[f"{name}_b{batch}"] = batch * args.new_tokens / best[name]
                 results[f"{name}_decode_b{batch}"] = batch * (args.new_tokens - 1) / (best[name] - best[f"{name}_first"])
+    if engine.decode_kernel:  # the compiled CPU attention against XLA's, in a race of their own
+        xla = Engine(cfg, params, serving_mesh(cfg, jax.devices()[:1]), max_batch=16, decode_kernel=False)
+        best = race({name: functools.partial(generate, e, prompts, [sampling] * 16)
+                     for e, kind in ((engine, "kernel"), (xla, "xla")) for sampling, name in
+                     ((greedy, f"kv_{kind}_attention"), (first, f"kv_{kind}_attention_first"))}, args.rounds)
+        for name in ("kv_kernel_attention", "kv_xla_attention"):
+            results[f"{name}_b16"] = 16 * args.new_tokens / best[name]
+            results[f"{name}_decode_b16"] = 16 * (args.new_tokens - 1) / (best[name] - best[f"{name}_first"])
     # logprobs: a finished request's prompt and completion scored in one forward pass
     completion = generate(engine, prompts[:1], [greedy])[0]
     score = race({"score": lambda: engine.score(prompts[0] + completion)}, args.rounds)["score"]
@@ -124,6 +133,11 @@ def main() -> None:
                      f"{results[f'kv_b{batch}'] / results[f'transformers_b{batch}']:.2f}x "
                      f"(decode alone {results[f'kv_decode_b{batch}'] / results[f'transformers_decode_b{batch}']:.2f}x)")
         print(line)
+    if "kv_xla_attention_b16" in results:
+        kernel, xla = (results[f"kv_{kind}_attention_b16"] for kind in ("kernel", "xla"))
+        kernel_decode, xla_decode = (results[f"kv_{kind}_attention_decode_b16"] for kind in ("kernel", "xla"))
+        print(f"  KV cache, batch 16, the CPU attention kernel vs XLA's attention: {kernel:.1f} vs {xla:.1f} tokens/s, "
+              f"{kernel / xla:.2f}x (decode alone {kernel_decode:.1f} vs {xla_decode:.1f}, {kernel_decode / xla_decode:.2f}x)")
     if "kv_b16_tensor_parallel" in results:
         print(f"  KV cache, batch 16, tensor-parallel over {len(jax.devices())} devices: "
               f"{results['kv_b16_tensor_parallel']:.1f} tokens/s")

@@ -438,11 +438,16 @@ def stdlib_dir() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
+def cache_dir() -> Path:
+    """Where fax keeps what it derives once per machine (the default corpus, compiled CPU kernels):
+    $FAX_CACHE, else ~/.cache/fax."""
+    return Path(os.environ.get("FAX_CACHE", Path.home() / ".cache" / "fax"))
+
+
 def default_corpus() -> Path:
     """The running interpreter's standard library sources, tokenized once into a cache folder, 2%
     of the files held out as the validation split."""
-    cache = Path(os.environ.get("FAX_CACHE", Path.home() / ".cache" / "fax"))
-    out = cache / f"stdlib-{sysconfig.get_python_version()}-byte-val"
+    out = cache_dir() / f"stdlib-{sysconfig.get_python_version()}-byte-val"
     if not (out / "index.json").exists():
         root = stdlib_dir()
         files = [f for f in text_files([root], (".py",))

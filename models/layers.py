@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.config import ModelConfig, attention_implementation
+from models.cpu_kernels import decode_attention
 from models.lora import Adapted
 from models.sharding import constrain
 
@@ -139,27 +140,36 @@ class Attention(nnx.Module):
         return self._output(jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=kernel))
 
     def cached(self, x: jax.Array, positions: jax.Array, cache: KVCache, fused: jax.Array,
-               queries: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+               queries: jax.Array | None = None, decode_kernel: bool = False) -> tuple[jax.Array, KVCache]:
         """New tokens (``x`` [b, length], at ``positions`` [b, length]) write their keys and values
         into ``cache`` (b rows; positions past its end are dropped), then attend to everything
         cached at or before them. Attention reads the whole cache: its owner sizes it to the rows
         and positions in use, as a slice of a larger cache would be a copy of it at every token.
         The update is a scatter into the donated cache. ``fused``: this layer's ``fused_qkv``.
         With ``queries`` [b, n] (indices along ``length``) only those tokens attend, and only their
-        outputs come back [b, n, embed]; every token's keys and values still go into the cache."""
+        outputs come back [b, n, embed]; every token's keys and values still go into the cache.
+        ``decode_kernel``: a step of one token a row attends by ``cpu_kernels.decode_attention``."""
         q, k, v = self._project(x, positions, fused)
         rows = jnp.arange(x.shape[0])[:, None]
         keys, values = (constrain(c.at[rows, :, positions].set(new.astype(c.dtype), mode="drop"), CACHE_AXES)
                         for c, new in zip(cache, (k, v)))
         if queries is not None:
             q, positions = take_tokens(q, queries), take_tokens(positions, queries)
-        batch, length, heads, head_dim = q.shape
-        groups = q.reshape(batch, length, keys.shape[1], heads // keys.shape[1], head_dim).astype(keys.dtype)
-        scores = jnp.einsum("btkgd,bksd->bkgts", groups, keys, preferred_element_type=jnp.float32) / head_dim ** 0.5
-        visible = jnp.arange(keys.shape[2])[None, :] <= positions[:, :, None]  # [batch, length, slots]
-        weights = jax.nn.softmax(jnp.where(visible[:, None, None], scores, -jnp.inf), axis=-1)
-        out = jnp.einsum("bkgts,bksd->btkgd", weights.astype(values.dtype), values)
-        return self._output(out.reshape(batch, length, heads, head_dim).astype(x.dtype)), (keys, values)
+        attend = decode_attention if decode_kernel and q.shape[1] == 1 else cached_attention
+        return self._output(attend(q.astype(keys.dtype), keys, values, positions).astype(x.dtype)), (keys, values)
+
+
+def cached_attention(q: jax.Array, keys: jax.Array, values: jax.Array, positions: jax.Array) -> jax.Array:
+    """Queries ``q`` [b, length, heads, head_dim] at ``positions`` [b, length] attend to the cached
+    ``keys`` and ``values`` [b, kv_heads, slots, head_dim] at or before their positions (a query
+    head to its group's kv head): [b, length, heads, head_dim]."""
+    batch, length, heads, head_dim = q.shape
+    groups = q.reshape(batch, length, keys.shape[1], heads // keys.shape[1], head_dim)
+    scores = jnp.einsum("btkgd,bksd->bkgts", groups, keys, preferred_element_type=jnp.float32) / head_dim ** 0.5
+    visible = jnp.arange(keys.shape[2])[None, :] <= positions[:, :, None]  # [batch, length, slots]
+    weights = jax.nn.softmax(jnp.where(visible[:, None, None], scores, -jnp.inf), axis=-1)
+    out = jnp.einsum("bkgts,bksd->btkgd", weights.astype(values.dtype), values)
+    return out.reshape(batch, length, heads, head_dim)
 
 
 KVCache = tuple[jax.Array, jax.Array]  # one layer's keys, values: [batch, kv_heads, slots, head_dim]
@@ -208,7 +218,7 @@ class Block(nnx.Module):
         return x + self.mlp(self.mlp_norm(x))
 
     def cached(self, x: jax.Array, positions: jax.Array, cache: KVCache, fused: jax.Array,
-               queries: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
-        h, cache = self.attn.cached(self.attn_norm(x), positions, cache, fused, queries)
+               queries: jax.Array | None = None, decode_kernel: bool = False) -> tuple[jax.Array, KVCache]:
+        h, cache = self.attn.cached(self.attn_norm(x), positions, cache, fused, queries, decode_kernel)
         x = (x if queries is None else take_tokens(x, queries)) + h
         return x + self.mlp(self.mlp_norm(x)), cache

@@ -197,12 +197,13 @@ def serving_weights(graphdef: nnx.GraphDef, params: Params) -> ServingWeights:
 
 def apply_cached(graphdef: nnx.GraphDef, params: Params, weights: ServingWeights, tokens: jax.Array,
                  positions: jax.Array, cache: list[KVCache],
-                 last: jax.Array | None = None) -> tuple[jax.Array, list[KVCache]]:
+                 last: jax.Array | None = None, decode_kernel: bool = False) -> tuple[jax.Array, list[KVCache]]:
     """Inference with a KV cache: ``tokens`` [b, length] at ``positions`` go into ``cache`` (one
     (keys, values) per layer, [b, kv_heads, slots, head_dim]). ``params`` has its layers unstacked
     (``unstack_layers``); ``weights`` are its ``serving_weights``. Returns the logits at index
     ``last[b]`` of each row [b, vocab] (default: the last), or at the indices ``last[b, :]``
-    [b, n, vocab], and the updated cache."""
+    [b, n, vocab], and the updated cache. ``decode_kernel``: one-token steps attend by the CPU
+    kernel (``cpu_kernels``; registered, and the model one it supports, on one CPU device)."""
     model, blocks = _merge_unstacked(graphdef, params)
     x = model._embed(tokens, positions)
     queries = None if last is None else last.reshape(len(last), -1)
@@ -212,7 +213,7 @@ def apply_cached(graphdef: nnx.GraphDef, params: Params, weights: ServingWeights
         # only where the logits are read: in a prefill, the prompts' last tokens (a fifth of the FLOPs
         # of a 4-layer model's prefill).
         final = i == len(blocks) - 1
-        x, layer_cache = block.cached(x, positions, layer_cache, fused, queries if final else None)
+        x, layer_cache = block.cached(x, positions, layer_cache, fused, queries if final else None, decode_kernel)
         updated.append(layer_cache)
     logits = model._logits(x[:, -1:] if last is None else x, weights.head)
     return (logits if last is not None and last.ndim == 2 else logits[:, 0]), updated

@@ -61,6 +61,7 @@ def test_kv_cache_greedy_equals_recomputing(name, n_devices):
     cfg, graphdef, params = model(name)
     engine = Engine(cfg, params, serving_mesh(cfg, jax.devices()[:n_devices]))
     assert engine.mesh.shape["tensor"] == n_devices
+    assert engine.decode_kernel == (n_devices == 1)  # one CPU device decodes with the compiled attention
     greedy = SamplingParams(max_new_tokens=12, temperature=0.0)
     got = generate(engine, PROMPTS, [greedy] * len(PROMPTS))
     for prompt, tokens in zip(PROMPTS, got):
