@@ -91,6 +91,12 @@ def main() -> None:
         for i in range(args.prompt_tokens, window):
             tokens[:, i] = np.asarray(jnp.argmax(forward(params, tokens)[:, i - 1], axis=-1))
 
+    def record(best: dict[str, float], batch: int) -> None:
+        """Tokens/s of each raced generation, whole and less its first token (its ``_first`` run)."""
+        for name in (n for n in best if not n.endswith("_first")):
+            results[f"{name}_b{batch}"] = batch * args.new_tokens / best[name]
+            results[f"{name}_decode_b{batch}"] = batch * (args.new_tokens - 1) / (best[name] - best[f"{name}_first"])
+
     hf_generate = transformers_baseline(cfg, prompts)
     results["recompute_b1"] = args.new_tokens / race({"recompute": lambda: recompute(1)}, 1)["recompute"]
     for batch in (1, 4, 16):
@@ -99,19 +105,12 @@ def main() -> None:
         if hf_generate:
             runs |= {"transformers": lambda: hf_generate(batch, args.new_tokens),
                      "transformers_first": lambda: hf_generate(batch, 1)}
-        best = race(runs, args.rounds)
-        for name in ("kv", "transformers"):
-            if name in best:
-                results[f"{name}_b{batch}"] = batch * args.new_tokens / best[name]
-                results[f"{name}_decode_b{batch}"] = batch * (args.new_tokens - 1) / (best[name] - best[f"{name}_first"])
+        record(race(runs, args.rounds), batch)
     if engine.decode_kernel:  # the compiled CPU attention against XLA's, in a race of their own
         xla = Engine(cfg, params, serving_mesh(cfg, jax.devices()[:1]), max_batch=16, decode_kernel=False)
-        best = race({name: functools.partial(generate, e, prompts, [sampling] * 16)
+        record(race({name: functools.partial(generate, e, prompts, [sampling] * 16)
                      for e, kind in ((engine, "kernel"), (xla, "xla")) for sampling, name in
-                     ((greedy, f"kv_{kind}_attention"), (first, f"kv_{kind}_attention_first"))}, args.rounds)
-        for name in ("kv_kernel_attention", "kv_xla_attention"):
-            results[f"{name}_b16"] = 16 * args.new_tokens / best[name]
-            results[f"{name}_decode_b16"] = 16 * (args.new_tokens - 1) / (best[name] - best[f"{name}_first"])
+                     ((greedy, f"kv_{kind}_attention"), (first, f"kv_{kind}_attention_first"))}, args.rounds), 16)
     # logprobs: a finished request's prompt and completion scored in one forward pass
     completion = generate(engine, prompts[:1], [greedy])[0]
     score = race({"score": lambda: engine.score(prompts[0] + completion)}, args.rounds)["score"]
