@@ -34,10 +34,10 @@ def main() -> None:
     import numpy as np
 
     from fax import load_config
-    from fax import step as step_lib
+    from fax.train import step as step_lib
     from fax.checkpoint import Checkpointer
     from fax.config import CheckpointConfig
-    from parallel import make_mesh
+    from fax.parallel import make_mesh
 
     cfg = load_config(overrides=["model=gpt2-small", f"model.n_layers={args.layers}"])
     training = step_lib.build(cfg, make_mesh(cfg.parallel))

@@ -20,9 +20,9 @@ import numpy as np
 
 def measure(overrides: list[str], steps: int) -> dict:
     from fax import load_config
-    from fax import step as step_lib
+    from fax.train import step as step_lib
     from fax.trainer import timed_steps
-    from parallel import make_mesh
+    from fax.parallel import make_mesh
 
     cfg = load_config(overrides=overrides)
     training = step_lib.build(cfg, make_mesh(cfg.parallel))

@@ -68,9 +68,11 @@ def main() -> None:
     import numpy as np
     from flax import nnx
 
-    import models
-    from fax.serve import Engine, SamplingParams, generate, serving_mesh
-    from parallel.calibrate import race
+    from fax import models
+    from fax.serving.batching import generate
+    from fax.serving.engine import Engine
+    from fax.serving.sampling import SamplingParams, serving_mesh
+    from fax.parallel.calibrate import race
 
     cfg = models.preset(args.model)
     window = args.prompt_tokens + args.new_tokens

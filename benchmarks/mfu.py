@@ -44,13 +44,13 @@ def device_time_by_op(trace_dir: str, top: int) -> list[tuple[str, float]]:
 def measure(model: str, seq_len: int, batch: int, remat: str, attention: str, loss_chunks: int, document_mask: bool,
             steps: int, trace: str | None = None, settings: tuple[str, ...] = ()) -> dict | None:
     """One variant's step time at one batch size; None when it does not fit in device memory."""
-    import models
+    from fax import models
     from fax import load_config
-    from fax import step as step_lib
+    from fax.train import step as step_lib
     from fax.data import DOCUMENT_END
     from fax.metrics import mfu, peak_flops_per_device
-    from parallel import make_mesh
-    from parallel.planner import out_of_memory
+    from fax.parallel import make_mesh
+    from fax.parallel.planner import out_of_memory
 
     devices = jax.devices()
     cfg = load_config(overrides=[f"model={model}", f"model.max_seq_len={seq_len}", "model.dtype=bfloat16",

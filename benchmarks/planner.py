@@ -50,10 +50,10 @@ def megatron_flops_per_token(m, seq: int) -> float:
 
 def published_runs() -> list[dict]:
     """Published tokens/s (from TFLOP/s per GPU) vs the cost model's for the same layout, and the pick's."""
-    import models
-    from parallel.cost import Candidate, Workload, estimate
-    from parallel.hardware import cluster_preset
-    from parallel.planner import plan
+    from fax import models
+    from fax.parallel.cost import Candidate, Workload, estimate
+    from fax.parallel.hardware import cluster_preset
+    from fax.parallel.planner import plan
 
     rows = []
     for name, overrides, cluster_name, batch, seq, layout, tflops in PUBLISHED_RUNS:
@@ -70,9 +70,9 @@ def published_runs() -> list[dict]:
 
 def planning_scaling() -> list[dict]:
     """Seconds to plan Llama 7B as the device count and the layer count grow."""
-    import models
-    from parallel.hardware import cluster_preset
-    from parallel.planner import plan
+    from fax import models
+    from fax.parallel.hardware import cluster_preset
+    from fax.parallel.planner import plan
 
     rows = []
     base = dataclasses.replace(models.preset("llama-7b"), dtype="bfloat16")
@@ -93,10 +93,11 @@ def measure_bubble(stages: int = 4, micro_rows: int = 8, width: int = 256, layer
     import jax.numpy as jnp
     import numpy as np
 
-    from fax.step import with_activation_sharding
-    from models import scan_layers
-    from parallel import ParallelConfig, logical_sharding, make_mesh
-    from parallel.pipeline import bubble_fraction, gpipe
+    from fax.train.step import with_activation_sharding
+    from fax.models import scan_layers
+    from fax.parallel import ParallelConfig, logical_sharding, make_mesh
+    from fax.parallel.config import bubble_fraction
+    from fax.parallel.pipeline import gpipe
 
     rng = np.random.default_rng(0)
     weights = {k: rng.normal(0, width ** -0.5, (layers, width, width)).astype(np.float32) for k in ("w1", "w2")}
@@ -135,12 +136,12 @@ def main() -> None:
     jax.config.update("jax_num_cpu_devices", 8)
     import numpy as np
 
-    import models
+    from fax import models
     from fax import load_config
     from fax.trainer import layout_timer
-    from parallel.calibrate import calibrate
-    from parallel.hardware import cluster_preset, present_cluster
-    from parallel.planner import plan
+    from fax.parallel.calibrate import calibrate
+    from fax.parallel.hardware import cluster_preset, present_cluster
+    from fax.parallel.planner import plan
 
     results: dict = {"speed_s": {}, "quality": {}, "bubble": []}
     for name, cluster, batch, seq in (("gpt3-175b", "h100-1024", 1536, 2048), ("llama-70b", "v4-1024", 1024, 4096)):

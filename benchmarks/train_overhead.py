@@ -32,9 +32,9 @@ def main() -> None:
     import numpy as np
 
     from fax import Trainer, apply_overrides, load_config
-    from fax import step as step_lib
+    from fax.train import step as step_lib
     from fax.data import Sampler, TokenDataset, default_corpus
-    from parallel import make_mesh
+    from fax.parallel import make_mesh
 
     overrides = [f"model={args.model}", f"train.steps={args.steps}", f"train.log_every={args.steps}",
                  "train.sample_tokens=0", "checkpoint.every_n_steps=0"]

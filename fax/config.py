@@ -6,6 +6,7 @@ Validation runs before anything is compiled and names the setting to change.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,11 +14,10 @@ from typing import Any
 
 import yaml
 
-from fax.data import dataset_problems
-from models import ModelConfig, preset
-from models.lora import TARGETS
-from parallel import ParallelConfig
-from parallel.cost import Candidate
+from fax.models.config import LORA_TARGETS, ModelConfig, tensor_indivisible
+from fax.models.presets import preset
+from fax.parallel.config import ParallelConfig
+from fax.parallel.cost import Candidate
 
 
 class ConfigError(ValueError):
@@ -28,40 +28,44 @@ class ConfigError(ValueError):
 class OptimConfig:
     """AdamW with linear warmup then cosine decay to ``lr * min_lr_ratio``."""
 
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 20
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    clip_norm: float = 1.0
+    lr: float = 1e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # the learning rate at the end, as a share of lr
+    warmup_steps: int = 20  # linear warmup from 0 to lr
+    b1: float = 0.9  # Adam's first-moment decay
+    b2: float = 0.95  # Adam's second-moment decay
+    eps: float = 1e-8  # Adam's epsilon
+    weight_decay: float = 0.1  # decoupled weight decay on matrices (not norms or biases)
+    clip_norm: float = 1.0  # gradients clipped to this global norm
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 200
+    """The loop: steps, batches, the loss, evaluation, logging and profiling."""
+
+    steps: int = 200  # train steps in all
     batch_size: int = 16  # global, in sequences
     seq_len: int = 0  # 0: the model's max_seq_len
     microbatches: int = 1  # gradient accumulation
-    z_loss: float = 0.0
+    z_loss: float = 0.0  # weight of the mean logsumexp^2 added to the loss (PaLM's z-loss)
     # Pieces of the sequence the LM head and loss run in, one after another: the logits' memory
     # divides by it, for one more forward pass of the head. Raise it for large vocabularies.
     loss_chunks: int = 1
     eval_every: int = 0  # steps between losses on the validation split (and at the end); 0: never
     eval_batches: int = 8  # batches of the validation split per evaluation, the same ones each time
-    log_every: int = 10
-    sample_tokens: int = 200  # tokens generated at the end of fit(); 0 disables
-    sample_prompt: str = "def "
+    log_every: int = 10  # steps between logged records
+    sample_tokens: int = 200  # tokens `fax train` generates from the trained model at the end; 0: none
+    sample_prompt: str = "def "  # what that sample continues
     # Steps traced by the JAX profiler into RUN_DIR/profile (TensorBoard's profile plugin, Perfetto);
     # 0: none. The trace starts at step ``profile_from``, past compilation and the first steps' warm-up.
     profile_steps: int = 0
-    profile_from: int = 3
+    profile_from: int = 3  # the first traced step
     peak_flops_per_device: float = 0.0  # 0: from the device table (see fax.metrics)
 
 
 @dataclass(frozen=True)
 class DataConfig:
+    """What is trained on."""
+
     path: str = ""  # a folder written by `fax prepare`; empty: the Python standard library corpus
     # Each document a training window packs is read as if it stood alone: its tokens attend only to
     # its own, and its positions count from its first token. Off: windows read straight across ends.
@@ -88,8 +92,8 @@ class LoraConfig:
             return []
         if not 0.0 <= self.dropout < 1.0:
             return [f"lora.dropout must be in [0, 1), got {self.dropout}"]
-        unknown = [t for t in self.targets if t not in TARGETS]
-        found = [f"lora.targets: unknown {', '.join(unknown)}; choose from {', '.join(TARGETS)}"] if unknown else []
+        unknown = [t for t in self.targets if t not in LORA_TARGETS]
+        found = [f"lora.targets: unknown {', '.join(unknown)}; choose from {', '.join(LORA_TARGETS)}"] if unknown else []
         if "mlp.wg" in self.targets and model.activation != "swiglu":
             found.append("lora.targets: mlp.wg exists only with model.activation=swiglu")
         if not self.targets:
@@ -99,10 +103,12 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
+    """Orbax checkpoints of the train state: every host writes its shards, asynchronously."""
+
     every_n_steps: int = 100  # 0: only at the end of training (and on preemption)
     max_to_keep: int = 3  # the most recent checkpoints kept; 0 keeps all
     keep_every_n_steps: int = 0  # steps divisible by this are kept for good (milestones); 0: none
-    async_save: bool = True
+    async_save: bool = True  # write in the background; the loop waits only while arrays leave the devices
     # zstd on every array: smaller checkpoints of low-entropy states (fresh Adam moments), at a CPU
     # cost that made saves 3x slower than writing the raw bytes on 2 cores
     compress: bool = False
@@ -110,10 +116,20 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class LoggingConfig:
+    """Where logged steps go besides RUN_DIR/metrics.jsonl (always written)."""
+
+    tensorboard: bool = False  # TensorBoard event files in RUN_DIR/tensorboard (the tensorboardX package)
+    wandb_project: str = ""  # a Weights & Biases project to log to (the wandb package; WANDB_MODE=offline works)
+    wandb_entity: str = ""  # the W&B team or user; empty: wandb's default
+    wandb_name: str = ""  # the W&B run's display name; empty: the run directory's name
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     """Ray mode: this process is the head and drives one HostWorker actor per host (fax.cluster)."""
 
-    ray: bool = False
+    ray: bool = False  # this process is the head of a Ray-mode run
     address: str = ""  # "auto": join the running Ray cluster; "": start a local one
     hosts: int = 0  # 0: every host the cluster has
     emulate_hosts: int = 0  # > 0: a local cluster of this many emulated CPU hosts (laptops, tests)
@@ -130,7 +146,7 @@ class ServeConfig:
     """`fax serve`: where it listens and what it accepts. Requests beyond a limit get a 4xx that names it."""
 
     host: str = "127.0.0.1"  # 0.0.0.0 to accept connections from other machines
-    port: int = 8000
+    port: int = 8000  # the port to listen on
     max_batch: int = 16  # requests decoded together (rows of the KV cache)
     max_concurrent: int = 64  # requests running, queued or being scored; more get 429
     max_prompt_tokens: int = 0  # 0: up to the model's context
@@ -152,6 +168,8 @@ class ServeConfig:
 
 @dataclass(frozen=True)
 class Config:
+    """Everything a run is: the sections below and the top-level settings."""
+
     model: ModelConfig = field(default_factory=lambda: preset("gpt-mini"))
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -159,12 +177,13 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    run_dir: str = "runs/default"
+    run_dir: str = "runs/default"  # where the run's config, metrics, checkpoints and tokenizer go
     resume: bool = True  # continue from the run directory's latest complete checkpoint, if any
     plan: str = ""  # "auto": the planner picks parallel.*, train.microbatches, model.remat; or a plan JSON file
     init_from: str = ""  # hf:/path/to/dir: start from a Hugging Face GPT-2/Llama checkpoint (its shape wins)
-    seed: int = 0
+    seed: int = 0  # of the initial params, the batches and dropout
 
     @property
     def seq_len(self) -> int:
@@ -175,6 +194,46 @@ class Config:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+@dataclass(frozen=True)
+class Setting:
+    key: str  # dotted, as overrides take it
+    default: str  # as YAML would read it back
+    description: str
+
+
+def field_descriptions(cls: type) -> dict[str, str]:
+    """Each field of dataclass ``cls`` and the comment that says what it is: the comment on its line,
+    else the comment lines just above it (the source is the one place the descriptions live)."""
+    lines, found, above = inspect.getsource(cls).splitlines(), {}, []
+    for line in lines[1:]:
+        text = line.strip()
+        if text.startswith("#"):
+            above.append(text.lstrip("# "))
+            continue
+        name, colon, rest = text.partition(":")
+        if colon and name.isidentifier() and "=" in rest:
+            comment = rest.partition("  # ")[2]
+            found[name] = comment or " ".join(above)
+        above = []
+    return found
+
+
+def settings(obj: Any = None, prefix: str = "") -> list[Setting]:
+    """Every setting under ``obj`` (default: a fresh ``Config``) with its default and description."""
+    obj = Config() if obj is None else obj
+    described = field_descriptions(type(obj))
+    out = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out.extend(settings(value, f"{prefix}{f.name}."))
+        else:
+            default = yaml.safe_dump(list(value) if isinstance(value, tuple) else value,
+                                     default_flow_style=True).strip().removesuffix("...").strip()
+            out.append(Setting(prefix + f.name, default, described.get(f.name, "")))
+    return out
 
 
 def with_layout(cfg: Config, layout: Candidate) -> Config:
@@ -286,7 +345,8 @@ def config_from_dict(values: dict[str, Any]) -> Config:
 
 
 def setting_problems(cfg: Config) -> list[str]:
-    """What is wrong whatever the mesh: model, adapters, checkpoint and train settings, the dataset."""
+    """What is wrong whatever the mesh: model, adapters, checkpoint and train settings (the dataset is
+    checked where it is opened)."""
     m, t = cfg.model, cfg.train
     problems = list(m.problems()) + cfg.lora.problems(m)
     for name in ("every_n_steps", "max_to_keep", "keep_every_n_steps"):
@@ -309,8 +369,6 @@ def setting_problems(cfg: Config) -> list[str]:
     if cfg.seq_len > m.max_seq_len:
         problems.append(f"train.seq_len={cfg.seq_len} is longer than the model's context "
                         f"model.max_seq_len={m.max_seq_len}; lower train.seq_len or raise model.max_seq_len")
-    if cfg.data.path:
-        problems.extend(dataset_problems(cfg.data.path, cfg.seq_len, m.vocab_size))
     return problems
 
 
@@ -324,10 +382,10 @@ def layout_problems(cfg: Config, sizes: dict[str, int]) -> list[str]:
                         f"(parallel.data x parallel.fsdp = {shards}) x train.microbatches={t.microbatches}"
                         f" = {shards * t.microbatches}")
     tensor = sizes["tensor"]
-    for name in ("n_heads", "n_kv_heads", "d_ff", "vocab_size"):
-        if getattr(m, name) % tensor:
-            problems.append(f"model.{name}={getattr(m, name)} is not divisible by parallel.tensor={tensor}; "
-                            f"choose a tensor size that divides it")
+    indivisible = tensor_indivisible(m, tensor)
+    if indivisible:
+        problems.append(f"model.{indivisible}={getattr(m, indivisible)} is not divisible by parallel.tensor={tensor}; "
+                        f"choose a tensor size that divides it")
     if m.d_model % sizes["fsdp"]:
         problems.append(f"model.d_model={m.d_model} is not divisible by parallel.fsdp={sizes['fsdp']}")
     if m.n_layers % sizes["stage"]:

@@ -1,13 +1,25 @@
-"""Flax NNX decoder-only language models annotated with logical axis names."""
+"""Flax NNX decoder-only language models annotated with logical axis names.
 
-from models.config import ModelConfig, param_count, train_flops_per_token
-from models.presets import preset, preset_names
-from models.layers import CACHE_AXES, KVCache
-from models.transformer import (SERVING_AXES, DecoderLM, RunLayers, ServingWeights, abstract, apply, apply_cached,
-                                apply_hidden, build, empty_cache, init_params, logical_axes, project, scan_layers,
-                                serving_weights, unstack_layers)
+The shapes (``ModelConfig``, presets, parameter and FLOP counts) import without jax; the model
+itself loads on first use of one of its names, so that reading settings stays fast.
+"""
 
-__all__ = ["CACHE_AXES", "SERVING_AXES", "DecoderLM", "KVCache", "ModelConfig", "RunLayers", "ServingWeights", "abstract",
-           "apply", "apply_cached", "apply_hidden", "build", "empty_cache", "init_params", "logical_axes", "project",
-           "scan_layers", "serving_weights", "unstack_layers", "param_count", "preset", "preset_names",
-           "train_flops_per_token"]
+import importlib
+from typing import Any
+
+from fax.models.config import ModelConfig, param_count, train_flops_per_token
+from fax.models.presets import preset, preset_names
+
+_LAZY = {"fax.models.layers": ("CACHE_AXES", "KVCache"),
+         "fax.models.transformer": ("SERVING_AXES", "DecoderLM", "RunLayers", "ServingWeights", "abstract", "apply",
+                                    "apply_cached", "apply_hidden", "build", "empty_cache", "init_params",
+                                    "logical_axes", "project", "scan_layers", "serving_weights", "unstack_layers")}
+_HOME = {name: module for module, names in _LAZY.items() for name in names}
+
+__all__ = ["ModelConfig", "param_count", "preset", "preset_names", "train_flops_per_token", *_HOME]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module 'fax.models' has no attribute {name!r}")
+    return getattr(importlib.import_module(_HOME[name]), name)

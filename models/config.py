@@ -15,31 +15,34 @@ POSITIONS = ("learned", "rope")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 DTYPES = ("float32", "bfloat16")
+# The weights LoRA can adapt, each with its number of input axes (attn.wo reads heads x head_dim).
+LORA_TARGETS = {"attn.wq": 1, "attn.wk": 1, "attn.wv": 1, "attn.wo": 2, "mlp.wi": 1, "mlp.wg": 1, "mlp.wo": 1}
+TENSOR_SPLIT = ("n_heads", "n_kv_heads", "d_ff", "vocab_size")  # the sizes tensor parallelism divides
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """A decoder-only transformer. GPT-2 and Llama are two settings of the same fields."""
 
-    vocab_size: int = 512
-    max_seq_len: int = 256
-    d_model: int = 128
-    n_layers: int = 2
-    n_heads: int = 4
-    n_kv_heads: int = 4
+    vocab_size: int = 512  # tokens of the embedding and the LM head
+    max_seq_len: int = 256  # the context: the longest sequence the model reads
+    d_model: int = 128  # width of the residual stream
+    n_layers: int = 2  # transformer blocks
+    n_heads: int = 4  # query heads
+    n_kv_heads: int = 4  # key/value heads (fewer than n_heads: grouped-query attention)
     head_dim: int = 0  # 0: d_model // n_heads
-    d_ff: int = 512
-    norm: str = "layernorm"
-    activation: str = "gelu"
-    position: str = "learned"
-    use_bias: bool = True
-    tie_embeddings: bool = True
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    init_std: float = 0.02
-    dtype: str = "float32"  # compute dtype; parameters are always float32
-    remat: str = "none"
-    attention_impl: str = "auto"
+    d_ff: int = 512  # width of the MLP
+    norm: str = "layernorm"  # layernorm (GPT-2) or rmsnorm (Llama)
+    activation: str = "gelu"  # gelu (GPT-2) or swiglu (Llama)
+    position: str = "learned"  # learned position embeddings (GPT-2) or rope (Llama)
+    use_bias: bool = True  # biases on the projections and the MLP (GPT-2)
+    tie_embeddings: bool = True  # the LM head is the token embedding's transpose
+    rope_theta: float = 10000.0  # RoPE's base frequency
+    norm_eps: float = 1e-5  # added to the variance in the norms
+    init_std: float = 0.02  # std of the normal init of the weights
+    dtype: str = "float32"  # compute dtype (float32, bfloat16); parameters are always float32
+    remat: str = "none"  # recompute in the backward pass: none, full, dots_saveable, dots_with_no_batch_dims_saveable
+    attention_impl: str = "auto"  # auto (cuDNN flash attention on GPUs in 16-bit, else XLA), xla, cudnn
 
     @property
     def kv_head_dim(self) -> int:
@@ -67,6 +70,11 @@ class ModelConfig:
         if self.position == "rope" and self.kv_head_dim % 2:
             out.append(f"RoPE needs an even head dimension, got {self.kv_head_dim}")
         return out
+
+
+def tensor_indivisible(cfg: ModelConfig, tensor: int) -> str | None:
+    """The first size of ``TENSOR_SPLIT`` that ``tensor`` devices do not divide (None: they all split)."""
+    return next((name for name in TENSOR_SPLIT if getattr(cfg, name) % tensor), None)
 
 
 def block_param_count(cfg: ModelConfig) -> int:

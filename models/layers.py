@@ -1,7 +1,7 @@
 """Transformer building blocks shared by every model family.
 
 Each parameter carries its logical axis names in the ``out_sharding`` metadata; each key
-activation is constrained by logical names through ``models.sharding.constrain``.
+activation is constrained by logical names through ``fax.models.sharding.constrain``.
 """
 
 from __future__ import annotations
@@ -10,10 +10,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.config import ModelConfig, attention_implementation
-from models.cpu_kernels import decode_attention
-from models.lora import Adapted
-from models.sharding import constrain
+from fax.models.config import ModelConfig, attention_implementation
+from fax.models.lora import Adapted
+from fax.models.sharding import constrain
 
 RESIDUAL = ("batch", "length", "embed")
 
@@ -132,31 +131,29 @@ class Attention(nnx.Module):
         return constrain(y, RESIDUAL)
 
     def __call__(self, x: jax.Array, positions: jax.Array, documents: jax.Array | None = None) -> jax.Array:
-        """Causal attention; with ``documents`` ([b, length] ints, ``document_ids``) a token sees only
-        the earlier tokens of its own document."""
+        """Causal attention; with ``documents`` ([b, length] segment ids) a token sees only the
+        earlier tokens of its own document."""
         q, k, v = self._project(x, positions)
         kernel = attention_implementation(self.cfg, jax.default_backend())
         mask = None if documents is None else (documents[:, :, None] == documents[:, None, :])[:, None]
         return self._output(jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=kernel))
 
     def cached(self, x: jax.Array, positions: jax.Array, cache: KVCache, fused: jax.Array,
-               queries: jax.Array | None = None, decode_kernel: bool = False) -> tuple[jax.Array, KVCache]:
+               queries: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
         """New tokens (``x`` [b, length], at ``positions`` [b, length]) write their keys and values
         into ``cache`` (b rows; positions past its end are dropped), then attend to everything
         cached at or before them. Attention reads the whole cache: its owner sizes it to the rows
         and positions in use, as a slice of a larger cache would be a copy of it at every token.
         The update is a scatter into the donated cache. ``fused``: this layer's ``fused_qkv``.
         With ``queries`` [b, n] (indices along ``length``) only those tokens attend, and only their
-        outputs come back [b, n, embed]; every token's keys and values still go into the cache.
-        ``decode_kernel``: a step of one token a row attends by ``cpu_kernels.decode_attention``."""
+        outputs come back [b, n, embed]; every token's keys and values still go into the cache."""
         q, k, v = self._project(x, positions, fused)
         rows = jnp.arange(x.shape[0])[:, None]
         keys, values = (constrain(c.at[rows, :, positions].set(new.astype(c.dtype), mode="drop"), CACHE_AXES)
                         for c, new in zip(cache, (k, v)))
         if queries is not None:
             q, positions = take_tokens(q, queries), take_tokens(positions, queries)
-        attend = decode_attention if decode_kernel and q.shape[1] == 1 else cached_attention
-        return self._output(attend(q.astype(keys.dtype), keys, values, positions).astype(x.dtype)), (keys, values)
+        return self._output(cached_attention(q.astype(keys.dtype), keys, values, positions).astype(x.dtype)), (keys, values)
 
 
 def cached_attention(q: jax.Array, keys: jax.Array, values: jax.Array, positions: jax.Array) -> jax.Array:
@@ -218,7 +215,7 @@ class Block(nnx.Module):
         return x + self.mlp(self.mlp_norm(x))
 
     def cached(self, x: jax.Array, positions: jax.Array, cache: KVCache, fused: jax.Array,
-               queries: jax.Array | None = None, decode_kernel: bool = False) -> tuple[jax.Array, KVCache]:
-        h, cache = self.attn.cached(self.attn_norm(x), positions, cache, fused, queries, decode_kernel)
+               queries: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+        h, cache = self.attn.cached(self.attn_norm(x), positions, cache, fused, queries)
         x = (x if queries is None else take_tokens(x, queries)) + h
         return x + self.mlp(self.mlp_norm(x)), cache

@@ -20,10 +20,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from fax.models.config import LORA_TARGETS
+
 Params = dict[str, Any]
 
 # Adaptable weights (path under ``blocks``) and how many leading axes are inputs (after ``layers``).
-TARGETS = {"attn.wq": 1, "attn.wk": 1, "attn.wv": 1, "attn.wo": 2, "mlp.wi": 1, "mlp.wg": 1, "mlp.wo": 1}
 
 
 def _weight(params: Params, target: str) -> Any:
@@ -36,7 +37,7 @@ def adapter_shapes(base: Params, targets: tuple[str, ...], rank: int) -> dict[st
     out = {}
     for target in targets:
         shape = _weight(base, target).shape
-        n_in = 1 + TARGETS[target]
+        n_in = 1 + LORA_TARGETS[target]
         out[target] = {"a": (*shape[:n_in], rank), "b": (shape[0], rank, *shape[n_in:])}
     return out
 
@@ -46,7 +47,7 @@ def adapter_axes(base_axes: Params, targets: tuple[str, ...]) -> Params:
     out = {}
     for target in targets:
         axes = _weight(base_axes, target)
-        n_in = 1 + TARGETS[target]
+        n_in = 1 + LORA_TARGETS[target]
         out[target] = {"a": (*axes[:n_in], None), "b": (axes[0], None, *axes[n_in:])}
     return out
 
@@ -135,5 +136,5 @@ def attach(base: Params, adapters: Params, scale: float, dropout: float, key: ja
     dropout key per layer (from ``key``, which should change every step)."""
     def adapt(i: int, target: str, w: jax.Array, ab: Params) -> Adapted:
         keys = jax.random.key_data(jax.random.split(jax.random.fold_in(key, i), ab["a"].shape[0]))
-        return Adapted(w, ab["a"], ab["b"], keys, TARGETS[target], scale, dropout)
+        return Adapted(w, ab["a"], ab["b"], keys, LORA_TARGETS[target], scale, dropout)
     return _with_adapted(base, adapters, adapt)

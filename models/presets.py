@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from models.config import ModelConfig
+from fax.models.config import ModelConfig
 
 
 @functools.cache

@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.config import ModelConfig
-from models.layers import RESIDUAL, Block, KVCache, Norm, compute_dtype, param
-from models.sharding import constrain
+from fax.models.config import ModelConfig
+from fax.models.layers import RESIDUAL, Block, KVCache, Norm, compute_dtype, param
+from fax.models.sharding import constrain
 
 Params = dict[str, Any]
 # What flows from layer to layer: the hidden states [batch, length, embed], and what else each row
@@ -69,13 +69,13 @@ class DecoderLM(nnx.Module):
         return project(self.final_norm(x), self.lm_head() if head is None else head)
 
     def hidden(self, tokens: jax.Array, run_layers: RunLayers = scan_layers,
-               document_ends: jax.Array | None = None) -> jax.Array:
+               segments: jax.Array | None = None) -> jax.Array:
         """The final (normed) hidden states [batch, length, embed] of int tokens [batch, length]:
-        what the LM head projects; ``run_layers`` may pipeline the blocks. With ``document_ends``
-        ([batch, length] bool: the token ends its document) each document a row packs is read as if
-        it stood alone: it attends only to itself and its positions count from its first token."""
-        documents = None if document_ends is None else document_ids(document_ends)
-        positions = jnp.arange(tokens.shape[1]) if documents is None else document_positions(documents)
+        what the LM head projects; ``run_layers`` may pipeline the blocks. With ``segments``
+        ([batch, length] ints: which packed document of its row a token belongs to, non-decreasing)
+        each document is read as if it stood alone: it attends only to itself and its positions
+        count from its first token."""
+        positions = jnp.arange(tokens.shape[1]) if segments is None else document_positions(segments)
         graphdef, layer_params = nnx.split(self.blocks)
 
         def layer(carry: Carry, params: Params) -> Carry:
@@ -85,24 +85,17 @@ class DecoderLM(nnx.Module):
 
         if self.cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=REMAT_POLICY[self.cfg.remat], prevent_cse=False)
-        h, _ = run_layers(layer, layer_params, (self._embed(tokens, positions), documents))
+        h, _ = run_layers(layer, layer_params, (self._embed(tokens, positions), segments))
         return self.final_norm(h)
 
     def __call__(self, tokens: jax.Array, run_layers: RunLayers = scan_layers,
-                 document_ends: jax.Array | None = None) -> jax.Array:
+                 segments: jax.Array | None = None) -> jax.Array:
         """Logits (float32) for int tokens [batch, length]."""
-        return project(self.hidden(tokens, run_layers, document_ends), self.lm_head())
-
-
-def document_ids(ends: jax.Array) -> jax.Array:
-    """Which of its row's documents each token belongs to, [batch, length] ints counted from 0, of
-    ``ends`` ([batch, length] bool): a document's end is its last token, the next token starts another."""
-    ends = ends.astype(jnp.int32)
-    return jnp.cumsum(ends, axis=1) - ends
+        return project(self.hidden(tokens, run_layers, segments), self.lm_head())
 
 
 def document_positions(documents: jax.Array) -> jax.Array:
-    """Each token's position in its document (``document_ids``), counted from the document's first
+    """Each token's position in its document (``segments``), counted from the document's first
     token in the row."""
     index = jnp.arange(documents.shape[1])
     first = jnp.concatenate([jnp.ones_like(documents[:, :1], bool), documents[:, 1:] != documents[:, :-1]], axis=1)
@@ -149,16 +142,16 @@ def init_params(cfg: ModelConfig, seed: int) -> Params:
 
 
 def apply(graphdef: nnx.GraphDef, params: Params, tokens: jax.Array, run_layers: RunLayers = scan_layers,
-          document_ends: jax.Array | None = None) -> jax.Array:
-    return nnx.merge(graphdef, params)(tokens, run_layers, document_ends)
+          segments: jax.Array | None = None) -> jax.Array:
+    return nnx.merge(graphdef, params)(tokens, run_layers, segments)
 
 
 def apply_hidden(graphdef: nnx.GraphDef, params: Params, tokens: jax.Array, run_layers: RunLayers = scan_layers,
-                 document_ends: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                 segments: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """The final hidden states and the LM head, for a loss that projects the states a piece at a
     time (``project``) instead of holding every position's logits at once."""
     model = nnx.merge(graphdef, params)
-    return model.hidden(tokens, run_layers, document_ends), model.lm_head()
+    return model.hidden(tokens, run_layers, segments), model.lm_head()
 
 
 def unstack_layers(params: Params) -> Params:
@@ -197,13 +190,12 @@ def serving_weights(graphdef: nnx.GraphDef, params: Params) -> ServingWeights:
 
 def apply_cached(graphdef: nnx.GraphDef, params: Params, weights: ServingWeights, tokens: jax.Array,
                  positions: jax.Array, cache: list[KVCache],
-                 last: jax.Array | None = None, decode_kernel: bool = False) -> tuple[jax.Array, list[KVCache]]:
+                 last: jax.Array | None = None) -> tuple[jax.Array, list[KVCache]]:
     """Inference with a KV cache: ``tokens`` [b, length] at ``positions`` go into ``cache`` (one
     (keys, values) per layer, [b, kv_heads, slots, head_dim]). ``params`` has its layers unstacked
     (``unstack_layers``); ``weights`` are its ``serving_weights``. Returns the logits at index
     ``last[b]`` of each row [b, vocab] (default: the last), or at the indices ``last[b, :]``
-    [b, n, vocab], and the updated cache. ``decode_kernel``: one-token steps attend by the CPU
-    kernel (``cpu_kernels``; registered, and the model one it supports, on one CPU device)."""
+    [b, n, vocab], and the updated cache."""
     model, blocks = _merge_unstacked(graphdef, params)
     x = model._embed(tokens, positions)
     queries = None if last is None else last.reshape(len(last), -1)
@@ -213,7 +205,7 @@ def apply_cached(graphdef: nnx.GraphDef, params: Params, weights: ServingWeights
         # only where the logits are read: in a prefill, the prompts' last tokens (a fifth of the FLOPs
         # of a 4-layer model's prefill).
         final = i == len(blocks) - 1
-        x, layer_cache = block.cached(x, positions, layer_cache, fused, queries if final else None, decode_kernel)
+        x, layer_cache = block.cached(x, positions, layer_cache, fused, queries if final else None)
         updated.append(layer_cache)
     logits = model._logits(x[:, -1:] if last is None else x, weights.head)
     return (logits if last is not None and last.ndim == 2 else logits[:, 0]), updated

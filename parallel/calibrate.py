@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from parallel.hardware import efficiency
+from fax.parallel.hardware import efficiency
 
 # Matmul shapes timed: rows (tokens) x cols (features), over a fixed inner dimension; a grid, so
 # that short and narrow matmuls (microbatches, tensor-parallel shards) are measured, not guessed.

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from models import ModelConfig
-from models.config import attention_implementation, param_count, train_flops_per_token
-from parallel.hardware import ClusterSpec, Link, efficiency
-from parallel.mesh import MESH_AXES
-from parallel.pipeline import ticks
+from fax.models.config import ModelConfig, attention_implementation, param_count, train_flops_per_token
+from fax.parallel.hardware import ClusterSpec, Link, efficiency
+from fax.parallel.config import MESH_AXES, ticks
 
 OVERLAP = 0.8  # fraction of compute that can hide fsdp/data collectives (XLA's async collectives)
 MEMORY_HEADROOM = 0.9  # the share of device memory a plan may use (fragmentation, compiler temps)

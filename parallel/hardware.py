@@ -96,7 +96,7 @@ def present_cluster(devices: list | None = None) -> ClusterSpec:
     """The devices this process sees (datasheet figures by device kind; CPU: nominal)."""
     import jax
 
-    from parallel.calibrate import load_profile
+    from fax.parallel.calibrate import load_profile
 
     devices = jax.devices() if devices is None else devices
     kind = devices[0].device_kind.lower()

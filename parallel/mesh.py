@@ -2,47 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
 
 import jax
 from jax.sharding import AxisType, Mesh
 
-# Outermost first: pipeline stages and data replicas cross the slowest links, tensor the fastest.
-MESH_AXES = ("stage", "data", "fsdp", "sequence", "tensor")
-
-
-@dataclass(frozen=True)
-class ParallelConfig:
-    """Size of each mesh axis; one axis may be -1 to take the remaining devices."""
-
-    stage: int = 1
-    data: int = 1
-    fsdp: int = -1
-    sequence: int = 1
-    tensor: int = 1
-
-    def axis_sizes(self, n_devices: int) -> dict[str, int]:
-        """Resolve -1 against ``n_devices``; ValueError names the setting when it cannot fit."""
-        sizes = {f.name: getattr(self, f.name) for f in fields(self)}
-        desc = " x ".join(f"parallel.{k}={v}" for k, v in sizes.items())
-        fill = [k for k, v in sizes.items() if v == -1]
-        bad = [k for k, v in sizes.items() if v == 0 or v < -1]
-        if bad:
-            raise ValueError(f"parallel.{bad[0]}={sizes[bad[0]]}: mesh axis sizes must be positive or -1 (fill)")
-        if len(fill) > 1:
-            raise ValueError(f"only one mesh axis may be -1, got {', '.join('parallel.' + k for k in fill)}")
-        fixed = math.prod(v for v in sizes.values() if v != -1)
-        if fill:
-            if n_devices % fixed:
-                raise ValueError(f"{desc}: the fixed axes multiply to {fixed}, which does not divide the "
-                                 f"{n_devices} devices; change them so their product divides {n_devices}")
-            sizes[fill[0]] = n_devices // fixed
-        elif fixed != n_devices:
-            raise ValueError(f"{desc}: the mesh has {fixed} devices but {n_devices} are available; make the "
-                             f"product equal {n_devices} or set one axis to -1")
-        return sizes
+from fax.parallel.config import MESH_AXES, ParallelConfig
 
 
 def make_mesh(parallel: ParallelConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:

@@ -17,8 +17,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from models import RunLayers, scan_layers
-from models.sharding import constrain
+from fax.models.sharding import constrain
+from fax.models.transformer import RunLayers, scan_layers
+from fax.parallel.config import ticks
 
 STAGE_STATE = ("stage", "batch", "length", "embed")  # one microbatch of hidden states per stage
 
@@ -27,16 +28,6 @@ def _stage_state(state: Any) -> Any:
     """Every leaf of the stages' carry [stage, batch, length, ...] sharded by stage (the hidden
     states, and the rows' document ids, which take the leading names)."""
     return jax.tree.map(lambda x: constrain(x, STAGE_STATE[:x.ndim]), state)
-
-
-def ticks(stages: int, microbatches: int) -> int:
-    """Schedule length: every microbatch enters stage 0 once; the last needs stages - 1 more ticks."""
-    return microbatches + stages - 1
-
-
-def bubble_fraction(stages: int, microbatches: int) -> float:
-    """Share of stage-ticks idle (or computing discarded work): (S - 1) / (M + S - 1)."""
-    return (stages - 1) / ticks(stages, microbatches)
 
 
 def split_microbatches(x: jax.Array, microbatches: int) -> jax.Array:

@@ -16,9 +16,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from models import ModelConfig
-from parallel.cost import MEMORY_HEADROOM, REMAT_FORWARDS, Candidate, Estimate, Workload, estimate
-from parallel.hardware import ClusterSpec
+from fax.models.config import ModelConfig, tensor_indivisible
+from fax.parallel.cost import MEMORY_HEADROOM, REMAT_FORWARDS, Candidate, Estimate, Workload, estimate
+from fax.parallel.hardware import ClusterSpec
 
 MAX_MICROBATCHES = 64
 # Pieces of the sequence for the LM head and loss, tried (fewest first: larger matmuls, fewer loop
@@ -45,10 +45,9 @@ def problems(c: Candidate, w: Workload) -> list[tuple[str, str]]:
     m, found = w.model, []
     if m.n_layers % c.stages:
         found.append(("stages", f"{m.n_layers} layers do not split into {c.stages} stages"))
-    for name in ("n_heads", "n_kv_heads", "d_ff", "vocab_size"):
-        if getattr(m, name) % c.tensor:
-            found.append(("tensor", f"tensor={c.tensor} does not divide {name}={getattr(m, name)}"))
-            break
+    indivisible = tensor_indivisible(m, c.tensor)
+    if indivisible:
+        found.append(("tensor", f"tensor={c.tensor} does not divide {indivisible}={getattr(m, indivisible)}"))
     if m.d_model % c.fsdp:
         found.append(("fsdp", f"fsdp={c.fsdp} does not divide d_model={m.d_model}"))
     if w.global_batch % (c.data * c.fsdp * c.microbatches):
@@ -66,8 +65,7 @@ def templates(cluster: ClusterSpec, w: Workload) -> dict[str, Candidate]:
     """What practitioners pick by hand: FSDP everywhere; Megatron (tensor inside a host, pipeline
     across hosts, data outermost); tensor inside a host with FSDP across."""
     n, host = cluster.devices, cluster.devices_per_host
-    tensor = max(t for t in divisors(min(host, n)) if all(
-        getattr(w.model, a) % t == 0 for a in ("n_heads", "n_kv_heads", "d_ff", "vocab_size")))
+    tensor = max(t for t in divisors(min(host, n)) if not tensor_indivisible(w.model, t))
     stages = max((s for s in divisors(cluster.hosts) if w.model.n_layers % s == 0), default=1)
     rest = n // (tensor * stages)
     micro = next((mb for mb in (4 * stages, 2 * stages, stages, 1)

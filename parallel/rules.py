@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from fax.models.sharding import activation_sharding
 
 Rules = Mapping[str, tuple[str, ...]]
 
@@ -70,5 +73,17 @@ def optimizer_shardings(tx: optax.GradientTransformation, abstract_params: Any, 
 
 
 def activation_resolver(mesh: Mesh, rules: Rules = DEFAULT_RULES):
-    """The resolver models.sharding.constrain uses inside a traced step."""
+    """The resolver ``fax.models.sharding.constrain`` uses inside a traced step."""
     return lambda axes: logical_sharding(axes, mesh, rules)
+
+
+def with_activation_sharding(fn: Any, mesh: Mesh) -> Any:
+    """Trace ``fn`` with logical activation names resolved against ``mesh``."""
+    resolver = activation_resolver(mesh)
+
+    @functools.wraps(fn)
+    def wrapped(*args: Any) -> Any:
+        with activation_sharding(resolver):
+            return fn(*args)
+    wrapped.__name__ = getattr(fn, "func", fn).__name__  # a partial's function: the compiled program's name
+    return wrapped

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from fax.chat import END_OF_TURN, FAX_LAYOUT, TemplateError, TemplateLayout, layout
+from fax.data.chat import END_OF_TURN, FAX_LAYOUT, TemplateError, TemplateLayout, layout
 from fax.data import PROMPT_FLAG, HFTokenizer, TokenDataset, prepare
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>",
@@ -142,8 +142,10 @@ def test_a_run_tuned_with_a_template_replies_in_it_and_stops_at_its_end_of_turn_
     refuses is a clear error (in `fax infer`, that row's)."""
     from fax import Trainer, load_config
     from fax.cli import main
-    from fax.infer import InferSettings, infer
-    from fax.serve import Engine, SamplingParams, generate
+    from fax.serving.infer import InferSettings, infer
+    from fax.serving.batching import generate
+    from fax.serving.engine import Engine
+    from fax.serving.sampling import SamplingParams
 
     taught = {"hello": "hi there", "bye": "see you"}
     tok = chat_tokenizer(tmp_path / "hf", LLAMA3, corpus=[*taught, *taught.values()])
@@ -192,9 +194,9 @@ def test_a_run_tuned_with_a_template_replies_in_it_and_stops_at_its_end_of_turn_
 
 
 def test_a_chat_request_the_template_refuses_gets_its_reason_as_a_400(tmp_path):
-    import models
+    from fax import models
     from fax.config import ServeConfig
-    from fax.server import RequestError, parse_chat
+    from fax.serving.requests import RequestError, parse_chat
 
     tok = chat_tokenizer(tmp_path, ALTERNATING)
     body = {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}

@@ -16,15 +16,20 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from fax import Trainer, load_config  # noqa: E402
-from fax import step as step_lib  # noqa: E402
+from fax.train import step as step_lib  # noqa: E402
 from fax.checkpoint import Checkpointer  # noqa: E402
-from fax.cluster import ClusterEngine, ClusterError, RayRuntime, host_layout  # noqa: E402
+from fax.cluster import ClusterError
+from fax.cluster.hosts import HostGroup, host_layout
+from fax.serving.cluster_engine import ClusterEngine
+from fax.train.ray_runtime import RayRuntime  # noqa: E402
 from fax.config import ConfigError  # noqa: E402
 from fax.data import Sampler, TokenDataset  # noqa: E402
 from fax.metrics import read_metrics  # noqa: E402
-from fax.serve import Engine, SamplingParams, generate  # noqa: E402
-from fax.trainer import evaluate_checkpoint  # noqa: E402
-from parallel import make_mesh  # noqa: E402
+from fax.serving.batching import generate
+from fax.serving.engine import Engine
+from fax.serving.sampling import SamplingParams  # noqa: E402
+from fax.train.evaluate import evaluate_checkpoint  # noqa: E402
+from fax.parallel import make_mesh  # noqa: E402
 
 STEPS = 6
 

@@ -75,9 +75,17 @@ def test_a_config_file_that_is_not_yaml_is_named(tmp_path):
         load_config(tmp_path / "job.yaml")
 
 
+def refused_dataset(path, tmp_path):
+    """The Trainer's error for ``data.path=path``: checked where the dataset is opened, before any compile."""
+    with pytest.raises(ConfigError) as info:
+        Trainer(overrides=[f"data.path={path}", f"run_dir={tmp_path / 'run'}"])
+    return str(info.value)
+
+
 def test_missing_and_empty_data_path(tmp_path):
-    assert "does not exist" in invalid([f"data.path={tmp_path / 'nowhere'}"])
-    assert "index.json missing" in invalid([f"data.path={tmp_path}"])
+    validate(load_config(overrides=[f"data.path={tmp_path / 'nowhere'}"]), 8)  # settings alone read no disk
+    assert "does not exist" in refused_dataset(tmp_path / "nowhere", tmp_path)
+    assert "index.json missing" in refused_dataset(tmp_path, tmp_path)
 
 
 def test_too_few_tokens_for_one_sequence(tmp_path):
@@ -85,7 +93,7 @@ def test_too_few_tokens_for_one_sequence(tmp_path):
 
     (tmp_path / "a.txt").write_text("tiny")
     prepare([tmp_path / "a.txt"], tmp_path / "ds")
-    assert "holds 5 tokens, fewer than one sequence" in invalid([f"data.path={tmp_path / 'ds'}"])
+    assert "holds 5 tokens, fewer than one sequence" in refused_dataset(tmp_path / "ds", tmp_path)
 
 
 def test_trainer_refuses_before_compiling():

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from fax.config import ConfigError, load_config, validate
-from fax.data import DOCUMENT_END, ByteTokenizer, Sampler, TokenDataset, prepare, text_files
+from fax.cluster.data import tokenize_on_ray
+from fax.data import ByteTokenizer, Sampler, TokenDataset, document_segments, prepare, text_files
 
 
 def test_byte_tokenizer_round_trip():
@@ -29,8 +30,8 @@ def test_prepare_writes_documents_separated_by_eos(tmp_path):
 
 
 def test_prompts_are_marked_as_context(tmp_path):
-    """--prompt-field: a record's prompt tokens carry PROMPT_FLAG (negative in a batch), its text and
-    end-of-document id do not; a record without text is dropped, one without the field refused."""
+    """--prompt-field: a record's prompt tokens carry PROMPT_FLAG on disk (out of a batch's loss mask),
+    its text and end-of-document id do not; a record without text is dropped, one without the field refused."""
     records = [{"q": "hi ", "a": "yo"}, {"q": "", "a": "z"}, {"q": "x", "a": ""}, {"q": None, "a": "w"}]
     (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     index = prepare([tmp_path / "sft.jsonl"], tmp_path / "ds", text_field="a", prompt_field="q")
@@ -39,8 +40,9 @@ def test_prompts_are_marked_as_context(tmp_path):
     assert list(TokenDataset.open(tmp_path / "ds").tokens) == [
         flag | 104, flag | 105, flag | 32, 121, 111, 256, 122, 256, 119, 256]
     batch = Sampler(TokenDataset.open(tmp_path / "ds"), 1, 9, seed=0).batch(0)  # the one window there is
-    assert batch.dtype == np.int32
-    assert batch[0].tolist() == [104 - flag, 105 - flag, 32 - flag, 121, 111, 256, 122, 256, 119, 256]
+    assert batch.tokens.dtype == np.int32
+    assert batch.tokens[0].tolist() == [104, 105, 32, 121, 111, 256, 122, 256, 119, 256]
+    assert batch.loss_mask[0].tolist() == [False] * 3 + [True] * 7
     with pytest.raises(ValueError, match=r"sft.jsonl:1: no field 'prompt'; set --prompt-field"):
         prepare([tmp_path / "sft.jsonl"], tmp_path / "ds2", text_field="a", prompt_field="prompt")
 
@@ -111,11 +113,11 @@ def test_sampler_depends_only_on_seed_and_step(small_corpus):
     ds = TokenDataset.open(small_corpus)
     a, b = Sampler(ds, 8, 64, seed=3), Sampler(ds, 8, 64, seed=3)
     for step in (0, 5, 1234):
-        np.testing.assert_array_equal(a.batch(step), b.batch(step))
-    assert not np.array_equal(a.batch(0), a.batch(1))
-    assert not np.array_equal(a.batch(0), Sampler(ds, 8, 64, seed=4).batch(0))
+        np.testing.assert_array_equal(a.batch(step).tokens, b.batch(step).tokens)
+    assert not np.array_equal(a.batch(0).tokens, a.batch(1).tokens)
+    assert not np.array_equal(a.batch(0).tokens, Sampler(ds, 8, 64, seed=4).batch(0).tokens)
     batch = a.batch(7)
-    assert batch.shape == (8, 65) and batch.dtype == np.int32
+    assert batch.shape == (8, 65) and batch.tokens.dtype == np.int32
 
 
 def test_restart_yields_the_uninterrupted_batches(small_corpus):
@@ -124,29 +126,35 @@ def test_restart_yields_the_uninterrupted_batches(small_corpus):
     uninterrupted = [next(straight) for _ in range(10)]
     resumed = Sampler(ds, 4, 32, seed=0).batches(start=6)
     for k in range(6, 10):
-        np.testing.assert_array_equal(next(resumed), uninterrupted[k])
+        np.testing.assert_array_equal(next(resumed).tokens, uninterrupted[k].tokens)
 
 
 def test_batches_are_windows_of_the_corpus(small_corpus):
     ds = TokenDataset.open(small_corpus)
-    batch = Sampler(ds, 4, 16, seed=1).batch(0)
+    batch = Sampler(ds, 4, 16, seed=1).batch(0).tokens
     flat = np.asarray(ds.tokens)
     for row in batch:
         starts = np.flatnonzero(flat[: len(flat) - 16] == row[0])
         assert any(np.array_equal(flat[s:s + 17], row) for s in starts)
 
 
-def test_sampler_flags_the_document_ends_it_is_told_of(tmp_path):
+def test_sampler_numbers_the_documents_of_each_row(tmp_path):
     (tmp_path / "in").mkdir()
     for i in range(30):
         (tmp_path / "in" / f"{i}.txt").write_text(f"note {i} " * (i % 4 + 1))
     prepare(text_files([tmp_path / "in"]), tmp_path / "ds")
     ds = TokenDataset.open(tmp_path / "ds")
     plain = Sampler(ds, 8, 32, seed=0).batch(0)
-    flagged = Sampler(ds, 8, 32, seed=0, document_end=ByteTokenizer.eos_id).batch(0)
-    ends = plain == ByteTokenizer.eos_id
+    packed = Sampler(ds, 8, 32, seed=0, document_end=ByteTokenizer.eos_id).batch(0)
+    np.testing.assert_array_equal(plain.tokens, packed.tokens)
+    assert not plain.segments.any()  # not told the end id: one document a row
+    ends = plain.tokens == ByteTokenizer.eos_id
     assert ends.sum() >= 8  # documents of 7-32 bytes: several ends per row
-    np.testing.assert_array_equal(flagged, np.where(ends, plain | DOCUMENT_END, plain))
+    for row, segments in zip(plain.tokens, packed.segments):
+        # a document's end token is its last: the segment goes up by one right after each end, and only there
+        np.testing.assert_array_equal(np.diff(segments), (row == ByteTokenizer.eos_id)[:-1].astype(np.int32))
+        assert segments[0] == 0
+    np.testing.assert_array_equal(packed.segments, document_segments(plain.tokens, ByteTokenizer.eos_id))
 
 
 def mixed_folder(root):
@@ -169,7 +177,7 @@ def mixed_folder(root):
 def test_prepare_on_ray_data_equals_one_process_and_reruns_skip_what_is_done(tmp_path):
     files = text_files([mixed_folder(tmp_path / "in")])
     local = prepare(files, tmp_path / "local", val_fraction=0.25)
-    on_ray = prepare(files, tmp_path / "ray", val_fraction=0.25, engine="ray")
+    on_ray = prepare(files, tmp_path / "ray", val_fraction=0.25, tokenize=tokenize_on_ray)
     for name in ("tokens.bin", "val.bin"):
         assert (tmp_path / "local" / name).read_bytes() == (tmp_path / "ray" / name).read_bytes(), name
     assert {k: v for k, v in local.items()} == on_ray

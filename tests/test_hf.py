@@ -10,14 +10,14 @@ import pytest
 torch = pytest.importorskip("torch", reason="needs the hf extra: pip install -e '.[hf]' (CPU torch, transformers)")
 transformers = pytest.importorskip("transformers", reason="needs the hf extra: pip install -e '.[hf]'")
 
-import models  # noqa: E402
-from fax import hf  # noqa: E402
+from fax import models  # noqa: E402
+from fax.interop import hf  # noqa: E402
 from fax.cli import main  # noqa: E402
 from fax.config import ConfigError, load_config  # noqa: E402
 from fax.data import Sampler, TokenDataset  # noqa: E402
-from fax.serve import param_layout  # noqa: E402
-from fax.trainer import Trainer  # noqa: E402
-from parallel import ParallelConfig, make_mesh  # noqa: E402
+from fax.serving.engine import param_layout  # noqa: E402
+from fax.train.loop import Trainer  # noqa: E402
+from fax.parallel import ParallelConfig, make_mesh  # noqa: E402
 
 CONFIGS = {
     "gpt2": lambda: transformers.GPT2Config(vocab_size=320, n_positions=64, n_embd=32, n_layer=2, n_head=4),
@@ -100,7 +100,7 @@ def test_fine_tune_from_hf_then_export_the_run(tmp_path, small_corpus):
     exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()
     assert not np.allclose(hf_logits(exported, TOKENS), hf_logits(model, TOKENS), atol=1e-3)  # it trained
     from fax.config import run_config
-    from fax.serve import run_params
+    from fax.params import run_params
 
     params, step = run_params(run_dir, run_config(run_dir), make_mesh(ParallelConfig(fsdp=1), jax.devices()[:1]))
     assert step == 3

@@ -7,9 +7,12 @@ import pytest
 
 from fax.cli import main
 from fax.config import load_config, run_config
-from fax.infer import InferSettings, infer
-from fax.serve import Engine, SamplingParams, generate, run_tokenizer
-from fax.trainer import Trainer
+from fax.serving.infer import InferSettings, infer
+from fax.serving.batching import generate
+from fax.serving.engine import Engine
+from fax.serving.sampling import SamplingParams
+from fax.serving.text import run_tokenizer
+from fax.train.loop import Trainer
 
 
 @pytest.fixture(scope="module")

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-import models
-from fax import hf
-from fax import step as step_lib
+from fax import models
+from fax.interop import hf
+from fax.train import step as step_lib
 from fax.cli import main
 from fax.config import ConfigError, load_config, validate
 from fax.data import Sampler, TokenDataset, prepare
-from fax.trainer import Trainer
-from parallel import ParallelConfig, make_mesh
+from fax.train.loop import Trainer
+from fax.parallel import ParallelConfig, make_mesh
 
 
 def lora_config(run_dir, corpus, *extra):

@@ -83,7 +83,7 @@ def test_plot_draws_every_logged_value(runs, tmp_path):
 
 
 def test_fax_metrics_plots_a_real_run(runs, tmp_path, small_corpus, capsys):
-    from fax.trainer import Trainer
+    from fax.train.loop import Trainer
 
     trained = tmp_path / "trained"
     Trainer(overrides=["model=gpt-tiny", f"data.path={small_corpus}", "train.steps=4", "train.batch_size=8",

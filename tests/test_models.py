@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import models
-from models.layers import rope
-from parallel import DEFAULT_RULES
+from fax import models
+from fax.models.layers import rope
+from fax.parallel import DEFAULT_RULES
 
 
 @pytest.mark.parametrize("name", models.preset_names())
@@ -66,13 +66,16 @@ def test_document_mask_reads_each_packed_document_as_if_alone(name):
     pieces = [rng.integers(0, eos, n) for n in (5, 9, 10)]
     pieces[0][-1] = pieces[1][-1] = eos  # the first two end their documents
     row = jnp.asarray(np.concatenate(pieces)[None], jnp.int32)
-    packed = model(row, document_ends=row == eos)
+    ends = (row == eos).astype(jnp.int32)
+    packed = model(row, segments=jnp.cumsum(ends, axis=1) - ends)
     start = 0
     for piece in pieces:
         alone = model(jnp.asarray(piece[None], jnp.int32))
         np.testing.assert_allclose(packed[:, start:start + len(piece)], alone, rtol=1e-5, atol=1e-5)
         start += len(piece)
-    assert models.transformer.document_ids(row == eos).tolist() == [[0] * 5 + [1] * 9 + [2] * 10]
+    from fax.data import document_segments
+
+    assert document_segments(np.asarray(row), eos).tolist() == [[0] * 5 + [1] * 9 + [2] * 10]
     # Without the mask the later pieces read the earlier ones.
     assert not np.allclose(model(row)[:, 5:], packed[:, 5:], atol=1e-3)
 
@@ -98,7 +101,7 @@ def test_bfloat16_compute_tracks_float32():
 
 
 def test_auto_attention_is_the_fused_kernel_only_where_it_exists():
-    from models.config import attention_implementation
+    from fax.models.config import attention_implementation
     cfg = models.preset("llama-tiny")
     assert attention_implementation(cfg.replace(dtype="bfloat16"), "gpu") == "cudnn"
     assert attention_implementation(cfg, "gpu") == "xla"  # cuDNN has no float32 flash attention

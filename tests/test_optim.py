@@ -8,9 +8,9 @@ import jax
 import numpy as np
 import pytest
 
-import models
+from fax import models
 from fax.config import OptimConfig
-from fax.step import decay_mask, lr_schedule, make_optimizer
+from fax.train.step import decay_mask, lr_schedule, make_optimizer
 
 
 def exempt_from_decay(preset: str) -> set[str]:

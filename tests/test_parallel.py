@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from fax import step as step_lib
+from fax.train import step as step_lib
 from fax.config import load_config
-from parallel import make_mesh
+from fax.data import Batch
+from fax.parallel import make_mesh
 
 MESHES = {"2x2x2": (2, 2, 2), "8x1x1": (8, 1, 1), "1x8x1": (1, 8, 1), "1x1x8": (1, 1, 8)}
 
@@ -22,12 +23,12 @@ def build(cfg, n_devices: int):
     return step_lib.build(cfg, make_mesh(cfg.parallel, jax.devices()[:n_devices]))
 
 
-def batch(cfg, seed: int = 0) -> np.ndarray:
+def batch(cfg, seed: int = 0) -> Batch:
     rng = np.random.default_rng(seed)
-    return rng.integers(0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.seq_len + 1)).astype(np.int32)
+    return Batch.of(rng.integers(0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.seq_len + 1)))
 
 
-def one_step(cfg, n_devices: int, tokens: np.ndarray):
+def one_step(cfg, n_devices: int, tokens: Batch):
     training = build(cfg, n_devices)
     state, metrics = training.step(training.init(), jax.device_put(tokens, training.batch_sharding))
     return training, state, {k: float(v) for k, v in metrics.items()}
@@ -112,7 +113,7 @@ def test_loss_in_chunks_equals_the_whole_loss_and_holds_fewer_logits():
                              jax.eval_shape(training.init), training.state_shardings)
         return step_lib.compile_step(training, state, tokens.shape).memory_analysis().temp_size_in_bytes
     pieces = build(config("llama-tiny", (1, 1, 1), *large_vocab, "train.loss_chunks=8"), 1)
-    logits = tokens[:, 1:].size * 8192 * 4
+    logits = tokens.tokens[:, 1:].size * 8192 * 4
     assert temp_bytes(whole_training) - temp_bytes(pieces) > logits  # the whole logits and more (their gradient)
 
 
@@ -160,15 +161,13 @@ def test_pipeline_stages_match_one_stage(model):
 
 
 def test_document_mask_gives_the_same_step_on_every_mesh(model="llama-tiny"):
-    """Rows packing several documents (their ends flagged as a Sampler flags them) under
+    """Rows packing several documents (their segments numbered as a Sampler numbers them) under
     data.document_mask: one device, a sharded mesh that splits the sequence, and a pipeline whose
     microbatches carry their rows' documents through the stages all take the same step."""
-    from fax.data import DOCUMENT_END
-
     masked = ("data.document_mask=true", "model.n_layers=4")
-    tokens = batch(config(model, (1, 1, 1), *masked))
-    ends = np.random.default_rng(1).random(tokens.shape) < 0.1
-    tokens = np.where(ends, tokens | DOCUMENT_END, tokens).astype(np.int32)
+    plain = batch(config(model, (1, 1, 1), *masked))
+    ends = (np.random.default_rng(1).random(plain.shape) < 0.1).astype(np.int32)
+    tokens = plain._replace(segments=np.cumsum(ends, axis=1) - ends)
     _, _, reference = one_step(config(model, (1, 1, 1), *masked), 1, tokens)
     _, _, unmasked = one_step(config(model, (1, 1, 1), "model.n_layers=4"), 1, tokens)
     assert abs(unmasked["loss"] - reference["loss"]) > 1e-4  # the mask changes what is read
@@ -181,8 +180,9 @@ def test_document_mask_gives_the_same_step_on_every_mesh(model="llama-tiny"):
 
 def test_pipeline_schedule_runs_m_plus_s_minus_1_ticks():
     """GPipe: the stack runs in order on every microbatch, in M + S - 1 ticks of all stages at once."""
-    from models import scan_layers
-    from parallel.pipeline import bubble_fraction, gpipe, ticks
+    from fax.models import scan_layers
+    from fax.parallel.config import bubble_fraction, ticks
+    from fax.parallel.pipeline import gpipe
 
     def layer(h, p):  # not commutative: a wrong layer order or a mixed-up microbatch changes the result
         return h * p["scale"] + p["shift"]

@@ -9,16 +9,17 @@ import jax
 import numpy as np
 import pytest
 
-import models
+from fax import models
 from fax import load_config
 from fax.cli import main
 from fax.config import ConfigError
-from fax.trainer import Trainer, layout_compiler, plan_here
-from models.config import param_count, train_flops_per_token
-from parallel import ParallelConfig, planner
-from parallel.cost import MEMORY_HEADROOM, Candidate, Workload, axis_links, estimate, memory
-from parallel.hardware import cluster_preset, efficiency, present_cluster
-from parallel.planner import plan, problems
+from fax.train.loop import Trainer
+from fax.train.planning import layout_compiler, plan_here
+from fax.models.config import param_count, train_flops_per_token
+from fax.parallel import ParallelConfig, planner
+from fax.parallel.cost import MEMORY_HEADROOM, Candidate, Workload, axis_links, estimate, memory
+from fax.parallel.hardware import cluster_preset, efficiency, present_cluster
+from fax.parallel.planner import plan, problems
 
 
 def test_cluster_presets_count_hosts_and_devices():
@@ -218,7 +219,7 @@ def test_plan_command_prints_a_table_and_json(capsys):
 
 
 def test_calibration_measures_the_devices_and_the_planner_uses_it(tmp_path, monkeypatch):
-    from parallel.calibrate import calibrate, fit_knees, link_from_allreduce
+    from fax.parallel.calibrate import calibrate, fit_knees, link_from_allreduce
 
     # The ring model inverted: times made from a known link give that link back.
     n, bandwidth, latency = 8, 3e9, 20e-6

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import models
+from fax import models
 from fax import serve
 from fax.config import ConfigError
 from fax.data import ByteTokenizer
@@ -208,7 +208,7 @@ def test_generate_command_continues_a_trained_run(tmp_path, small_corpus, capsys
     from fax import Trainer, load_config
     from fax.cli import main
     from fax.config import run_config
-    from fax.serve import run_tokenizer
+    from fax.serving.text import run_tokenizer
 
     Trainer(load_config(overrides=["model=gpt-tiny", f"run_dir={tmp_path}", f"data.path={small_corpus}",
                                    "train.steps=2", "train.batch_size=8", "train.seq_len=32",
@@ -238,7 +238,7 @@ def test_a_chat_tuned_run_replies_as_taught_and_ends_its_turn(tmp_path, capsys):
     """Conversations prepared with --messages-field train a model which, asked in the same layout
     (what /v1/chat/completions sends), gives the reply it was taught and ends its turn there."""
     from fax import Trainer, load_config
-    from fax.chat import END_OF_TURN, FAX_LAYOUT
+    from fax.data.chat import END_OF_TURN, FAX_LAYOUT
     from fax.cli import main
     from fax.data import prepare
 

@@ -25,7 +25,10 @@ import ray  # noqa: E402
 
 from fax import Trainer, load_config  # noqa: E402
 from fax.config import ClusterConfig, ServeConfig  # noqa: E402
-from fax.serve import Engine, SamplingParams, generate, run_tokenizer  # noqa: E402
+from fax.serving.batching import generate
+from fax.serving.engine import Engine
+from fax.serving.sampling import SamplingParams
+from fax.serving.text import run_tokenizer  # noqa: E402
 
 
 def free_port():
@@ -45,7 +48,7 @@ def run_dir(tmp_path_factory, small_corpus):
 
 @pytest.fixture(scope="module")
 def url(run_dir):
-    from fax import server
+    from fax.serving import http as server
 
     ray.init(_temp_dir=tempfile.mkdtemp(prefix="fax-srv-", dir="/tmp"), include_dashboard=False,
              num_cpus=2, log_to_driver=False)
@@ -313,7 +316,7 @@ def test_sixteen_concurrent_clients_get_complete_answers(url):
 
 def test_a_warmed_up_server_engine_compiles_nothing_for_its_requests(run_dir, caplog):
     """`fax serve --warm-up`: the engine the ingress builds has every prefill and decode compiled."""
-    from fax.server import _engine
+    from fax.serving.http import _engine
 
     engine = _engine(str(run_dir), ServeConfig(max_batch=1, warm_up=True), ClusterConfig(), end_ids=())
     with jax.log_compiles(), caplog.at_level(logging.WARNING):
@@ -323,7 +326,7 @@ def test_a_warmed_up_server_engine_compiles_nothing_for_its_requests(run_dir, ca
 
 
 def test_a_port_in_use_or_a_foreign_host_is_refused_before_ray_starts(run_dir):
-    from fax import server
+    from fax.serving import http as server
     from fax.config import ConfigError
 
     with socket.socket() as taken:

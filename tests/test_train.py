@@ -12,13 +12,13 @@ import pytest
 import yaml
 from flax import nnx
 
-import models
+from fax import models
 from fax import ConfigError, Trainer, load_config
 from fax.cli import main, parse
-from fax import step as step_lib
+from fax.train import step as step_lib
 from fax.data import Sampler, TokenDataset, prepare
 from fax.metrics import read_metrics
-from fax.trainer import evaluate_checkpoint
+from fax.train.evaluate import evaluate_checkpoint
 
 
 def tiny(run_dir, *extra):

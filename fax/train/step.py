@@ -13,33 +13,41 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-import models
-from models import lora as lora_lib
+from fax import models
 from fax.config import Config, LoraConfig, OptimConfig
-from fax.data import DOCUMENT_END, TOKEN_ID
-from models.sharding import activation_sharding, constrain
-from parallel import (BATCH_AXES, activation_resolver, logical_sharding, optimizer_shardings, replicated,
-                      tree_shardings)
-from parallel.pipeline import gpipe, split_microbatches
+from fax.data import Batch
+from fax.models import lora as lora_lib
+from fax.models.sharding import constrain
+from fax.params import init_params, model_params, param_layout, trainable, with_trainable
+from fax.parallel import BATCH_AXES, logical_sharding, optimizer_shardings, replicated, with_activation_sharding
+from fax.parallel.pipeline import gpipe, split_microbatches
 
 State = dict[str, Any]  # {"step": int32 scalar, "params": ..., "opt_state": ...}
 
 
-def loss_sums(logits: jax.Array, targets: jax.Array) -> jax.Array:
+def loss_sums(logits: jax.Array, targets: jax.Array, counted: jax.Array) -> jax.Array:
     """[sum of next-token cross-entropies, sum of logsumexp^2] over the positions whose target
-    counts (a prompt's tokens, negative, do not)."""
-    counted = targets >= 0
+    counts (``counted``: a prompt's tokens do not)."""
     log_z = jax.nn.logsumexp(logits, axis=-1)
-    target_logits = jnp.take_along_axis(logits, (targets & TOKEN_ID)[..., None], axis=-1)[..., 0]
+    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return jnp.stack([jnp.sum(jnp.where(counted, log_z - target_logits, 0.0)),
                       jnp.sum(jnp.where(counted, log_z**2, 0.0))])
 
 
-def target_count(tokens: jax.Array, microbatches: int = 1) -> jax.Array:
-    """The next-token targets of rows [batch, seq_len + 1] that count, as a share of one of
-    ``microbatches``: each microbatch divides its loss sums by it, so that the microbatches' mean
-    is the whole batch's mean however the prompts fall among them."""
-    return jnp.maximum(jnp.sum(tokens[:, 1:] >= 0), 1).astype(jnp.float32) / microbatches
+def target_count(batch: Batch, microbatches: int = 1) -> jax.Array:
+    """The next-token targets of a batch that count, as a share of one of ``microbatches``: each
+    microbatch divides its loss sums by it, so that the microbatches' mean is the whole batch's
+    mean however the prompts fall among them."""
+    return jnp.maximum(jnp.sum(batch.loss_mask[:, 1:]), 1).astype(jnp.float32) / microbatches
+
+
+def microbatches_of(batch: Batch, microbatches: int) -> Batch:
+    """Every field of ``batch`` split into ``microbatches`` (``split_microbatches``)."""
+    return jax.tree.map(lambda x: split_microbatches(x, microbatches), batch)
+
+
+def constrain_rows(batch: Batch) -> Batch:
+    return jax.tree.map(lambda x: constrain(x, BATCH_AXES), batch)
 
 
 @dataclass(frozen=True)
@@ -53,20 +61,22 @@ class Objective:
     chunks: int = 1
     documents: bool = False  # each document of a row read alone: attention stops at the flagged ends
 
-    def __call__(self, hidden: jax.Array, head: jax.Array, targets: jax.Array,
+    def __call__(self, hidden: jax.Array, head: jax.Array, targets: jax.Array, counted: jax.Array,
                  count: jax.Array) -> tuple[jax.Array, jax.Array]:
         """(the objective, the cross-entropy) of final hidden states [batch, length, embed], the
-        sums over the targets that count divided by ``count``."""
+        sums over the targets that count (``counted``) divided by ``count``."""
         if self.chunks == 1:
-            sums = loss_sums(models.project(hidden, head), targets)
+            sums = loss_sums(models.project(hidden, head), targets, counted)
         else:
             batch, length, embed = hidden.shape
-            # Piece c holds positions c, c + chunks, ...: each piece keeps the sequence's sharding.
-            pieces = hidden.reshape(batch, length // self.chunks, self.chunks, embed).transpose(2, 0, 1, 3)
-            piece_targets = targets.reshape(batch, length // self.chunks, self.chunks).transpose(2, 0, 1)
-            piece_sums = jax.checkpoint(lambda x, t, w: loss_sums(models.project(x, w), t))
-            sums = jax.lax.scan(lambda total, xt: (total + piece_sums(*xt, head), None),
-                                jnp.zeros(2, jnp.float32), (pieces, piece_targets))[0]
+
+            def pieces(x: jax.Array) -> jax.Array:  # piece c holds positions c, c + chunks, ...: each keeps
+                x = x.reshape(batch, length // self.chunks, self.chunks, *x.shape[2:])  # the sequence's sharding
+                return jnp.moveaxis(x, 2, 0)
+
+            piece_sums = jax.checkpoint(lambda x, t, c, w: loss_sums(models.project(x, w), t, c))
+            sums = jax.lax.scan(lambda total, xtc: (total + piece_sums(*xtc, head), None),
+                                jnp.zeros(2, jnp.float32), (pieces(hidden), pieces(targets), pieces(counted)))[0]
         ce, z = sums[0] / count, sums[1] / count
         return ce + self.z_loss * z, ce
 
@@ -100,51 +110,30 @@ def _same(params: Any) -> Any:
     return params
 
 
-def trainable(params: Any, lora: LoraConfig) -> Any:
-    """What the optimizer updates: the adapters under LoRA, else every parameter."""
-    return params["lora"] if lora.rank else params
-
-
-def with_trainable(params: Any, updated: Any, lora: LoraConfig) -> Any:
-    return {**params, "lora": updated} if lora.rank else updated
-
-
-def model_params(params: Any, lora: LoraConfig, dropout_key: jax.Array | None = None) -> Any:
-    """The weights the model reads: under LoRA the base with its adapters merged in, or in training
-    (given the step's ``dropout_key``) attached to it, so that they apply dropout to their inputs and
-    the frozen base gets no weight gradient."""
-    if not lora.rank:
-        return params
-    if dropout_key is None:
-        return lora_lib.merge(params["base"], params["lora"], lora.scale)
-    return lora_lib.attach(params["base"], params["lora"], lora.scale, lora.dropout, dropout_key)
-
-
-def batch_objective(graphdef: nnx.GraphDef, weights: Any, tokens: jax.Array, objective: Objective,
+def batch_objective(graphdef: nnx.GraphDef, weights: Any, batch: Batch, objective: Objective,
                     run_layers: models.RunLayers = models.scan_layers,
                     count: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """(the objective, the cross-entropy) of predicting each next token of rows [batch, seq_len + 1]
-    but a prompt's, over ``count`` targets (default: these rows' own, ``target_count``)."""
-    count = target_count(tokens) if count is None else count
-    inputs = tokens[:, :-1]
-    ends = (inputs & DOCUMENT_END) != 0 if objective.documents else None
-    hidden = models.apply_hidden(graphdef, weights, inputs & TOKEN_ID, run_layers, ends)
-    return objective(*hidden, tokens[:, 1:], count)
+    that counts, over ``count`` targets (default: these rows' own, ``target_count``)."""
+    count = target_count(batch) if count is None else count
+    segments = batch.segments[:, :-1] if objective.documents else None
+    hidden = models.apply_hidden(graphdef, weights, batch.tokens[:, :-1], run_layers, segments)
+    return objective(*hidden, batch.tokens[:, 1:], batch.loss_mask[:, 1:], count)
 
 
-def loss_and_grads(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, objective: Objective,
+def loss_and_grads(graphdef: nnx.GraphDef, params: Any, batch: Batch, objective: Objective,
                    run_layers: models.RunLayers = models.scan_layers, to_model: ToModel = _same,
                    count: jax.Array | None = None) -> tuple[jax.Array, Any]:
     """Cross-entropy of one (micro)batch [batch, seq_len + 1] and the gradient of the objective with
     respect to ``params`` (``to_model`` turns them into the model's weights)."""
     def of(p: Any) -> tuple[jax.Array, jax.Array]:
-        return batch_objective(graphdef, to_model(p), tokens, objective, run_layers, count)
+        return batch_objective(graphdef, to_model(p), batch, objective, run_layers, count)
 
     (_, ce), grads = jax.value_and_grad(of, has_aux=True)(params)
     return ce, grads
 
 
-def accumulated_grads(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, microbatches: int,
+def accumulated_grads(graphdef: nnx.GraphDef, params: Any, batch: Batch, microbatches: int,
                       objective: Objective, to_model: ToModel = _same) -> tuple[jax.Array, Any]:
     """Mean loss and gradient over ``microbatches`` equal slices of the batch, one slice at a time.
 
@@ -153,13 +142,13 @@ def accumulated_grads(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, mi
     of its own, the same as in a pipeline.
     """
     if microbatches == 1:
-        return loss_and_grads(graphdef, params, tokens, objective, to_model=to_model)
-    micro, count = split_microbatches(tokens, microbatches), target_count(tokens, microbatches)
+        return loss_and_grads(graphdef, params, batch, objective, to_model=to_model)
+    micro, count = microbatches_of(batch, microbatches), target_count(batch, microbatches)
 
-    def body(carry: tuple[jax.Array, Any], mb_index: tuple[jax.Array, jax.Array]) -> tuple[tuple[jax.Array, Any], None]:
+    def body(carry: tuple[jax.Array, Any], mb_index: tuple[Batch, jax.Array]) -> tuple[tuple[jax.Array, Any], None]:
         loss_sum, grad_sum = carry
         mb, index = mb_index
-        loss, grads = loss_and_grads(graphdef, params, constrain(mb, BATCH_AXES), objective,
+        loss, grads = loss_and_grads(graphdef, params, constrain_rows(mb), objective,
                                      to_model=lambda p: lora_lib.for_microbatch(to_model(p), index), count=count)
         return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
 
@@ -169,34 +158,33 @@ def accumulated_grads(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, mi
     return loss_sum / microbatches, jax.tree.map(lambda g: g / microbatches, grad_sum)
 
 
-def batch_grads(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, microbatches: int, stages: int,
+def batch_grads(graphdef: nnx.GraphDef, params: Any, batch: Batch, microbatches: int, stages: int,
                 objective: Objective, to_model: ToModel = _same) -> tuple[jax.Array, Any]:
     """Loss and gradient of a batch: with pipeline stages the microbatches flow through the pipeline,
     otherwise they accumulate one after another (the same dropout masks either way)."""
     if stages > 1:
         pipeline = gpipe(stages, microbatches, lora_lib.for_microbatch)
-        return loss_and_grads(graphdef, params, tokens, objective, pipeline, to_model)
-    return accumulated_grads(graphdef, params, tokens, microbatches, objective, to_model)
+        return loss_and_grads(graphdef, params, batch, objective, pipeline, to_model)
+    return accumulated_grads(graphdef, params, batch, microbatches, objective, to_model)
 
 
-def eval_loss(params: Any, tokens: jax.Array, *, graphdef: nnx.GraphDef, microbatches: int, stages: int,
+def eval_loss(params: Any, batch: Batch, *, graphdef: nnx.GraphDef, microbatches: int, stages: int,
               objective: Objective, lora: LoraConfig) -> jax.Array:
-    """Mean cross-entropy of a batch [batch, seq_len + 1] under the merged weights (no dropout),
-    split into microbatches as the train step is, so that it fits wherever the step does."""
+    """Mean cross-entropy of a batch under the merged weights (no dropout), split into
+    microbatches as the train step is, so that it fits wherever the step does."""
     weights = model_params(params, lora)
 
-    def ce(tokens: jax.Array, run_layers: models.RunLayers = models.scan_layers, count: jax.Array | None = None
+    def ce(batch: Batch, run_layers: models.RunLayers = models.scan_layers, count: jax.Array | None = None
            ) -> jax.Array:
-        return batch_objective(graphdef, weights, tokens, objective, run_layers, count)[1]
+        return batch_objective(graphdef, weights, batch, objective, run_layers, count)[1]
 
     if stages > 1:
-        return ce(tokens, gpipe(stages, microbatches))
-    count = target_count(tokens, microbatches)
-    return jnp.mean(jax.lax.map(lambda mb: ce(constrain(mb, BATCH_AXES), count=count),
-                                split_microbatches(tokens, microbatches)))
+        return ce(batch, gpipe(stages, microbatches))
+    count = target_count(batch, microbatches)
+    return jnp.mean(jax.lax.map(lambda mb: ce(constrain_rows(mb), count=count), microbatches_of(batch, microbatches)))
 
 
-def train_step(state: State, tokens: jax.Array, *, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+def train_step(state: State, batch: Batch, *, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                schedule: optax.Schedule, microbatches: int, stages: int, objective: Objective, lora: LoraConfig,
                seed: int) -> tuple[State, dict[str, jax.Array]]:
     params = trainable(state["params"], lora)
@@ -205,34 +193,16 @@ def train_step(state: State, tokens: jax.Array, *, graphdef: nnx.GraphDef, tx: o
     def to_model(p: Any) -> Any:
         return model_params(with_trainable(state["params"], p, lora), lora, step_key)
 
-    loss, grads = batch_grads(graphdef, params, tokens, microbatches, stages, objective, to_model)
+    loss, grads = batch_grads(graphdef, params, batch, microbatches, stages, objective, to_model)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     params = with_trainable(state["params"], optax.apply_updates(params, updates), lora)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"])}
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
 
-def init_params(cfg: Config) -> Any:
-    """Fresh parameters; under LoRA {"base": ..., "lora": adapters} (the base is replaced when
-    training starts from a checkpoint)."""
-    params = models.init_params(cfg.model, cfg.seed)
-    if not cfg.lora.rank:
-        return params
-    return {"base": params, "lora": lora_lib.init_adapters(params, cfg.lora.targets, cfg.lora.rank, cfg.seed + 1)}
-
-
 def init_state(cfg: Config, tx: optax.GradientTransformation) -> State:
     params = init_params(cfg)
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(trainable(params, cfg.lora))}
-
-
-def param_layout(cfg: Config, mesh: Mesh) -> tuple[nnx.GraphDef, Any, Any, Any]:
-    """The model's graph, and of its parameters (adapters included): shapes, logical axes, shardings."""
-    graphdef, abstract_state = models.abstract(cfg.model)
-    axes = models.logical_axes(abstract_state)
-    if cfg.lora.rank:
-        axes = {"base": axes, "lora": lora_lib.adapter_axes(axes, cfg.lora.targets)}
-    return graphdef, jax.eval_shape(functools.partial(init_params, cfg)), axes, tree_shardings(axes, mesh)
 
 
 @dataclass
@@ -243,28 +213,27 @@ class ShardedTraining:
     graphdef: nnx.GraphDef
     param_axes: Any
     state_shardings: State
-    batch_sharding: NamedSharding
+    batch_sharding: NamedSharding  # of every field of a Batch: rows over the batch axes
     init: Any  # () -> State, created directly in its shardings
-    step: Any  # (State, tokens) -> (State, metrics); donates the state
-    evaluate: Any  # (params, tokens) -> mean cross-entropy
+    step: Any  # (State, Batch) -> (State, metrics); donates the state
+    evaluate: Any  # (params, Batch) -> mean cross-entropy
+
+
+def batch_shardings(sharding: NamedSharding) -> Batch:
+    """``sharding`` for every field of a batch."""
+    return Batch(*[sharding] * len(Batch._fields))
+
+
+def abstract_batch(sharding: NamedSharding, shape: tuple[int, int]) -> Batch:
+    """A batch's shapes and dtypes (``Batch``) in ``sharding``, to compile against."""
+    return Batch(jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding),
+                 jax.ShapeDtypeStruct(shape, jnp.bool_, sharding=sharding),
+                 jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding))
 
 
 def compile_step(training: ShardedTraining, state: Any, batch_shape: tuple[int, int]) -> Any:
     """The step compiled ahead of time for ``state`` (arrays, or abstract shapes with shardings)."""
-    tokens = jax.ShapeDtypeStruct(batch_shape, jnp.int32, sharding=training.batch_sharding)
-    return training.step.lower(state, tokens).compile()
-
-
-def with_activation_sharding(fn: Any, mesh: Mesh) -> Any:
-    """Trace ``fn`` with logical activation names resolved against ``mesh``."""
-    resolver = activation_resolver(mesh)
-
-    @functools.wraps(fn)
-    def wrapped(*args: Any) -> Any:
-        with activation_sharding(resolver):
-            return fn(*args)
-    wrapped.__name__ = getattr(fn, "func", fn).__name__  # a partial's function: the compiled program's name
-    return wrapped
+    return training.step.lower(state, abstract_batch(training.batch_sharding, batch_shape)).compile()
 
 
 def build(cfg: Config, mesh: Mesh) -> ShardedTraining:
@@ -290,8 +259,8 @@ def build(cfg: Config, mesh: Mesh) -> ShardedTraining:
         state_shardings=state_shardings,
         batch_sharding=batch_sharding,
         init=jax.jit(functools.partial(init_state, cfg, tx), out_shardings=state_shardings),
-        step=jax.jit(with_activation_sharding(step, mesh), in_shardings=(state_shardings, batch_sharding),
+        step=jax.jit(with_activation_sharding(step, mesh), in_shardings=(state_shardings, batch_shardings(batch_sharding)),
                      out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,)),
         evaluate=jax.jit(with_activation_sharding(functools.partial(eval_loss, **layout), mesh),
-                         in_shardings=(param_shardings, batch_sharding), out_shardings=replicated(mesh)),
+                         in_shardings=(param_shardings, batch_shardings(batch_sharding)), out_shardings=replicated(mesh)),
     )

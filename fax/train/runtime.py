@@ -1,8 +1,9 @@
 """One JAX process's share of a run: its mesh, sharded state, compiled step and checkpoint writer.
 
-In local mode the Trainer drives one ``HostRuntime`` in its own process; in Ray mode every
-``HostWorker`` actor holds one and the head drives them all with the same calls (fax.cluster).
+In local mode the Trainer drives one ``HostRuntime`` in its own process; in Ray mode every host
+worker holds one and the head drives them all with the same calls (``fax.train.ray_runtime``).
 Either way the head hands over the *global* batch of a step, or just this process's rows of it.
+Both offer the head-side interface, ``Runtime``.
 """
 
 from __future__ import annotations
@@ -10,22 +11,48 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import numpy as np
 
-from fax import step as step_lib
 from fax.checkpoint import Checkpointer, checkpoint_dir
 from fax.config import Config
-from fax.sample import generate
-from parallel import make_mesh
+from fax.data import Batch
+from fax.interop.hf import import_params, init_from_dir
+from fax.params import run_params
+from fax.parallel import make_mesh
+from fax.train import step as step_lib
 
 RowRanges = list[tuple[int, int]]
 
 
-class WorkerFailure(RuntimeError):
-    """A host of a Ray-mode run died or hung; the head restarts the group from the latest checkpoint."""
+class Runtime(Protocol):
+    """What the Trainer's loop drives: the processes of a run, local (``HostRuntime``) or on many hosts."""
+
+    def start(self, resume_step: int | None) -> float: ...  # state fresh or restored, step compiled; seconds
+
+    def load_params(self, step: int | None) -> int: ...  # a checkpoint's params alone, to evaluate; its step
+
+    def submit(self, batch: Batch) -> Any: ...  # one step on the global batch; a handle, before it finishes
+
+    def metrics(self, handle: Any) -> dict[str, float]: ...  # a submitted step's values (waits for it)
+
+    def evaluate(self, batches: Iterable[Batch]) -> float: ...  # mean cross-entropy of the current params
+
+    def save(self, meta: dict[str, Any], wait: bool) -> None: ...
+
+    def wait(self) -> None: ...  # pending checkpoint writes finished
+
+    def start_profile(self) -> None: ...
+
+    def stop_profile(self) -> str: ...  # where the traces went
+
+    def describe(self) -> dict[str, Any]: ...  # devices, device kind, platform, process count
+
+    def restart(self) -> None: ...  # after a WorkerFailure: the next start() brings up fresh processes
+
+    def close(self) -> None: ...
 
 
 def host_rows(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> RowRanges:
@@ -41,12 +68,17 @@ def host_rows(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> RowRan
     return merged
 
 
-def take_rows(batch: np.ndarray, rows: RowRanges) -> np.ndarray:
-    """A host's slice of the global batch: its row ranges, concatenated in order."""
-    return np.concatenate([batch[start:stop] for start, stop in rows])
+def take_rows(batch: Batch, rows: RowRanges) -> Batch:
+    """A host's slice of the global batch: its row ranges of every field, concatenated in order."""
+    return jax.tree.map(lambda x: np.concatenate([x[start:stop] for start, stop in rows]), batch)
 
 
-def global_batch(local: np.ndarray, rows: RowRanges, sharding: jax.sharding.Sharding,
+def global_batch(local: Batch, rows: RowRanges, sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> Batch:
+    """The global batch whose rows ``rows`` are ``local`` (this process's part), placed per device."""
+    return jax.tree.map(lambda x: global_array(x, rows, sharding, shape), local)
+
+
+def global_array(local: np.ndarray, rows: RowRanges, sharding: jax.sharding.Sharding,
                  shape: tuple[int, ...]) -> jax.Array:
     """The global array whose rows ``rows`` are ``local`` (this process's part), placed per device."""
     offset, position = {}, 0
@@ -87,6 +119,7 @@ class HostRuntime:
         self.state: step_lib.State | None = None
         self.compiled: Any = None
         self.next_step = 1  # the number of the step the next call runs (1-based, as logged)
+        self.last_rows: Batch | None = None  # what ``step_values`` last trained on
 
     def start(self, resume_step: int | None) -> float:
         """A fresh state, or the checkpoint of ``resume_step`` placed on this mesh; then compile.
@@ -96,8 +129,6 @@ class HostRuntime:
         if resume_step is None:
             self.state = training.init()
             if self.config.init_from:  # the optimizer state starts empty either way
-                from fax.hf import import_params, init_from_dir
-
                 lora, shardings = self.config.lora.rank, training.state_shardings["params"]
                 base = import_params(init_from_dir(self.config.init_from), self.config.model,
                                      shardings["base"] if lora else shardings)
@@ -112,33 +143,36 @@ class HostRuntime:
     def load_params(self, step: int | None) -> int:
         """The params alone of checkpoint ``step`` (default: the latest complete one) placed on this
         mesh, to evaluate them: no optimizer state read, no train step compiled. Returns the step."""
-        from fax.serve import run_params
-
         params, step = run_params(self.config.run_dir, self.config, self.training.mesh, step, merged=False)
         self.state = {"params": params}
         return step
 
-    def step_rows(self, local: np.ndarray) -> dict[str, jax.Array]:
+    def step_rows(self, local: Batch) -> dict[str, jax.Array]:
         """Run one step on this process's rows of the global batch; returns before it finishes."""
-        tokens = global_batch(local, self.rows, self.training.batch_sharding, self.batch_shape)
+        batch = global_batch(local, self.rows, self.training.batch_sharding, self.batch_shape)
         with jax.profiler.StepTraceAnnotation("train", step_num=self.next_step):  # a profile's step markers
-            self.state, metrics = self.compiled(self.state, tokens)
+            self.state, metrics = self.compiled(self.state, batch)
         self.next_step += 1
         return metrics
 
-    def evaluate_rows(self, local_batches: Iterable[np.ndarray]) -> np.ndarray:
+    def step_values(self, local: Batch) -> dict[str, float]:
+        """``step_rows``, waiting for its values (a Ray host's step); the rows are kept for inspection."""
+        self.last_rows = local
+        return self.metrics(self.step_rows(local))
+
+    def evaluate_rows(self, local_batches: Iterable[Batch]) -> np.ndarray:
         """Each batch's mean cross-entropy under the current params, given this process's rows of each."""
         losses = [self.training.evaluate(self.state["params"],
                                          global_batch(local, self.rows, self.training.batch_sharding, self.batch_shape))
                   for local in local_batches]
         return np.asarray(jax.device_get(losses), np.float32)
 
-    # The head-side interface (fax.cluster.RayRuntime offers the same methods).
+    # The head-side interface (``Runtime``).
 
-    def submit(self, batch: np.ndarray) -> dict[str, jax.Array]:
+    def submit(self, batch: Batch) -> dict[str, jax.Array]:
         return self.step_rows(take_rows(batch, self.rows))
 
-    def evaluate(self, batches: Iterable[np.ndarray]) -> float:
+    def evaluate(self, batches: Iterable[Batch]) -> float:
         """Mean cross-entropy of the current params (after the last submitted step, or loaded) over ``batches``."""
         return float(np.mean(self.evaluate_rows(take_rows(b, self.rows) for b in batches)))
 
@@ -166,18 +200,15 @@ class HostRuntime:
             jax.profiler.stop_trace()
         return str(profile_dir(self.config.run_dir))
 
-    def generate(self, prompt: list[int], new_tokens: int, temperature: float, vocab_limit: int) -> list[int]:
-        params = step_lib.model_params(self.state["params"], self.config.lora)
-        return generate(self.training.graphdef, params, np.asarray(prompt, np.int32), new_tokens,
-                        window=self.config.seq_len, temperature=temperature, seed=self.config.seed,
-                        vocab_limit=vocab_limit)
-
     def describe(self) -> dict[str, Any]:
         """The devices of the run as this process sees them (what the head logs and checkpoints record)."""
         return {"devices": len(self.devices), "device_kind": self.devices[0].device_kind,
                 "platform": self.devices[0].platform,
                 "local_devices": sum(d.process_index == jax.process_index() for d in self.devices),
                 "process_index": jax.process_index(), "process_count": jax.process_count()}
+
+    def restart(self) -> None:
+        raise RuntimeError("a local runtime has no workers to restart")  # WorkerFailure comes from Ray mode only
 
     def close(self) -> None:
         self.checkpointer.close()

@@ -1,45 +1,39 @@
-"""Ray runtime: one ``HostWorker`` actor per host, one multi-controller JAX job over one global mesh.
+"""Ray host groups: one ``HostWorker`` actor per host, joined into one multi-controller JAX job.
 
-The head (the Trainer's process) reserves one bundle per host in a placement group (a whole
-TPU host, all GPUs of a node, or one emulated CPU host), starts a fresh actor process in each,
-brings up ``jax.distributed`` with worker 0 as the coordinator, and then drives the same calls a
-local ``HostRuntime`` takes: for each step it sends every host exactly its rows of the global
-batch. A worker that dies or hangs raises ``WorkerFailure``; the Trainer then calls
-``restart()`` and ``start()`` again, which brings up fresh actors from the latest checkpoint.
+A ``HostGroup`` reserves one bundle per host in a placement group (a whole TPU host, all GPUs of a
+node, or one emulated CPU host), starts a fresh actor process in each, and brings up
+``jax.distributed`` with worker 0 as the coordinator. What each worker then holds is its caller's:
+a training runtime (``fax.train.ray_runtime``) or a serving engine (``fax.serving.cluster_engine``),
+built on the host by a factory and driven by method name. A worker that dies or hangs raises
+``WorkerFailure``; ``restart()`` tears the group down and the next ``bring_up()`` starts fresh actors.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
 import signal
 import socket
 import tempfile
 import threading
 import time
-from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import jax
-import numpy as np
 import ray
 from ray.exceptions import RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from fax.config import Config, ConfigError, config_from_dict
-from fax.runtime import HostRuntime, RowRanges, WorkerFailure, take_rows
+from fax.cluster import ClusterError, WorkerFailure
+from fax.config import Config, ConfigError
 
 HOST_RESOURCE = "fax_host"  # one unit per emulated CPU host (`ray start --resources='{"fax_host": 1}'`)
-IN_FLIGHT_STEPS = 2  # the step running on the hosts and the next one, whose batch is already there
-EVAL_BATCHES_PER_CALL = 4  # an evaluation's batches go to the hosts in groups, two groups in flight
 SOCKET_PATH_ROOM = 40  # Ray's socket paths under its temp dir must stay below the 107-byte Unix limit
-
-
-class ClusterError(RuntimeError):
-    """The hosts could not be brought up (not enough resources, a worker that never joined)."""
+# (the host's payload, what it reports) of a factory's arguments: what a worker holds and drives
+Factory = Callable[..., tuple[Any, Any]]
 
 
 class HostWorker:
@@ -48,9 +42,7 @@ class HostWorker:
     def __init__(self, cpu_devices: int):
         if cpu_devices:  # must precede the first use of the CPU backend
             jax.config.update("jax_num_cpu_devices", cpu_devices)
-        self.runtime: HostRuntime | None = None
-        self.engine: Any = None  # a serving Engine, when the workers serve instead of train
-        self.rows_seen: np.ndarray | None = None
+        self.payload: Any = None  # what ``load`` built: a training runtime, a serving engine
 
     def where(self) -> dict[str, Any]:
         return {"ip": ray.util.get_node_ip_address(), "pid": os.getpid(), "hostname": socket.gethostname()}
@@ -70,53 +62,14 @@ class HostWorker:
         return {"process_index": jax.process_index(), "devices": jax.device_count(),
                 "local_devices": jax.local_device_count()}
 
-    def build(self, config: dict[str, Any], resume_step: int | None) -> dict[str, Any]:
-        self.runtime = HostRuntime(config_from_dict(config))
-        seconds = self.runtime.start(resume_step)
-        return {"rows": self.runtime.rows, "seconds": seconds, **self.runtime.describe()}
+    def load(self, factory: Factory, *args: Any) -> Any:
+        """Build this host's payload with ``factory(*args)`` (replacing any earlier one); what it reports."""
+        self.payload = None  # the old one's memory is free before the new one is built
+        self.payload, report = factory(*args)
+        return report
 
-    def load_params(self, config: dict[str, Any], step: int | None) -> dict[str, Any]:
-        """This host's shards of a checkpoint's params, to evaluate them (no optimizer state, no train step)."""
-        self.runtime = HostRuntime(config_from_dict(config))
-        return {"rows": self.runtime.rows, "step": self.runtime.load_params(step), **self.runtime.describe()}
-
-    def step(self, rows: np.ndarray) -> dict[str, float]:
-        self.rows_seen = rows
-        return HostRuntime.metrics(self.runtime.step_rows(rows))
-
-    def evaluate(self, local_batches: list[np.ndarray]) -> np.ndarray:
-        return self.runtime.evaluate_rows(local_batches)
-
-    def last_rows(self) -> np.ndarray | None:
-        return self.rows_seen
-
-    def save(self, meta: dict[str, Any], wait: bool) -> None:
-        self.runtime.save(meta, wait)
-
-    def wait(self) -> None:
-        if self.runtime is not None:  # a serving worker has no checkpoint writes
-            self.runtime.wait()
-
-    def generate(self, prompt: list[int], new_tokens: int, temperature: float, vocab_limit: int) -> list[int]:
-        return self.runtime.generate(prompt, new_tokens, temperature, vocab_limit)
-
-    def start_profile(self) -> None:
-        self.runtime.start_profile()
-
-    def stop_profile(self) -> str:
-        return self.runtime.stop_profile()
-
-    def load_engine(self, run_dir: str, step: int | None, max_batch: int) -> dict[str, Any]:
-        """This host's share of a serving engine over the global mesh (params restored onto it)."""
-        from fax.serve import Engine
-
-        self.engine = Engine.from_run_dir(run_dir, step=step, max_batch=max_batch)
-        e = self.engine
-        return {"step": e.step, "cfg": e.cfg, "end_ids": e.end_ids, "batch_buckets": e.batch_buckets,
-                "tensor": e.mesh.shape["tensor"]}
-
-    def engine_call(self, method: str, *args: Any) -> Any:
-        return getattr(self.engine, method)(*args)
+    def call(self, method: str, *args: Any) -> Any:
+        return getattr(self.payload, method)(*args)
 
 
 @dataclass(frozen=True)
@@ -212,8 +165,8 @@ def _short(error: BaseException) -> str:
     return type(error).__name__
 
 
-class RayRuntime:
-    """The head's side of a Ray-mode run: the same methods as ``HostRuntime``, carried out on every host."""
+class HostGroup:
+    """The head's handle on one worker per host: bring-up, calls on every worker, tear-down."""
 
     def __init__(self, config: Config, echo: Callable[[str], None] = print):
         c = config.cluster
@@ -230,14 +183,18 @@ class RayRuntime:
         self.owns_ray = connect(config, echo)
         self.layout = host_layout(ray.cluster_resources(), ray.nodes(), c.hosts or c.emulate_hosts,
                                   c.devices_per_host)
-        self.device_count = self.layout.devices
         self.workers: list[Any] = []
         self.group: Any = None
         self.places: list[dict[str, Any]] = []
-        self.built: list[dict[str, Any]] = []
-        self.pending: deque[list[ray.ObjectRef]] = deque()
 
-    # Bring-up.
+    @property
+    def device_count(self) -> int:
+        return self.layout.devices
+
+    @property
+    def timeout_s(self) -> float:
+        """How long one call on the workers may take before they count as hung."""
+        return self.config.cluster.step_timeout_s
 
     def bring_up(self) -> None:
         """Place one actor per host and join them into one JAX job (once; ``restart`` undoes it)."""
@@ -264,14 +221,14 @@ class RayRuntime:
             cls.options(**actor_options(layout, bundle),
                         scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, i)).remote(emulated)
             for i, bundle in enumerate(layout.bundles)]
-        self.places = self._gather([w.where.remote() for w in self.workers], c.startup_timeout_s,
+        self.places = self.gather([w.where.remote() for w in self.workers], c.startup_timeout_s,
                                    "starting the host workers", bring_up=True)
         ips = {p["ip"] for p in self.places}
         ip = "127.0.0.1" if ips == {ray.util.get_node_ip_address()} else self.places[0]["ip"]
-        port = self._gather([self.workers[0].free_port.remote(ip)], c.startup_timeout_s, "picking a port",
+        port = self.gather([self.workers[0].free_port.remote(ip)], c.startup_timeout_s, "picking a port",
                             bring_up=True)[0]
         coordinator = f"{ip}:{port}"
-        joined = self._gather(
+        joined = self.gather(
             [w.initialize.remote(coordinator, layout.hosts, i, int(c.startup_timeout_s), c.heartbeat_timeout_s)
              for i, w in enumerate(self.workers)], c.startup_timeout_s + 30,
             f"jax.distributed bring-up (coordinator {coordinator})", bring_up=True)
@@ -282,7 +239,7 @@ class RayRuntime:
         self.echo(f"fax: {layout.hosts} host workers joined ({layout.devices} {layout.kind} devices, "
                   f"coordinator {coordinator}): " + ", ".join(f"{p['hostname']} pid {p['pid']}" for p in self.places))
 
-    def _gather(self, refs: list[ray.ObjectRef], timeout: float, what: str, bring_up: bool = False) -> list[Any]:
+    def gather(self, refs: list[ray.ObjectRef], timeout: float, what: str, bring_up: bool = False) -> list[Any]:
         """The result of one call on every worker. A dead or silent worker raises WorkerFailure
         (ClusterError during bring-up) naming it; an exception in worker code is raised as it is."""
         index = {ref: i for i, ref in enumerate(refs)}
@@ -301,143 +258,27 @@ class RayRuntime:
                 raise failure(f"{what}: host worker {i} died ({_short(e)})") from e
         return results
 
-    # The HostRuntime interface.
-
-    def start(self, resume_step: int | None) -> float:
-        self._build("build", "building the model and compiling the step", resume_step)
-        return max(b["seconds"] for b in self.built)
-
-    def load_params(self, step: int | None) -> int:
-        self._build("load_params", "restoring the params", step)
-        return self.built[0]["step"]
-
-    def _build(self, method: str, what: str, step: int | None) -> None:
-        """Every host builds its runtime from the config (``method``: the HostWorker's) at ``step``."""
+    def load(self, what: str, factory: Factory, *args: Any) -> list[Any]:
+        """Bring the group up if needed, then build every host's payload (``HostWorker.load``); their reports."""
         self.bring_up()
-        config = self.config.to_dict()
-        self.built = self._gather([getattr(w, method).remote(config, step) for w in self.workers],
-                                  self.config.cluster.step_timeout_s, what)
+        return self.gather([w.load.remote(factory, *args) for w in self.workers], self.timeout_s, what)
 
-    @property
-    def rows(self) -> list[RowRanges]:
-        """Each host's row ranges of the global batch, as its batch sharding assigns them."""
-        return [[tuple(r) for r in b["rows"]] for b in self.built]
-
-    def submit(self, batch: np.ndarray) -> list[ray.ObjectRef]:
-        while len(self.pending) >= IN_FLIGHT_STEPS:
-            self.metrics(self.pending[0])
-        handle = [w.step.remote(ray.put(take_rows(batch, rows))) for w, rows in zip(self.workers, self.rows)]
-        self.pending.append(handle)
-        return handle
-
-    def metrics(self, handle: list[ray.ObjectRef]) -> dict[str, float]:
-        values = self._gather(handle, self.config.cluster.step_timeout_s, "a train step")
-        if any(h is handle for h in self.pending):
-            while self.pending.popleft() is not handle:
-                pass  # earlier steps finished before this one: each actor runs its calls in order
-        return values[0]  # replicated: every host computed the same scalars
-
-    def _on_all(self, what: str, method: str, *args: Any) -> list[Any]:
-        while self.pending:
-            self.metrics(self.pending[0])
-        return self._gather([getattr(w, method).remote(*args) for w in self.workers],
-                            self.config.cluster.step_timeout_s, what)
-
-    def evaluate(self, batches: Iterable[np.ndarray]) -> float:
-        """As ``HostRuntime.evaluate``; the batches go out a few at a time, the next group sent while
-        the hosts evaluate one, so the head never holds more than two groups."""
-        while self.pending:
-            self.metrics(self.pending[0])
-
-        def gathered(calls: list[ray.ObjectRef]) -> np.ndarray:
-            return self._gather(calls, self.config.cluster.step_timeout_s, "an evaluation")[0]  # replicated
-
-        batches, in_flight, losses = iter(batches), deque(), []
-        while group := list(itertools.islice(batches, EVAL_BATCHES_PER_CALL)):
-            in_flight.append([w.evaluate.remote([take_rows(b, rows) for b in group])
-                              for w, rows in zip(self.workers, self.rows)])
-            if len(in_flight) == 2:
-                losses.append(gathered(in_flight.popleft()))
-        losses += [gathered(calls) for calls in in_flight]
-        return float(np.mean(np.concatenate(losses)))
-
-    def save(self, meta: dict[str, Any], wait: bool) -> None:
-        self._on_all(f"saving the checkpoint of step {meta['step']}", "save", meta, wait)
-
-    def wait(self) -> None:
-        self._on_all("finishing checkpoint writes", "wait")
-
-    def generate(self, prompt: list[int], new_tokens: int, temperature: float, vocab_limit: int) -> list[int]:
-        return self._on_all("sampling", "generate", prompt, new_tokens, temperature, vocab_limit)[0]
-
-    def start_profile(self) -> None:
-        self._on_all("starting the profiler", "start_profile")
-
-    def stop_profile(self) -> str:
-        folders = self._on_all("writing the profiles", "stop_profile")
-        return f"{Path(folders[0]).parent} (host0..host{len(folders) - 1}, each on its host's disk)"
-
-    def describe(self) -> dict[str, Any]:
-        return self.built[0]
+    def call_all(self, what: str, method: str, *args: Any) -> list[Any]:
+        """``method(*args)`` of every host's payload, and what each returned."""
+        return self.gather([w.call.remote(method, *args) for w in self.workers], self.timeout_s, what)
 
     def worker_pids(self) -> list[int]:
         return [p["pid"] for p in self.places]
 
     def restart(self) -> None:
-        """Tear the whole group down; the next ``start`` brings up fresh actors."""
+        """Tear the whole group down; the next ``bring_up`` starts fresh actors."""
         for worker in self.workers:
             ray.kill(worker, no_restart=True)
         if self.group is not None:
             remove_placement_group(self.group)
-        self.workers, self.group, self.built, self.pending = [], None, [], deque()
+        self.workers, self.group, self.places = [], None, []
 
     def close(self) -> None:
-        try:
-            if self.workers:
-                self.wait()
-        finally:
-            self.restart()
-            if self.owns_ray:
-                ray.shutdown()
-
-
-class ClusterEngine:
-    """A serving engine whose processes are the host workers (one global mesh, for models that need
-    more than one host): the engine calls a ``Batcher`` makes, made on every host; the tokens are
-    replicated, so worker 0's answer is everyone's."""
-
-    def __init__(self, runtime: RayRuntime, run_dir: str, step: int | None, max_batch: int):
-        self.runtime = runtime
-        runtime.bring_up()
-        loaded = runtime._gather([w.load_engine.remote(run_dir, step, max_batch) for w in runtime.workers],
-                                 runtime.config.cluster.step_timeout_s, "restoring the params onto the hosts")[0]
-        self.step, self.cfg, self.end_ids = loaded["step"], loaded["cfg"], loaded["end_ids"]
-        self.batch_buckets = loaded["batch_buckets"]  # what the Batcher reads of an engine, as the hosts built it
-        runtime.echo(f"fax: serving step {self.step} on {runtime.layout.hosts} hosts "
-                     f"(tensor parallel over {loaded['tensor']} devices)")
-
-    @property
-    def max_batch(self) -> int:
-        return self.batch_buckets[-1]
-
-    def _call(self, method: str, *args: Any) -> Any:
-        return self.runtime._on_all(f"engine {method}", "engine_call", method, *args)[0]
-
-    def reset(self) -> None:
-        self._call("reset")
-
-    def prefill(self, rows: Sequence[int], prompts: Sequence[Sequence[int]], sampling: Sequence[Any]) -> np.ndarray:
-        return self._call("prefill", list(rows), [list(p) for p in prompts], list(sampling))
-
-    def decode(self, tokens: np.ndarray, positions: np.ndarray, steps: np.ndarray, sampling: Sequence[Any]) -> np.ndarray:
-        return self._call("decode", tokens, positions, steps, list(sampling))
-
-    def score(self, tokens: Sequence[int]) -> tuple[np.ndarray, ...]:
-        return self._call("score", list(tokens))
-
-    def warm_up(self) -> None:
-        """``Engine.warm_up`` on every host (within cluster.step_timeout_s, as any engine call)."""
-        self._call("warm_up")
-
-    def close(self) -> None:
-        self.runtime.close()
+        self.restart()
+        if self.owns_ray:
+            ray.shutdown()

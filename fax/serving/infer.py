@@ -13,14 +13,17 @@ import json
 import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tqdm.auto import tqdm
 
-from fax.data import ray_data_session, read_records, write_atomic
-
-if TYPE_CHECKING:
-    from fax.serve import SamplingParams
+from fax.config import run_config
+from fax.data import read_records, write_atomic
+from fax.data.chat import TemplateError, layout, message_problems
+from fax.serving.batching import generate
+from fax.serving.engine import Engine
+from fax.serving.sampling import SamplingParams, request_problems
+from fax.serving.text import TextStream, generation_ends, run_tokenizer
 
 CHUNK_ROWS = 64
 
@@ -41,8 +44,6 @@ class InferSettings:
 
     def sampling(self, row: int, stop: tuple[str, ...]) -> SamplingParams:
         """Row ``row``'s SamplingParams (its own seed)."""
-        from fax.serve import SamplingParams
-
         return SamplingParams(self.max_tokens, self.temperature, self.top_k, self.top_p, self.seed + row, stop,
                               self.frequency_penalty, self.presence_penalty)
 
@@ -71,10 +72,6 @@ class ChunkWorker:
     """One serving engine; completes chunks of prompts and writes each chunk's part file."""
 
     def __init__(self, run_dir: str, parts: str, settings: dict[str, Any]):
-        from fax.chat import layout
-        from fax.config import run_config
-        from fax.serve import Engine, generation_ends, run_tokenizer
-
         self.settings = InferSettings(**{**settings, "stop": tuple(settings["stop"])})
         self.tokenizer = run_tokenizer(run_config(run_dir))
         self.layout = layout(self.tokenizer)  # of conversations (--messages-field)
@@ -85,9 +82,6 @@ class ChunkWorker:
     def complete(self, start: int, prompts: list[Any]) -> list[dict[str, Any]]:
         """Rows of ``row``, the prompt as ``prompt`` (a conversation as ``messages``; None where it is
         not text, or not a conversation), ``completion``, ``tokens`` and ``error``."""
-        from fax.chat import TemplateError, message_problems
-        from fax.serve import TextStream, generate, request_problems
-
         s = self.settings
         chat = bool(s.messages_field)
         name = "messages" if chat else "prompt"
@@ -169,12 +163,9 @@ def infer(run_dir: str | Path, input_path: str | Path, output: str | Path, setti
 
 
 def _run_on_ray(items: list[dict], args: tuple, workers: int, bar: Any) -> None:
-    with ray_data_session() as data:
-        chunks = data.from_items(items, override_num_blocks=len(items))
-        done = chunks.map_batches(ChunkWorker, fn_constructor_args=args, batch_size=1,
-                                  compute=data.ActorPoolStrategy(size=workers), num_cpus=1)
-        for _ in done.iter_rows():
-            bar.update(1)
+    from fax.cluster.data import map_on_actors  # Ray, imported only where it is used
+
+    map_on_actors(items, ChunkWorker, args, lambda _: bar.update(1), actors=workers, batch_size=1, num_cpus=1)
 
 
 def _write_output(rows: list[dict], output: Path) -> None:

@@ -18,8 +18,17 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
-from models import ModelConfig
+from fax import models
+from fax.checkpoint import COMPUTE_ONLY_MODEL_KEYS
+from fax.config import run_config
+from fax.data import HFTokenizer, copy_tokenizer
+from fax.models import ModelConfig
+from fax.params import run_params
+from fax.parallel import ParallelConfig, make_mesh
 
 Params = dict[str, Any]
 
@@ -147,8 +156,6 @@ class SafetensorsDir:
     """The tensors of every ``*.safetensors`` file in a directory, read one tensor at a time."""
 
     def __init__(self, hf_dir: str | Path):
-        from safetensors import safe_open
-
         self.files = {}
         for path in sorted(Path(hf_dir).glob("*.safetensors")):
             with safe_open(path, framework="numpy") as f:
@@ -164,8 +171,6 @@ class SafetensorsDir:
 
     def _read(self, name: str) -> np.ndarray:
         """As float32. numpy has no bfloat16 (most published checkpoints): those go through jax on the host CPU."""
-        from safetensors import safe_open
-
         with safe_open(self.files[name], framework="numpy") as f:
             if f.get_slice(name).get_dtype() != "BF16":
                 return f.get_tensor(name).astype(np.float32)
@@ -188,8 +193,6 @@ def _set(tree: Params, path: tuple[str, ...], value: Any) -> None:
 
 def init_model(init_from: str, model: ModelConfig) -> ModelConfig:
     """The model an ``init_from=hf:DIR`` run trains: the checkpoint's shape, ``model``'s compute settings."""
-    from fax.checkpoint import COMPUTE_ONLY_MODEL_KEYS
-
     shape = model_config(read_config(init_from_dir(init_from)))
     return shape.replace(**{k: getattr(model, k) for k in COMPUTE_ONLY_MODEL_KEYS})
 
@@ -227,10 +230,6 @@ def import_params(hf_dir: str | Path, cfg: ModelConfig, shardings: Params) -> Pa
 @functools.cache
 def _layer_shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
     """The shape of every fax parameter, of one layer for the stacked blocks."""
-    from flax import nnx
-
-    import models
-
     _, state = models.abstract(cfg)
     leaves = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state))[0]
     return {tuple(k.key for k in path): leaf.shape[1:] if path[0].key == "blocks" else leaf.shape
@@ -240,8 +239,6 @@ def _layer_shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
 def export_params(params: Params, cfg: ModelConfig, out_dir: str | Path,
                   on_tensor: Callable[[str], None] | None = None) -> Path:
     """Write ``params`` (arrays of any sharding) as a HF directory that ``transformers`` loads."""
-    from safetensors.numpy import save_file
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, np.ndarray] = {}
@@ -263,10 +260,6 @@ def export_params(params: Params, cfg: ModelConfig, out_dir: str | Path,
 
 
 def _run_on_one_device(run_dir: str | Path, step: int | None, merged: bool) -> tuple[Any, Params, int]:
-    from fax.config import run_config
-    from fax.serve import run_params
-    from parallel import ParallelConfig, make_mesh
-
     config = run_config(run_dir)
     params, step = run_params(run_dir, config, make_mesh(ParallelConfig(fsdp=1), jax.devices()[:1]), step, merged)
     return config, params, step
@@ -275,9 +268,6 @@ def _run_on_one_device(run_dir: str | Path, step: int | None, merged: bool) -> t
 def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None) -> tuple[Path, int]:
     """A run directory's checkpoint (default: the latest; LoRA adapters merged in) as a HF directory,
     with the run's tokenizer and chat template where it has a Hugging Face one; returns it and the step."""
-    from fax.config import run_config
-    from fax.data import HFTokenizer, copy_tokenizer
-
     family(run_config(run_dir).model)  # fails before anything is read
     config, params, step = _run_on_one_device(run_dir, step, merged=True)
     out = export_params(params, config.model, out_dir)
@@ -290,9 +280,6 @@ def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None
 def export_adapters(run_dir: str | Path, out_dir: str | Path, step: int | None = None) -> tuple[Path, int]:
     """The LoRA adapters of a run alone: ``adapters.safetensors`` (``TARGET.a`` [layers, *inputs, rank],
     ``TARGET.b`` [layers, rank, *outputs]) and ``adapter_config.json`` (rank, alpha, targets, base model)."""
-    from safetensors.numpy import save_file
-
-    from fax.config import run_config
 
     if not run_config(run_dir).lora.rank:
         raise ValueError(f"{run_dir} was not trained with LoRA (lora.rank=0): export the whole model instead")

@@ -1,0 +1,1 @@
+"""Hugging Face interop: configs, safetensors weights, tokenizers (import for init_from=hf:DIR, export)."""

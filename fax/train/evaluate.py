@@ -1,0 +1,63 @@
+"""Evaluating a run's checkpoint: its loss on batches of a dataset split, locally or on every host."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+from tqdm.auto import tqdm
+
+from fax.checkpoint import Checkpointer, checkpoint_dir
+from fax.config import ClusterConfig, apply_overrides, raise_problems, run_config, validate
+from fax.data import TokenDataset, dataset_path, dataset_problems
+from fax.metrics import mesh_desc
+from fax.train.runtime import HostRuntime, Runtime
+
+
+def evaluate_checkpoint(run_dir: str | Path, overrides: Sequence[str] = (), step: int | None = None,
+                        split: str = "val", devices: list[jax.Device] | None = None,
+                        echo: Callable[[str], None] = lambda _: None) -> tuple[int, float]:
+    """The mean cross-entropy of a run's checkpoint (default: its latest) on ``train.eval_batches``
+    batches of a dataset split: with the run's settings, the batches and the loss its ``val_loss``
+    logs. ``overrides`` change the data, the batches or the mesh (any that fits the devices); with
+    ``cluster.ray=true`` (and the other ``cluster.*`` settings) every host restores its shards and
+    evaluates its rows of the batches this process reads, as in training. The cluster the run
+    trained on is not assumed: by default it runs on ``devices`` (this process's). ``echo`` hears
+    what is evaluated. Returns (the checkpoint's step, the loss)."""
+    saved = dataclasses.replace(run_config(run_dir), run_dir=str(Path(run_dir).absolute()),
+                                cluster=ClusterConfig())
+    config = apply_overrides(saved, overrides)
+    step = Checkpointer(checkpoint_dir(run_dir, config.checkpoint), read_only=True).complete_step(step, run_dir)
+    runtime: Runtime | None = None
+    try:
+        if config.cluster.ray:
+            from fax.train.ray_runtime import RayRuntime  # Ray is imported only where it is used
+
+            runtime = RayRuntime(config, echo)
+            device_count = runtime.device_count
+        else:
+            devices = list(jax.devices() if devices is None else devices)
+            device_count = len(devices)
+        axis_sizes = validate(config, device_count)
+        data_path = dataset_path(config.data.path)
+        problems = dataset_problems(data_path, config.seq_len, config.model.vocab_size)
+        data = None if problems else TokenDataset.open(data_path, split)
+        if data is not None and len(data.tokens) < config.seq_len + 1:
+            problems.append(f"the {split} split of data.path={str(data_path)!r} holds {len(data.tokens)} tokens, "
+                            f"fewer than one sequence ({config.seq_len + 1}); pick another data.path or split, or "
+                            "lower train.seq_len")
+        raise_problems(problems)
+        runtime = runtime or HostRuntime(config, devices)
+        runtime.load_params(step)
+        t = config.train
+        echo(f"fax: step {step} of {run_dir}, {split} split of {data_path}: {t.eval_batches} batches of "
+             f"{t.batch_size} x {config.seq_len} tokens on {device_count} device(s), mesh {mesh_desc(axis_sizes)}")
+        held_out = data.sampler(data_path, t.batch_size, config.seq_len, config.seed)
+        batches = (held_out.batch(i) for i in tqdm(range(t.eval_batches), desc="eval", unit="batch", leave=False))
+        return step, runtime.evaluate(batches)
+    finally:
+        if runtime is not None:
+            runtime.close()
