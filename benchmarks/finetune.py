@@ -21,7 +21,7 @@ import numpy as np
 def measure(overrides: list[str], steps: int) -> dict:
     from fax import load_config
     from fax.train import step as step_lib
-    from fax.trainer import timed_steps
+    from fax.train.planning import timed_steps
     from fax.parallel import make_mesh
 
     cfg = load_config(overrides=overrides)

@@ -2,8 +2,7 @@
 prompts: KV-cache decode vs recomputing the whole forward pass for every token, vs Hugging Face
 transformers' `generate` (PyTorch, the same GPT-2 shape with random weights, its KV cache), at
 batch 1, 4 and 16: whole generations (prompt and new tokens) and the decode alone (a generation's
-time less that of its first token); then, at batch 16, fax with its compiled CPU decode-attention
-kernel against fax with XLA's attention. The runs take turns, round after round, and each keeps its fastest
+time less that of its first token). The runs take turns, round after round, and each keeps its fastest
 round, so that a shared machine's drift reaches both alike. On a GPU both run on it (PyTorch with TF32
 matmuls, as JAX's default precision does for float32); on the CPU, ``--cpu-devices 8`` adds a
 tensor-parallel engine over emulated devices.
@@ -71,7 +70,8 @@ def main() -> None:
     from fax import models
     from fax.serving.batching import generate
     from fax.serving.engine import Engine
-    from fax.serving.sampling import SamplingParams, serving_mesh
+    from fax.serving.engine import serving_mesh
+    from fax.serving.sampling import SamplingParams
     from fax.parallel.calibrate import race
 
     cfg = models.preset(args.model)
@@ -108,11 +108,6 @@ def main() -> None:
             runs |= {"transformers": lambda: hf_generate(batch, args.new_tokens),
                      "transformers_first": lambda: hf_generate(batch, 1)}
         record(race(runs, args.rounds), batch)
-    if engine.decode_kernel:  # the compiled CPU attention against XLA's, in a race of their own
-        xla = Engine(cfg, params, serving_mesh(cfg, jax.devices()[:1]), max_batch=16, decode_kernel=False)
-        record(race({name: functools.partial(generate, e, prompts, [sampling] * 16)
-                     for e, kind in ((engine, "kernel"), (xla, "xla")) for sampling, name in
-                     ((greedy, f"kv_{kind}_attention"), (first, f"kv_{kind}_attention_first"))}, args.rounds), 16)
     # logprobs: a finished request's prompt and completion scored in one forward pass
     completion = generate(engine, prompts[:1], [greedy])[0]
     score = race({"score": lambda: engine.score(prompts[0] + completion)}, args.rounds)["score"]
@@ -134,11 +129,6 @@ def main() -> None:
                      f"{results[f'kv_b{batch}'] / results[f'transformers_b{batch}']:.2f}x "
                      f"(decode alone {results[f'kv_decode_b{batch}'] / results[f'transformers_decode_b{batch}']:.2f}x)")
         print(line)
-    if "kv_xla_attention_b16" in results:
-        kernel, xla = (results[f"kv_{kind}_attention_b16"] for kind in ("kernel", "xla"))
-        kernel_decode, xla_decode = (results[f"kv_{kind}_attention_decode_b16"] for kind in ("kernel", "xla"))
-        print(f"  KV cache, batch 16, the CPU attention kernel vs XLA's attention: {kernel:.1f} vs {xla:.1f} tokens/s, "
-              f"{kernel / xla:.2f}x (decode alone {kernel_decode:.1f} vs {xla_decode:.1f}, {kernel_decode / xla_decode:.2f}x)")
     if "kv_b16_tensor_parallel" in results:
         print(f"  KV cache, batch 16, tensor-parallel over {len(jax.devices())} devices: "
               f"{results['kv_b16_tensor_parallel']:.1f} tokens/s")

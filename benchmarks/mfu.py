@@ -47,7 +47,7 @@ def measure(model: str, seq_len: int, batch: int, remat: str, attention: str, lo
     from fax import models
     from fax import load_config
     from fax.train import step as step_lib
-    from fax.data import DOCUMENT_END
+    from fax.data import Batch
     from fax.metrics import mfu, peak_flops_per_device
     from fax.parallel import make_mesh
     from fax.parallel.planner import out_of_memory
@@ -60,8 +60,8 @@ def measure(model: str, seq_len: int, batch: int, remat: str, attention: str, lo
                                  *settings])
     training = step_lib.build(cfg, make_mesh(cfg.parallel, devices))
     rng = np.random.default_rng(0)
-    tokens = rng.integers(0, cfg.model.vocab_size, (batch, seq_len + 1), np.int32)
-    tokens |= np.where(rng.random(tokens.shape) < 1 / 1024, DOCUMENT_END, 0).astype(np.int32)  # documents ~1k long
+    ends = (rng.random((batch, seq_len + 1)) < 1 / 1024).astype(np.int32)  # documents ~1k long
+    tokens = Batch.of(rng.integers(0, cfg.model.vocab_size, (batch, seq_len + 1)), segments=np.cumsum(ends, 1) - ends)
     try:
         state = training.init()
         data = jax.device_put(tokens, training.batch_sharding)

@@ -138,9 +138,10 @@ def main() -> None:
 
     from fax import models
     from fax import load_config
-    from fax.trainer import layout_timer
+    from fax.train.planning import layout_timer
     from fax.parallel.calibrate import calibrate
-    from fax.parallel.hardware import cluster_preset, present_cluster
+    from fax.parallel.calibrate import present_cluster
+    from fax.parallel.hardware import cluster_preset
     from fax.parallel.planner import plan
 
     results: dict = {"speed_s": {}, "quality": {}, "bubble": []}

@@ -29,7 +29,6 @@ def main() -> None:
     args = p.parse_args()
     jax.config.update("jax_num_cpu_devices", args.cpu_devices)
 
-    import numpy as np
 
     from fax import Trainer, apply_overrides, load_config
     from fax.train import step as step_lib
@@ -83,9 +82,8 @@ def main() -> None:
         state = jax.eval_shape(t.init)
         state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state,
                              t.state_shardings)
-        spec = jax.ShapeDtypeStruct((c.train.batch_size, c.seq_len + 1), np.int32, sharding=t.batch_sharding)
         start = time.perf_counter()
-        t.step.lower(state, spec).compile()
+        step_lib.compile_step(t, state, (c.train.batch_size, c.seq_len + 1))
         compile_s[layers] = time.perf_counter() - start
         print(f"  {layers:>2} layers: {compile_s[layers]:.2f}s")
     print(f"  32 layers / 4 layers = {compile_s[32] / compile_s[4]:.2f}")

@@ -6,7 +6,6 @@ Validation runs before anything is compiled and names the setting to change.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,46 +193,6 @@ class Config:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-
-@dataclass(frozen=True)
-class Setting:
-    key: str  # dotted, as overrides take it
-    default: str  # as YAML would read it back
-    description: str
-
-
-def field_descriptions(cls: type) -> dict[str, str]:
-    """Each field of dataclass ``cls`` and the comment that says what it is: the comment on its line,
-    else the comment lines just above it (the source is the one place the descriptions live)."""
-    lines, found, above = inspect.getsource(cls).splitlines(), {}, []
-    for line in lines[1:]:
-        text = line.strip()
-        if text.startswith("#"):
-            above.append(text.lstrip("# "))
-            continue
-        name, colon, rest = text.partition(":")
-        if colon and name.isidentifier() and "=" in rest:
-            comment = rest.partition("  # ")[2]
-            found[name] = comment or " ".join(above)
-        above = []
-    return found
-
-
-def settings(obj: Any = None, prefix: str = "") -> list[Setting]:
-    """Every setting under ``obj`` (default: a fresh ``Config``) with its default and description."""
-    obj = Config() if obj is None else obj
-    described = field_descriptions(type(obj))
-    out = []
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            out.extend(settings(value, f"{prefix}{f.name}."))
-        else:
-            default = yaml.safe_dump(list(value) if isinstance(value, tuple) else value,
-                                     default_flow_style=True).strip().removesuffix("...").strip()
-            out.append(Setting(prefix + f.name, default, described.get(f.name, "")))
-    return out
 
 
 def with_layout(cfg: Config, layout: Candidate) -> Config:

@@ -1,4 +1,5 @@
-"""Measure the present devices so the cost model can use what they do instead of datasheet figures.
+"""The present devices: what they are, and measured, so the cost model can use what they do instead of
+datasheet figures.
 
 ``fax plan --calibrate`` times matmuls of a grid of shapes (rows x cols) on all devices at once (bfloat16 on
 accelerators, whose peak is the bf16 rate; float32 on CPUs, which train in it) and all-reduces of two
@@ -10,6 +11,7 @@ and the all-reduce times give the link's bandwidth and latency under the ring mo
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import json
@@ -21,9 +23,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
-from fax.parallel.hardware import efficiency
+from fax.parallel.hardware import DEVICES, FAMILIES, ClusterSpec, Link, efficiency
 
 # Matmul shapes timed: rows (tokens) x cols (features), over a fixed inner dimension; a grid, so
 # that short and narrow matmuls (microbatches, tensor-parallel shards) are measured, not guessed.
@@ -37,8 +42,6 @@ def race(runs: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
     """Each run's fastest time (seconds) over ``rounds`` rounds in which every run goes once, in
     turn, after a warm-up call each: the least disturbed by a shared machine, whose drift then
     reaches every run alike."""
-    import jax
-
     for run in runs.values():
         jax.block_until_ready(run())
     best = dict.fromkeys(runs, math.inf)
@@ -57,8 +60,6 @@ def best_time(fn: Callable[[], Any], repeats: int = 5) -> float:
 
 def line_mesh(devices: list):
     """All of ``devices`` on one axis "x", so a shard_map runs the same program on each."""
-    import jax
-
     return jax.make_mesh((len(devices),), ("x",), axis_types=(jax.sharding.AxisType.Explicit,), devices=devices)
 
 
@@ -67,10 +68,6 @@ def matmul_rates(devices: list, chained: int = 16) -> dict[tuple[int, int], floa
     every device of ``devices`` multiplying at once, as in a step (emulated CPU devices share the
     cores, and one device's per-op overheads hide behind another's work). ``chained`` dependent
     matmuls run in one program, so a small one is not timed as a launch."""
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec
-
     cpu = devices[0].platform == "cpu"
     all_rows, all_cols, inner = MATMUL_GRID["cpu" if cpu else "accelerator"]
     dtype = jnp.float32 if cpu else jnp.bfloat16
@@ -96,10 +93,6 @@ def allreduce_times(devices: list, chained: int = 16) -> dict[int, float]:
     """Seconds to sum a buffer of each size held by every device into every device: ``chained``
     dependent all-reduces run in one program, so the figure is the collective's own cost inside a
     compiled step, not a program launch's."""
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec
-
     n = len(devices)
     mesh = line_mesh(devices)
 
@@ -172,3 +165,24 @@ def load_profile(device_kind: str, count: int) -> dict[str, Any] | None:
                       f"datasheet figures: re-run `fax plan --calibrate` to measure these devices again", stacklevel=2)
         return None
     return profile
+
+
+def present_cluster(devices: list | None = None) -> ClusterSpec:
+    """The devices this process sees (datasheet figures by device kind; CPU: nominal)."""
+    devices = jax.devices() if devices is None else devices
+    kind = devices[0].device_kind.lower()
+    family = next((f for f in ("h100", "a100", "v5p", "v5e", "v4") if f in kind.replace(" ", "")), "cpu")
+    per_host = sum(d.process_index == devices[0].process_index for d in devices)
+    _, intra, inter, _ = FAMILIES[family]
+    device = DEVICES[family]
+    if family == "cpu":  # the cores are shared by the emulated devices
+        cores = os.cpu_count() or 1
+        device = dataclasses.replace(device, peak_flops=50e9 * cores / per_host)
+    name = f"{family}-{len(devices)} (present)"
+    profile = load_profile(devices[0].device_kind, len(devices))
+    if profile is not None:  # measured by `fax plan --calibrate`
+        device = dataclasses.replace(device, matmul_knees=tuple(profile["matmul_knees"]), peak_flops=profile["peak_flops"])
+        if "link_bandwidth" in profile:
+            intra = Link(profile["link_bandwidth"], profile["link_latency"])
+        name = f"{family}-{len(devices)} (present, calibrated)"
+    return ClusterSpec(name, device, len(devices) // per_host, per_host, intra, inter, present=True)

@@ -7,8 +7,6 @@ have NVLink inside a node and InfiniBand (8 NICs per node) across nodes.
 
 from __future__ import annotations
 
-import dataclasses
-import os
 import re
 from dataclasses import dataclass
 
@@ -90,28 +88,3 @@ def cluster_preset(name: str) -> ClusterSpec:
         raise ValueError(f"{name}: {chips} devices do not fill whole hosts of {per_host}")
     hosts, per_host = (1, chips) if chips <= per_host else (chips // per_host, per_host)
     return ClusterSpec(name, DEVICES[family], hosts, per_host, intra, inter)
-
-
-def present_cluster(devices: list | None = None) -> ClusterSpec:
-    """The devices this process sees (datasheet figures by device kind; CPU: nominal)."""
-    import jax
-
-    from fax.parallel.calibrate import load_profile
-
-    devices = jax.devices() if devices is None else devices
-    kind = devices[0].device_kind.lower()
-    family = next((f for f in ("h100", "a100", "v5p", "v5e", "v4") if f in kind.replace(" ", "")), "cpu")
-    per_host = sum(d.process_index == devices[0].process_index for d in devices)
-    _, intra, inter, _ = FAMILIES[family]
-    device = DEVICES[family]
-    if family == "cpu":  # the cores are shared by the emulated devices
-        cores = os.cpu_count() or 1
-        device = dataclasses.replace(device, peak_flops=50e9 * cores / per_host)
-    name = f"{family}-{len(devices)} (present)"
-    profile = load_profile(devices[0].device_kind, len(devices))
-    if profile is not None:  # measured by `fax plan --calibrate`
-        device = dataclasses.replace(device, matmul_knees=tuple(profile["matmul_knees"]), peak_flops=profile["peak_flops"])
-        if "link_bandwidth" in profile:
-            intra = Link(profile["link_bandwidth"], profile["link_latency"])
-        name = f"{family}-{len(devices)} (present, calibrated)"
-    return ClusterSpec(name, device, len(devices) // per_host, per_host, intra, inter, present=True)

@@ -27,7 +27,8 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fax.config import ConfigError, load_config, preset_or_error
-    from fax.parallel.hardware import cluster_preset, present_cluster
+    from fax.parallel.calibrate import present_cluster
+    from fax.parallel.hardware import cluster_preset
     from fax.parallel.planner import plan
 
     if args.calibrate:

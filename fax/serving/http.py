@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
@@ -61,8 +62,6 @@ class CompletionServer:
     """The HTTP ingress: parses requests, queues them on the scheduler, streams the text back."""
 
     def __init__(self, run_dir: str, settings: ServeConfig, cluster: ClusterConfig, cpu_devices: int):
-        import jax
-
         jax.config.update("jax_num_cpu_devices", cpu_devices)  # before the CPU backend starts
         self.settings = settings
         self.model_name = settings.model_name or Path(run_dir).resolve().name

@@ -9,6 +9,7 @@ which a hook may add to: evaluation adds ``val_loss`` before logging writes the 
 from __future__ import annotations
 
 import json
+import secrets
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -164,7 +165,7 @@ class WandbLog:
             raise ImportError("logging.wandb_project needs wandb: pip install -e '.[logging]'") from None
         log, run_dir = config.logging, Path(config.run_dir)
         id_file = run_dir / "wandb_id"
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
         id_file.write_text(run_id)
         self.run = wandb.init(project=log.wandb_project, entity=log.wandb_entity or None,
                               name=log.wandb_name or run_dir.absolute().name, id=run_id, resume="allow",

@@ -16,7 +16,7 @@ from fax.config import Config, ConfigError, raise_problems, setting_problems, wi
 from fax.data import Batch
 from fax.parallel import make_mesh
 from fax.parallel.cost import Candidate
-from fax.parallel.hardware import present_cluster
+from fax.parallel.calibrate import present_cluster
 from fax.parallel.planner import Plan, load_layout
 from fax.parallel.planner import plan as plan_layouts
 from fax.parallel.planner import validate as validate_plan

@@ -119,7 +119,7 @@ class HostRuntime:
         self.state: step_lib.State | None = None
         self.compiled: Any = None
         self.next_step = 1  # the number of the step the next call runs (1-based, as logged)
-        self.last_rows: Batch | None = None  # what ``step_values`` last trained on
+        self.trained_rows: Batch | None = None  # what ``step_values`` last trained on
 
     def start(self, resume_step: int | None) -> float:
         """A fresh state, or the checkpoint of ``resume_step`` placed on this mesh; then compile.
@@ -157,8 +157,12 @@ class HostRuntime:
 
     def step_values(self, local: Batch) -> dict[str, float]:
         """``step_rows``, waiting for its values (a Ray host's step); the rows are kept for inspection."""
-        self.last_rows = local
+        self.trained_rows = local
         return self.metrics(self.step_rows(local))
+
+    def last_rows(self) -> Batch | None:
+        """This process's rows of the last step ``step_values`` ran (what a Ray host was sent)."""
+        return self.trained_rows
 
     def evaluate_rows(self, local_batches: Iterable[Batch]) -> np.ndarray:
         """Each batch's mean cross-entropy under the current params, given this process's rows of each."""

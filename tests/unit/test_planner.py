@@ -18,7 +18,8 @@ from fax.train.planning import layout_compiler, plan_here
 from fax.models.config import param_count, train_flops_per_token
 from fax.parallel import ParallelConfig, planner
 from fax.parallel.cost import MEMORY_HEADROOM, Candidate, Workload, axis_links, estimate, memory
-from fax.parallel.hardware import cluster_preset, efficiency, present_cluster
+from fax.parallel.calibrate import present_cluster
+from fax.parallel.hardware import cluster_preset, efficiency
 from fax.parallel.planner import plan, problems
 
 

@@ -129,8 +129,7 @@ def test_step_compiles_without_involuntary_rematerialisation(capfd):
     cfg = config("llama-tiny", (2, 2, 2))
     training = build(cfg, 8)
     state = training.init()
-    spec = jax.ShapeDtypeStruct((16, 33), np.int32, sharding=training.batch_sharding)
-    training.step.lower(state, spec).compile()
+    training.step.lower(state, step_lib.abstract_batch(training.batch_sharding, (16, 33))).compile()
     assert "Involuntary full rematerialization" not in capfd.readouterr().err
 
 

@@ -4,6 +4,7 @@ import functools
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -16,7 +17,7 @@ from fax import models
 from fax import ConfigError, Trainer, load_config
 from fax.cli import main, parse
 from fax.train import step as step_lib
-from fax.data import Sampler, TokenDataset, prepare
+from fax.data import Batch, Sampler, TokenDataset, prepare
 from fax.metrics import read_metrics
 from fax.train.evaluate import evaluate_checkpoint
 
@@ -35,8 +36,11 @@ def test_loss_and_validation_loss_fall_on_the_default_corpus(tmp_path, small_cor
     assert len(losses) == 6
     assert losses[-1] < 0.7 * losses[0], losses
     assert np.isfinite([r["grad_norm"] for r in history]).all()
-    text = trainer.sample("import ", 20)
-    assert text.startswith("import ")
+    # The end-of-run sample of `fax train`: the serving engine on the checkpoint the run ended with.
+    from fax.cli.train import sample
+
+    text = sample(trainer, "import ", 20)
+    assert text.startswith("import ") and len(text) > len("import ")
     # The validation split's loss at steps 30 and 60 (logged with them), falling, and exactly the
     # cross-entropy of the final params on the same held-out batches computed here.
     val = {r["step"]: r["val_loss"] for r in read_metrics(tmp_path / "metrics.jsonl") if "val_loss" in r}
@@ -44,7 +48,7 @@ def test_loss_and_validation_loss_fall_on_the_default_corpus(tmp_path, small_cor
     params = jax.device_get(trainer.state["params"])
     held_out = Sampler(TokenDataset.open(trainer.data_path, "val"), 16, 64, seed=0)
     ce = []
-    for tokens in (held_out.batch(i) for i in range(2)):
+    for tokens in (held_out.batch(i).tokens for i in range(2)):
         logits = np.asarray(models.apply(trainer.training.graphdef, params, tokens[:, :-1]), np.float64)
         logits -= logits.max(-1, keepdims=True)
         log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
@@ -62,15 +66,13 @@ def test_loss_and_validation_loss_fall_on_the_default_corpus(tmp_path, small_cor
         evaluate_checkpoint(tmp_path, [f"data.path={small_corpus}"])
 
 
-def masked_cross_entropy(graphdef, params, tokens):
-    """float64 reference: the mean next-token cross-entropy over the targets that are not a prompt's
-    (negative: PROMPT_FLAG), every token read by its id."""
-    ids = tokens & 0x7FFFFFFF
-    logits = np.asarray(models.apply(graphdef, params, ids[:, :-1]), np.float64)
+def masked_cross_entropy(graphdef, params, batch):
+    """float64 reference: the mean next-token cross-entropy over the targets in the loss mask."""
+    logits = np.asarray(models.apply(graphdef, params, batch.tokens[:, :-1]), np.float64)
     logits -= logits.max(-1, keepdims=True)
     log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-    ce = -np.take_along_axis(log_p, ids[:, 1:, None], -1)[..., 0]
-    return ce[tokens[:, 1:] >= 0].mean()
+    ce = -np.take_along_axis(log_p, batch.tokens[:, 1:, None], -1)[..., 0]
+    return ce[batch.loss_mask[:, 1:]].mean()
 
 
 def test_prompt_tokens_are_read_but_not_trained_on(tmp_path):
@@ -80,7 +82,7 @@ def test_prompt_tokens_are_read_but_not_trained_on(tmp_path):
     rng = np.random.default_rng(0)
     ids = rng.integers(0, cfg.model.vocab_size, (8, 33)).astype(np.int32)
     prompt = rng.random(ids.shape) < np.linspace(0.1, 0.9, 8)[:, None]  # rows from few to many prompt tokens
-    tokens = np.where(prompt, ids | np.uint32(1 << 31), ids).astype(np.int32)  # PROMPT_FLAG set: negative
+    tokens = Batch.of(ids, loss_mask=~prompt)
     expected = masked_cross_entropy(graphdef, params, tokens)
     objective = step_lib.Objective()
     assert float(step_lib.batch_objective(graphdef, params, tokens, objective)[1]) == pytest.approx(expected, rel=1e-5)
@@ -196,3 +198,44 @@ def test_cli_prepare_then_train_on_it(tmp_path):
     trained = run_cli(["train", *tiny(tmp_path / "run", "train.steps=2", f"data.path={tmp_path / 'ds'}",
                                       "data.document_mask=true")], tmp_path)
     assert trained.returncode == 0, trained.stderr
+
+
+def tensorboard_scalars(folder):
+    """Every scalar of the TensorBoard event files under ``folder``: {tag: {step: value}} (TFRecord
+    framing: length, its CRC, the Event proto, its CRC)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars = {}
+    for path in sorted(Path(folder).glob("events.out.tfevents.*")):
+        data, at = path.read_bytes(), 0
+        while at < len(data):
+            (length,) = struct.unpack("<Q", data[at:at + 8])
+            event = Event.FromString(data[at + 12:at + 12 + length])
+            at += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+    return scalars
+
+
+def test_steps_are_logged_to_tensorboard_and_weights_and_biases(tmp_path, small_corpus, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    trainer = Trainer(overrides=tiny(tmp_path, "train.steps=4", "train.log_every=2", f"data.path={small_corpus}",
+                                     "logging.tensorboard=true", "logging.wandb_project=fax-test"),
+                      echo=lambda _: None)
+    history = trainer.fit()
+    logged = {r["step"]: r for r in read_metrics(tmp_path / "metrics.jsonl")}
+    assert sorted(logged) == [2, 4] and [r["step"] for r in history] == [2, 4]
+    scalars = tensorboard_scalars(tmp_path / "tensorboard")
+    for key in ("loss", "grad_norm", "lr", "tokens_per_s"):
+        assert scalars[f"train/{key}"] == pytest.approx({s: r[key] for s, r in logged.items()}, rel=1e-6), key
+    # The offline W&B run's history records hold each logged value as JSON text (in its .wandb log,
+    # which wandb's service finishes writing a moment after the run has finished).
+    wanted = [json.dumps(r[key]).encode() for r in logged.values() for key in ("loss", "grad_norm")]
+    run_file = next((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    deadline = time.monotonic() + 60
+    while not all(w in run_file.read_bytes() for w in wanted) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert all(w in run_file.read_bytes() for w in wanted), wanted

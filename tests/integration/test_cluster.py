@@ -18,15 +18,14 @@ ray = pytest.importorskip("ray")
 from fax import Trainer, load_config  # noqa: E402
 from fax.train import step as step_lib  # noqa: E402
 from fax.checkpoint import Checkpointer  # noqa: E402
-from fax.cluster import ClusterError
-from fax.cluster.hosts import HostGroup, host_layout
-from fax.serving.cluster_engine import ClusterEngine
-from fax.train.ray_runtime import RayRuntime  # noqa: E402
+from fax.cluster import ClusterError  # noqa: E402
+from fax.cluster.hosts import HostGroup, host_layout  # noqa: E402
+from fax.serving.cluster_engine import ClusterEngine  # noqa: E402
 from fax.config import ConfigError  # noqa: E402
-from fax.data import Sampler, TokenDataset  # noqa: E402
+from fax.data import Batch, Sampler, TokenDataset  # noqa: E402
 from fax.metrics import read_metrics  # noqa: E402
-from fax.serving.batching import generate
-from fax.serving.engine import Engine
+from fax.serving.batching import generate  # noqa: E402
+from fax.serving.engine import Engine  # noqa: E402
 from fax.serving.sampling import SamplingParams  # noqa: E402
 from fax.train.evaluate import evaluate_checkpoint  # noqa: E402
 from fax.parallel import make_mesh  # noqa: E402
@@ -99,7 +98,7 @@ def ray_run(tmp_path_factory, small_corpus, ray_cluster):
                                                 "train.profile_steps=2")), echo=lambda _: None) as trainer:
         trainer.fit()
         runtime = trainer.runtime
-        seen = ray.get([w.last_rows.remote() for w in runtime.workers])
+        seen = runtime.group.call_all("the rows each host trained on", "last_rows")
         report = {"built": runtime.built, "rows": runtime.rows, "pids": runtime.worker_pids(), "seen": seen,
                   "eval": runtime.evaluate(held_out(small_corpus))}
     return report, run_dir
@@ -114,8 +113,9 @@ def test_bring_up_gives_each_host_its_rows(ray_run, small_corpus):
     assert report["rows"] == [[(0, 4)], [(4, 8)]]  # the batch is sharded over fsdp=8: 4 devices' rows per host
     last_batch = Sampler(TokenDataset.open(small_corpus), 8, 32, seed=0).batch(STEPS - 1)
     seen = report["seen"]
-    np.testing.assert_array_equal(seen[0], last_batch[0:4])
-    np.testing.assert_array_equal(seen[1], last_batch[4:8])
+    for host, rows in ((0, slice(0, 4)), (1, slice(4, 8))):
+        for field in Batch._fields:
+            np.testing.assert_array_equal(getattr(seen[host], field), getattr(last_batch, field)[rows])
 
 
 def test_every_host_traces_the_profiled_steps(ray_run, traced_steps):
@@ -207,7 +207,7 @@ def test_eval_on_two_hosts_gives_what_one_process_does(ray_cluster, local_run):
 def test_engine_on_two_hosts_generates_what_one_process_does(ray_cluster, local_run):
     """Serving a model over the host workers' global mesh: the same tokens as the local engine."""
     config = load_config(local_run / "config.yaml", [f"run_dir={local_run}", "cluster.ray=true"])
-    engine = ClusterEngine(RayRuntime(config, echo=lambda _: None), str(local_run), None, max_batch=4)
+    engine = ClusterEngine(HostGroup(config, echo=lambda _: None), str(local_run), None, max_batch=4)
     try:
         assert engine.step == STEPS
         hot = SamplingParams(max_new_tokens=10, temperature=0.9, top_k=40, seed=5)

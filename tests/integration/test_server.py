@@ -25,9 +25,9 @@ import ray  # noqa: E402
 
 from fax import Trainer, load_config  # noqa: E402
 from fax.config import ClusterConfig, ServeConfig  # noqa: E402
-from fax.serving.batching import generate
-from fax.serving.engine import Engine
-from fax.serving.sampling import SamplingParams
+from fax.serving.batching import generate  # noqa: E402
+from fax.serving.engine import Engine  # noqa: E402
+from fax.serving.sampling import SamplingParams  # noqa: E402
 from fax.serving.text import run_tokenizer  # noqa: E402
 
 

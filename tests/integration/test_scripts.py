@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 SHELL = sorted(SCRIPTS.glob("*.sh"))
 
 

