@@ -92,7 +92,7 @@ def test_fine_tune_from_hf_then_export_the_run(tmp_path, small_corpus):
     history = trainer.fit()
     trainer.close()
     # The first step's loss is the imported model's loss on the first batch.
-    batch = Sampler(TokenDataset.open(small_corpus), 8, 32, config.seed).batch(0)
+    batch = Sampler(TokenDataset.open(small_corpus), 8, 32, config.seed).batch(0).tokens
     logits = torch.tensor(hf_logits(model, batch[:, :-1]))
     want = torch.nn.functional.cross_entropy(logits.reshape(-1, 320), torch.tensor(batch[:, 1:]).long().reshape(-1))
     assert history[0]["loss"] == pytest.approx(float(want), rel=1e-4)

@@ -11,6 +11,8 @@ from safetensors.numpy import load_file
 
 from fax import models
 from fax.interop import hf
+from fax import params as params_lib
+from fax.data import Batch
 from fax.train import step as step_lib
 from fax.cli import main
 from fax.config import ConfigError, load_config, validate
@@ -45,14 +47,14 @@ def test_only_adapters_train_and_the_merged_export_is_base_plus_adapters(tmp_pat
         history = trainer.fit()
         state = jax.device_get(trainer.state)
     one_device = make_mesh(ParallelConfig(fsdp=1), jax.devices()[:1])
-    graphdef, _, _, shardings = step_lib.param_layout(cfg, one_device)
+    graphdef, _, _, shardings = params_lib.param_layout(cfg, one_device)
     initial = jax.device_get(hf.import_params(pretrained, cfg.model, shardings["base"]))
     # The base is bitwise the checkpoint it started from; every adapter moved (B starts at zero).
     jax.tree.map(np.testing.assert_array_equal, state["params"]["base"], initial)
     assert all(np.abs(ab["b"]).max() > 0 for ab in state["params"]["lora"].values())
     # The adapters learned: on the first batch the loss is below the base model's.
     batch = Sampler(TokenDataset.open(tmp_path / "data"), 8, 32, cfg.seed).batch(0)
-    merged = step_lib.model_params(state["params"], cfg.lora)
+    merged = params_lib.model_params(state["params"], cfg.lora)
     _, after = step_lib.batch_objective(graphdef, merged, batch, step_lib.Objective())
     assert float(after) < history[0]["loss"] - 0.1
     # The optimizer state mirrors the adapters only: no moments for the frozen base.
@@ -94,8 +96,8 @@ def test_adapters_are_sharded_with_their_weights_and_bad_settings_are_named(tmp_
 def test_training_applies_adapters_to_activations_with_dropout(tmp_path, small_corpus, model):
     targets = "[attn.wq, attn.wk, attn.wv, attn.wo, mlp.wi, mlp.wo" + (", mlp.wg]" if model == "llama-tiny" else "]")
     cfg = lora_config(tmp_path, small_corpus, f"model={model}", f"lora.targets={targets}")
-    graphdef = step_lib.param_layout(cfg, make_mesh(ParallelConfig(fsdp=1), jax.devices()[:1]))[0]
-    params = step_lib.init_params(cfg)
+    graphdef = params_lib.param_layout(cfg, make_mesh(ParallelConfig(fsdp=1), jax.devices()[:1]))[0]
+    params = params_lib.init_params(cfg)
     rng = np.random.default_rng(0)
     params["lora"] = jax.tree.map(lambda x: rng.normal(0, 0.05, x.shape).astype(np.float32), params["lora"])
     tokens = rng.integers(0, cfg.model.vocab_size, (4, 17))
@@ -103,8 +105,9 @@ def test_training_applies_adapters_to_activations_with_dropout(tmp_path, small_c
     @functools.partial(jax.jit, static_argnums=0)
     def loss_and_adapter_grads(lora, key):
         def to_model(adapters):
-            return step_lib.model_params({**params, "lora": adapters}, lora, key)
-        return step_lib.loss_and_grads(graphdef, params["lora"], tokens, step_lib.Objective(), to_model=to_model)
+            return params_lib.model_params({**params, "lora": adapters}, lora, key)
+        return step_lib.loss_and_grads(graphdef, params["lora"], Batch.of(tokens), step_lib.Objective(),
+                                       to_model=to_model)
 
     key = jax.random.key(3)
     # Without dropout, adapters on the activations are the merged weights: same loss, same gradients.
@@ -127,7 +130,7 @@ def test_training_with_dropout_learns(tmp_path, small_corpus):
 
 def test_each_microbatch_draws_dropout_masks_of_its_own(tmp_path, small_corpus):
     cfg = lora_config(tmp_path, small_corpus)
-    graphdef = step_lib.param_layout(cfg, make_mesh(ParallelConfig(fsdp=1), jax.devices()[:1]))[0]
+    graphdef = params_lib.param_layout(cfg, make_mesh(ParallelConfig(fsdp=1), jax.devices()[:1]))[0]
     tx = step_lib.make_optimizer(cfg.optim, cfg.train.steps)
     state = step_lib.init_state(cfg, tx)
     rng = np.random.default_rng(0)
@@ -141,7 +144,7 @@ def test_each_microbatch_draws_dropout_masks_of_its_own(tmp_path, small_corpus):
                                          schedule=step_lib.lr_schedule(cfg.optim, cfg.train.steps),
                                          microbatches=microbatches, stages=stages, objective=step_lib.Objective(),
                                          lora=lora, seed=0))
-        return float(step(state, tokens)[1]["loss"])
+        return float(step(state, Batch.of(tokens))[1]["loss"])
 
     # A row alone, and twice as two microbatches: the same loss without dropout; with it, the second
     # microbatch's masks differ from the first's, so its loss (and the mean) does too.
