@@ -83,6 +83,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("fax: interrupted", file=sys.stderr)
         return INTERRUPTED_EXIT_CODE
 
-
-if __name__ == "__main__":
-    sys.exit(main())

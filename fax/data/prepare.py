@@ -124,7 +124,7 @@ def prepare(files: list[Path], out_dir: str | Path, tokenizer: str = "byte", *, 
     (``val.bin``) with probability ``val_fraction``, decided by their position alone, so both
     engines write the same bytes. With ``prompt_field`` each JSONL/Parquet record is a prompt and
     its ``text_field``, and only the text is trained on (the prompt's tokens carry ``PROMPT_FLAG``);
-    with ``messages_field`` each is a conversation (``fax.chat``), and only the assistant's messages
+    with ``messages_field`` each is a conversation (``fax.data.chat``), and only the assistant's messages
     are trained on. ``index.json`` is written last.
     """
     if prompt_field and messages_field:

@@ -33,7 +33,7 @@ class HFTokenizer:
     """A ``tokenizer.json`` of the ``tokenizers`` library: one trained here (``bpe``) or one shipped
     with a Hugging Face checkpoint. Its end-of-document id is its end-of-text special token. A
     Hugging Face ``tokenizer_config.json`` or ``chat_template.jinja`` beside it brings its chat
-    template and named special tokens (``fax.chat`` lays conversations out with them)."""
+    template and named special tokens (``fax.data.chat`` lays conversations out with them)."""
 
     name = "tokenizer.json"  # the file a dataset folder and a run directory keep it in
     COMPANIONS = ("tokenizer_config.json", "chat_template.jinja")  # kept beside it wherever it is copied

@@ -38,7 +38,7 @@ class InferSettings:
     seed: int = 0
     stop: tuple[str, ...] = ()
     max_batch: int = 16  # prompts decoded together by one engine
-    messages_field: str = ""  # instead of a prompt, a conversation (``fax.chat``) to reply to
+    messages_field: str = ""  # instead of a prompt, a conversation (``fax.data.chat``) to reply to
     frequency_penalty: float = 0.0  # as SamplingParams
     presence_penalty: float = 0.0
 

@@ -156,7 +156,7 @@ def parse_completion(body: Any, encode: Callable[[str], list[int]], settings: Se
 def parse_chat(body: Any, encode: Callable[[str], list[int]], settings: ServeConfig, model: Any,
                model_name: str, layout: Layout) -> Completion:
     """A /v1/chat/completions body: the conversation in the tokenizer's ``layout``, as in training
-    (``fax.chat``), the reply generated after it and ended by the end-of-turn marker; ``logprobs``
+    (``fax.data.chat``), the reply generated after it and ended by the end-of-turn marker; ``logprobs``
     (true or false) with ``top_logprobs`` (a count); the rest as for a completion."""
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
