@@ -49,7 +49,7 @@ def array_handlers() -> ocp.type_handlers.TypeHandlerRegistry:
     """How orbax writes the state's arrays. Replica-parallel writing (orbax's default off GPUs) is kept
     for several processes, where it spreads a replicated array's writes over the hosts; in one process
     it spreads nothing and splits every replicated array into a slice per device, an op each, which
-    tripled the time an async save blocks training. Small arrays are never split. (No array-metadata
+    made an async save block training several times longer. Small arrays are never split. (No array-metadata
     store: it exists for typed PRNG keys, which a train state does not hold.)"""
     arrays = ocp.type_handlers.ArrayHandler(use_replica_parallel=jax.process_count() > 1,
                                             min_slice_bytes_for_replica_parallel=2 ** 20)

@@ -109,7 +109,7 @@ class CheckpointConfig:
     keep_every_n_steps: int = 0  # steps divisible by this are kept for good (milestones); 0: none
     async_save: bool = True  # write in the background; the loop waits only while arrays leave the devices
     # zstd on every array: smaller checkpoints of low-entropy states (fresh Adam moments), at a CPU
-    # cost that made saves 3x slower than writing the raw bytes on 2 cores
+    # cost that makes saves several times slower than writing the raw bytes (benchmarks/checkpoint.py)
     compress: bool = False
     dir: str = ""  # empty: RUN_DIR/checkpoints. Multi-host: a path every host sees (e.g. gs://...)
 

@@ -13,7 +13,7 @@ from fax.models.presets import preset, preset_names
 _LAZY = {"fax.models.layers": ("CACHE_AXES", "KVCache"),
          "fax.models.transformer": ("SERVING_AXES", "DecoderLM", "RunLayers", "ServingWeights", "abstract", "apply",
                                     "apply_cached", "apply_hidden", "build", "empty_cache", "init_params",
-                                    "logical_axes", "project", "scan_layers", "serving_weights", "unstack_layers")}
+                                    "logical_axes", "head_logits", "scan_layers", "serving_weights", "unstack_layers")}
 _HOME = {name: module for module, names in _LAZY.items() for name in names}
 
 __all__ = ["ModelConfig", "param_count", "preset", "preset_names", "train_flops_per_token", *_HOME]

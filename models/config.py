@@ -108,8 +108,8 @@ def matmul_param_count(cfg: ModelConfig) -> int:
 
 def attention_implementation(cfg: ModelConfig, platform: str) -> str:
     """The attention kernel ``cfg.attention_impl`` means on ``platform``: ``auto`` is cuDNN's fused
-    flash attention on GPUs in 16-bit (2.2x the XLA attention's step rate for a 1B Llama on an H100,
-    and no seq x seq scores in memory), XLA's elsewhere (cuDNN has no float32 kernel)."""
+    flash attention on GPUs in 16-bit (faster than XLA's attention, and no seq x seq scores in memory;
+    see benchmarks/results/mfu*.json), XLA's elsewhere (cuDNN has no float32 kernel)."""
     if cfg.attention_impl != "auto":
         return cfg.attention_impl
     return "cudnn" if platform == "gpu" and cfg.dtype != "float32" else "xla"

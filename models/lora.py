@@ -104,7 +104,7 @@ class Adapted:
     def __getitem__(self, index: Any) -> Adapted:  # the model reads a parameter's value as ``w[...]``
         return self
 
-    def project(self, spec: str, x: jax.Array) -> jax.Array:
+    def linear(self, spec: str, x: jax.Array) -> jax.Array:
         """``einsum(spec, x, W)`` plus the adapter's update, in x's dtype."""
         operands, out = spec.split("->")
         x_axes, w_axes = operands.split(",")

@@ -66,7 +66,7 @@ class DecoderLM(nnx.Module):
         return self.embed[...].T if self.cfg.tie_embeddings else self.head[...]
 
     def _logits(self, x: jax.Array, head: jax.Array | None = None) -> jax.Array:
-        return project(self.final_norm(x), self.lm_head() if head is None else head)
+        return head_logits(self.final_norm(x), self.lm_head() if head is None else head)
 
     def hidden(self, tokens: jax.Array, run_layers: RunLayers = scan_layers,
                segments: jax.Array | None = None) -> jax.Array:
@@ -91,7 +91,7 @@ class DecoderLM(nnx.Module):
     def __call__(self, tokens: jax.Array, run_layers: RunLayers = scan_layers,
                  segments: jax.Array | None = None) -> jax.Array:
         """Logits (float32) for int tokens [batch, length]."""
-        return project(self.hidden(tokens, run_layers, segments), self.lm_head())
+        return head_logits(self.hidden(tokens, run_layers, segments), self.lm_head())
 
 
 def document_positions(documents: jax.Array) -> jax.Array:
@@ -102,11 +102,11 @@ def document_positions(documents: jax.Array) -> jax.Array:
     return index - jax.lax.cummax(jnp.where(first, index, 0), axis=1)
 
 
-def project(x: jax.Array, head: jax.Array) -> jax.Array:
+def head_logits(x: jax.Array, head: jax.Array) -> jax.Array:
     """Float32 logits [batch, length, vocab] of final hidden states ``x`` through the LM ``head``."""
     # The matmul yields the compute dtype and only then float32 (for the softmax), so that the
     # gradient flows back in the compute dtype: a float32 cotangent would make both backward
-    # matmuls of the head float32 (TF32 on an H100: half the bf16 rate, 18% of a 1B step).
+    # matmuls of the head float32 (TF32 on a GPU: half the bf16 rate, a large share of a small model's step).
     logits = jnp.einsum("bld,dv->blv", x, head.astype(x.dtype)).astype(jnp.float32)
     return constrain(logits, ("batch", "length", "vocab"))
 
@@ -149,7 +149,7 @@ def apply(graphdef: nnx.GraphDef, params: Params, tokens: jax.Array, run_layers:
 def apply_hidden(graphdef: nnx.GraphDef, params: Params, tokens: jax.Array, run_layers: RunLayers = scan_layers,
                  segments: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """The final hidden states and the LM head, for a loss that projects the states a piece at a
-    time (``project``) instead of holding every position's logits at once."""
+    time (``head_logits``) instead of holding every position's logits at once."""
     model = nnx.merge(graphdef, params)
     return model.hidden(tokens, run_layers, segments), model.lm_head()
 
@@ -172,7 +172,7 @@ def _merge_unstacked(graphdef: nnx.GraphDef, params: Params) -> tuple[DecoderLM,
 class ServingWeights(NamedTuple):
     """Weights inference derives from the params once, when it loads them, rather than in every
     call: the LM head [embed, vocab] (a tied embedding's transpose, laid out for the matmul: XLA:CPU
-    multiplies by a transpose in place about 4x slower) and each layer's ``fused_qkv``. They take
+    multiplies by a transpose in place several times slower) and each layer's ``fused_qkv``. They take
     memory beside the params, as much as a decode call used to hold them in while it ran."""
 
     head: jax.Array

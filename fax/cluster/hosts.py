@@ -222,11 +222,11 @@ class HostGroup:
                         scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, i)).remote(emulated)
             for i, bundle in enumerate(layout.bundles)]
         self.places = self.gather([w.where.remote() for w in self.workers], c.startup_timeout_s,
-                                   "starting the host workers", bring_up=True)
+                                  "starting the host workers", bring_up=True)
         ips = {p["ip"] for p in self.places}
         ip = "127.0.0.1" if ips == {ray.util.get_node_ip_address()} else self.places[0]["ip"]
         port = self.gather([self.workers[0].free_port.remote(ip)], c.startup_timeout_s, "picking a port",
-                            bring_up=True)[0]
+                           bring_up=True)[0]
         coordinator = f"{ip}:{port}"
         joined = self.gather(
             [w.initialize.remote(coordinator, layout.hosts, i, int(c.startup_timeout_s), c.heartbeat_timeout_s)

@@ -97,6 +97,20 @@ def dataset_problems(path: str | Path, seq_len: int, vocab_size: int) -> list[st
     return []
 
 
+def open_split(path_setting: str, split: str, seq_len: int, vocab_size: int) -> tuple[Path, TokenDataset | None,
+                                                                                    list[str]]:
+    """The folder ``data.path`` names, its ``split`` opened, and why it cannot feed sequences of
+    ``seq_len`` to a model of ``vocab_size`` tokens (empty: it can; the dataset is None otherwise)."""
+    path = dataset_path(path_setting)
+    problems = dataset_problems(path, seq_len, vocab_size)
+    data = None if problems else TokenDataset.open(path, split)
+    if data is not None and len(data.tokens) < seq_len + 1:
+        problems.append(f"the {split} split of data.path={str(path)!r} holds {len(data.tokens)} tokens, fewer than "
+                        f"one sequence ({seq_len + 1}); pick another data.path or split, or lower train.seq_len")
+        data = None
+    return path, data, problems
+
+
 @dataclass(frozen=True)
 class TokenDataset:
     tokens: np.ndarray  # memory-mapped

@@ -24,7 +24,7 @@ from fax import models
 from fax.config import Config, ConfigError, run_config
 from fax.models.config import tensor_indivisible
 from fax.params import run_params
-from fax.params import param_layout as run_param_layout
+from fax.params import param_layout
 from fax.parallel import ParallelConfig, logical_sharding, make_mesh, replicated, with_activation_sharding
 from fax.serving.sampling import GREEDY_PAD, MAX_LOGPROBS, SamplingParams, adjust, controls, sample
 from fax.serving.text import generation_ends, run_tokenizer
@@ -129,13 +129,6 @@ def serving_mesh(cfg: models.ModelConfig, devices: Sequence[jax.Device], tensor:
     return make_mesh(ParallelConfig(fsdp=1, tensor=tensor), list(devices)[:tensor])
 
 
-def param_layout(cfg: models.ModelConfig, mesh: jax.sharding.Mesh) -> tuple[nnx.GraphDef, Any, Any]:
-    """The model's graph, its params' shapes (no memory) and their shardings on ``mesh`` (no adapters:
-    an engine serves merged weights)."""
-    graphdef, target, _, shardings = run_param_layout(Config(model=cfg), mesh)
-    return graphdef, target, shardings
-
-
 def device_memory_bytes(device: jax.Device) -> int | None:
     """What the device can allocate (None where it does not say, as on the CPU)."""
     stats = device.memory_stats()
@@ -156,7 +149,7 @@ class Engine:
         self.cfg, self.mesh = cfg, mesh
         self.end_ids = tuple(end_ids)  # tokens that end a request (not emitted): end of text, end of turn
         self.step: int | None = None  # the checkpoint step the params came from, if any
-        self.graphdef, _, shardings = param_layout(cfg, mesh)
+        self.graphdef, _, _, shardings = param_layout(Config(model=cfg), mesh)  # merged weights: no adapters
         self.params = models.unstack_layers(jax.device_put(params, shardings))
         head, qkv = (logical_sharding(axes, mesh) for axes in models.SERVING_AXES)
         self.weights = jax.jit(functools.partial(models.serving_weights, self.graphdef),

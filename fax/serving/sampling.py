@@ -113,7 +113,7 @@ def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.
 
 def argmax(x: jax.Array) -> jax.Array:
     """The index of the largest value along the last axis (the first on ties; a NaN counts as the
-    largest, as in ``jnp.argmax``), from two plain reductions: XLA:CPU's arg-reduction is 2.5x
+    largest, as in ``jnp.argmax``), from two plain reductions: XLA:CPU's arg-reduction is
     slower (see benchmarks/results/generate.json)."""
     top = jnp.max(x, axis=-1, keepdims=True)
     ids = jnp.arange(x.shape[-1], dtype=jnp.int32)

@@ -11,9 +11,9 @@ from tqdm.auto import tqdm
 
 from fax.checkpoint import Checkpointer, checkpoint_dir
 from fax.config import ClusterConfig, apply_overrides, raise_problems, run_config, validate
-from fax.data import TokenDataset, dataset_path, dataset_problems
+from fax.data import open_split
 from fax.metrics import mesh_desc
-from fax.train.runtime import HostRuntime, Runtime
+from fax.train.runtime import HostRuntime, Runtime, head_runtime
 
 
 def evaluate_checkpoint(run_dir: str | Path, overrides: Sequence[str] = (), step: int | None = None,
@@ -32,22 +32,9 @@ def evaluate_checkpoint(run_dir: str | Path, overrides: Sequence[str] = (), step
     step = Checkpointer(checkpoint_dir(run_dir, config.checkpoint), read_only=True).complete_step(step, run_dir)
     runtime: Runtime | None = None
     try:
-        if config.cluster.ray:
-            from fax.train.ray_runtime import RayRuntime  # Ray is imported only where it is used
-
-            runtime = RayRuntime(config, echo)
-            device_count = runtime.device_count
-        else:
-            devices = list(jax.devices() if devices is None else devices)
-            device_count = len(devices)
+        runtime, devices, device_count = head_runtime(config, devices, echo)
         axis_sizes = validate(config, device_count)
-        data_path = dataset_path(config.data.path)
-        problems = dataset_problems(data_path, config.seq_len, config.model.vocab_size)
-        data = None if problems else TokenDataset.open(data_path, split)
-        if data is not None and len(data.tokens) < config.seq_len + 1:
-            problems.append(f"the {split} split of data.path={str(data_path)!r} holds {len(data.tokens)} tokens, "
-                            f"fewer than one sequence ({config.seq_len + 1}); pick another data.path or split, or "
-                            "lower train.seq_len")
+        data_path, data, problems = open_split(config.data.path, split, config.seq_len, config.model.vocab_size)
         raise_problems(problems)
         runtime = runtime or HostRuntime(config, devices)
         runtime.load_params(step)

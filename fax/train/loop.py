@@ -19,7 +19,7 @@ from fax import models
 from fax.checkpoint import Checkpointer, checkpoint_dir, incompatible_keys
 from fax.cluster import WorkerFailure
 from fax.config import Config, ConfigError, apply_overrides, raise_problems, validate, with_layout
-from fax.data import TokenDataset, copy_tokenizer, dataset_path, dataset_problems
+from fax.data import TokenDataset, copy_tokenizer, open_split
 from fax.interop.hf import init_model
 from fax.metrics import mesh_desc, mfu, peak_flops_per_device, read_metrics
 from fax.parallel.planner import Plan
@@ -27,7 +27,7 @@ from fax.signals import handling
 from fax.train import step as step_lib
 from fax.train.hooks import Checkpointing, Evaluation, Every, Logging, LoopHook, Profiling, loggers
 from fax.train.planning import laid_out, read_layout
-from fax.train.runtime import HostRuntime, Runtime
+from fax.train.runtime import HostRuntime, Runtime, head_runtime
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on a signal after a checkpoint; run again to resume
 
@@ -84,27 +84,33 @@ class Trainer:
         self.echo = echo
         self.runtime: Runtime | None = None
         self.plan: Plan | None = None
-        if config.cluster.ray:
-            from fax.train.ray_runtime import RayRuntime  # Ray is imported only where it is used
-
-            if config.plan == "auto":
-                raise ConfigError("plan='auto' compiles candidates on this process's devices, which a Ray head "
-                                  "does not have; write a plan with `fax plan --cluster ... --json > plan.json` "
-                                  "and pass plan=plan.json")
-            if config.plan:
-                config = with_layout(config, read_layout(config.plan))
-            self.runtime = RayRuntime(config, echo)
-            n_devices = self.runtime.device_count
-        else:
-            self.devices = list(jax.devices() if devices is None else devices)
-            n_devices = len(self.devices)
-            if config.plan:
-                config, self.plan = laid_out(config, self.devices, echo)
+        if config.cluster.ray and config.plan == "auto":
+            raise ConfigError("plan='auto' compiles candidates on this process's devices, which a Ray head "
+                              "does not have; write a plan with `fax plan --cluster ... --json > plan.json` "
+                              "and pass plan=plan.json")
+        if config.cluster.ray and config.plan:
+            config = with_layout(config, read_layout(config.plan))
+        self.runtime, self.devices, n_devices = head_runtime(config, devices, echo)
+        if config.plan and not config.cluster.ray:
+            config, self.plan = laid_out(config, self.devices, echo)
         self.config = config
-        self.axis_sizes = validate(config, n_devices)
-        self.data_path = dataset_path(config.data.path)
-        problems = dataset_problems(self.data_path, config.seq_len, config.model.vocab_size)
-        self.dataset = None if problems else TokenDataset.open(self.data_path)
+        try:
+            self.axis_sizes = validate(config, n_devices)
+            raise_problems(self._data_and_resume_problems())
+        except BaseException:
+            if self.runtime is not None:
+                self.runtime.close()  # a Ray head lets its cluster go before it refuses
+            raise
+        self.hooks: list[LoopHook] = []
+        self.history: list[dict[str, Any]] = []
+        self.restarts: list[str] = []
+
+    def _data_and_resume_problems(self) -> list[str]:
+        """Opens the training split; what keeps it, the validation split or the run directory's
+        checkpoints from feeding this run (all checked before anything compiles)."""
+        config = self.config
+        self.data_path, self.dataset, problems = open_split(config.data.path, "train", config.seq_len,
+                                                            config.model.vocab_size)
         val_tokens = self.dataset.meta.get("val_tokens", 0) if self.dataset is not None else None
         if config.train.eval_every and val_tokens is not None and val_tokens < config.seq_len + 1:
             problems.append(f"train.eval_every={config.train.eval_every} needs a validation split of at least one "
@@ -121,13 +127,7 @@ class Trainer:
                 if differs:
                     problems.append(f"cannot resume from run_dir={config.run_dir!r}, the model differs: "
                                     f"{'; '.join(differs)}. Use the saved settings or a new run_dir")
-        if problems:
-            if self.runtime is not None:
-                self.runtime.close()
-            raise_problems(problems)
-        self.hooks: list[LoopHook] = []
-        self.history: list[dict[str, Any]] = []
-        self.restarts: list[str] = []
+        return problems
 
     def _checkpoints(self) -> Checkpointer:
         """A read-only view of the run's checkpoints, as they are now (the writers live in the runtime)."""

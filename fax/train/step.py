@@ -66,7 +66,7 @@ class Objective:
         """(the objective, the cross-entropy) of final hidden states [batch, length, embed], the
         sums over the targets that count (``counted``) divided by ``count``."""
         if self.chunks == 1:
-            sums = loss_sums(models.project(hidden, head), targets, counted)
+            sums = loss_sums(models.head_logits(hidden, head), targets, counted)
         else:
             batch, length, embed = hidden.shape
 
@@ -74,7 +74,7 @@ class Objective:
                 x = x.reshape(batch, length // self.chunks, self.chunks, *x.shape[2:])  # the sequence's sharding
                 return jnp.moveaxis(x, 2, 0)
 
-            piece_sums = jax.checkpoint(lambda x, t, c, w: loss_sums(models.project(x, w), t, c))
+            piece_sums = jax.checkpoint(lambda x, t, c, w: loss_sums(models.head_logits(x, w), t, c))
             sums = jax.lax.scan(lambda total, xtc: (total + piece_sums(*xtc, head), None),
                                 jnp.zeros(2, jnp.float32), (pieces(hidden), pieces(targets), pieces(counted)))[0]
         ce, z = sums[0] / count, sums[1] / count

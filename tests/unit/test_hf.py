@@ -15,7 +15,8 @@ from fax.interop import hf  # noqa: E402
 from fax.cli import main  # noqa: E402
 from fax.config import ConfigError, load_config  # noqa: E402
 from fax.data import Sampler, TokenDataset  # noqa: E402
-from fax.serving.engine import param_layout  # noqa: E402
+from fax.config import Config  # noqa: E402
+from fax.params import param_layout  # noqa: E402
 from fax.train.loop import Trainer  # noqa: E402
 from fax.parallel import ParallelConfig, make_mesh  # noqa: E402
 
@@ -59,7 +60,7 @@ def test_import_matches_transformers_and_export_loads_back(kind, tmp_path):
     cfg = hf.model_config(hf.read_config(tmp_path / "hf"))
     for name, (parallel, n) in MESHES.items():
         mesh = make_mesh(parallel, jax.devices()[:n])
-        _, _, shardings = param_layout(cfg, mesh)
+        *_, shardings = param_layout(Config(model=cfg), mesh)
         params = hf.import_params(tmp_path / "hf", cfg, shardings)
         # Straight into the target sharding: each device holds only its slice.
         assert params["blocks"]["attn"]["wq"].sharding == shardings["blocks"]["attn"]["wq"]
@@ -76,7 +77,7 @@ def test_bfloat16_checkpoints_import(tmp_path):
     upcast = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.float32).eval()
     want = hf_logits(upcast, TOKENS)
     cfg = hf.model_config(hf.read_config(tmp_path / "bf16"))
-    _, _, shardings = param_layout(cfg, make_mesh(ParallelConfig(fsdp=1), jax.devices()[:1]))
+    *_, shardings = param_layout(Config(model=cfg), make_mesh(ParallelConfig(fsdp=1), jax.devices()[:1]))
     params = hf.import_params(tmp_path / "bf16", cfg, shardings)
     np.testing.assert_allclose(fax_logits(cfg, params, TOKENS), want, rtol=1e-4, atol=1e-4)
 
