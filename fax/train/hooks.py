@@ -32,7 +32,7 @@ class LoopHook:
         """Whether to run after ``step``; ``final``: the loop's last step (its end, or a preemption)."""
         return final
 
-    def __call__(self, step: int, record: dict[str, Any]) -> None:
+    def __call__(self, step: int, record: dict[str, Any], final: bool) -> None:
         raise NotImplementedError
 
     def close(self, lost_hosts: bool) -> None:
@@ -50,7 +50,7 @@ class Every(LoopHook):
     def due(self, step: int, final: bool) -> bool:
         return step % self.every == 0
 
-    def __call__(self, step: int, record: dict[str, Any]) -> None:
+    def __call__(self, step: int, record: dict[str, Any], final: bool) -> None:
         self.fn(step, record)
 
 
@@ -64,7 +64,7 @@ class Evaluation(LoopHook):
     def due(self, step: int, final: bool) -> bool:
         return step % self.every == 0 or final
 
-    def __call__(self, step: int, record: dict[str, Any]) -> None:
+    def __call__(self, step: int, record: dict[str, Any], final: bool) -> None:
         record["val_loss"] = self.runtime.evaluate(self.batches)
 
 
@@ -78,7 +78,7 @@ class Logging(LoopHook):
     def due(self, step: int, final: bool) -> bool:
         return step % self.every == 0 or final or bool(self.eval_every and step % self.eval_every == 0)
 
-    def __call__(self, step: int, record: dict[str, Any]) -> None:
+    def __call__(self, step: int, record: dict[str, Any], final: bool) -> None:
         for logger in self.loggers:
             logger.write(record)
         self.show(record)
@@ -94,14 +94,12 @@ class Checkpointing(LoopHook):
 
     def __init__(self, runtime: Runtime, every: int, meta: Callable[[int, dict[str, Any]], dict[str, Any]]):
         self.runtime, self.every, self.meta = runtime, every, meta
-        self.final = False
 
     def due(self, step: int, final: bool) -> bool:
-        self.final = final
         return bool(self.every and step % self.every == 0) or final
 
-    def __call__(self, step: int, record: dict[str, Any]) -> None:
-        self.runtime.save(self.meta(step, record), wait=self.final)
+    def __call__(self, step: int, record: dict[str, Any], final: bool) -> None:
+        self.runtime.save(self.meta(step, record), wait=final)
 
 
 class Profiling(LoopHook):
@@ -122,7 +120,7 @@ class Profiling(LoopHook):
     def due(self, step: int, final: bool) -> bool:
         return self.first is not None and (step == self.window[-1] or final)
 
-    def __call__(self, step: int, record: dict[str, Any]) -> None:
+    def __call__(self, step: int, record: dict[str, Any], final: bool) -> None:
         where = self.runtime.stop_profile()
         steps = f"step {self.step}" if self.first == self.step else f"steps {self.first}-{self.step}"
         self.echo(f"fax: profiled {steps} -> {where}; open it with tensorboard --logdir, or a "
@@ -131,7 +129,7 @@ class Profiling(LoopHook):
 
     def close(self, lost_hosts: bool) -> None:
         if self.first is not None and not lost_hosts:  # lost hosts write nothing
-            self(self.step, {})
+            self(self.step, {}, True)
 
 
 class TensorBoardLog:

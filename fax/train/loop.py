@@ -226,7 +226,8 @@ class Trainer:
                     bar.update(1)
                     window_steps += 1
                     stopping = stop.is_set()  # read once: a signal arriving later is handled next step
-                    due = [hook for hook in hooks if hook.due(done, done == last or stopping)]
+                    final = done == last or stopping
+                    due = [hook for hook in hooks if hook.due(done, final)]
                     if not due:
                         continue
                     values = runtime.metrics(handle)  # waits for this step
@@ -235,7 +236,7 @@ class Trainer:
                               "step_time_s": step_time}
                     record["mfu"] = mfu(flops_per_token, record["tokens_per_s"], peak, n_dev)
                     for hook in due:
-                        hook(done, record)
+                        hook(done, record, final)
                     window_start, window_steps = time.perf_counter(), 0  # hooks' time is not step time
                     if stopping:
                         raise Preempted(done, cfg.run_dir)

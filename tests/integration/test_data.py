@@ -5,8 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from fax.config import ConfigError, load_config, validate
+from fax.config import ConfigError, load_config
 from fax.cluster.data import tokenize_on_ray
+from fax.train.loop import Trainer
 from fax.data import ByteTokenizer, Sampler, TokenDataset, document_segments, prepare, text_files
 
 
@@ -210,9 +211,10 @@ def test_bpe_tokenizer_round_trips_the_corpus_and_travels_with_the_data(tmp_path
     assert (tmp_path / "from_file" / "tokens.bin").read_bytes() == (tmp_path / "bpe" / "tokens.bin").read_bytes()
     assert copied["vocab_size"] == index["vocab_size"]
     # A model with fewer token ids than the tokenizer is refused (its embedding lookups would clamp).
-    small = load_config(overrides=["model=gpt-tiny", "model.vocab_size=300", f"data.path={tmp_path / 'bpe'}"])
+    small = load_config(overrides=["model=gpt-tiny", "model.vocab_size=300", f"data.path={tmp_path / 'bpe'}",
+                                   f"run_dir={tmp_path / 'run'}"])
     with pytest.raises(ConfigError, match=rf"the dataset's tokenizer has {index['vocab_size']} tokens but "
                                           r"model.vocab_size=300; raise model.vocab_size"):
-        validate(small, 8)
+        Trainer(small)  # checked where the dataset is opened, before anything compiles
     with pytest.raises(ValueError, match="tokenizer 'nope.json'"):
         prepare(files, tmp_path / "bad", "nope.json")

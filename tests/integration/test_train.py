@@ -239,3 +239,33 @@ def test_steps_are_logged_to_tensorboard_and_weights_and_biases(tmp_path, small_
     while not all(w in run_file.read_bytes() for w in wanted) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert all(w in run_file.read_bytes() for w in wanted), wanted
+
+
+def test_a_loop_hook_of_ones_own_sees_every_step_and_the_records_it_is_due_at(tmp_path, small_corpus):
+    from fax.train.hooks import LoopHook
+
+    class Watch(LoopHook):
+        def __init__(self):
+            self.before_steps, self.records, self.closed = [], [], None
+
+        def before(self, step):
+            self.before_steps.append(step)
+
+        def due(self, step, final):
+            return step == 3 or final
+
+        def __call__(self, step, record, final):
+            self.records.append((step, final, sorted(record)))
+
+        def close(self, lost_hosts):
+            self.closed = lost_hosts
+
+    trainer = Trainer(overrides=tiny(tmp_path, "train.steps=5", "train.log_every=10", f"data.path={small_corpus}"),
+                      echo=lambda _: None)
+    watch = Watch()
+    trainer.add_loop_hook(watch)
+    trainer.fit()
+    assert watch.before_steps == [1, 2, 3, 4, 5] and watch.closed is False
+    assert [(step, final) for step, final, _ in watch.records] == [(3, False), (5, True)]
+    assert {"step", "loss", "grad_norm", "lr", "tokens_per_s", "mfu"} <= set(watch.records[0][2])
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [5]  # logging is a hook of its own
