@@ -33,6 +33,10 @@ def test_imports_work_beside_a_users_own_models_and_parallel_packages(crowded):
     done = run_in(crowded, "-c", code)
     assert done.returncode == 0, done.stderr
     assert Path(done.stdout.strip()).parent.resolve() in (ROOT / "models", ROOT / "fax" / "models")
+    trained = run_in(crowded, "-m", "fax.cli", "--cpu-devices", "2", "train", "train.steps=2", "model=gpt-tiny",
+                     "train.sample_tokens=8", f"run_dir={crowded / 'run'}")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert "step      2  loss" in trained.stdout and "fax: sample ->" in trained.stdout
 
 
 def test_help_imports_no_jax(tmp_path):
