@@ -13,7 +13,8 @@ from fax.checkpoint import Checkpointer, checkpoint_dir
 from fax.config import ClusterConfig, apply_overrides, raise_problems, run_config, validate
 from fax.data import open_split
 from fax.metrics import mesh_desc
-from fax.train.runtime import HostRuntime, Runtime, head_runtime
+from fax.train.loop import head_runtime
+from fax.train.runtime import HostRuntime, Runtime
 
 
 def evaluate_checkpoint(run_dir: str | Path, overrides: Sequence[str] = (), step: int | None = None,

@@ -27,7 +27,7 @@ from fax.signals import handling
 from fax.train import step as step_lib
 from fax.train.hooks import Checkpointing, Evaluation, Every, Logging, LoopHook, Profiling, loggers
 from fax.train.planning import laid_out, read_layout
-from fax.train.runtime import HostRuntime, Runtime, head_runtime
+from fax.train.runtime import HostRuntime, Runtime
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on a signal after a checkpoint; run again to resume
 
@@ -58,6 +58,21 @@ def _stop_on_signals() -> Iterator[threading.Event]:
 def _above(bar: tqdm, echo: Callable[[str], None]) -> Callable[[str], None]:
     """Where a line goes while a progress bar runs: above the bar, or to ``echo`` when it is off."""
     return bar.write if not bar.disable else echo
+
+
+def head_runtime(config: Config, devices: Sequence[jax.Device] | None,
+                 echo: Callable[[str], None]) -> tuple[Runtime | None, list[jax.Device], int]:
+    """Where a run's processes are: in Ray mode the head's runtime over the hosts (connected now,
+    for their device count); else none yet, and this process's ``devices`` (default: all). Returns
+    (the Ray runtime or None, the local devices, the device count)."""
+    if config.cluster.ray:
+        from fax.train.ray_runtime import RayRuntime  # Ray is imported only where it is used
+
+        runtime = RayRuntime(config, echo)
+        return runtime, [], runtime.device_count
+    local = list(jax.devices() if devices is None else devices)
+    return None, local, len(local)
+
 
 
 class Trainer:

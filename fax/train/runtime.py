@@ -9,7 +9,7 @@ Both offer the head-side interface, ``Runtime``.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -53,20 +53,6 @@ class Runtime(Protocol):
     def restart(self) -> None: ...  # after a WorkerFailure: the next start() brings up fresh processes
 
     def close(self) -> None: ...
-
-
-def head_runtime(config: Config, devices: Sequence[jax.Device] | None,
-                 echo: Callable[[str], None]) -> tuple[Runtime | None, list[jax.Device], int]:
-    """Where a run's processes are: in Ray mode the head's runtime over the hosts (connected now,
-    for their device count); else none yet, and this process's ``devices`` (default: all). Returns
-    (the Ray runtime or None, the local devices, the device count)."""
-    if config.cluster.ray:
-        from fax.train.ray_runtime import RayRuntime  # Ray is imported only where it is used
-
-        runtime = RayRuntime(config, echo)
-        return runtime, [], runtime.device_count
-    local = list(jax.devices() if devices is None else devices)
-    return None, local, len(local)
 
 
 def host_rows(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> RowRanges:

@@ -1,4 +1,4 @@
-"""Serving engine: KV-cache decode equals recomputation, sharded logits equal one device, sampling."""
+"""Serving engine: KV-cache decode equals recomputation, sharded logits equal one device, batching."""
 
 import collections
 import dataclasses
@@ -21,7 +21,7 @@ from fax.data import ByteTokenizer
 from fax.serving.batching import Batcher, Busy, Scheduler, generate, stream
 from fax.serving import engine as engine_module
 from fax.serving.engine import Engine, serving_mesh
-from fax.serving.sampling import MAX_LOGPROBS, SamplingParams, argmax, filter_logits, request_problems, sample
+from fax.serving.sampling import MAX_LOGPROBS, SamplingParams, request_problems
 from fax.serving.text import TextStream
 
 PROMPTS = [[5, 17, 99, 3, 42], [7] * 11 + [300], [1, 2, 3]]
@@ -159,28 +159,6 @@ def test_a_requests_samples_do_not_depend_on_its_batch():
     assert other_seed != alone
 
 
-def test_argmax_and_sampling_pick_what_jax_would():
-    """The two-reduction argmax: jnp.argmax's index on ties, NaNs and all -inf rows; sampling with it
-    draws jax.random.categorical's tokens for the same keys."""
-    logits = jax.random.normal(jax.random.key(0), (16, 1000))
-    logits = logits.at[1, 7].set(jnp.nan).at[1, 9].set(jnp.nan).at[2].set(-jnp.inf).at[3, 4:9].set(50.0)
-    np.testing.assert_array_equal(argmax(logits), jnp.argmax(logits, axis=-1))
-    seeds, steps = jnp.arange(16, dtype=jnp.uint32), jnp.arange(16) * 3
-    hot = jnp.full((16,), 0.8)
-    keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(seeds, steps)
-    finite = logits.at[1].set(0.0)  # a NaN row samples the NaN; not a question of which one
-    np.testing.assert_array_equal(sample(finite, seeds, steps, hot, jnp.zeros(16, jnp.int32), jnp.ones(16)),
-                                  jax.vmap(jax.random.categorical)(keys, finite / 0.8))
-
-
-def test_top_k_and_top_p_keep_the_right_tokens():
-    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05], [0.5, 0.3, 0.15, 0.05], [0.1, 0.2, 0.3, 0.4]]))
-    kept = np.isfinite(np.asarray(filter_logits(logits, jnp.array([2, 0, 0]), jnp.array([1.0, 0.7, 1.0]))))
-    assert kept.tolist() == [[True, True, False, False],  # top_k=2
-                             [True, True, False, False],  # top_p=0.7: 0.5 + 0.3 reach it
-                             [True, True, True, True]]  # no filter
-
-
 def test_requests_the_engine_cannot_serve_are_refused_with_reasons():
     cfg, _, params = model("gpt-tiny")
     engine = Engine(cfg, params, serving_mesh(cfg, jax.devices()[:1]))
@@ -192,17 +170,6 @@ def test_requests_the_engine_cannot_serve_are_refused_with_reasons():
         "top_p must be in (0, 1], got 0", "prompt is empty"]
     with pytest.raises(ValueError, match="request 0: prompt is empty"):
         next(stream(engine, [[]], [SamplingParams()]))
-
-
-@pytest.mark.parametrize(("argv", "devices"), [(["generate", "run", "--prompt", "x"], 1), (["serve", "run"], 1),
-                                               (["train"], 8), (["eval", "run"], 8),
-                                               (["--cpu-devices", "4", "serve", "run"], 4)])
-def test_commands_that_decode_emulate_one_cpu_device_unless_told(argv, devices):
-    """An engine split over emulated devices runs slower than on one (they share the cores)."""
-    from fax.cli import cpu_devices, parse
-
-    args = parse(argv)
-    assert cpu_devices(args.command, args.cpu_devices) == devices
 
 
 def test_generate_command_continues_a_trained_run(tmp_path, small_corpus, capsys):
@@ -262,16 +229,6 @@ def test_a_chat_tuned_run_replies_as_taught_and_ends_its_turn(tmp_path, capsys):
     assert main(["generate", str(tmp_path / "run"), "--prompt", "bye", "--chat", "--max-tokens", "20",
                  "--temperature", "0"]) == 0
     assert capsys.readouterr().out == "see you\n"
-
-
-def test_text_stream_ends_at_a_stop_sequence_and_completes_characters():
-    tok = ByteTokenizer()
-    stream = TextStream(tok, stop=["\n\n"])
-    out = "".join(stream.push(int(t)) for t in tok.encode("é ok\nmore\n\nnever"))
-    assert out == "é ok\nmore" and stream.stopped
-    partial = TextStream(tok)
-    first, second = (partial.push(int(t)) for t in "é".encode())
-    assert (first, second) == ("", "é")  # half a character is held back
 
 
 def test_requests_joining_a_running_batch_get_what_they_would_alone():
@@ -388,8 +345,6 @@ def test_the_cache_follows_the_rows_and_positions_in_use_and_decode_still_equals
     assert not batcher.active
     assert [got[0], got[1]] == [greedy_by_recomputing(graphdef, params, p, s.max_new_tokens, window=48)
                                 for p, s in zip(prompts, greedy)]
-
-
 
 
 def test_an_engine_whose_largest_cache_would_not_fit_is_refused_at_the_start(monkeypatch):
