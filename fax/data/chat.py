@@ -15,6 +15,11 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
+from jinja2 import TemplateError as JinjaError
+from jinja2 import TemplateSyntaxError, nodes
+from jinja2.ext import Extension
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
 ROLES = ("system", "user", "assistant")
 END_OF_TURN = "<|end|>"
 
@@ -71,25 +76,22 @@ class TemplateError(ValueError):
     """A chat template that fails, or that fax cannot split into what is and is not trained on."""
 
 
+class Generation(Extension):
+    """``{% generation %}...{% endgeneration %}`` marks the assistant's text for Hugging Face's
+    masks; fax finds that text itself, so the block renders its body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: Any) -> Any:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.Scope(body).set_lineno(lineno)
+
+
 def _template_environment() -> Any:
     """Jinja as Hugging Face renders chat templates (blocks trimmed, loop controls, ``tojson``,
     ``raise_exception``, ``{% generation %}``), sandboxed: a template is a downloaded file and may
     touch nothing but the data it is given."""
-    from jinja2 import nodes
-    from jinja2.ext import Extension
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class Generation(Extension):
-        """``{% generation %}...{% endgeneration %}`` marks the assistant's text for Hugging Face's
-        masks; fax finds that text itself, so the block renders its body."""
-
-        tags = {"generation"}
-
-        def parse(self, parser: Any) -> Any:
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return nodes.Scope(body).set_lineno(lineno)
-
     def raise_exception(message: str) -> None:
         raise TemplateError(message)
 
@@ -112,8 +114,6 @@ class TemplateLayout(Layout):
     PROBE = "\x00fax\x00"  # an assistant's content, to find the end-of-turn marker after it
 
     def __init__(self, source: str, special_tokens: dict[str, str], token_id: Callable[[str], int | None]):
-        from jinja2 import TemplateSyntaxError
-
         try:
             self.template = _template_environment().from_string(source)
         except TemplateSyntaxError as e:
@@ -128,8 +128,6 @@ class TemplateLayout(Layout):
         self.end_ids = () if end_id is None else (end_id,)
 
     def render(self, messages: Messages, reply: bool = False) -> str:
-        from jinja2 import TemplateError as JinjaError
-
         try:
             return self.template.render(messages=messages, add_generation_prompt=reply, **self.special_tokens)
         except TemplateError as e:

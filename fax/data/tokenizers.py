@@ -8,6 +8,11 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
+import tokenizers
+import tokenizers.decoders
+import tokenizers.models
+import tokenizers.pre_tokenizers
+import tokenizers.trainers
 
 from fax.data.files import write_atomic
 
@@ -40,10 +45,8 @@ class HFTokenizer:
     EOS_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eot_id|>")
 
     def __init__(self, path: str | Path):
-        from tokenizers import Tokenizer
-
         self.path = Path(path)
-        self.tok = Tokenizer.from_file(str(path))
+        self.tok = tokenizers.Tokenizer.from_file(str(path))
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
         ids = [self.tok.token_to_id(t) for t in self.EOS_TOKENS]
         found = [i for i in ids if i is not None]
@@ -108,14 +111,12 @@ def get_tokenizer(name: str, folder: str | Path | None = None) -> Tokenizer:
 
 def train_bpe(documents: Iterable[str], vocab_size: int, path: str | Path) -> HFTokenizer:
     """A byte-level BPE tokenizer trained on ``documents`` (lossless on any text), saved to ``path``."""
-    from tokenizers import Tokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                             show_progress=False,
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(documents, trainer)
     tok.save(str(path))
     return HFTokenizer(path)

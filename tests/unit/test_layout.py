@@ -21,7 +21,7 @@ LAYERS = [
 APART = ("fax.train", "fax.serving")  # never import each other
 # Imported inside functions only where they are heavy and optional (or, for the CLI, where it keeps
 # `fax --help` free of jax): anything else is imported at the top of its module.
-LAZY_OK = ("ray", "transformers", "torch", "matplotlib", "wandb", "tensorboardX", "pyarrow", "jinja2", "tokenizers",
+LAZY_OK = ("ray", "transformers", "torch", "matplotlib", "wandb", "tensorboardX", "pyarrow",
            "fax.cluster.data", "fax.train.ray_runtime", "fax.serving.cluster_engine")
 
 
