@@ -186,6 +186,7 @@ class HostGroup:
         self.workers: list[Any] = []
         self.group: Any = None
         self.places: list[dict[str, Any]] = []
+        self.factory: Factory | None = None  # what built the workers' payloads (they hold another's after a load)
 
     @property
     def device_count(self) -> int:
@@ -261,6 +262,7 @@ class HostGroup:
     def load(self, what: str, factory: Factory, *args: Any) -> list[Any]:
         """Bring the group up if needed, then build every host's payload (``HostWorker.load``); their reports."""
         self.bring_up()
+        self.factory = factory
         return self.gather([w.load.remote(factory, *args) for w in self.workers], self.timeout_s, what)
 
     def call_all(self, what: str, method: str, *args: Any) -> list[Any]:
@@ -276,7 +278,7 @@ class HostGroup:
             ray.kill(worker, no_restart=True)
         if self.group is not None:
             remove_placement_group(self.group)
-        self.workers, self.group, self.places = [], None, []
+        self.workers, self.group, self.places, self.factory = [], None, [], None
 
     def close(self) -> None:
         self.restart()

@@ -131,7 +131,7 @@ class RayRuntime:
 
     def close(self) -> None:
         try:
-            if self.group.workers and self.built:
+            if self.built and self.group.factory in (train_host, eval_host):  # (the hosts may serve the model now)
                 self.wait()
         finally:
             self.built, self.pending = [], deque()

@@ -24,9 +24,11 @@ from fax.serving.cluster_engine import ClusterEngine  # noqa: E402
 from fax.config import ConfigError  # noqa: E402
 from fax.data import Batch, Sampler, TokenDataset  # noqa: E402
 from fax.metrics import read_metrics  # noqa: E402
-from fax.serving.batching import generate  # noqa: E402
+from fax.cli.train import sample  # noqa: E402
+from fax.serving.batching import complete, generate  # noqa: E402
 from fax.serving.engine import Engine  # noqa: E402
 from fax.serving.sampling import SamplingParams  # noqa: E402
+from fax.serving.text import run_tokenizer  # noqa: E402
 from fax.train.evaluate import evaluate_checkpoint  # noqa: E402
 from fax.parallel import make_mesh  # noqa: E402
 
@@ -101,6 +103,8 @@ def ray_run(tmp_path_factory, small_corpus, ray_cluster):
         seen = runtime.group.call_all("the rows each host trained on", "last_rows")
         report = {"built": runtime.built, "rows": runtime.rows, "pids": runtime.worker_pids(), "seen": seen,
                   "eval": runtime.evaluate(held_out(small_corpus))}
+        # `fax train --ray`'s end-of-run sample: a serving engine on the run's own hosts, before they stop
+        report["sample"] = sample(trainer, "def ", 12)
     return report, run_dir
 
 
@@ -116,6 +120,13 @@ def test_bring_up_gives_each_host_its_rows(ray_run, small_corpus):
     for host, rows in ((0, slice(0, 4)), (1, slice(4, 8))):
         for field in Batch._fields:
             np.testing.assert_array_equal(getattr(seen[host], field), getattr(last_batch, field)[rows])
+
+
+def test_the_end_of_run_sample_on_the_hosts_is_the_local_engines(ray_run):
+    report, run_dir = ray_run
+    config = load_config(run_dir / "config.yaml")
+    local = complete(Engine.from_run_dir(run_dir, max_batch=1), run_tokenizer(config), "def ", 12, seed=config.seed)
+    assert report["sample"] == local and len(local) > len("def ")
 
 
 def test_every_host_traces_the_profiled_steps(ray_run, traced_steps):
