@@ -12,7 +12,18 @@ from dataclasses import dataclass
 NORMS = ("layernorm", "rmsnorm")
 ACTIVATIONS = ("gelu", "swiglu")
 POSITIONS = ("learned", "rope")
-REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+# The block's tensors a remat policy may keep for the backward pass, tagged by name (checkpoint_name).
+REMAT_NAMES = ("query_proj", "key_proj", "value_proj", "attention_out", "out_proj", "mlpwi", "mlpwo")
+# Policies that keep named tensors: (those kept on the device, those offloaded to host memory), as
+# MaxText names them; the rest of each layer is recomputed from its input in the backward pass.
+NAMED_REMAT = {
+    "save_qkv_proj": (("query_proj", "key_proj", "value_proj"), ()),
+    "save_out_proj": (("out_proj",), ()),
+    "save_dot_except_mlp": (("query_proj", "key_proj", "value_proj", "attention_out", "out_proj"), ()),
+    "save_dot_except_mlpwi": (("query_proj", "key_proj", "value_proj", "attention_out", "out_proj", "mlpwo"), ()),
+    "offload_qkv_proj": ((), ("query_proj", "key_proj", "value_proj")),  # TPU and GPU: host memory
+}
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", *NAMED_REMAT)
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 DTYPES = ("float32", "bfloat16")
 # The weights LoRA can adapt, each with its number of input axes (attn.wo reads heads x head_dim).
@@ -41,7 +52,10 @@ class ModelConfig:
     norm_eps: float = 1e-5  # added to the variance in the norms
     init_std: float = 0.02  # std of the normal init of the weights
     dtype: str = "float32"  # compute dtype (float32, bfloat16); parameters are always float32
-    remat: str = "none"  # recompute in the backward pass: none, full, dots_saveable, dots_with_no_batch_dims_saveable
+    # what the backward pass recomputes: none, full, dots_saveable, dots_with_no_batch_dims_saveable, or a policy
+    # that keeps named tensors: save_qkv_proj, save_out_proj, save_dot_except_mlp, save_dot_except_mlpwi,
+    # offload_qkv_proj (TPU/GPU: to host memory)
+    remat: str = "none"
     attention_impl: str = "auto"  # auto (cuDNN flash attention on GPUs in 16-bit, else XLA), xla, cudnn
 
     @property
@@ -70,6 +84,15 @@ class ModelConfig:
         if self.position == "rope" and self.kv_head_dim % 2:
             out.append(f"RoPE needs an even head dimension, got {self.kv_head_dim}")
         return out
+
+
+def named_widths(cfg: ModelConfig) -> dict[str, tuple[int, bool]]:
+    """Features per token of each tensor ``REMAT_NAMES`` tags, and whether tensor parallelism splits it."""
+    heads, kv = cfg.n_heads * cfg.kv_head_dim, cfg.n_kv_heads * cfg.kv_head_dim
+    mlp_inputs = 2 if cfg.activation == "swiglu" else 1
+    return {"query_proj": (heads, True), "key_proj": (kv, True), "value_proj": (kv, True),
+            "attention_out": (heads, True), "out_proj": (cfg.d_model, False),
+            "mlpwi": (mlp_inputs * cfg.d_ff, True), "mlpwo": (cfg.d_model, False)}
 
 
 def tensor_indivisible(cfg: ModelConfig, tensor: int) -> str | None:

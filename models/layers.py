@@ -1,7 +1,8 @@
 """Transformer building blocks shared by every model family.
 
 Each parameter carries its logical axis names in the ``out_sharding`` metadata; each key
-activation is constrained by logical names through ``fax.models.sharding.constrain``.
+activation is constrained by logical names through ``fax.models.sharding.constrain``, and tagged
+with one of ``REMAT_NAMES`` where a remat policy may keep it.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from fax.models.config import ModelConfig, attention_implementation
 from fax.models.lora import Adapted
@@ -101,6 +103,7 @@ class Attention(nnx.Module):
                    (linear("bld,dhk->blhk", x, w[...]) for w in (self.wq, self.wk, self.wv)))
         if cfg.use_bias:
             q, k, v = q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt), v + self.v_bias[...].astype(dt)
+        q, k, v = (checkpoint_name(t, name) for t, name in zip((q, k, v), ("query_proj", "key_proj", "value_proj")))
         if cfg.position == "rope":
             q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
         q = constrain(q, ("batch", "length", "heads", "head_dim"))
@@ -124,11 +127,11 @@ class Attention(nnx.Module):
         return q, qkv[:, :, :, group], qkv[:, :, :, group + 1]
 
     def _output(self, out: jax.Array) -> jax.Array:
-        out = constrain(out, ("batch", "length", "heads", "head_dim"))
+        out = checkpoint_name(constrain(out, ("batch", "length", "heads", "head_dim")), "attention_out")
         y = linear("blhk,hkd->bld", out, self.wo[...])
         if self.cfg.use_bias:
             y = y + self.out_bias[...].astype(out.dtype)
-        return constrain(y, RESIDUAL)
+        return checkpoint_name(constrain(y, RESIDUAL), "out_proj")
 
     def __call__(self, x: jax.Array, positions: jax.Array, documents: jax.Array | None = None) -> jax.Array:
         """Causal attention; with ``documents`` ([b, length] segment ids) a token sees only the
@@ -189,18 +192,18 @@ class Mlp(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg, dt = self.cfg, x.dtype
-        h = linear("bld,df->blf", x, self.wi[...])
+        h = checkpoint_name(linear("bld,df->blf", x, self.wi[...]), "mlpwi")
         if cfg.use_bias:
             h = h + self.in_bias[...].astype(dt)
         if cfg.activation == "swiglu":
-            h = jax.nn.silu(linear("bld,df->blf", x, self.wg[...])) * h
+            h = jax.nn.silu(checkpoint_name(linear("bld,df->blf", x, self.wg[...]), "mlpwi")) * h
         else:
             h = jax.nn.gelu(h, approximate=True)
         h = constrain(h, ("batch", "length", "mlp"))
         y = linear("blf,fd->bld", h, self.wo[...])
         if cfg.use_bias:
             y = y + self.out_bias[...].astype(dt)
-        return constrain(y, RESIDUAL)
+        return checkpoint_name(constrain(y, RESIDUAL), "mlpwo")
 
 
 class Block(nnx.Module):

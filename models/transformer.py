@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fax.models.config import ModelConfig
+from fax.models.config import NAMED_REMAT, ModelConfig
 from fax.models.layers import RESIDUAL, Block, KVCache, Norm, compute_dtype, param
 from fax.models.sharding import constrain
 
@@ -26,11 +26,19 @@ def scan_layers(layer: LayerFn, layer_params: Any, x: Carry) -> Carry:
     """One layer after another, compiled once (the default way to run the stack)."""
     return jax.lax.scan(lambda h, p: (layer(h, p), None), x, layer_params)[0]
 
-REMAT_POLICY = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
+
+def remat_policy(name: str) -> Callable:
+    """What ``jax.checkpoint`` keeps of a layer under ``model.remat=name`` (not ``none``)."""
+    policies = jax.checkpoint_policies
+    if name in NAMED_REMAT:
+        saved, offloaded = NAMED_REMAT[name]
+        if not offloaded:
+            return policies.save_only_these_names(*saved)
+        return policies.save_and_offload_only_these_names(
+            names_which_can_be_saved=list(saved), names_which_can_be_offloaded=list(offloaded),
+            offload_src="device", offload_dst="pinned_host")
+    return {"full": policies.nothing_saveable, "dots_saveable": policies.dots_saveable,
+            "dots_with_no_batch_dims_saveable": policies.dots_with_no_batch_dims_saveable}[name]
 
 
 class DecoderLM(nnx.Module):
@@ -84,7 +92,7 @@ class DecoderLM(nnx.Module):
             return nnx.merge(graphdef, params)(h, at, documents), documents
 
         if self.cfg.remat != "none":
-            layer = jax.checkpoint(layer, policy=REMAT_POLICY[self.cfg.remat], prevent_cse=False)
+            layer = jax.checkpoint(layer, policy=remat_policy(self.cfg.remat), prevent_cse=False)
         h, _ = run_layers(layer, layer_params, (self._embed(tokens, positions), segments))
         return self.final_norm(h)
 

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from fax.models.config import ModelConfig, attention_implementation, param_count, train_flops_per_token
+from fax.models.config import (NAMED_REMAT, ModelConfig, attention_implementation, named_widths, param_count,
+                               train_flops_per_token)
 from fax.parallel.hardware import ClusterSpec, Link, efficiency
 from fax.parallel.config import MESH_AXES, ticks
 
 OVERLAP = 0.8  # fraction of compute that can hide fsdp/data collectives (XLA's async collectives)
 MEMORY_HEADROOM = 0.9  # the share of device memory a plan may use (fragmentation, compiler temps)
-REMAT_FORWARDS = {"none": 0.0, "dots_saveable": 0.25, "full": 1.0}  # extra forward passes recomputed
+# Extra forward passes the backward recomputes, for the policies not named by tensor (``remat_forwards``).
+REMAT_FORWARDS = {"none": 0.0, "dots_saveable": 0.25, "dots_with_no_batch_dims_saveable": 0.25, "full": 1.0}
 OPTIMIZER_BYTES = 8.0  # Adam: two fp32 moments per parameter
 PARAM_BYTES = 4.0  # fp32 master parameters and gradients
 SCORE_BYTES = 4.0  # a float32 attention score per head per key, kept unless the attention kernel is fused
@@ -110,6 +112,38 @@ def microbatch_tokens(c: Candidate, w: Workload) -> float:
     return w.tokens / (c.data * c.fsdp * c.microbatches * c.sequence)
 
 
+def layer_matmul_flops(m: ModelConfig) -> dict[str, float]:
+    """Forward FLOPs per token of the matmuls behind each tensor ``REMAT_NAMES`` tags (its producer)."""
+    widths = named_widths(m)
+    return {"query_proj": 2.0 * m.d_model * widths["query_proj"][0], "key_proj": 2.0 * m.d_model * widths["key_proj"][0],
+            "value_proj": 2.0 * m.d_model * widths["value_proj"][0], "attention_out": 0.0,
+            "out_proj": 2.0 * widths["attention_out"][0] * m.d_model,
+            "mlpwi": 2.0 * m.d_model * widths["mlpwi"][0], "mlpwo": 2.0 * m.d_ff * m.d_model}
+
+
+def remat_forwards(remat: str, m: ModelConfig) -> float:
+    """Extra forward passes of the layers the backward recomputes: for a policy that keeps named
+    tensors, the share of a layer's matmul FLOPs whose outputs it does not keep (on device or host)."""
+    if remat not in NAMED_REMAT:
+        return REMAT_FORWARDS[remat]
+    flops = layer_matmul_flops(m)
+    kept = sum(flops[name] for name in (*NAMED_REMAT[remat][0], *NAMED_REMAT[remat][1]))
+    return 1.0 - kept / sum(flops.values())
+
+
+def remat_bytes_per_token(remat: str, m: ModelConfig, tensor: int, b: float) -> float:
+    """Activation bytes a layer keeps on the device per token for the backward pass (Megatron-LM's
+    count for the unnamed policies, scaled to the compute dtype ``b`` bytes per value)."""
+    if remat in NAMED_REMAT:  # the layer's input, and the named tensors kept on the device
+        widths = named_widths(m)
+        kept = sum(width / (tensor if split else 1) for width, split in (widths[n] for n in NAMED_REMAT[remat][0]))
+        return (m.d_model + kept) * b
+    return {"none": (10 * m.d_model + 24 * m.d_model / tensor) * b / 2,
+            "dots_saveable": (4 * m.d_model + 12 * m.d_model / tensor) * b / 2,
+            "dots_with_no_batch_dims_saveable": (4 * m.d_model + 12 * m.d_model / tensor) * b / 2,
+            "full": m.d_model * b}[remat]
+
+
 def memory(c: Candidate, w: Workload) -> dict[str, float]:
     """Bytes per device: parameters, gradients, optimizer state, activations, logits."""
     m, b = w.model, w.compute_bytes
@@ -117,11 +151,7 @@ def memory(c: Candidate, w: Workload) -> dict[str, float]:
     params = param_count(m) / shard
     layers = m.n_layers / c.stages
     tokens = microbatch_tokens(c, w)
-    per_token_layer = {  # bytes per token per layer (Megatron-LM's count, scaled to the compute dtype)
-        "none": (10 * m.d_model + 24 * m.d_model / c.tensor) * b / 2,
-        "dots_saveable": (4 * m.d_model + 12 * m.d_model / c.tensor) * b / 2,
-        "full": m.d_model * b,
-    }[c.remat]
+    per_token_layer = remat_bytes_per_token(c.remat, m, c.tensor, b)
     if not (w.flash_attention or c.remat == "full"):  # XLA's attention keeps its float32 scores for the backward
         per_token_layer += SCORE_BYTES * m.n_heads * w.seq_len / c.tensor
     in_flight = ticks(c.stages, c.microbatches) if c.stages > 1 else 1  # GPipe keeps every tick's activations
@@ -157,7 +187,7 @@ def estimate(c: Candidate, w: Workload, cluster: ClusterSpec) -> Estimate:
     m = w.model
     devices = cluster.devices
     flops = w.flops_per_token * w.tokens
-    recomputed = flops / 3 * REMAT_FORWARDS[c.remat]  # a forward pass is a third of forward + backward
+    recomputed = flops / 3 * remat_forwards(c.remat, m)  # a forward pass is a third of forward + backward
     head_repeats = 6.0 * m.d_model * m.vocab_size * w.tokens * (c.stages - 1)  # every stage runs the LM head
     head_repeats += 2.0 * m.d_model * m.vocab_size * w.tokens * c.stages * (c.loss_chunks > 1)  # pieces: forward again
     rate = cluster.device.peak_flops * efficiency(microbatch_tokens(c, w), m.d_model / c.tensor,

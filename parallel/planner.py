@@ -17,10 +17,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from fax.models.config import ModelConfig, tensor_indivisible
-from fax.parallel.cost import MEMORY_HEADROOM, REMAT_FORWARDS, Candidate, Estimate, Workload, estimate
+from fax.parallel.cost import MEMORY_HEADROOM, Candidate, Estimate, Workload, estimate
 from fax.parallel.hardware import ClusterSpec
 
 MAX_MICROBATCHES = 64
+# Remat policies searched (the cost model also prices the named ones, e.g. a plan file's save_qkv_proj).
+PLANNED_REMAT = ("none", "dots_saveable", "full")
 # Pieces of the sequence for the LM head and loss, tried (fewest first: larger matmuls, fewer loop
 # steps) where the whole logits do not fit.
 LOSS_CHUNKS = (2, 4, 8, 16, 32)
@@ -83,7 +85,7 @@ def candidates(cluster: ClusterSpec, w: Workload, max_stages: int | None = None)
             for mb in (2 ** i for i in range(7)):
                 if mb > MAX_MICROBATCHES or w.global_batch % (data * fsdp * mb):
                     continue
-                for remat in REMAT_FORWARDS:
+                for remat in PLANNED_REMAT:
                     yield Candidate(stages, mb, data, fsdp, sequence, tensor, remat)
 
 

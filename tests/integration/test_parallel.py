@@ -6,6 +6,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from fax.train import step as step_lib
+from fax.checkpoint import abstract_like
 from fax.config import load_config
 from fax.data import Batch
 from fax.parallel import make_mesh
@@ -120,9 +121,27 @@ def test_loss_in_chunks_equals_the_whole_loss_and_holds_fewer_logits():
 def test_remat_policies_do_not_change_the_step():
     tokens = batch(config("llama-tiny", (2, 2, 2)))
     _, _, none = one_step(config("llama-tiny", (2, 2, 2)), 8, tokens)
-    for policy in ("full", "dots_saveable"):
+    for policy in ("full", "dots_saveable", "save_qkv_proj", "save_dot_except_mlpwi", "offload_qkv_proj"):
         _, _, metrics = one_step(config("llama-tiny", (2, 2, 2), f"model.remat={policy}"), 8, tokens)
-        np.testing.assert_allclose(metrics["grad_norm"], none["grad_norm"], rtol=1e-5, err_msg=policy)
+        for key in ("loss", "grad_norm"):
+            np.testing.assert_allclose(metrics[key], none[key], rtol=1e-5, err_msg=policy)
+
+
+def test_named_remat_policies_keep_what_they_name():
+    """Compiled scratch memory falls as a policy keeps less: nothing recomputed, every matmul output
+    kept, the matmuls but the MLP's input projections, q/k/v alone, only each layer's input."""
+    def scratch(policy: str) -> int:
+        cfg = config("llama-tiny", (1, 1, 1), "model.n_layers=4", "model.d_model=256", "model.n_heads=8",
+                     "model.n_kv_heads=4", "model.d_ff=1024", "model.max_seq_len=128", "train.seq_len=128",
+                     f"model.remat={policy}")
+        training = build(cfg, 1)
+        state = abstract_like(jax.eval_shape(training.init), training.state_shardings)
+        return step_lib.compile_step(training, state, (16, 129)).memory_analysis().temp_size_in_bytes
+
+    order = ["none", "dots_saveable", "save_dot_except_mlpwi", "save_qkv_proj", "full"]
+    used = {policy: scratch(policy) for policy in order}
+    assert [used[p] for p in order] == sorted(used.values(), reverse=True), used
+    assert used["save_qkv_proj"] > 1.05 * used["full"] and used["none"] > 2 * used["save_dot_except_mlpwi"], used
 
 
 def test_step_compiles_without_involuntary_rematerialisation(capfd):

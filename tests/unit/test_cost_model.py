@@ -7,7 +7,8 @@ import pytest
 
 from fax import models
 from fax.models.config import param_count, train_flops_per_token
-from fax.parallel.cost import Candidate, Workload, axis_links, estimate, memory
+from fax.parallel.cost import (Candidate, Workload, axis_links, estimate, memory, remat_bytes_per_token,
+                             remat_forwards)
 from fax.parallel.calibrate import present_cluster
 from fax.parallel.hardware import cluster_preset, efficiency
 from fax.parallel.planner import plan, problems
@@ -124,3 +125,20 @@ def test_large_plans_take_seconds_are_deterministic_and_beat_the_templates():
         again = plan(models.preset(name), cluster_preset(cluster), batch, seq, name)
         assert [e.candidate for e in again.ranked] == [e.candidate for e in result.ranked]
         assert 0.2 < result.best.mfu < 0.7  # the datasheet peak is never reached, nor is it a toy figure
+
+
+def test_named_remat_policies_are_priced_by_what_they_keep():
+    m = models.preset("llama-7b")
+    order = ["none", "dots_saveable", "save_dot_except_mlpwi", "save_qkv_proj", "full"]
+    kept = [remat_bytes_per_token(p, m, 1, 2.0) for p in order]
+    assert kept == sorted(kept, reverse=True) and kept[-1] == m.d_model * 2.0
+    recomputed = [remat_forwards(p, m) for p in order]
+    assert recomputed == sorted(recomputed) and recomputed[0] == 0.0 and recomputed[-1] == 1.0
+    # Offloading keeps nothing on the device beyond the layer's input, and recomputes what saving would.
+    assert remat_bytes_per_token("offload_qkv_proj", m, 1, 2.0) == kept[-1]
+    assert remat_forwards("offload_qkv_proj", m) == remat_forwards("save_qkv_proj", m)
+    # Tensor parallelism splits the projections a policy keeps, not the residual stream.
+    assert remat_bytes_per_token("save_qkv_proj", m, 8, 2.0) == pytest.approx(
+        (m.d_model + (m.n_heads + 2 * m.n_kv_heads) * m.kv_head_dim / 8) * 2.0)
+    for policy in ("save_qkv_proj", "save_dot_except_mlpwi", "offload_qkv_proj"):
+        assert estimate(Candidate(fsdp=8, remat=policy), Workload(m, 16, 2048, "gpu"), cluster_preset("h100-8")).step_s > 0
