@@ -88,3 +88,34 @@ def cluster_preset(name: str) -> ClusterSpec:
         raise ValueError(f"{name}: {chips} devices do not fill whole hosts of {per_host}")
     hosts, per_host = (1, chips) if chips <= per_host else (chips // per_host, per_host)
     return ClusterSpec(name, DEVICES[family], hosts, per_host, intra, inter)
+
+
+@dataclass(frozen=True)
+class TpuTopology:
+    """A TPU slice (or several) for ahead-of-time compilation (``jax.experimental.topologies``)."""
+
+    name: str  # e.g. v5p:8x8x4
+    chip_config: str  # "megacore" where a chip's two TensorCores are one device (v4; v5p's default)
+    slices: int
+    chips_per_host: tuple[int, int, int] = (2, 2, 1)
+
+
+def tpu_topology(name: str) -> tuple[TpuTopology, ClusterSpec]:
+    """``<family>-<count>[x<slices>]`` (``v5p-512``, ``v5e-256x4``) as a TPU topology to compile for,
+    and the cluster preset of one slice. The slice's chips are laid out as the torus of that size:
+    2D for v5e, 3D for v4 and v5p."""
+    base, _, slices = name.partition("x") if re.fullmatch(r"[a-z0-9]+-\d+x\d+", name) else (name, "", "1")
+    cluster = cluster_preset(base)
+    if cluster.device.platform != "tpu":
+        raise ValueError(f"{name}: ahead-of-time compilation is for TPU slices (v4, v5e, v5p); "
+                         "on GPUs compile on the present devices (no --cluster)")
+    chips = cluster.devices
+    dims = [2, 2] if base.startswith("v5e") else [2, 2, 1]
+    if chips < 4 or chips & (chips - 1):
+        raise ValueError(f"{name}: {chips} chips is not a TPU slice size (a power of two, at least 4)")
+    while dims[0] * dims[1] * (dims[2] if len(dims) == 3 else 1) < chips:
+        smallest = min(range(len(dims)), key=lambda i: (dims[i], -i))
+        dims[smallest] *= 2
+    family = base.split("-")[0]
+    return TpuTopology(f"{family}:{'x'.join(map(str, dims))}", "megacore" if family == "v4" else "default",
+                       int(slices)), cluster

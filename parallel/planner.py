@@ -19,6 +19,7 @@ from typing import Any
 from fax.models.config import ModelConfig, tensor_indivisible
 from fax.parallel.cost import MEMORY_HEADROOM, Candidate, Estimate, Workload, estimate
 from fax.parallel.hardware import ClusterSpec
+from fax.parallel.hlo import COLLECTIVES
 
 MAX_MICROBATCHES = 64
 # Remat policies searched (the cost model also prices the named ones, e.g. a plan file's save_qkv_proj).
@@ -87,9 +88,6 @@ def candidates(cluster: ClusterSpec, w: Workload, max_stages: int | None = None)
                     continue
                 for remat in PLANNED_REMAT:
                     yield Candidate(stages, mb, data, fsdp, sequence, tensor, remat)
-
-
-COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "collective-permute", "all-to-all")
 
 
 @dataclass(frozen=True)

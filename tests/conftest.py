@@ -6,6 +6,9 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("FAX_CACHE", os.path.join(os.path.dirname(__file__), "..", ".cache"))
+# The tests run on CPU devices; with libtpu installed (the tpu extra, for `fax compile`) a process that
+# is not told so probes for a TPU at start-up, subprocesses and Ray workers included.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 

@@ -9,10 +9,10 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from fax.cli import (checkpoint, config, eval, export, generate, infer, metrics, plan, prepare, presets, serve,
-                     train)
+from fax.cli import (checkpoint, compile, config, eval, export, generate, infer, metrics, plan, prepare, presets,
+                     serve, train)
 
-COMMANDS = (train, eval, prepare, generate, serve, infer, plan, export, checkpoint, metrics, presets, config)
+COMMANDS = (train, eval, prepare, generate, serve, infer, plan, compile, export, checkpoint, metrics, presets, config)
 INTERRUPTED_EXIT_CODE = 130  # the shell's code for a command ended by Ctrl-C
 
 

@@ -40,3 +40,9 @@ def add_sampling_options(command: argparse.ArgumentParser, max_tokens: int, temp
     command.add_argument("--top-p", type=float, default=1.0)
     command.add_argument("--stop", action="append", help="stop before this text (repeatable)")
     add_penalty_options(command)
+
+
+def add_config_options(command: argparse.ArgumentParser) -> None:
+    """A run's settings: ``key.sub=value`` overrides after an optional YAML file (``fax config`` lists them)."""
+    command.add_argument("overrides", nargs="*", metavar="key=value")
+    command.add_argument("--config", help="a YAML file of settings, applied before the overrides")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fax.cli.options import add_ray_options, cluster_settings
+from fax.cli.options import add_config_options, add_ray_options, cluster_settings
 
 HELP = "train a model (defaults: a small GPT on the Python standard library)"
 
@@ -14,8 +14,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help=HELP,
                        description="Train. Settings are key.sub=value overrides, e.g. `fax train model=llama-tiny "
                                    "train.steps=30 run_dir=runs/a`; `fax config` lists them all.")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
-    p.add_argument("--config", help="a YAML file of settings, applied before the overrides")
+    add_config_options(p)
     add_ray_options(p)
     p.set_defaults(run=run)
 

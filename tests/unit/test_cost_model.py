@@ -142,3 +142,29 @@ def test_named_remat_policies_are_priced_by_what_they_keep():
         (m.d_model + (m.n_heads + 2 * m.n_kv_heads) * m.kv_head_dim / 8) * 2.0)
     for policy in ("save_qkv_proj", "save_dot_except_mlpwi", "offload_qkv_proj"):
         assert estimate(Candidate(fsdp=8, remat=policy), Workload(m, 16, 2048, "gpu"), cluster_preset("h100-8")).step_s > 0
+
+
+def test_tpu_slices_are_laid_out_as_their_tori():
+    from fax.parallel.hardware import tpu_topology
+
+    assert [tpu_topology(n)[0].name for n in ("v4-8", "v4-1024", "v5p-128", "v5p-512", "v5e-16", "v5e-256")] == [
+        "v4:2x2x1", "v4:8x8x8", "v5p:4x4x4", "v5p:4x8x8", "v5e:4x4", "v5e:16x16"]
+    topology, slice_ = tpu_topology("v5e-256x4")
+    assert topology.slices == 4 and slice_.devices == 256 and topology.chip_config == "default"
+    assert tpu_topology("v4-16")[0].chip_config == "megacore"  # a v4 chip's two cores are one device
+    with pytest.raises(ValueError, match="for TPU slices"):
+        tpu_topology("a100-64")
+
+
+def test_collectives_are_counted_by_the_mesh_axes_they_run_over():
+    from fax.parallel.hlo import collectives
+
+    hlo = "\n".join([
+        "%a = f32[8] all-gather-start(f32[2] %p), replica_groups=[2,4]<=[8], dimensions={0}",
+        "%b = f32[8] all-gather-done(%a)",
+        "%c = f32[8] all-reduce(f32[8] %x), replica_groups={{0,1},{2,3},{4,5},{6,7}}, to_apply=%add",
+        "%d = f32[8] all-reduce(f32[8] %x), replica_groups=mesh['axis_0'=4,'axis_1'=2] {'axis_0','axis_1'}",
+        "%e = f32[8] collective-permute(f32[8] %x), source_target_pairs={{0,1},{1,0}}"])
+    sizes = {"stage": 1, "data": 2, "fsdp": 4, "sequence": 1, "tensor": 1}
+    assert collectives(hlo, sizes) == {"all-gather over fsdp": 1, "all-reduce over data": 1,
+                                       "all-reduce over data x fsdp": 1, "collective-permute": 1}

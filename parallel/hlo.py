@@ -1,0 +1,48 @@
+"""Reading a compiled, partitioned program: its collectives by kind and by the mesh axes they run over."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from collections import Counter
+
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "collective-permute", "all-to-all")
+_OP = re.compile(r"\s(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
+_EXPLICIT_GROUPS = re.compile(r"replica_groups=\{\{([0-9,]*)\}")
+_IOTA_GROUPS = re.compile(r"replica_groups=\[(\d+),(\d+)\]")
+_MESH_GROUPS = re.compile(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}")  # mesh['a'=4,'b'=2] {'a'}
+
+
+def group_size(line: str) -> int | None:
+    """How many devices each group of a collective's instruction holds (None: not stated)."""
+    mesh = _MESH_GROUPS.search(line)
+    if mesh:
+        sizes = dict(re.findall(r"'([^']+)'=(\d+)", mesh.group(1)))
+        return math.prod(int(sizes[axis]) for axis in re.findall(r"'([^']+)'", mesh.group(2)))
+    iota = _IOTA_GROUPS.search(line)
+    if iota:
+        return int(iota.group(2))
+    explicit = _EXPLICIT_GROUPS.search(line)
+    return len(explicit.group(1).split(",")) if explicit and explicit.group(1) else None
+
+
+def axes_of(size: int, axis_sizes: dict[str, int]) -> str:
+    """The mesh axes whose devices make up groups of ``size`` (alternatives joined by " or ")."""
+    split = {k: v for k, v in axis_sizes.items() if v > 1}
+    matches = [" x ".join(combo) for n in range(1, len(split) + 1) for combo in itertools.combinations(split, n)
+               if math.prod(split[a] for a in combo) == size]
+    return " or ".join(matches) or f"{size} devices"
+
+
+def collectives(hlo: str, axis_sizes: dict[str, int]) -> dict[str, int]:
+    """Occurrences of each collective in ``hlo`` (``compiled.as_text()``), by kind and the mesh axes
+    it runs over, e.g. ``{"all-gather over fsdp": 12}``; a point-to-point permute has no axes."""
+    found: Counter[str] = Counter()
+    for line in hlo.splitlines():
+        op = _OP.search(line)
+        if not op or "-done(" in line:
+            continue
+        size = group_size(line)
+        found[op.group(1) if size is None else f"{op.group(1)} over {axes_of(size, axis_sizes)}"] += 1
+    return dict(sorted(found.items()))

@@ -1,0 +1,46 @@
+"""``fax compile``: the train step compiled ahead of time by XLA's TPU compiler (libtpu) for slices
+that are not here, and for the present devices; what does not fit exits 1, bad settings exit 2."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def fax(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, "-m", "fax.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=600)
+
+
+def test_a_tpu_slice_compiles_and_reports_memory_and_collectives_by_axis():
+    done = fax("compile", "model=llama-tiny", "train.batch_size=32", "parallel.fsdp=8", "parallel.tensor=2",
+               "--cluster", "v5e-16")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "v5e-16: 16 x TPU v5 lite, mesh fsdp=8 x tensor=2, 32 x 128 tokens/step" in done.stdout
+    assert "of 16 GiB (fits)" in done.stdout
+    assert "all-gather over fsdp" in done.stdout and "over tensor" in done.stdout
+
+
+def test_a_step_that_does_not_fit_exits_1_with_the_compilers_reason():
+    done = fax("compile", "model=llama-7b", "model.dtype=bfloat16", "train.batch_size=8", "train.seq_len=512",
+               "model.remat=full", "--cluster", "v5e-4")
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "DOES NOT FIT" in done.stdout and "exceeds available HBM" in done.stdout
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["model=llama-tiny", "parallel.tensor=3", "--cluster", "v5e-16"], "parallel.tensor"),
+    (["--cluster", "h100-8"], "ahead-of-time compilation is for TPU slices"),
+    (["--cluster", "v5p-6"], "not a TPU slice size"),
+])
+def test_bad_targets_and_settings_are_named_before_compiling(args, message):
+    done = fax("compile", *args)
+    assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
+
+
+def test_the_present_devices_compile_through_the_local_backend():
+    done = fax("--cpu-devices", "4", "compile", "model=gpt-tiny", "train.batch_size=8")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "cpu-4 (present): 4 x cpu, mesh fsdp=4" in done.stdout and "(fits)" in done.stdout
