@@ -197,7 +197,7 @@ class Config:
 
 def with_layout(cfg: Config, layout: Candidate) -> Config:
     """``cfg`` laid out as a plan says: mesh axis sizes, microbatches, remat policy, loss pieces."""
-    return dataclasses.replace(cfg, parallel=ParallelConfig(**layout.axes), model=cfg.model.replace(remat=layout.remat),
+    return dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, **layout.axes), model=cfg.model.replace(remat=layout.remat),
                                train=dataclasses.replace(cfg.train, microbatches=layout.microbatches,
                                                          loss_chunks=layout.loss_chunks))
 
@@ -352,6 +352,10 @@ def layout_problems(cfg: Config, sizes: dict[str, int]) -> list[str]:
                         "pipeline stages; choose a stage count that divides it")
     if cfg.seq_len % sizes["sequence"]:
         problems.append(f"train.seq_len={cfg.seq_len} is not divisible by parallel.sequence={sizes['sequence']}")
+    elif cfg.parallel.tensor_sequence and cfg.seq_len % (sizes["sequence"] * tensor):
+        problems.append(f"parallel.tensor_sequence splits train.seq_len={cfg.seq_len} over parallel.sequence x "
+                        f"parallel.tensor = {sizes['sequence'] * tensor}, which does not divide it; choose a "
+                        "sequence length it divides, or parallel.tensor_sequence=false")
     elif t.loss_chunks > 0 and cfg.seq_len % t.loss_chunks == 0 and (cfg.seq_len // t.loss_chunks) % sizes["sequence"]:
         problems.append(f"train.loss_chunks={t.loss_chunks} leaves pieces of {cfg.seq_len // t.loss_chunks} positions, "
                         f"which do not split over parallel.sequence={sizes['sequence']}; lower train.loss_chunks")

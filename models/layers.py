@@ -16,7 +16,7 @@ from fax.models.config import ModelConfig, attention_implementation
 from fax.models.lora import Adapted
 from fax.models.sharding import constrain
 
-RESIDUAL = ("batch", "length", "embed")
+RESIDUAL = ("batch", "residual_length", "embed")  # the stream between the blocks
 
 
 def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str | None, ...],

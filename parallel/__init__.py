@@ -10,7 +10,7 @@ from fax.parallel.config import MESH_AXES, ParallelConfig
 
 _LAZY = {"fax.parallel.mesh": ("make_mesh",),
          "fax.parallel.rules": ("BATCH_AXES", "DEFAULT_RULES", "activation_resolver", "logical_sharding",
-                                "logical_to_spec", "optimizer_shardings", "replicated", "tree_shardings",
+                                "logical_to_spec", "optimizer_shardings", "replicated", "rules_for", "tree_shardings",
                                 "with_activation_sharding")}
 _HOME = {name: module for module, names in _LAZY.items() for name in names}
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 # Outermost first: pipeline stages and data replicas cross the slowest links, tensor the fastest.
 MESH_AXES = ("stage", "data", "fsdp", "sequence", "tensor")
@@ -18,10 +18,14 @@ class ParallelConfig:
     fsdp: int = -1  # data parallelism with params, gradients and optimizer state sharded (ZeRO-3)
     sequence: int = 1  # the sequence split across devices
     tensor: int = 1  # heads, MLP and vocabulary split across devices (Megatron)
+    # Megatron's sequence parallelism: between the blocks, the residual stream and its norms are split
+    # along the sequence over the tensor axis too (all-gathered before the attention and MLP, reduce-
+    # scattered after them, instead of all-reduced), dividing those activations by parallel.tensor
+    tensor_sequence: bool = False
 
     def axis_sizes(self, n_devices: int) -> dict[str, int]:
         """Resolve -1 against ``n_devices``; ValueError names the setting when it cannot fit."""
-        sizes = {f.name: getattr(self, f.name) for f in fields(self)}
+        sizes = {axis: getattr(self, axis) for axis in MESH_AXES}
         desc = " x ".join(f"parallel.{k}={v}" for k, v in sizes.items())
         fill = [k for k, v in sizes.items() if v == -1]
         bad = [k for k, v in sizes.items() if v == 0 or v < -1]

@@ -11,6 +11,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fax.models.sharding import activation_sharding
+from fax.parallel.config import ParallelConfig
 
 Rules = Mapping[str, tuple[str, ...]]
 
@@ -20,6 +21,7 @@ Rules = Mapping[str, tuple[str, ...]]
 DEFAULT_RULES: Rules = {
     "batch": ("data", "fsdp"),
     "length": ("sequence",),
+    "residual_length": ("sequence",),  # the residual stream's, between the blocks (see ``rules_for``)
     "embed": ("fsdp",),
     "heads": ("tensor",),
     "kv_heads": ("tensor",),
@@ -32,6 +34,14 @@ DEFAULT_RULES: Rules = {
 }
 
 BATCH_AXES = ("batch", "length")
+
+
+def rules_for(parallel: ParallelConfig) -> Rules:
+    """The rules a parallel setting asks for: with ``tensor_sequence`` the residual stream is split
+    along the sequence over the tensor axis as well (Megatron's sequence parallelism)."""
+    if not parallel.tensor_sequence:
+        return DEFAULT_RULES
+    return {**DEFAULT_RULES, "residual_length": ("sequence", "tensor")}
 
 
 def logical_to_spec(axes: Sequence[str | None], mesh: Mesh, rules: Rules = DEFAULT_RULES) -> PartitionSpec:
@@ -77,9 +87,9 @@ def activation_resolver(mesh: Mesh, rules: Rules = DEFAULT_RULES):
     return lambda axes: logical_sharding(axes, mesh, rules)
 
 
-def with_activation_sharding(fn: Any, mesh: Mesh) -> Any:
-    """Trace ``fn`` with logical activation names resolved against ``mesh``."""
-    resolver = activation_resolver(mesh)
+def with_activation_sharding(fn: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
+    """Trace ``fn`` with logical activation names resolved against ``mesh`` by ``rules``."""
+    resolver = activation_resolver(mesh, rules)
 
     @functools.wraps(fn)
     def wrapped(*args: Any) -> Any:

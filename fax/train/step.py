@@ -19,7 +19,8 @@ from fax.data import Batch
 from fax.models import lora as lora_lib
 from fax.models.sharding import constrain
 from fax.params import init_params, model_params, param_layout, trainable, with_trainable
-from fax.parallel import BATCH_AXES, logical_sharding, optimizer_shardings, replicated, with_activation_sharding
+from fax.parallel import (BATCH_AXES, logical_sharding, optimizer_shardings, replicated, rules_for,
+                          with_activation_sharding)
 from fax.parallel.pipeline import gpipe, split_microbatches
 
 State = dict[str, Any]  # {"step": int32 scalar, "params": ..., "opt_state": ...}
@@ -247,6 +248,7 @@ def build(cfg: Config, mesh: Mesh) -> ShardedTraining:
                                          trainable(param_shardings, cfg.lora), mesh),
     }
     batch_sharding = logical_sharding(("batch", None), mesh)  # rows of seq_len + 1 tokens: split by the step
+    rules = rules_for(cfg.parallel)  # of the activations (the params' are the defaults)
     layout = dict(graphdef=graphdef, microbatches=cfg.train.microbatches, stages=mesh.shape["stage"],
                   objective=Objective(cfg.train.z_loss, cfg.train.loss_chunks, cfg.data.document_mask),
                   lora=cfg.lora)
@@ -259,8 +261,9 @@ def build(cfg: Config, mesh: Mesh) -> ShardedTraining:
         state_shardings=state_shardings,
         batch_sharding=batch_sharding,
         init=jax.jit(functools.partial(init_state, cfg, tx), out_shardings=state_shardings),
-        step=jax.jit(with_activation_sharding(step, mesh), in_shardings=(state_shardings, batch_shardings(batch_sharding)),
+        step=jax.jit(with_activation_sharding(step, mesh, rules),
+                     in_shardings=(state_shardings, batch_shardings(batch_sharding)),
                      out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,)),
-        evaluate=jax.jit(with_activation_sharding(functools.partial(eval_loss, **layout), mesh),
+        evaluate=jax.jit(with_activation_sharding(functools.partial(eval_loss, **layout), mesh, rules),
                          in_shardings=(param_shardings, batch_shardings(batch_sharding)), out_shardings=replicated(mesh)),
     )

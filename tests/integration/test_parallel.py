@@ -223,3 +223,20 @@ def test_pipeline_stages_must_divide_the_layers():
 
     with pytest.raises(ConfigError, match=r"model.n_layers=2 does not split into parallel.stage=4"):
         validate(config("gpt-tiny", (1, 2, 1), "parallel.stage=4"), 8)
+
+
+def test_sequence_parallelism_in_the_tensor_group_keeps_the_step_and_splits_the_residual_stream():
+    """parallel.tensor_sequence: the same loss and gradients, and less compiled scratch memory (the
+    residual stream and its norms are divided over the tensor axis between the blocks)."""
+    shape = ("model.d_model=256", "model.n_heads=8", "model.n_kv_heads=4", "model.d_ff=1024", "model.n_layers=4",
+             "model.max_seq_len=256", "train.batch_size=8", "train.seq_len=256")
+    tokens = Batch.of(np.random.default_rng(0).integers(0, 512, (8, 257)))
+    figures = {}
+    for split in (False, True):
+        cfg = config("llama-tiny", (1, 2, 4), *shape, f"parallel.tensor_sequence={split}")
+        training, _, metrics = one_step(cfg, 8, tokens)
+        state = abstract_like(jax.eval_shape(training.init), training.state_shardings)
+        figures[split] = metrics, step_lib.compile_step(training, state, (8, 257)).memory_analysis().temp_size_in_bytes
+    for key in ("loss", "grad_norm"):
+        np.testing.assert_allclose(figures[True][0][key], figures[False][0][key], rtol=1e-5)
+    assert figures[True][1] < 0.85 * figures[False][1], figures

@@ -121,3 +121,9 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     path.write_text(cfg.to_yaml())
     assert load_config(path) == cfg
     assert Config() == load_config()
+
+
+def test_sequence_parallelism_needs_a_sequence_the_tensor_group_divides():
+    msg = invalid(["model=llama-tiny", "parallel.fsdp=4", "parallel.tensor=2", "parallel.tensor_sequence=true",
+                   "train.seq_len=33", "model.max_seq_len=64"])
+    assert "parallel.tensor_sequence splits train.seq_len=33 over parallel.sequence x parallel.tensor = 2" in msg
