@@ -24,7 +24,9 @@ NAMED_REMAT = {
     "offload_qkv_proj": ((), ("query_proj", "key_proj", "value_proj")),  # TPU and GPU: host memory
 }
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", *NAMED_REMAT)
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "flash", "blockwise")
+# From this many tokens a sequence, auto attention holds no seq x seq scores where no fused kernel runs.
+BLOCKWISE_FROM = 2048
 DTYPES = ("float32", "bfloat16")
 # The weights LoRA can adapt, each with its number of input axes (attn.wo reads heads x head_dim).
 LORA_TARGETS = {"attn.wq": 1, "attn.wk": 1, "attn.wv": 1, "attn.wo": 2, "mlp.wi": 1, "mlp.wg": 1, "mlp.wo": 1}
@@ -56,7 +58,7 @@ class ModelConfig:
     # that keeps named tensors: save_qkv_proj, save_out_proj, save_dot_except_mlp, save_dot_except_mlpwi,
     # offload_qkv_proj (TPU/GPU: to host memory)
     remat: str = "none"
-    attention_impl: str = "auto"  # auto (cuDNN flash attention on GPUs in 16-bit, else XLA), xla, cudnn
+    attention_impl: str = "auto"  # auto (cuDNN on GPUs in 16-bit, Pallas flash on TPUs, else XLA or blockwise), xla, cudnn, flash, blockwise
 
     @property
     def kv_head_dim(self) -> int:
@@ -129,13 +131,18 @@ def matmul_param_count(cfg: ModelConfig) -> int:
     return cfg.n_layers * (attn + mlp) + d * cfg.vocab_size
 
 
-def attention_implementation(cfg: ModelConfig, platform: str) -> str:
-    """The attention kernel ``cfg.attention_impl`` means on ``platform``: ``auto`` is cuDNN's fused
-    flash attention on GPUs in 16-bit (faster than XLA's attention, and no seq x seq scores in memory;
-    see benchmarks/results/mfu*.json), XLA's elsewhere (cuDNN has no float32 kernel)."""
+def attention_implementation(cfg: ModelConfig, platform: str, seq_len: int = 0) -> str:
+    """The attention kernel ``cfg.attention_impl`` means on ``platform`` for sequences of ``seq_len``:
+    ``auto`` is cuDNN's fused flash attention on GPUs in 16-bit (cuDNN has no float32 kernel), the
+    Pallas flash-attention kernel on TPUs (for sequences it tiles: multiples of 128), and elsewhere
+    XLA's attention, or from ``BLOCKWISE_FROM`` tokens the blockwise one (no seq x seq scores)."""
     if cfg.attention_impl != "auto":
         return cfg.attention_impl
-    return "cudnn" if platform == "gpu" and cfg.dtype != "float32" else "xla"
+    if platform == "gpu" and cfg.dtype != "float32":
+        return "cudnn"
+    if platform == "tpu" and seq_len and seq_len % 128 == 0:
+        return "flash"
+    return "blockwise" if seq_len >= BLOCKWISE_FROM else "xla"
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

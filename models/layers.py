@@ -12,7 +12,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from fax.models.config import ModelConfig, attention_implementation
+from fax.models.attention import attend
+from fax.models.config import ModelConfig
 from fax.models.lora import Adapted
 from fax.models.sharding import constrain
 
@@ -137,9 +138,7 @@ class Attention(nnx.Module):
         """Causal attention; with ``documents`` ([b, length] segment ids) a token sees only the
         earlier tokens of its own document."""
         q, k, v = self._project(x, positions)
-        kernel = attention_implementation(self.cfg, jax.default_backend())
-        mask = None if documents is None else (documents[:, :, None] == documents[:, None, :])[:, None]
-        return self._output(jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=kernel))
+        return self._output(attend(self.cfg, q, k, v, documents))
 
     def cached(self, x: jax.Array, positions: jax.Array, cache: KVCache, fused: jax.Array,
                queries: jax.Array | None = None) -> tuple[jax.Array, KVCache]:

@@ -29,6 +29,25 @@ def activation_sharding(resolver: Resolver | None) -> Iterator[None]:
         _resolver.reset(token)
 
 
+def platform() -> str:
+    """The platform of the devices the traced computation is laid out on (a TPU slice compiled for
+    ahead of time from a CPU process: tpu), or else the default backend's."""
+    resolver = _resolver.get()
+    return jax.default_backend() if resolver is None else resolver(()).mesh.devices.flat[0].platform
+
+
+def per_device(fn: Callable, in_axes: Sequence[LogicalAxes], out_axes: LogicalAxes) -> Callable:
+    """``fn`` run on each device's block of its arguments, split by their logical axes (``jax.shard_map``;
+    an axis named None is whole on every device): how a kernel without a sharding rule of its own runs
+    on a mesh. Without a resolver, ``fn`` itself."""
+    resolver = _resolver.get()
+    if resolver is None:
+        return fn
+    specs = tuple(resolver(axes).spec for axes in in_axes)
+    return jax.shard_map(fn, mesh=resolver(()).mesh, in_specs=specs, out_specs=resolver(out_axes).spec,
+                         check_vma=False)
+
+
 def constrain(x: jax.Array, axes: LogicalAxes) -> jax.Array:
     resolver = _resolver.get()
     if resolver is None:

@@ -83,7 +83,8 @@ class Workload:
 
     def __post_init__(self):
         object.__setattr__(self, "compute_bytes", 4 if self.model.dtype == "float32" else 2)
-        object.__setattr__(self, "flash_attention", attention_implementation(self.model, self.platform) == "cudnn")
+        kernel = attention_implementation(self.model, self.platform, self.seq_len)
+        object.__setattr__(self, "flash_attention", kernel in ("cudnn", "flash", "blockwise"))
         object.__setattr__(self, "flops_per_token", train_flops_per_token(self.model, self.seq_len))
 
     @property

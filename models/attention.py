@@ -1,0 +1,95 @@
+"""Causal self-attention kernels, one per backend, all of q [b, length, heads, head_dim] and k, v
+[b, length, kv_heads, head_dim] (grouped-query), with optional packed-document ``segments`` [b, length]:
+
+- ``xla``: ``jax.nn.dot_product_attention``, which holds float32 seq x seq scores (and keeps them for
+  the backward pass); ``cudnn``: the same call's fused flash attention on NVIDIA GPUs.
+- ``flash``: the Pallas TPU flash-attention kernel, run on each device's block of the batch and heads.
+- ``blockwise``: attention a block of keys at a time with a running softmax, in plain JAX: no
+  seq x seq scores at any moment, forward or backward (each block's are recomputed), on any backend.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu import flash_attention as pallas_flash
+
+from fax.models.config import ModelConfig, attention_implementation
+from fax.models.sharding import per_device, platform
+
+FLASH_BLOCKS = (512, 256, 128)  # the Pallas kernel's block sizes, largest first (multiples of 128)
+BLOCKWISE_BLOCK = 512  # keys per step of the blockwise kernel
+MASKED = -1e30  # a finite "minus infinity": a block with every key hidden still has a defined maximum
+
+
+def attend(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array | None) -> jax.Array:
+    """Causal attention by the kernel ``cfg.attention_impl`` means for these shapes on the devices the
+    computation is laid out on: [b, length, heads, head_dim]."""
+    kernel = attention_implementation(cfg, platform(), q.shape[1])
+    if kernel == "flash":
+        return flash_attention(q, k, v, segments)
+    if kernel == "blockwise":
+        return blockwise_attention(q, k, v, segments, min(BLOCKWISE_BLOCK, q.shape[1]))
+    mask = None if segments is None else (segments[:, :, None] == segments[:, None, :])[:, None]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=kernel)
+
+
+def flash_block(length: int) -> int | None:
+    """The Pallas kernel's block size for sequences of ``length`` (None: it cannot tile them)."""
+    return next((b for b in FLASH_BLOCKS if length % b == 0), None)
+
+
+def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array | None) -> jax.Array:
+    """The Pallas TPU kernel on every device's share of the batch and heads (the sequence whole):
+    [b, length, heads, head_dim]. Grouped kv heads are repeated to the query heads' count."""
+    batch, length, heads, head_dim = q.shape
+    block = flash_block(length)
+    sizes = pallas_flash.BlockSizes(block_q=block, block_k_major=block, block_k=block, block_b=1,
+                                    block_q_major_dkv=block, block_k_major_dkv=block, block_k_dkv=block,
+                                    block_q_dkv=block, block_k_major_dq=block, block_k_dq=block, block_q_dq=block)
+    segments = jnp.zeros((batch, length), jnp.int32) if segments is None else segments.astype(jnp.int32)
+    group = heads // k.shape[2]
+    k, v = (jnp.repeat(x, group, axis=2) for x in (k, v))
+
+    def local(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array) -> jax.Array:
+        heads_first = [x.transpose(0, 2, 1, 3) for x in (q, k, v)]
+        out = pallas_flash.flash_attention(*heads_first, segment_ids=pallas_flash.SegmentIds(segments, segments),
+                                           causal=True, sm_scale=head_dim ** -0.5, block_sizes=sizes)
+        return out.transpose(0, 2, 1, 3)
+
+    rows = ("batch", None, "heads", None)
+    return per_device(local, (rows, rows, rows, ("batch", None)), rows)(q, k, v, segments)
+
+
+def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array | None,
+                        block: int) -> jax.Array:
+    """Causal attention over ``block`` keys at a time with a running maximum and sum (the softmax
+    computed online, as flash attention does): [b, length, heads, head_dim]."""
+    batch, length, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    groups = (q.astype(jnp.float32) * head_dim ** -0.5).reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
+    segments = jnp.zeros((batch, length), jnp.int32) if segments is None else segments
+    by_block = [x.reshape(batch, length // block, block, *x.shape[2:]).swapaxes(0, 1) for x in (k, v, segments)]
+    starts = jnp.arange(0, length, block)
+    positions = jnp.arange(length)
+
+    @functools.partial(jax.checkpoint, prevent_cse=False)  # the backward recomputes each block's scores
+    def step(carry: tuple[jax.Array, jax.Array, jax.Array], block_in: tuple[jax.Array, ...]) -> tuple:
+        top, total, out = carry
+        keys, values, key_segments, start = block_in
+        scores = jnp.einsum("blkgd,bskd->blkgs", groups, keys.astype(jnp.float32))
+        visible = ((start + jnp.arange(block))[None, :] <= positions[:, None])[None] & (
+            segments[:, :, None] == key_segments[:, None, :])  # [b, length, block]
+        scores = jnp.where(visible[:, :, None, None, :], scores, MASKED)
+        new_top = jnp.maximum(top, scores.max(-1))
+        weights = jnp.exp(scores - new_top[..., None])
+        rescale = jnp.exp(top - new_top)
+        out = out * rescale[..., None] + jnp.einsum("blkgs,bskd->blkgd", weights, values.astype(jnp.float32))
+        return (new_top, total * rescale + weights.sum(-1), out), None
+
+    shape = groups.shape[:-1]
+    init = (jnp.full(shape, MASKED, jnp.float32), jnp.zeros(shape, jnp.float32), jnp.zeros(groups.shape, jnp.float32))
+    (_, total, out), _ = jax.lax.scan(step, init, (*by_block, starts))
+    return (out / total[..., None]).reshape(q.shape).astype(q.dtype)

@@ -1,0 +1,54 @@
+"""The attention kernels agree with XLA's attention, values and gradients, with grouped kv heads and
+packed documents; ``auto`` picks the kernel each backend has."""
+
+import jax
+import jax.experimental.pallas.tpu as pltpu
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fax import models
+from fax.models.attention import blockwise_attention, flash_attention
+from fax.models.config import attention_implementation
+
+
+def inputs(length=128, heads=4, kv_heads=2, head_dim=16):
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(2, length, heads, head_dim)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(2, length, kv_heads, head_dim)), jnp.float32) for _ in range(2))
+    segments = jnp.asarray(np.cumsum(rng.random((2, length)) < 0.03, axis=1), jnp.int32)
+    return q, k, v, segments
+
+
+def xla(q, k, v, segments):
+    return jax.nn.dot_product_attention(q, k, v, mask=(segments[:, :, None] == segments[:, None, :])[:, None],
+                                        is_causal=True)
+
+
+def assert_same_as_xla(kernel, q, k, v, segments):
+    def loss(f):
+        return lambda q, k, v: (f(q, k, v, segments) * jnp.sin(q)).sum()
+
+    np.testing.assert_allclose(kernel(q, k, v, segments), xla(q, k, v, segments), atol=2e-6)
+    for got, want in zip(jax.grad(loss(kernel), (0, 1, 2))(q, k, v), jax.grad(loss(xla), (0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+@pytest.mark.parametrize("block", [32, 128])
+def test_blockwise_attention_is_xlas(block):
+    assert_same_as_xla(lambda q, k, v, s: blockwise_attention(q, k, v, s, block), *inputs())
+
+
+def test_the_tpu_flash_kernel_is_xlas_in_interpret_mode():
+    with pltpu.force_tpu_interpret_mode():
+        assert_same_as_xla(flash_attention, *inputs())
+
+
+def test_auto_picks_the_kernel_each_backend_has():
+    cfg = models.preset("llama-tiny").replace(dtype="bfloat16")
+    assert attention_implementation(cfg, "gpu", 4096) == "cudnn"
+    assert attention_implementation(cfg, "tpu", 4096) == "flash"
+    assert attention_implementation(cfg, "tpu", 100) == "xla"  # the Pallas kernel tiles multiples of 128
+    assert attention_implementation(cfg, "cpu", 4096) == "blockwise"  # no seq x seq scores for long sequences
+    assert attention_implementation(cfg, "cpu", 256) == "xla"
+    assert attention_implementation(cfg.replace(dtype="float32"), "gpu", 4096) == "blockwise"
