@@ -61,9 +61,9 @@ def target_devices(cluster: str) -> tuple[list[Any], float, str]:
         devices = topologies.get_topology_desc(
             platform="tpu", topology_name=topology.name, chip_config_name=topology.chip_config,
             chips_per_host_bounds=topology.chips_per_host, num_slices=topology.slices).devices
-    except (RuntimeError, ValueError) as e:  # no TPU compiler in this environment
-        raise ConfigError(f"--cluster {cluster}: compiling for TPUs needs libtpu: pip install -e \".[tpu]\" "
-                          f"({str(e).splitlines()[0][:200]})") from None
+    except (RuntimeError, ValueError) as e:  # no TPU compiler here, or another process holds it
+        raise ConfigError(f"--cluster {cluster}: the TPU compiler did not start ({str(e).splitlines()[0][:300]}); "
+                          "it needs libtpu (pip install -e \".[tpu]\"), which one process at a time may use") from None
     return list(devices), spec.device.hbm_bytes, cluster
 
 
