@@ -21,7 +21,7 @@ from fax.data import ByteTokenizer
 from fax.serving.batching import Batcher, Busy, Scheduler, generate, stream
 from fax.serving import engine as engine_module
 from fax.serving.engine import Engine, serving_mesh
-from fax.serving.sampling import MAX_LOGPROBS, SamplingParams, request_problems
+from fax.serving.sampling import MAX_LOGPROBS, SamplingParams
 from fax.serving.text import TextStream
 
 PROMPTS = [[5, 17, 99, 3, 42], [7] * 11 + [300], [1, 2, 3]]
@@ -160,16 +160,13 @@ def test_a_requests_samples_do_not_depend_on_its_batch():
 
 
 def test_requests_the_engine_cannot_serve_are_refused_with_reasons():
+    """``request_problems`` (tests/unit/test_sampling.py) stop a generation before the engine runs."""
     cfg, _, params = model("gpt-tiny")
     engine = Engine(cfg, params, serving_mesh(cfg, jax.devices()[:1]))
-    assert request_problems(cfg, [1] * 100, SamplingParams(max_new_tokens=64)) == [
-        "prompt (100 tokens) + max_tokens (64) exceeds the model's context of 128 tokens; "
-        "shorten the prompt or lower max_tokens"]
-    assert request_problems(cfg, [], SamplingParams(max_new_tokens=0, temperature=-1, top_p=0)) == [
-        "max_tokens must be positive, got 0", "temperature must be >= 0, got -1",
-        "top_p must be in (0, 1], got 0", "prompt is empty"]
     with pytest.raises(ValueError, match="request 0: prompt is empty"):
         next(stream(engine, [[]], [SamplingParams()]))
+    with pytest.raises(ValueError, match=r"request 1: prompt \(100 tokens\) \+ max_tokens \(64\) exceeds"):
+        next(stream(engine, [[1], [1] * 100], [SamplingParams(max_new_tokens=64)] * 2))
 
 
 def test_generate_command_continues_a_trained_run(tmp_path, small_corpus, capsys):
