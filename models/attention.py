@@ -19,8 +19,7 @@ from jax.experimental.pallas.ops.tpu import flash_attention as pallas_flash
 from fax.models.config import ModelConfig, attention_implementation
 from fax.models.sharding import per_device, platform
 
-FLASH_BLOCKS = (512, 256, 128)  # the Pallas kernel's block sizes, largest first (multiples of 128)
-BLOCKWISE_BLOCK = 512  # keys per step of the blockwise kernel
+TILES = (512, 256, 128)  # block sizes of the flash and blockwise kernels, largest first (the Pallas kernel's: x128)
 MASKED = -1e30  # a finite "minus infinity": a block with every key hidden still has a defined maximum
 
 
@@ -30,22 +29,22 @@ def attend(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, segments:
     kernel = attention_implementation(cfg, platform(), q.shape[1])
     if kernel == "flash":
         return flash_attention(q, k, v, segments)
-    if kernel == "blockwise":
-        return blockwise_attention(q, k, v, segments, min(BLOCKWISE_BLOCK, q.shape[1]))
+    if kernel == "blockwise":  # a length no tile divides (an explicit setting): the whole sequence one block
+        return blockwise_attention(q, k, v, segments, tile(q.shape[1]) or q.shape[1])
     mask = None if segments is None else (segments[:, :, None] == segments[:, None, :])[:, None]
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=kernel)
 
 
-def flash_block(length: int) -> int | None:
-    """The Pallas kernel's block size for sequences of ``length`` (None: it cannot tile them)."""
-    return next((b for b in FLASH_BLOCKS if length % b == 0), None)
+def tile(length: int) -> int | None:
+    """The block size of the kernels for sequences of ``length`` (None: no tile divides it)."""
+    return next((b for b in TILES if length % b == 0), None)
 
 
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array | None) -> jax.Array:
     """The Pallas TPU kernel on every device's share of the batch and heads (the sequence whole):
     [b, length, heads, head_dim]. Grouped kv heads are repeated to the query heads' count."""
     batch, length, heads, head_dim = q.shape
-    block = flash_block(length)
+    block = tile(length)
     sizes = pallas_flash.BlockSizes(block_q=block, block_k_major=block, block_k=block, block_b=1,
                                     block_q_major_dkv=block, block_k_major_dkv=block, block_k_dkv=block,
                                     block_q_dkv=block, block_k_major_dq=block, block_k_dq=block, block_q_dq=block)

@@ -134,15 +134,17 @@ def matmul_param_count(cfg: ModelConfig) -> int:
 def attention_implementation(cfg: ModelConfig, platform: str, seq_len: int = 0) -> str:
     """The attention kernel ``cfg.attention_impl`` means on ``platform`` for sequences of ``seq_len``:
     ``auto`` is cuDNN's fused flash attention on GPUs in 16-bit (cuDNN has no float32 kernel), the
-    Pallas flash-attention kernel on TPUs (for sequences it tiles: multiples of 128), and elsewhere
-    XLA's attention, or from ``BLOCKWISE_FROM`` tokens the blockwise one (no seq x seq scores)."""
+    Pallas flash-attention kernel on TPUs, and elsewhere XLA's attention, or from ``BLOCKWISE_FROM``
+    tokens the blockwise one (no seq x seq scores); the two tiled kernels for lengths they tile
+    (multiples of 128)."""
     if cfg.attention_impl != "auto":
         return cfg.attention_impl
     if platform == "gpu" and cfg.dtype != "float32":
         return "cudnn"
-    if platform == "tpu" and seq_len and seq_len % 128 == 0:
+    tiled = seq_len > 0 and seq_len % 128 == 0
+    if platform == "tpu" and tiled:
         return "flash"
-    return "blockwise" if seq_len >= BLOCKWISE_FROM else "xla"
+    return "blockwise" if tiled and seq_len >= BLOCKWISE_FROM else "xla"
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fax import models
-from fax.models.attention import blockwise_attention, flash_attention
+from fax.models.attention import attend, blockwise_attention, flash_attention
 from fax.models.config import attention_implementation
 
 
@@ -39,6 +39,12 @@ def test_blockwise_attention_is_xlas(block):
     assert_same_as_xla(lambda q, k, v, s: blockwise_attention(q, k, v, s, block), *inputs())
 
 
+def test_blockwise_attention_set_for_a_length_no_tile_divides_runs_as_one_block():
+    q, k, v, segments = inputs(length=100)
+    cfg = models.preset("llama-tiny").replace(attention_impl="blockwise")
+    np.testing.assert_allclose(attend(cfg, q, k, v, segments), xla(q, k, v, segments), atol=2e-6)
+
+
 def test_the_tpu_flash_kernel_is_xlas_in_interpret_mode():
     with pltpu.force_tpu_interpret_mode():
         assert_same_as_xla(flash_attention, *inputs())
@@ -51,4 +57,5 @@ def test_auto_picks_the_kernel_each_backend_has():
     assert attention_implementation(cfg, "tpu", 100) == "xla"  # the Pallas kernel tiles multiples of 128
     assert attention_implementation(cfg, "cpu", 4096) == "blockwise"  # no seq x seq scores for long sequences
     assert attention_implementation(cfg, "cpu", 256) == "xla"
+    assert attention_implementation(cfg, "cpu", 4100) == "xla"  # a length the blockwise kernel does not tile
     assert attention_implementation(cfg.replace(dtype="float32"), "gpu", 4096) == "blockwise"
