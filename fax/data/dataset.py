@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from fax.config import Config
 from fax.data.files import text_files
 from fax.data.prepare import FORMAT, PROMPT_FLAG, prepare
 from fax.data.tokenizers import Tokenizer, get_tokenizer
@@ -129,9 +130,12 @@ class TokenDataset:
     def tokenizer(self, folder: str | Path) -> Tokenizer:
         return get_tokenizer(self.meta["tokenizer"], folder)
 
-    def sampler(self, folder: str | Path, batch_size: int, seq_len: int, seed: int) -> Sampler:
-        """The batches of this split (``folder``: the dataset's, where its tokenizer is kept)."""
-        return Sampler(self, batch_size, seq_len, seed, self.tokenizer(folder).eos_id)
+    def sampler(self, folder: str | Path, config: Config) -> Sampler:
+        """The batches ``config`` trains (or evaluates) on from this split (``folder``: the dataset's,
+        where its tokenizer is kept); its rows' documents numbered only under ``data.document_mask``,
+        the one setting that reads them."""
+        end = self.tokenizer(folder).eos_id if config.data.document_mask else None
+        return Sampler(self, config.train.batch_size, config.seq_len, config.seed, end)
 
 
 class Sampler:

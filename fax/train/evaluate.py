@@ -42,7 +42,7 @@ def evaluate_checkpoint(run_dir: str | Path, overrides: Sequence[str] = (), step
         t = config.train
         echo(f"fax: step {step} of {run_dir}, {split} split of {data_path}: {t.eval_batches} batches of "
              f"{t.batch_size} x {config.seq_len} tokens on {device_count} device(s), mesh {mesh_desc(axis_sizes)}")
-        held_out = data.sampler(data_path, t.batch_size, config.seq_len, config.seed)
+        held_out = data.sampler(data_path, config)
         batches = (held_out.batch(i) for i in tqdm(range(t.eval_batches), desc="eval", unit="batch", leave=False))
         return step, runtime.evaluate(batches)
     finally:

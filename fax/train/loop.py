@@ -222,7 +222,7 @@ class Trainer:
         log_path = Path(cfg.run_dir) / "metrics.jsonl"
         kept = [r for r in read_metrics(log_path) if r["step"] <= first] if first and log_path.exists() else []
         self.history = [r for r in self.history if r["step"] <= first]
-        train_batches = self.dataset.sampler(self.data_path, t.batch_size, seq_len, cfg.seed)
+        train_batches = self.dataset.sampler(self.data_path, cfg)
         tokens_per_step = t.batch_size * seq_len
         batch = train_batches.batch(first)
         window_start, window_steps = time.perf_counter(), 0
@@ -269,8 +269,7 @@ class Trainer:
         cfg, t = self.config, self.config.train
         hooks: list[LoopHook] = [Profiling(runtime, traced, _above(bar, self.echo))]
         if t.eval_every:  # the same validation batches at every evaluation
-            held_out = TokenDataset.open(self.data_path, "val").sampler(self.data_path, t.batch_size, cfg.seq_len,
-                                                                        cfg.seed)
+            held_out = TokenDataset.open(self.data_path, "val").sampler(self.data_path, cfg)
             hooks.append(Evaluation(runtime, [held_out.batch(i) for i in range(t.eval_batches)], t.eval_every))
 
         def show(record: dict[str, Any]) -> None:
