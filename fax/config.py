@@ -15,7 +15,7 @@ import yaml
 
 from fax.models.config import LORA_TARGETS, ModelConfig, tensor_indivisible
 from fax.models.presets import preset
-from fax.parallel.config import ParallelConfig
+from fax.parallel.config import ParallelConfig, Schedule
 from fax.parallel.cost import Candidate
 
 
@@ -197,7 +197,9 @@ class Config:
 
 def with_layout(cfg: Config, layout: Candidate) -> Config:
     """``cfg`` laid out as a plan says: mesh axis sizes, microbatches, remat policy, loss pieces."""
-    return dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, **layout.axes), model=cfg.model.replace(remat=layout.remat),
+    parallel = dataclasses.replace(cfg.parallel, **layout.axes, virtual_stages=layout.virtual_stages,
+                                   stage_remat=layout.stage_remat)
+    return dataclasses.replace(cfg, parallel=parallel, model=cfg.model.replace(remat=layout.remat),
                                train=dataclasses.replace(cfg.train, microbatches=layout.microbatches,
                                                          loss_chunks=layout.loss_chunks))
 
@@ -314,6 +316,9 @@ def setting_problems(cfg: Config) -> list[str]:
     for name in ("steps", "batch_size", "microbatches", "loss_chunks", "eval_batches", "log_every"):
         if getattr(t, name) <= 0:
             problems.append(f"train.{name} must be positive, got {getattr(t, name)}")
+    if cfg.parallel.virtual_stages < 1:
+        problems.append(f"parallel.virtual_stages={cfg.parallel.virtual_stages} must be >= 1 (1: one chunk of "
+                        "layers per pipeline stage)")
     if t.eval_every < 0:
         problems.append(f"train.eval_every must be >= 0 (0: no evaluation), got {t.eval_every}")
     if t.profile_steps < 0:
@@ -347,9 +352,13 @@ def layout_problems(cfg: Config, sizes: dict[str, int]) -> list[str]:
                         f"choose a tensor size that divides it")
     if m.d_model % sizes["fsdp"]:
         problems.append(f"model.d_model={m.d_model} is not divisible by parallel.fsdp={sizes['fsdp']}")
-    if m.n_layers % sizes["stage"]:
+    chunks = sizes["stage"] * max(cfg.parallel.virtual_stages, 1)
+    if m.n_layers % chunks:
         problems.append(f"model.n_layers={m.n_layers} does not split into parallel.stage={sizes['stage']} "
-                        "pipeline stages; choose a stage count that divides it")
+                        f"x parallel.virtual_stages={cfg.parallel.virtual_stages} = {chunks} pipeline chunks; "
+                        "choose stage and virtual stage counts whose product divides it")
+    if sizes["stage"] > 1:
+        problems.extend(Schedule(sizes["stage"], t.microbatches, cfg.parallel.virtual_stages).problems())
     if cfg.seq_len % sizes["sequence"]:
         problems.append(f"train.seq_len={cfg.seq_len} is not divisible by parallel.sequence={sizes['sequence']}")
     elif cfg.parallel.tensor_sequence and cfg.seq_len % (sizes["sequence"] * tensor):

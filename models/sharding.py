@@ -17,6 +17,7 @@ LogicalAxes = Sequence[str | None]
 Resolver = Callable[[LogicalAxes], jax.sharding.Sharding]
 
 _resolver: contextvars.ContextVar[Resolver | None] = contextvars.ContextVar("fax_resolver", default=None)
+_aliases: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("fax_axis_aliases", default={})
 
 
 @contextlib.contextmanager
@@ -27,6 +28,23 @@ def activation_sharding(resolver: Resolver | None) -> Iterator[None]:
         yield
     finally:
         _resolver.reset(token)
+
+
+@contextlib.contextmanager
+def axis_aliases(aliases: dict[str, str]) -> Iterator[None]:
+    """Inside this block, read each logical axis named in ``aliases`` as its alias: how a caller lays
+    out the activations of code it runs (a pipeline's LM head: its rows over the stages too) without
+    that code knowing."""
+    token = _aliases.set({**_aliases.get(), **aliases})
+    try:
+        yield
+    finally:
+        _aliases.reset(token)
+
+
+def _resolved(axes: LogicalAxes) -> jax.sharding.Sharding:
+    aliases = _aliases.get()
+    return _resolver.get()(tuple(aliases.get(a, a) if a else a for a in axes))
 
 
 def platform() -> str:
@@ -43,13 +61,12 @@ def per_device(fn: Callable, in_axes: Sequence[LogicalAxes], out_axes: LogicalAx
     resolver = _resolver.get()
     if resolver is None:
         return fn
-    specs = tuple(resolver(axes).spec for axes in in_axes)
-    return jax.shard_map(fn, mesh=resolver(()).mesh, in_specs=specs, out_specs=resolver(out_axes).spec,
+    specs = tuple(_resolved(axes).spec for axes in in_axes)
+    return jax.shard_map(fn, mesh=resolver(()).mesh, in_specs=specs, out_specs=_resolved(out_axes).spec,
                          check_vma=False)
 
 
 def constrain(x: jax.Array, axes: LogicalAxes) -> jax.Array:
-    resolver = _resolver.get()
-    if resolver is None:
+    if _resolver.get() is None:
         return x
-    return jax.lax.with_sharding_constraint(x, resolver(axes))
+    return jax.lax.with_sharding_constraint(x, _resolved(axes))

@@ -22,6 +22,14 @@ class ParallelConfig:
     # along the sequence over the tensor axis too (all-gathered before the attention and MLP, reduce-
     # scattered after them, instead of all-reduced), dividing those activations by parallel.tensor
     tensor_sequence: bool = False
+    # Pipeline schedule (with stage > 1): each stage holds this many chunks of layers, a microbatch
+    # going round the stages as often, which divides the bubble by about as much (Megatron's interleaved
+    # schedule; train.microbatches a multiple of stage). Costs an all-to-all of the stage's params per step.
+    virtual_stages: int = 1
+    # Each tick's stage recomputed from its input in the backward pass: activation memory no longer grows
+    # with train.microbatches (one hidden state per tick, plus one microbatch's layers at a time), for
+    # one more forward pass of the stack (none more than model.remat=full, with model.remat=none)
+    stage_remat: bool = False
 
     def axis_sizes(self, n_devices: int) -> dict[str, int]:
         """Resolve -1 against ``n_devices``; ValueError names the setting when it cannot fit."""
@@ -45,11 +53,34 @@ class ParallelConfig:
         return sizes
 
 
-def ticks(stages: int, microbatches: int) -> int:
-    """Schedule length: every microbatch enters stage 0 once; the last needs stages - 1 more ticks."""
-    return microbatches + stages - 1
+@dataclass(frozen=True)
+class Schedule:
+    """How microbatches flow through the pipeline stages (``fax.parallel.pipeline``)."""
 
+    stages: int
+    microbatches: int
+    virtual: int = 1  # chunks of the stack per stage: a microbatch goes round the stages this often
+    stage_remat: bool = False  # each tick's stage recomputed from its input in the backward pass
 
-def bubble_fraction(stages: int, microbatches: int) -> float:
-    """Share of stage-ticks idle (or computing discarded work): (S - 1) / (M + S - 1)."""
-    return (stages - 1) / ticks(stages, microbatches)
+    @property
+    def ticks(self) -> int:
+        """Every microbatch enters stage 0 V times; the last needs S - 1 more ticks to leave."""
+        return self.virtual * self.microbatches + self.stages - 1
+
+    @property
+    def bubble(self) -> float:
+        """Share of stage-ticks idle (or computing discarded work): (S - 1) / (V M + S - 1)."""
+        return (self.stages - 1) / self.ticks
+
+    @property
+    def head_spread(self) -> bool:
+        """Whether the pipeline's output rows split over the stages (whole groups of S microbatches),
+        so that each stage runs the LM head and loss on its share; else every stage runs them all."""
+        return self.microbatches % self.stages == 0
+
+    def problems(self) -> list[str]:
+        if self.virtual > 1 and self.microbatches % self.stages:
+            return [f"parallel.virtual_stages={self.virtual} sends microbatches round the {self.stages} stages in "
+                    f"groups of {self.stages}: train.microbatches={self.microbatches} must be a multiple of "
+                    "parallel.stage (or set parallel.virtual_stages=1)"]
+        return []

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from fax.models.config import (NAMED_REMAT, ModelConfig, attention_implementation, named_widths, param_count,
                                train_flops_per_token)
 from fax.parallel.hardware import ClusterSpec, Link, efficiency
-from fax.parallel.config import MESH_AXES, ticks
+from fax.parallel.config import MESH_AXES, Schedule
 
 OVERLAP = 0.8  # fraction of compute that can hide fsdp/data collectives (XLA's async collectives)
 MEMORY_HEADROOM = 0.9  # the share of device memory a plan may use (fragmentation, compiler temps)
@@ -34,6 +34,12 @@ class Candidate:
     tensor: int = 1
     remat: str = "none"
     loss_chunks: int = 1  # pieces of the sequence the LM head and loss run in (train.loss_chunks)
+    virtual_stages: int = 1  # parallel.virtual_stages: chunks of layers per pipeline stage
+    stage_remat: bool = False  # parallel.stage_remat: each tick's stage recomputed in the backward
+
+    @property
+    def schedule(self) -> Schedule:
+        return Schedule(self.stages, self.microbatches, self.virtual_stages, self.stage_remat)
 
     @property
     def axes(self) -> dict[str, int]:
@@ -43,7 +49,9 @@ class Candidate:
     def describe(self) -> str:
         mesh = " ".join(f"{k}={v}" for k, v in self.axes.items() if v > 1) or "1 device"
         pieces = f", loss in {self.loss_chunks} pieces" if self.loss_chunks > 1 else ""
-        return f"{mesh}, mb={self.microbatches}, remat={self.remat}{pieces}"
+        pipe = (f", virtual={self.virtual_stages}" if self.virtual_stages > 1 else "") + (
+            ", stage_remat" if self.stage_remat else "")
+        return f"{mesh}, mb={self.microbatches}{pipe}, remat={self.remat}{pieces}"
 
 
 @dataclass(frozen=True)
@@ -155,12 +163,24 @@ def memory(c: Candidate, w: Workload) -> dict[str, float]:
     per_token_layer = remat_bytes_per_token(c.remat, m, c.tensor, b)
     if not (w.flash_attention or c.remat == "full"):  # XLA's attention keeps its float32 scores for the backward
         per_token_layer += SCORE_BYTES * m.n_heads * w.seq_len / c.tensor
-    in_flight = ticks(c.stages, c.microbatches) if c.stages > 1 else 1  # GPipe keeps every tick's activations
     recompute = 0 if c.remat == "none" else (10 * m.d_model + 24 * m.d_model / c.tensor) * b / 2 * tokens
-    return {"params": params * PARAM_BYTES, "grads": params * PARAM_BYTES, "optimizer": params * OPTIMIZER_BYTES,
-            "activations": per_token_layer * layers * tokens * in_flight + recompute,
-            # float32 logits, of the whole batch where a pipeline's head sees it, a piece at a time
-            "logits": tokens * m.vocab_size / c.tensor * 4 * (c.microbatches if c.stages > 1 else 1) / c.loss_chunks}
+    found = {"params": params * PARAM_BYTES, "grads": params * PARAM_BYTES, "optimizer": params * OPTIMIZER_BYTES}
+    if c.stages == 1:
+        found["activations"] = per_token_layer * layers * tokens + recompute
+    else:
+        s = c.schedule
+        # Each tick's stage input (kept by stage_remat for the recompute) and the last stage's output.
+        ticks_kept = s.ticks * tokens * m.d_model * b * (1 + s.stage_remat)
+        # GPipe keeps every tick's layer activations (a chunk of layers / V each); stage_remat one tick's.
+        layer_ticks = 1 if s.stage_remat else s.ticks / s.virtual
+        found["activations"] = per_token_layer * layers * tokens * layer_ticks + recompute + ticks_kept
+        if s.virtual > 1:  # the stage's chunks gathered from the layer-ordered params, and their gradients
+            found["pipeline_params"] = 2 * params * PARAM_BYTES
+    # float32 logits, a piece at a time, of the rows a device's head sees: the whole batch's on every stage
+    # unless the rows spread over the stages
+    head_rows = c.microbatches / (1 if c.stages == 1 else c.stages if c.schedule.head_spread else 1)
+    found["logits"] = tokens * m.vocab_size / c.tensor * 4 * head_rows / c.loss_chunks
+    return found
 
 
 def comm_times(c: Candidate, w: Workload, cluster: ClusterSpec) -> dict[str, float]:
@@ -179,8 +199,11 @@ def comm_times(c: Candidate, w: Workload, cluster: ClusterSpec) -> dict[str, flo
         "data": ring_time(links["data"], c.data, stage_params * PARAM_BYTES / (c.fsdp * c.tensor), passes=2),
         "tensor": c.microbatches * layers * tensor_collectives * ring_time(links["tensor"], c.tensor, activation, 2),
         "sequence": c.microbatches * layers * 2 * ring_time(links["sequence"], c.sequence, kv),
-        "stage": 0.0 if c.stages == 1 else 2 * c.microbatches * (
-            activation / links["stage"].bandwidth + links["stage"].latency),
+        "stage": 0.0 if c.stages == 1 else 2 * c.schedule.virtual * c.microbatches * (
+            activation / links["stage"].bandwidth + links["stage"].latency) + (
+            # interleaved: the stage's other chunks' params forward, their gradients backward (all-to-all)
+            2 * (c.stages - 1) / c.stages * stage_params * PARAM_BYTES / (c.fsdp * c.tensor) / links["stage"].bandwidth
+            if c.virtual_stages > 1 else 0.0),
     }
 
 
@@ -188,13 +211,15 @@ def estimate(c: Candidate, w: Workload, cluster: ClusterSpec) -> Estimate:
     m = w.model
     devices = cluster.devices
     flops = w.flops_per_token * w.tokens
-    recomputed = flops / 3 * remat_forwards(c.remat, m)  # a forward pass is a third of forward + backward
-    head_repeats = 6.0 * m.d_model * m.vocab_size * w.tokens * (c.stages - 1)  # every stage runs the LM head
-    head_repeats += 2.0 * m.d_model * m.vocab_size * w.tokens * c.stages * (c.loss_chunks > 1)  # pieces: forward again
+    # a forward pass is a third of forward + backward; stage_remat runs the stack's forward once more
+    recomputed = flops / 3 * (remat_forwards(c.remat, m) + c.stage_remat)
+    head_flops = 6.0 * m.d_model * m.vocab_size * w.tokens
+    head_repeats = 0.0 if c.schedule.head_spread else head_flops * (c.stages - 1)  # every stage runs the LM head
+    head_repeats += head_flops / 3 * (c.loss_chunks > 1)  # pieces: the head's forward again
     rate = cluster.device.peak_flops * efficiency(microbatch_tokens(c, w), m.d_model / c.tensor,
                                                   cluster.device.matmul_knees)
     compute = (flops + recomputed + head_repeats) / devices / rate
-    bubble = compute * (c.stages - 1) / c.microbatches  # GPipe/1F1B: (p - 1) idle slots of m
+    bubble = compute * (c.stages - 1) / (c.virtual_stages * c.microbatches)  # S - 1 idle ticks of V M
     comm = comm_times(c, w, cluster)
     hidden = comm["fsdp"] + comm["data"]
     exposed = max(0.0, hidden - OVERLAP * compute) + comm["tensor"] + comm["sequence"] + comm["stage"]

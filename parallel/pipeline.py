@@ -1,12 +1,25 @@
 """Pipeline parallelism inside the one compiled step: the stack of layers split over the ``stage``
-mesh axis, microbatches flowing through a GPipe schedule.
+mesh axis, microbatches flowing through the stages tick by tick.
 
-Every stage holds ``n_layers / stages`` consecutive layers (the params' ``layers`` axis is sharded
-over ``stage``). At each tick all stages run at once (a ``vmap`` over stages whose stage axis is
-the mesh's, so each device group computes only its own stage), then each stage's output moves to
-the next stage (a collective permute) while stage 0 takes the next microbatch. ``M`` microbatches
-through ``S`` stages take ``M + S - 1`` ticks; the backward pass is the same schedule reversed
-(autodiff through the scan). Being one jitted program, it runs multi-host unchanged.
+At each tick all stages run at once (a ``vmap`` over stages whose stage axis is the mesh's, so each
+device group computes only its own stage), then each stage's output moves to the next stage (a
+collective permute) while stage 0 takes the next microbatch. The backward pass is the same schedule
+reversed (autodiff through the scan). Being one jitted program, it runs multi-host unchanged.
+
+Two choices shape it (``fax.parallel.config.Schedule``):
+
+- **virtual stages** V: the stack is cut into S x V chunks and stage s holds chunks s, s + S, ...;
+  a microbatch goes round the ring of stages V times. The bubble falls from (S - 1) / (M + S - 1)
+  to (S - 1) / (V M + S - 1) (Megatron's interleaved schedule). The params stay stored in layer
+  order, split into S consecutive blocks, so each step moves every stage's other chunks to it over
+  the stage axis (an all-to-all of the stage's params forward and of its gradients backward).
+- **bounded memory**: each tick's stage is recomputed from its input in the backward pass, so what a
+  step keeps is one hidden state per tick and stage, plus the layer activations of one microbatch at
+  a time, instead of every tick's layer activations (which grow with M).
+
+The pipeline's output rows are spread over the stages (with whole groups of S microbatches), so that
+the final norm, LM head and loss run on each stage's share of the rows (the caller reads ``batch``
+as ``head_layout`` says there, a piece of rows at a time), not all of them on every stage.
 """
 
 from __future__ import annotations
@@ -16,18 +29,41 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fax.models.sharding import constrain
 from fax.models.transformer import RunLayers, scan_layers
-from fax.parallel.config import ticks
+from fax.parallel.config import Schedule
 
 STAGE_STATE = ("stage", "batch", "length", "embed")  # one microbatch of hidden states per stage
+SPREAD = ("pipelined_batch", "length", "embed")  # the rows over the stages too, for the head and loss
+
+
+def head_layout(schedule: Schedule) -> tuple[str, int]:
+    """How the head and loss read the stack's output: the logical axis its rows are laid out by, and
+    in how many pieces of rows, one after another, so that one device's logits at a time are as many
+    as one microbatch's (they do not grow with M)."""
+    if schedule.stages == 1:
+        return "batch", 1
+    if schedule.head_spread:
+        return "pipelined_batch", schedule.microbatches // schedule.stages
+    return "batch", schedule.microbatches
 
 
 def _stage_state(state: Any) -> Any:
     """Every leaf of the stages' carry [stage, batch, length, ...] sharded by stage (the hidden
     states, and the rows' document ids, which take the leading names)."""
     return jax.tree.map(lambda x: constrain(x, STAGE_STATE[:x.ndim]), state)
+
+
+def _over_stages(x: Any) -> Any:
+    """A microbatch [batch, length, ...] kept split along its length over the stages (the last
+    stage's output at each tick: not a copy of it on every stage)."""
+    return jax.tree.map(lambda a: constrain(a, ("batch", "pipelined_length")[:a.ndim]), x)
+
+
+def _spread(x: Any) -> Any:
+    return jax.tree.map(lambda a: constrain(a, SPREAD[:a.ndim]), x)
 
 
 def split_microbatches(x: jax.Array, microbatches: int) -> jax.Array:
@@ -41,35 +77,63 @@ def merge_microbatches(x: jax.Array) -> jax.Array:
     return x.swapaxes(0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
-def by_stage(layer_params: Any, stages: int) -> Any:
-    """[layers, ...] -> [stages, layers / stages, ...]: stage s holds layers s*L/S .. (s+1)*L/S - 1."""
-    return jax.tree.map(lambda p: p.reshape(stages, p.shape[0] // stages, *p.shape[1:]), layer_params)
+def by_stage(layer_params: Any, stages: int, virtual: int = 1) -> Any:
+    """[layers, ...] -> [stages, virtual, layers / (stages x virtual), ...]: stage s, pass v holds
+    chunk v x S + s of consecutive layers."""
+    def split(p: jax.Array) -> jax.Array:
+        chunks = p.reshape(virtual, stages, p.shape[0] // (stages * virtual), *p.shape[1:])
+        return chunks.swapaxes(0, 1)
+    return jax.tree.map(split, layer_params)
 
 
-def gpipe(stages: int, microbatches: int, for_microbatch: Callable[[Any, jax.Array], Any] | None = None
-          ) -> RunLayers:
-    """A ``RunLayers`` that pipelines the stack over ``stages`` with ``microbatches`` microbatches;
-    ``for_microbatch(layer_params, m)``, if given, specializes a stage's layers to microbatch m
-    (its dropout masks)."""
+def timetable(schedule: Schedule) -> dict[str, np.ndarray]:
+    """The static schedule, [ticks, stages] each: which microbatch a stage works on at a tick, on which
+    round of the ring, and whether that is real work (not the bubble); and [ticks]: whether stage 0
+    takes a fresh microbatch."""
+    S, V, M = schedule.stages, schedule.virtual, schedule.microbatches
+    item = np.arange(schedule.ticks)[:, None] - np.arange(S)[None, :]  # stage s runs item t - s
+    real = (item >= 0) & (item < V * M)
+    item = np.clip(item, 0, V * M - 1)
+    group, within = item // (S * V), item % (S * V)  # microbatches enter in groups of S, each going round V times
+    rounds = within // S
+    # Stage 0 takes a fresh microbatch at the start of its round 0, else the last stage's output.
+    return {"microbatch": group * S + within % S, "round": rounds, "real": real, "fresh": rounds[:, 0] == 0}
+
+
+def pipeline(schedule: Schedule, for_microbatch: Callable[[Any, jax.Array], Any] | None = None) -> RunLayers:
+    """A ``RunLayers`` that pipelines the stack as ``schedule`` says; ``for_microbatch(layer_params,
+    m)``, if given, specializes a stage's layers to microbatch m (its dropout masks)."""
+    S, V, M = schedule.stages, schedule.virtual, schedule.microbatches
     specialize = for_microbatch or (lambda params, _: params)
+    table = timetable(schedule)
+    finals = [int(np.flatnonzero(table["real"][:, -1] & (table["round"][:, -1] == V - 1)
+                                 & (table["microbatch"][:, -1] == m))[0]) for m in range(M)]
 
     def run(layer: Any, layer_params: Any, x: Any) -> Any:
-        staged = by_stage(layer_params, stages)
-        inputs = jax.tree.map(lambda a: split_microbatches(a, microbatches), x)
-        run_stages = jax.vmap(lambda p, h, m: scan_layers(layer, specialize(p, m), h), spmd_axis_name="stage")
+        staged = by_stage(layer_params, S, V)
 
-        def tick(state: Any, incoming_t: tuple[Any, jax.Array]) -> tuple[Any, Any]:
-            incoming, t = incoming_t
-            done = run_stages(staged, state, t - jnp.arange(stages))  # stage s works on microbatch t - s
+        def stage(params: Any, h: Any, m: jax.Array, r: jax.Array) -> Any:
+            chunk = jax.tree.map(lambda p: jax.lax.dynamic_index_in_dim(p, r, keepdims=False), params)
+            return scan_layers(layer, specialize(chunk, m), h)
+
+        if schedule.stage_remat:
+            stage = jax.checkpoint(stage, prevent_cse=False)
+        run_stages = jax.vmap(stage, spmd_axis_name="stage")
+        # The stack's input rows spread over the stages as its output's are (each tick gathers one microbatch).
+        x = _spread(x) if schedule.head_spread else x
+        inputs = jax.tree.map(lambda a: split_microbatches(jnp.asarray(a), M), x)
+        microbatch, rounds, starts = (jnp.asarray(table[k]) for k in ("microbatch", "round", "fresh"))
+
+        def tick(state: Any, t: jax.Array) -> tuple[Any, Any]:
+            done = run_stages(staged, state, microbatch[t], rounds[t])
+            nxt = jnp.minimum(t + 1, schedule.ticks - 1)
+            incoming = jax.tree.map(lambda a, d: jnp.where(starts[nxt], a[microbatch[nxt, 0]], d[-1]), inputs, done)
             state = jax.tree.map(lambda i, d: jnp.concatenate([i[None], d[:-1]], axis=0), incoming, done)
-            return _stage_state(state), jax.tree.map(lambda d: d[-1], done)
+            return _stage_state(state), _over_stages(jax.tree.map(lambda d: d[-1], done))
 
-        n = ticks(stages, microbatches)
-        # Stage 0 takes microbatch t + 1 after tick t (past the last, a repeat whose result is dropped).
-        incoming = jax.tree.map(lambda a: a[jnp.minimum(jnp.arange(1, n + 1), microbatches - 1)], inputs)
-        first = jax.tree.map(lambda a: jnp.concatenate([a[:1], jnp.zeros((stages - 1, *a.shape[1:]), a.dtype)]), inputs)
-        _, finished = jax.lax.scan(tick, _stage_state(first), (incoming, jnp.arange(n)))
-        # The last stage finishes microbatch t - (S - 1) at tick t: the first S - 1 ticks' results are scratch.
-        return jax.tree.map(lambda f: merge_microbatches(f[stages - 1:]), finished)
+        first = jax.tree.map(lambda a: jnp.concatenate([a[:1], jnp.zeros((S - 1, *a.shape[1:]), a.dtype)]), inputs)
+        _, finished = jax.lax.scan(tick, _stage_state(first), jnp.arange(schedule.ticks))
+        out = jax.tree.map(lambda f: merge_microbatches(f[np.asarray(finals)]), finished)
+        return _spread(out) if schedule.head_spread else out
 
     return run

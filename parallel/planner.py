@@ -46,8 +46,10 @@ def factorizations(n: int, parts: int) -> Iterator[tuple[int, ...]]:
 def problems(c: Candidate, w: Workload) -> list[tuple[str, str]]:
     """Why a layout cannot run this model and batch at all, as (kind, message) (empty: it can)."""
     m, found = w.model, []
-    if m.n_layers % c.stages:
-        found.append(("stages", f"{m.n_layers} layers do not split into {c.stages} stages"))
+    if m.n_layers % (c.stages * c.virtual_stages):
+        found.append(("stages", f"{m.n_layers} layers do not split into {c.stages} stages x {c.virtual_stages} "
+                                "virtual stages"))
+    found.extend(("stages", problem) for problem in c.schedule.problems())
     indivisible = tensor_indivisible(m, c.tensor)
     if indivisible:
         found.append(("tensor", f"tensor={c.tensor} does not divide {indivisible}={getattr(m, indivisible)}"))
@@ -88,6 +90,13 @@ def candidates(cluster: ClusterSpec, w: Workload, max_stages: int | None = None)
                     continue
                 for remat in PLANNED_REMAT:
                     yield Candidate(stages, mb, data, fsdp, sequence, tensor, remat)
+                if stages > 1:  # the pipeline's own schedules (the stage recomputed needs no layer remat)
+                    yield Candidate(stages, mb, data, fsdp, sequence, tensor, "none", stage_remat=True)
+                    if mb % stages == 0 and w.model.n_layers % (2 * stages) == 0:
+                        for remat in PLANNED_REMAT:
+                            yield Candidate(stages, mb, data, fsdp, sequence, tensor, remat, virtual_stages=2)
+                        yield Candidate(stages, mb, data, fsdp, sequence, tensor, "none", virtual_stages=2,
+                                        stage_remat=True)
 
 
 @dataclass(frozen=True)

@@ -17,20 +17,25 @@ from fax import models
 from fax.config import Config, LoraConfig, OptimConfig
 from fax.data import Batch
 from fax.models import lora as lora_lib
-from fax.models.sharding import constrain
+from fax.models.sharding import axis_aliases, constrain
 from fax.params import init_params, model_params, param_layout, trainable, with_trainable
 from fax.parallel import (BATCH_AXES, logical_sharding, optimizer_shardings, replicated, rules_for,
                           with_activation_sharding)
-from fax.parallel.pipeline import gpipe, split_microbatches
+from fax.parallel.config import Schedule
+from fax.parallel.pipeline import head_layout, pipeline, split_microbatches
 
 State = dict[str, Any]  # {"step": int32 scalar, "params": ..., "opt_state": ...}
 
 
-def loss_sums(logits: jax.Array, targets: jax.Array, counted: jax.Array) -> jax.Array:
+def loss_sums(hidden: jax.Array, head: jax.Array, targets: jax.Array, counted: jax.Array) -> jax.Array:
     """[sum of next-token cross-entropies, sum of logsumexp^2] over the positions whose target
-    counts (``counted``: a prompt's tokens do not)."""
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    counts (``counted``: a prompt's tokens do not), of final hidden states through the LM ``head``."""
+    log_z = jax.nn.logsumexp(models.head_logits(hidden, head), axis=-1)
+    # The targets' logits from their own columns of the head: the backward then scatters into the
+    # head's gradient, not into a [length, vocab] buffer per row (which XLA may build for every piece
+    # of the loss at once, outside the loop over them).
+    columns = constrain(head.astype(hidden.dtype).T, ("vocab", None))[targets]  # whole along embed, as the embedding's
+    target_logits = jnp.einsum("bld,bld->bl", hidden, columns).astype(jnp.float32)
     return jnp.stack([jnp.sum(jnp.where(counted, log_z - target_logits, 0.0)),
                       jnp.sum(jnp.where(counted, log_z**2, 0.0))])
 
@@ -61,25 +66,38 @@ class Objective:
     z_loss: float = 0.0
     chunks: int = 1
     documents: bool = False  # each document of a row read alone: attention stops at the flagged ends
+    rows: str = "batch"  # the logical axis the head's rows are laid out by (a pipeline's: over its stages too)
+    row_pieces: int = 1  # the rows taken this many pieces at a time (a pipeline's: one microbatch's worth each)
 
     def __call__(self, hidden: jax.Array, head: jax.Array, targets: jax.Array, counted: jax.Array,
                  count: jax.Array) -> tuple[jax.Array, jax.Array]:
         """(the objective, the cross-entropy) of final hidden states [batch, length, embed], the
         sums over the targets that count (``counted``) divided by ``count``."""
-        if self.chunks == 1:
-            sums = loss_sums(models.head_logits(hidden, head), targets, counted)
-        else:
-            batch, length, embed = hidden.shape
-
-            def pieces(x: jax.Array) -> jax.Array:  # piece c holds positions c, c + chunks, ...: each keeps
-                x = x.reshape(batch, length // self.chunks, self.chunks, *x.shape[2:])  # the sequence's sharding
-                return jnp.moveaxis(x, 2, 0)
-
-            piece_sums = jax.checkpoint(lambda x, t, c, w: loss_sums(models.head_logits(x, w), t, c))
-            sums = jax.lax.scan(lambda total, xtc: (total + piece_sums(*xtc, head), None),
-                                jnp.zeros(2, jnp.float32), (pieces(hidden), pieces(targets), pieces(counted)))[0]
+        with axis_aliases({"batch": self.rows}):
+            sums = self._sums(hidden, head, targets, counted)
         ce, z = sums[0] / count, sums[1] / count
         return ce + self.z_loss * z, ce
+
+    def _sums(self, hidden: jax.Array, head: jax.Array, targets: jax.Array, counted: jax.Array) -> jax.Array:
+        if self.row_pieces == 1:
+            return self._piece_sums(hidden, head, targets, counted)
+        piece_sums = jax.checkpoint(lambda x, t, c, w: self._piece_sums(x, w, t, c))
+        pieces = [split_microbatches(a, self.row_pieces) for a in (hidden, targets, counted)]
+        return jax.lax.scan(lambda total, xtc: (total + piece_sums(*xtc, head), None),
+                            jnp.zeros(2, jnp.float32), pieces)[0]
+
+    def _piece_sums(self, hidden: jax.Array, head: jax.Array, targets: jax.Array, counted: jax.Array) -> jax.Array:
+        if self.chunks == 1:
+            return loss_sums(hidden, head, targets, counted)
+        batch, length, embed = hidden.shape
+
+        def pieces(x: jax.Array) -> jax.Array:  # piece c holds positions c, c + chunks, ...: each keeps
+            x = x.reshape(batch, length // self.chunks, self.chunks, *x.shape[2:])  # the sequence's sharding
+            return jnp.moveaxis(x, 2, 0)
+
+        piece_sums = jax.checkpoint(lambda x, t, c, w: loss_sums(x, w, t, c))
+        return jax.lax.scan(lambda total, xtc: (total + piece_sums(*xtc, head), None),
+                            jnp.zeros(2, jnp.float32), (pieces(hidden), pieces(targets), pieces(counted)))[0]
 
 
 def lr_schedule(optim: OptimConfig, steps: int) -> optax.Schedule:
@@ -159,18 +177,18 @@ def accumulated_grads(graphdef: nnx.GraphDef, params: Any, batch: Batch, microba
     return loss_sum / microbatches, jax.tree.map(lambda g: g / microbatches, grad_sum)
 
 
-def batch_grads(graphdef: nnx.GraphDef, params: Any, batch: Batch, microbatches: int, stages: int,
-                objective: Objective, to_model: ToModel = _same) -> tuple[jax.Array, Any]:
+def batch_grads(graphdef: nnx.GraphDef, params: Any, batch: Batch, schedule: Schedule, objective: Objective,
+                to_model: ToModel = _same) -> tuple[jax.Array, Any]:
     """Loss and gradient of a batch: with pipeline stages the microbatches flow through the pipeline,
     otherwise they accumulate one after another (the same dropout masks either way)."""
-    if stages > 1:
-        pipeline = gpipe(stages, microbatches, lora_lib.for_microbatch)
-        return loss_and_grads(graphdef, params, batch, objective, pipeline, to_model)
-    return accumulated_grads(graphdef, params, batch, microbatches, objective, to_model)
+    if schedule.stages > 1:
+        run_layers = pipeline(schedule, lora_lib.for_microbatch)
+        return loss_and_grads(graphdef, params, batch, objective, run_layers, to_model)
+    return accumulated_grads(graphdef, params, batch, schedule.microbatches, objective, to_model)
 
 
-def eval_loss(params: Any, batch: Batch, *, graphdef: nnx.GraphDef, microbatches: int, stages: int,
-              objective: Objective, lora: LoraConfig) -> jax.Array:
+def eval_loss(params: Any, batch: Batch, *, graphdef: nnx.GraphDef, schedule: Schedule, objective: Objective,
+              lora: LoraConfig) -> jax.Array:
     """Mean cross-entropy of a batch under the merged weights (no dropout), split into
     microbatches as the train step is, so that it fits wherever the step does."""
     weights = model_params(params, lora)
@@ -179,14 +197,15 @@ def eval_loss(params: Any, batch: Batch, *, graphdef: nnx.GraphDef, microbatches
            ) -> jax.Array:
         return batch_objective(graphdef, weights, batch, objective, run_layers, count)[1]
 
-    if stages > 1:
-        return ce(batch, gpipe(stages, microbatches))
-    count = target_count(batch, microbatches)
-    return jnp.mean(jax.lax.map(lambda mb: ce(constrain_rows(mb), count=count), microbatches_of(batch, microbatches)))
+    if schedule.stages > 1:
+        return ce(batch, pipeline(schedule))
+    count = target_count(batch, schedule.microbatches)
+    return jnp.mean(jax.lax.map(lambda mb: ce(constrain_rows(mb), count=count),
+                                microbatches_of(batch, schedule.microbatches)))
 
 
 def train_step(state: State, batch: Batch, *, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-               schedule: optax.Schedule, microbatches: int, stages: int, objective: Objective, lora: LoraConfig,
+               lr: optax.Schedule, schedule: Schedule, objective: Objective, lora: LoraConfig,
                seed: int) -> tuple[State, dict[str, jax.Array]]:
     params = trainable(state["params"], lora)
     step_key = jax.random.fold_in(jax.random.key(seed), state["step"])
@@ -194,10 +213,10 @@ def train_step(state: State, batch: Batch, *, graphdef: nnx.GraphDef, tx: optax.
     def to_model(p: Any) -> Any:
         return model_params(with_trainable(state["params"], p, lora), lora, step_key)
 
-    loss, grads = batch_grads(graphdef, params, batch, microbatches, stages, objective, to_model)
+    loss, grads = batch_grads(graphdef, params, batch, schedule, objective, to_model)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     params = with_trainable(state["params"], optax.apply_updates(params, updates), lora)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"])}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr(state["step"])}
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
 
@@ -237,6 +256,10 @@ def compile_step(training: ShardedTraining, state: Any, batch_shape: tuple[int, 
     return training.step.lower(state, abstract_batch(training.batch_sharding, batch_shape)).compile()
 
 
+def pipeline_schedule(cfg: Config, stages: int) -> Schedule:
+    return Schedule(stages, cfg.train.microbatches, cfg.parallel.virtual_stages, cfg.parallel.stage_remat)
+
+
 def build(cfg: Config, mesh: Mesh) -> ShardedTraining:
     """Shardings from the logical rules, then the jitted init, train step and eval step."""
     graphdef, abstract_params, param_axes, param_shardings = param_layout(cfg, mesh)
@@ -249,10 +272,12 @@ def build(cfg: Config, mesh: Mesh) -> ShardedTraining:
     }
     batch_sharding = logical_sharding(("batch", None), mesh)  # rows of seq_len + 1 tokens: split by the step
     rules = rules_for(cfg.parallel)  # of the activations (the params' are the defaults)
-    layout = dict(graphdef=graphdef, microbatches=cfg.train.microbatches, stages=mesh.shape["stage"],
-                  objective=Objective(cfg.train.z_loss, cfg.train.loss_chunks, cfg.data.document_mask),
+    schedule = pipeline_schedule(cfg, mesh.shape["stage"])
+    layout = dict(graphdef=graphdef, schedule=schedule,
+                  objective=Objective(cfg.train.z_loss, cfg.train.loss_chunks, cfg.data.document_mask,
+                                      *head_layout(schedule)),
                   lora=cfg.lora)
-    step = functools.partial(train_step, tx=tx, schedule=lr_schedule(cfg.optim, cfg.train.steps), seed=cfg.seed,
+    step = functools.partial(train_step, tx=tx, lr=lr_schedule(cfg.optim, cfg.train.steps), seed=cfg.seed,
                              **layout)
     return ShardedTraining(
         mesh=mesh,

@@ -156,22 +156,26 @@ def grads_on_mesh(cfg, tokens: np.ndarray):
     """Loss and gradients of the batch (the train step's own grad function) on cfg's mesh of 8 devices."""
     training = build(cfg, 8)
     fn = jax.jit(step_lib.with_activation_sharding(
-        lambda params, t: step_lib.batch_grads(training.graphdef, params, t, cfg.train.microbatches,
-                                               training.mesh.shape["stage"], step_lib.Objective()), training.mesh))
+        lambda params, t: step_lib.batch_grads(training.graphdef, params, t,
+                                               step_lib.pipeline_schedule(cfg, training.mesh.shape["stage"]),
+                                               step_lib.Objective()), training.mesh))
     loss, grads = fn(training.init()["params"], jax.device_put(tokens, training.batch_sharding))
     return training, float(loss), jax.tree.map(np.asarray, grads)
 
 
 @pytest.mark.parametrize("model", ["gpt-tiny", "llama-tiny"])
 def test_pipeline_stages_match_one_stage(model):
-    four_layers = "model.n_layers=4"
-    tokens = batch(config(model, (1, 8, 1), four_layers))
-    _, loss, grads = grads_on_mesh(config(model, (1, 8, 1), four_layers), tokens)
-    for stages, data, fsdp, tensor, micro in ((2, 1, 2, 2, 4), (4, 1, 2, 1, 2)):
-        cfg = config(model, (data, fsdp, tensor), four_layers, f"parallel.stage={stages}",
-                     f"train.microbatches={micro}")
+    """GPipe, interleaved (V = 2) and stage-rematerialised schedules over S = 2 and 4 stages: the
+    unpipelined step's loss and gradients."""
+    layers = "model.n_layers=8"
+    tokens = batch(config(model, (1, 8, 1), layers))
+    _, loss, grads = grads_on_mesh(config(model, (1, 8, 1), layers), tokens)
+    for stages, virtual, remat, (data, fsdp, tensor), micro in ((2, 1, False, (1, 2, 2), 4), (2, 2, True, (1, 2, 2), 4),
+                                                                  (4, 1, True, (1, 2, 1), 2), (4, 2, False, (1, 2, 1), 4)):
+        cfg = config(model, (data, fsdp, tensor), layers, f"parallel.stage={stages}", f"train.microbatches={micro}",
+                     f"parallel.virtual_stages={virtual}", f"parallel.stage_remat={remat}")
         training, piped_loss, piped = grads_on_mesh(cfg, tokens)
-        where = f"{model} stages={stages} microbatches={micro}"
+        where = f"{model} S={stages} V={virtual} stage_remat={remat} M={micro}"
         # Each stage holds its own consecutive layers: the stacked layer axis is split over `stage`.
         assert training.state_shardings["params"]["blocks"]["mlp"]["wi"].spec[0] == "stage", where
         np.testing.assert_allclose(piped_loss, loss, rtol=1e-5, err_msg=where)
@@ -197,10 +201,10 @@ def test_document_mask_gives_the_same_step_on_every_mesh(model="llama-tiny"):
 
 
 def test_pipeline_schedule_runs_m_plus_s_minus_1_ticks():
-    """GPipe: the stack runs in order on every microbatch, in M + S - 1 ticks of all stages at once."""
+    """The stack runs in order on every microbatch, in V M + S - 1 ticks of all stages at once."""
     from fax.models import scan_layers
-    from fax.parallel.config import bubble_fraction, ticks
-    from fax.parallel.pipeline import gpipe
+    from fax.parallel.config import Schedule
+    from fax.parallel.pipeline import pipeline
 
     def layer(h, p):  # not commutative: a wrong layer order or a mixed-up microbatch changes the result
         return h * p["scale"] + p["shift"]
@@ -209,13 +213,14 @@ def test_pipeline_schedule_runs_m_plus_s_minus_1_ticks():
     params = {"scale": rng.normal(size=(8, 1)).astype(np.float32), "shift": rng.normal(size=(8, 1)).astype(np.float32)}
     x = rng.normal(size=(12, 3)).astype(np.float32)
     want = scan_layers(layer, params, x)
-    for stages, micro in ((2, 3), (4, 6), (8, 1), (4, 12)):
-        run = gpipe(stages, micro)
-        np.testing.assert_allclose(run(layer, params, x), want, rtol=1e-6, err_msg=f"S={stages} M={micro}")
-        schedule = [e for e in jax.make_jaxpr(lambda p, h: run(layer, p, h))(params, x).eqns
-                    if e.primitive.name == "scan"]
-        assert [e.params["length"] for e in schedule] == [ticks(stages, micro)]
-    assert bubble_fraction(4, 12) == pytest.approx(3 / 15)
+    for stages, micro, virtual in ((2, 3, 1), (4, 6, 1), (8, 1, 1), (4, 12, 1), (2, 4, 2), (2, 6, 4), (4, 4, 2)):
+        schedule = Schedule(stages, micro, virtual)
+        run = pipeline(schedule)
+        np.testing.assert_allclose(run(layer, params, x), want, rtol=1e-6, err_msg=str(schedule))
+        scans = [e for e in jax.make_jaxpr(lambda p, h: run(layer, p, h))(params, x).eqns if e.primitive.name == "scan"]
+        assert [e.params["length"] for e in scans] == [virtual * micro + stages - 1]
+    assert Schedule(4, 12).bubble == pytest.approx(3 / 15)
+    assert Schedule(4, 12, 3).bubble == pytest.approx(3 / 39)
 
 
 def test_pipeline_stages_must_divide_the_layers():
@@ -240,3 +245,24 @@ def test_sequence_parallelism_in_the_tensor_group_keeps_the_step_and_splits_the_
     for key in ("loss", "grad_norm"):
         np.testing.assert_allclose(figures[True][0][key], figures[False][0][key], rtol=1e-5)
     assert figures[True][1] < 0.85 * figures[False][1], figures
+
+
+def test_stage_remat_bounds_pipeline_memory_as_microbatches_grow():
+    """Compiled scratch memory of a 4-stage pipeline at M = 16 microbatches against M = 4 of the same
+    size: GPipe keeps every tick's layer activations (it grows about with M); stage_remat keeps one
+    hidden state per tick (within 1.3x)."""
+    shape = ("model.d_model=256", "model.n_heads=8", "model.n_kv_heads=4", "model.d_ff=1024", "model.n_layers=8",
+             "model.max_seq_len=256", "train.seq_len=256", "model.vocab_size=8192", "parallel.stage=4")
+    temps = {}
+    for remat in (False, True):
+        for micro in (4, 16):
+            cfg = config("llama-tiny", (1, 2, 1), *shape, f"parallel.stage_remat={remat}",
+                         f"train.microbatches={micro}", f"train.batch_size={2 * micro}")
+            training = build(cfg, 8)
+            state = abstract_like(jax.eval_shape(training.init), training.state_shardings)
+            compiled = step_lib.compile_step(training, state, (2 * micro, 257))
+            temps[remat, micro] = compiled.memory_analysis().temp_size_in_bytes
+    print({k: f"{v / 2**20:.1f} MiB" for k, v in temps.items()})
+    assert temps[False, 16] > 2 * temps[False, 4]
+    assert temps[True, 16] < 1.3 * temps[True, 4]
+    assert temps[True, 4] < temps[False, 4]

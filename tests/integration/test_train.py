@@ -91,8 +91,9 @@ def test_prompt_tokens_are_read_but_not_trained_on(tmp_path):
     parts = jax.jit(step_lib.accumulated_grads, static_argnums=(0, 3, 4))(graphdef, params, tokens, 4, objective)
     assert float(parts[0]) == pytest.approx(float(whole[0]), rel=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), parts[1], whole[1])
-    evaluate = functools.partial(step_lib.eval_loss, graphdef=graphdef, stages=1, objective=objective, lora=cfg.lora)
-    assert float(evaluate(params, tokens, microbatches=4)) == pytest.approx(expected, rel=1e-5)
+    evaluate = functools.partial(step_lib.eval_loss, graphdef=graphdef, schedule=step_lib.Schedule(1, 4),
+                                 objective=objective, lora=cfg.lora)
+    assert float(evaluate(params, tokens)) == pytest.approx(expected, rel=1e-5)
 
     # End to end: `fax prepare --prompt-field` records train, and the logged val_loss is the masked one.
     records = [{"prompt": f"Q{i}: what is {i} + {i}? ", "answer": f"{2 * i}."} for i in range(400)]

@@ -108,7 +108,7 @@ def test_layouts_that_cannot_run_are_pruned_with_the_reason():
     # gpt-tiny: 2 layers, 8 heads, d_model 64
     w = Workload(models.preset("gpt-tiny"), global_batch=16, seq_len=128, platform="tpu")
     assert problems(Candidate(tensor=3), w) == [("tensor", "tensor=3 does not divide n_heads=8")]
-    assert problems(Candidate(stages=4), w) == [("stages", "2 layers do not split into 4 stages")]
+    assert problems(Candidate(stages=4), w) == [("stages", "2 layers do not split into 4 stages x 1 virtual stages")]
     assert problems(Candidate(data=4, fsdp=2, microbatches=4), w) == [
         ("batch", "batch 16 does not split into data x fsdp x microbatches = 32")]
     assert problems(Candidate(sequence=3), w) == [("sequence", "sequence=3 does not divide the sequence length 128")]
