@@ -3,7 +3,6 @@
     python benchmarks/planner.py [--measure 12]
 
 Speed: seconds to plan GPT-3 175B on h100-1024 and Llama 70B on v4-1024 (goal < 10 s each).
-Pipeline: the measured bubble of the GPipe schedule against its formula.
 Scaling: planning time against device count (8 ... 4096) and layer count.
 Published runs: for large runs published with their hardware, layout and throughput, the cost model's
 throughput for that same layout next to the published figure, and the planner's own pick next to both.
@@ -86,48 +85,6 @@ def planning_scaling() -> list[dict]:
     return rows
 
 
-def measure_bubble(stages: int = 4, micro_rows: int = 8, width: int = 256, layers: int = 8) -> list[dict]:
-    """Forward + backward of a stack of layers alone: pipelined over ``stages`` stages with M microbatches,
-    against the same work spread evenly (the stage axis used for data instead, no pipeline). The
-    measured bubble is 1 - even / pipelined; the schedule's is (S - 1) / (M + S - 1)."""
-    import jax.numpy as jnp
-    import numpy as np
-
-    from fax.train.step import with_activation_sharding
-    from fax.models import scan_layers
-    from fax.parallel import ParallelConfig, logical_sharding, make_mesh
-    from fax.parallel.config import bubble_fraction
-    from fax.parallel.pipeline import gpipe
-
-    rng = np.random.default_rng(0)
-    weights = {k: rng.normal(0, width ** -0.5, (layers, width, width)).astype(np.float32) for k in ("w1", "w2")}
-
-    def layer(h, p):
-        return h + jnp.tanh(h @ p["w1"]) @ p["w2"]
-
-    def seconds(run, parallel: ParallelConfig, micro: int) -> float:
-        mesh = make_mesh(parallel)
-        params = {k: jax.device_put(w, logical_sharding(("layers", "embed", None), mesh)) for k, w in weights.items()}
-        x = jax.device_put(rng.normal(size=(micro * micro_rows, 64, width)).astype(np.float32),
-                           logical_sharding(("batch", "length", "embed"), mesh))
-        grad = jax.jit(with_activation_sharding(jax.grad(lambda p, x: jnp.sum(run(layer, p, x) ** 2)), mesh))
-        jax.block_until_ready(grad(params, x))
-        best = float("inf")
-        for _ in range(5):
-            started = time.perf_counter()
-            jax.block_until_ready(grad(params, x))
-            best = min(best, time.perf_counter() - started)
-        return best
-
-    rows = []
-    for micro in (1, 2, 4, 8, 16):
-        piped = seconds(gpipe(stages, micro), ParallelConfig(stage=stages, data=-1, fsdp=1), micro)
-        even = seconds(scan_layers, ParallelConfig(data=-1, fsdp=1), micro)
-        rows.append({"microbatches": micro, "pipelined_s": piped, "even_s": even, "measured": 1 - even / piped,
-                     "formula": bubble_fraction(stages, micro)})
-    return rows
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--measure", type=int, default=12, help="layouts measured per model, spread over the ranking")
@@ -144,7 +101,7 @@ def main() -> None:
     from fax.parallel.hardware import cluster_preset
     from fax.parallel.planner import plan
 
-    results: dict = {"speed_s": {}, "quality": {}, "bubble": []}
+    results: dict = {"speed_s": {}, "quality": {}}
     for name, cluster, batch, seq in (("gpt3-175b", "h100-1024", 1536, 2048), ("llama-70b", "v4-1024", 1024, 4096)):
         started = time.perf_counter()
         best = plan(models.preset(name), cluster_preset(cluster), batch, seq, name)
@@ -163,11 +120,6 @@ def main() -> None:
               f"predicted {r['predicted_tokens_s']:,.0f} ({r['predicted_tokens_s'] / r['published_tokens_s']:.2f}x"
               f"{'' if r['fits'] else ', predicted not to fit'}); pick {r['pick']}: {r['pick_tokens_s']:,.0f} "
               f"({r['pick_tokens_s'] / r['published_tokens_s']:.2f}x)")
-    print("pipeline bubble, 4 stages, microbatches of a fixed size (forward + backward of the stack):")
-    for r in measure_bubble():
-        results["bubble"].append(r)
-        print(f"    M={r['microbatches']:>2}  pipelined {r['pipelined_s'] * 1e3:7.1f} ms  even {r['even_s'] * 1e3:7.1f} ms"
-              f"  bubble measured {r['measured']:.2f}  formula (S-1)/(M+S-1) {r['formula']:.2f}")
     profile = calibrate(jax.devices())  # as `fax plan --calibrate` does: the plans below use it
     here = present_cluster()
     print(f"calibrated {here.name}: knees (rows, cols) {here.device.matmul_knees[0]:.0f}, "

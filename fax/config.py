@@ -6,6 +6,7 @@ Validation runs before anything is compiled and names the setting to change.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -359,6 +360,13 @@ def layout_problems(cfg: Config, sizes: dict[str, int]) -> list[str]:
                         "choose stage and virtual stage counts whose product divides it")
     if sizes["stage"] > 1:
         problems.extend(Schedule(sizes["stage"], t.microbatches, cfg.parallel.virtual_stages).problems())
+    try:
+        cfg.parallel.slice_sizes(sizes)
+        if cfg.parallel.slices > 1 and math.prod(sizes.values()) % cfg.parallel.slices:
+            problems.append(f"the {math.prod(sizes.values())} devices do not split into the {cfg.parallel.slices} slices that "
+                            "parallel.dcn_stage x dcn_data x dcn_fsdp ask for")
+    except ValueError as e:
+        problems.append(str(e))
     if cfg.seq_len % sizes["sequence"]:
         problems.append(f"train.seq_len={cfg.seq_len} is not divisible by parallel.sequence={sizes['sequence']}")
     elif cfg.parallel.tensor_sequence and cfg.seq_len % (sizes["sequence"] * tensor):

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 # Outermost first: pipeline stages and data replicas cross the slowest links, tensor the fastest.
 MESH_AXES = ("stage", "data", "fsdp", "sequence", "tensor")
+DCN_AXES = ("stage", "data", "fsdp")  # the axes that may span slices (parallel.dcn_<axis>)
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,26 @@ class ParallelConfig:
     # with train.microbatches (one hidden state per tick, plus one microbatch's layers at a time), for
     # one more forward pass of the stack (none more than model.remat=full, with model.remat=none)
     stage_remat: bool = False
+    # Many slices (TPU slices over the data-centre network, or groups of hosts): how many slices each of
+    # these axes spans, the rest of the axis inside each slice. Their product is the number of slices;
+    # each divides its axis's size (e.g. parallel.data=4 parallel.dcn_data=2: 2 replicas per slice).
+    dcn_stage: int = 1
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
+
+    @property
+    def slices(self) -> int:
+        return math.prod(getattr(self, f"dcn_{axis}") for axis in DCN_AXES)
+
+    def slice_sizes(self, sizes: dict[str, int]) -> tuple[dict[str, int], dict[str, int]]:
+        """(each axis's share inside a slice, its share across slices) of resolved axis ``sizes``;
+        ValueError names the setting that does not divide."""
+        across = {axis: getattr(self, f"dcn_{axis}", 1) for axis in MESH_AXES}
+        for axis in DCN_AXES:
+            if across[axis] < 1 or sizes[axis] % across[axis]:
+                raise ValueError(f"parallel.dcn_{axis}={across[axis]} must be a positive divisor of parallel.{axis}="
+                                 f"{sizes[axis]} (the slices it spans)")
+        return {axis: sizes[axis] // across[axis] for axis in MESH_AXES}, across
 
     def axis_sizes(self, n_devices: int) -> dict[str, int]:
         """Resolve -1 against ``n_devices``; ValueError names the setting when it cannot fit."""

@@ -56,12 +56,6 @@ def _stage_state(state: Any) -> Any:
     return jax.tree.map(lambda x: constrain(x, STAGE_STATE[:x.ndim]), state)
 
 
-def _over_stages(x: Any) -> Any:
-    """A microbatch [batch, length, ...] kept split along its length over the stages (the last
-    stage's output at each tick: not a copy of it on every stage)."""
-    return jax.tree.map(lambda a: constrain(a, ("batch", "pipelined_length")[:a.ndim]), x)
-
-
 def _spread(x: Any) -> Any:
     return jax.tree.map(lambda a: constrain(a, SPREAD[:a.ndim]), x)
 
@@ -119,8 +113,6 @@ def pipeline(schedule: Schedule, for_microbatch: Callable[[Any, jax.Array], Any]
         if schedule.stage_remat:
             stage = jax.checkpoint(stage, prevent_cse=False)
         run_stages = jax.vmap(stage, spmd_axis_name="stage")
-        # The stack's input rows spread over the stages as its output's are (each tick gathers one microbatch).
-        x = _spread(x) if schedule.head_spread else x
         inputs = jax.tree.map(lambda a: split_microbatches(jnp.asarray(a), M), x)
         microbatch, rounds, starts = (jnp.asarray(table[k]) for k in ("microbatch", "round", "fresh"))
 
@@ -129,7 +121,7 @@ def pipeline(schedule: Schedule, for_microbatch: Callable[[Any, jax.Array], Any]
             nxt = jnp.minimum(t + 1, schedule.ticks - 1)
             incoming = jax.tree.map(lambda a, d: jnp.where(starts[nxt], a[microbatch[nxt, 0]], d[-1]), inputs, done)
             state = jax.tree.map(lambda i, d: jnp.concatenate([i[None], d[:-1]], axis=0), incoming, done)
-            return _stage_state(state), _over_stages(jax.tree.map(lambda d: d[-1], done))
+            return _stage_state(state), jax.tree.map(lambda d: d[-1], done)
 
         first = jax.tree.map(lambda a: jnp.concatenate([a[:1], jnp.zeros((S - 1, *a.shape[1:]), a.dtype)]), inputs)
         _, finished = jax.lax.scan(tick, _stage_state(first), jnp.arange(schedule.ticks))

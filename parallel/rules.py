@@ -32,7 +32,6 @@ DEFAULT_RULES: Rules = {
     "layers": ("stage",),  # consecutive layers per pipeline stage
     "stage": ("stage",),
     "pipelined_batch": ("stage", "data", "fsdp"),  # a pipeline's output rows: the head spread over the stages
-    "pipelined_length": ("stage", "sequence"),  # its output at each tick, kept split over the stages
 }
 
 BATCH_AXES = ("batch", "length")

@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +81,8 @@ class HostLayout:
     devices_per_host: int
     bundle: dict[str, float]
     strategy: str  # placement group strategy: accelerator hosts are distinct nodes
-    first_host: dict[str, float] = field(default_factory=dict)  # extra asks of worker 0 (a TPU slice's head)
+    # extra asks of each worker, in process order: a TPU slice (its name) and its worker 0 (the slice head)
+    pins: tuple[dict[str, float], ...] = ()
 
     @property
     def devices(self) -> int:
@@ -89,20 +90,46 @@ class HostLayout:
 
     @property
     def bundles(self) -> list[dict[str, float]]:
-        return [{**self.bundle, **(self.first_host if i == 0 else {})} for i in range(self.hosts)]
+        return [{**self.bundle, **(self.pins[i] if i < len(self.pins) else {})} for i in range(self.hosts)]
+
+
+SLICE_LABEL = "ray.io/tpu-slice-name"  # Ray's label of a TPU host's slice (its TPU name, also a resource of 1)
+
+
+def tpu_slice_pins(nodes: list[dict[str, Any]], heads: list[str], hosts: int, slices: int) -> tuple[dict[str, float], ...]:
+    """One TPU slice per group of hosts/slices workers, in process order: each worker asks for its
+    slice's resource (the TPU name), the first of each slice also for the slice's head. ClusterError
+    when the cluster has fewer whole slices."""
+    per_slice = hosts // slices
+    names: dict[str, int] = {}
+    for n in nodes:
+        name = (n.get("Labels") or {}).get(SLICE_LABEL)
+        if n.get("Alive") and n["Resources"].get("TPU") and name:
+            names[name] = names.get(name, 0) + 1
+    whole = sorted(name for name, count in names.items() if count >= per_slice)
+    if len(whole) < slices:
+        raise ClusterError(f"parallel.dcn_* ask for {slices} TPU slices of {per_slice} hosts; the cluster has "
+                           f"{len(whole)} ({', '.join(f'{k}: {v} hosts' for k, v in sorted(names.items())) or 'none'})")
+    head = {heads[0]: 1.0} if heads else {}
+    return tuple({name: 1.0, **(head if i == 0 else {})} for name in whole[:slices] for i in range(per_slice))
 
 
 def host_layout(cluster_resources: dict[str, float], nodes: list[dict[str, Any]], hosts: int,
-                devices_per_host: int) -> HostLayout:
-    """One host per TPU VM, per GPU node, per ``fax_host`` unit, or else per CPU node."""
+                devices_per_host: int, slices: int = 1) -> HostLayout:
+    """One host per TPU VM, per GPU node, per ``fax_host`` unit, or else per CPU node; over many TPU
+    slices, each slice's hosts consecutive workers (elsewhere a slice is consecutive hosts)."""
     alive = [n["Resources"] for n in nodes if n.get("Alive")]
     for kind, resource in (("tpu", "TPU"), ("gpu", "GPU")):
         counts = [int(r[resource]) for r in alive if r.get(resource)]
         if counts:
             # A TPU slice's worker 0 offers `TPU-<type>-head`: our worker 0 (the coordinator) goes there.
             heads = sorted(k for k in cluster_resources if k.startswith("TPU-") and k.endswith("-head"))
-            first = {heads[0]: 1} if kind == "tpu" and heads else {}
-            return HostLayout(kind, hosts or len(counts), min(counts), {resource: min(counts)}, "STRICT_SPREAD", first)
+            hosts = hosts or len(counts)
+            if kind == "tpu" and slices > 1:
+                pins = tpu_slice_pins(nodes, heads, hosts, slices)
+            else:
+                pins = ({heads[0]: 1},) if kind == "tpu" and heads else ()
+            return HostLayout(kind, hosts, min(counts), {resource: min(counts)}, "STRICT_SPREAD", pins)
     if cluster_resources.get(HOST_RESOURCE):
         return HostLayout("cpu", hosts or int(cluster_resources[HOST_RESOURCE]), devices_per_host,
                           {HOST_RESOURCE: 1}, "PACK")
@@ -182,7 +209,10 @@ class HostGroup:
         self.config, self.echo = config, echo
         self.owns_ray = connect(config, echo)
         self.layout = host_layout(ray.cluster_resources(), ray.nodes(), c.hosts or c.emulate_hosts,
-                                  c.devices_per_host)
+                                  c.devices_per_host, config.parallel.slices)
+        if self.layout.hosts % config.parallel.slices:
+            raise ConfigError(f"{self.layout.hosts} hosts do not split into the {config.parallel.slices} slices "
+                              "parallel.dcn_stage x dcn_data x dcn_fsdp ask for; change cluster.hosts or parallel.dcn_*")
         self.workers: list[Any] = []
         self.group: Any = None
         self.places: list[dict[str, Any]] = []

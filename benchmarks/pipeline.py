@@ -1,0 +1,99 @@
+"""Pipeline schedules side by side on 8 emulated devices: GPipe, stage_remat, interleaved (V = 2).
+
+    python benchmarks/pipeline.py [--rounds 3]
+
+Train steps of one model over 4 stages x fsdp 2, at M = 4, 8, 16 microbatches of the same size,
+for each schedule and for the same step without a pipeline (the 8 devices as fsdp, the rows
+accumulated M / 2 microbatches at a time): the loss (equal in every row of an M), the median step time
+over alternating rounds, its ratio to GPipe's, the compiled scratch memory per device, and for the
+schedules that do the unpipelined step's work (not stage_remat, which adds a forward pass) the bubble
+measured against the formula. On emulated devices every stage computes at every tick, the bubble's
+too, so a step takes about ticks x one tick's work: the measured bubble is 1 - unpipelined /
+pipelined, the schedule's (S - 1) / (V M + S - 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import jax
+
+SHAPE = ["model=llama-tiny", "model.d_model=256", "model.n_heads=8", "model.n_kv_heads=4", "model.d_ff=1024",
+         "model.n_layers=8", "model.max_seq_len=128", "train.seq_len=128", "model.vocab_size=4096"]
+SCHEDULES = {"unpipelined": ["parallel.fsdp=8"],  # microbatches: M / 2 (below), so each splits over the 8
+             "gpipe": ["parallel.stage=4", "parallel.fsdp=2"],
+             "stage_remat": ["parallel.stage=4", "parallel.fsdp=2", "parallel.stage_remat=true"],
+             "interleaved": ["parallel.stage=4", "parallel.fsdp=2", "parallel.virtual_stages=2"],
+             "interleaved+stage_remat": ["parallel.stage=4", "parallel.fsdp=2", "parallel.virtual_stages=2",
+                                         "parallel.stage_remat=true"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=3, help="steps timed per round")
+    p.add_argument("--rows", type=int, default=4, help="rows per microbatch")
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "pipeline.json"))
+    args = p.parse_args()
+    jax.config.update("jax_num_cpu_devices", 8)
+    import numpy as np
+
+    from fax import load_config
+    from fax.config import validate
+    from fax.checkpoint import abstract_like
+    from fax.data import Batch
+    from fax.parallel import make_mesh
+    from fax.train import step as step_lib
+
+    rows = []
+    for micro in (4, 8, 16):
+        tokens = Batch.of(np.random.default_rng(0).integers(0, 4096, (args.rows * micro, 129)))
+        runs = {}
+        for name, extra in SCHEDULES.items():
+            accumulated = micro // 2 if name == "unpipelined" else micro
+            cfg = load_config(overrides=SHAPE + extra + ["parallel.data=1", f"train.microbatches={accumulated}",
+                                                         f"train.batch_size={args.rows * micro}"])
+            validate(cfg, len(jax.devices()))
+            training = step_lib.build(cfg, make_mesh(cfg.parallel))
+            state = abstract_like(jax.eval_shape(training.init), training.state_shardings)
+            memory = step_lib.compile_step(training, state, tokens.tokens.shape).memory_analysis()
+            batch = jax.device_put(tokens, training.batch_sharding)
+            params = training.init()
+            _, metrics = training.step(jax.tree.map(lambda x: x.copy(), params), batch)  # compile; the first loss
+            runs[name] = {"training": training, "params": params, "batch": batch, "loss": float(metrics["loss"]),
+                          "temp_bytes": memory.temp_size_in_bytes, "times": []}
+        for _ in range(args.rounds):  # alternate, so that the machine's noise falls on all alike
+            for run in runs.values():
+                state = jax.tree.map(lambda x: x.copy(), run["params"])
+                started = time.perf_counter()
+                for _ in range(args.steps):
+                    state, metrics = run["training"].step(state, run["batch"])
+                jax.block_until_ready(metrics)
+                run["times"].append((time.perf_counter() - started) / args.steps)
+        base = statistics.median(runs["unpipelined"]["times"])
+        gpipe = statistics.median(runs["gpipe"]["times"])
+        print(f"M={micro} ({args.rows * micro} rows of 128 tokens):")
+        for name, run in runs.items():
+            seconds = statistics.median(run["times"])
+            row = {"microbatches": micro, "schedule": name, "loss": run["loss"], "step_s": seconds,
+                   "over_gpipe": seconds / gpipe, "temp_mib": run["temp_bytes"] / 2**20}
+            if name in ("gpipe", "interleaved"):
+                row["bubble_measured"] = 1 - base / seconds
+                row["bubble_formula"] = 3 / ((2 if name == "interleaved" else 1) * micro + 3)
+            rows.append(row)
+            bubble = (f"  bubble {row['bubble_measured']:.2f} (formula {row['bubble_formula']:.2f})"
+                      if "bubble_measured" in row else "")
+            print(f"    {name:<24} loss {run['loss']:.6f}  {seconds * 1e3:8.1f} ms  x{row['over_gpipe']:.2f} of gpipe"
+                  f"  temp {row['temp_mib']:7.1f} MiB{bubble}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": f"{jax.devices()[0].device_kind}, 8 emulated devices", "rows": rows},
+                              indent=2))
+
+
+if __name__ == "__main__":
+    main()
