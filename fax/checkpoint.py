@@ -104,10 +104,14 @@ class Checkpointer:
             return []
         return sorted(p.name for p in self.directory.iterdir() if TMP_MARKER in p.name)
 
-    def save(self, state: dict[str, Any], meta: dict[str, Any], wait: bool = False) -> None:
+    def save(self, state: dict[str, Any], meta: dict[str, Any], wait: bool = False) -> bool:
         """Start writing ``state`` at its step; returns once the arrays are copied off the devices
-        unless ``wait``. The previous save, if still writing, is finished first."""
+        unless ``wait``. The previous save, if still writing, is finished first. False, writing
+        nothing, where a complete checkpoint of the step is already there (one a run wrote before it
+        was restarted from an earlier step: an exact resume reaches the same state)."""
         step = int(meta["step"])
+        if (self.directory / str(step)).exists():
+            return False
         self.manager.save(step, args=ocp.args.Composite(
             params=ocp.args.PyTreeSave(state["params"]),
             opt_state=ocp.args.PyTreeSave(state["opt_state"]),
@@ -115,6 +119,7 @@ class Checkpointer:
         ), force=True)
         if wait:
             self.manager.wait_until_finished()
+        return True
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -303,9 +303,19 @@ class HostGroup:
         return [p["pid"] for p in self.places]
 
     def restart(self) -> None:
-        """Tear the whole group down; the next ``bring_up`` starts fresh actors."""
+        """Tear the whole group down, waiting until the old workers are gone (one still writing a
+        checkpoint would otherwise finish it while the fresh group resumes); the next ``bring_up``
+        starts fresh actors."""
         for worker in self.workers:
             ray.kill(worker, no_restart=True)
+        deadline = time.monotonic() + self.config.cluster.startup_timeout_s
+        for worker in self.workers:
+            while time.monotonic() < deadline:
+                try:  # a call on a killed actor fails once Ray knows its process has ended
+                    ray.get(worker.where.remote(), timeout=max(0.1, deadline - time.monotonic()))
+                except (RayActorError, ray.exceptions.GetTimeoutError):
+                    break
+                time.sleep(0.1)
         if self.group is not None:
             remove_placement_group(self.group)
         self.workers, self.group, self.places, self.factory = [], None, [], None

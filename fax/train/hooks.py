@@ -92,14 +92,17 @@ class Checkpointing(LoopHook):
     """A checkpoint every ``every`` steps (0: only at the end), at the end and on preemption; the
     last one written synchronously."""
 
-    def __init__(self, runtime: Runtime, every: int, meta: Callable[[int, dict[str, Any]], dict[str, Any]]):
-        self.runtime, self.every, self.meta = runtime, every, meta
+    def __init__(self, runtime: Runtime, every: int, meta: Callable[[int, dict[str, Any]], dict[str, Any]],
+                 echo: Echo):
+        self.runtime, self.every, self.meta, self.echo = runtime, every, meta, echo
 
     def due(self, step: int, final: bool) -> bool:
         return bool(self.every and step % self.every == 0) or final
 
     def __call__(self, step: int, record: dict[str, Any], final: bool) -> None:
-        self.runtime.save(self.meta(step, record), wait=final)
+        if not self.runtime.save(self.meta(step, record), wait=final):
+            self.echo(f"fax: step {step} already has a complete checkpoint (written before the run was restarted "
+                      "from an earlier step; an exact resume reaches the same state): kept it")
 
 
 class Profiling(LoopHook):

@@ -278,7 +278,8 @@ class Trainer:
             _above(bar, self.echo)(format_record(record))
 
         hooks.append(Logging(loggers(cfg, kept), t.log_every, t.eval_every, show))
-        hooks.append(Checkpointing(runtime, cfg.checkpoint.every_n_steps, lambda step, r: self._meta(step, r, info)))
+        hooks.append(Checkpointing(runtime, cfg.checkpoint.every_n_steps, lambda step, r: self._meta(step, r, info),
+                                   self.echo))
         return hooks + self.hooks
 
     def _meta(self, step: int, record: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:

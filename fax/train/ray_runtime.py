@@ -105,8 +105,8 @@ class RayRuntime:
             losses.extend(gathered(calls))
         return float(sum(losses) / len(losses))
 
-    def save(self, meta: dict[str, Any], wait: bool) -> None:
-        self._on_all(f"saving the checkpoint of step {meta['step']}", "save", meta, wait)
+    def save(self, meta: dict[str, Any], wait: bool) -> bool:
+        return all(self._on_all(f"saving the checkpoint of step {meta['step']}", "save", meta, wait))
 
     def wait(self) -> None:
         self._on_all("finishing checkpoint writes", "wait")

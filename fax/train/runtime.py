@@ -40,7 +40,7 @@ class Runtime(Protocol):
 
     def evaluate(self, batches: Iterable[Batch]) -> float: ...  # mean cross-entropy of the current params
 
-    def save(self, meta: dict[str, Any], wait: bool) -> None: ...
+    def save(self, meta: dict[str, Any], wait: bool) -> bool: ...  # False: the step's checkpoint was there
 
     def wait(self) -> None: ...  # pending checkpoint writes finished
 
@@ -185,8 +185,8 @@ class HostRuntime:
         """The values of a submitted step (waits for it)."""
         return {k: float(v) for k, v in jax.device_get(handle).items()}
 
-    def save(self, meta: dict[str, Any], wait: bool) -> None:
-        self.checkpointer.save(self.state, meta, wait=wait)
+    def save(self, meta: dict[str, Any], wait: bool) -> bool:
+        return self.checkpointer.save(self.state, meta, wait=wait)
 
     def wait(self) -> None:
         self.checkpointer.wait()

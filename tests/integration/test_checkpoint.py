@@ -13,6 +13,8 @@ import pytest
 
 from fax import ConfigError, Trainer, apply_overrides, load_config
 from fax.checkpoint import TMP_MARKER, Checkpointer
+from fax.parallel import make_mesh
+from fax.train import step as step_lib
 from fax.config import CheckpointConfig
 from fax.metrics import read_metrics
 
@@ -201,3 +203,22 @@ def test_checkpoint_cli_lists_and_describes(tmp_path, small_corpus):
     assert "step 2" in info.stdout and "['blocks']['attn']['wq']" in info.stdout and "(2, 64, 8, 8)" in info.stdout
     missing = run("info", str(tmp_path), "3")
     assert missing.returncode == 2 and "no complete checkpoint of step 3; choose one of steps [2, 4]" in missing.stderr
+
+
+def test_a_step_whose_checkpoint_appeared_meanwhile_is_kept_not_a_crash(tmp_path):
+    """Recovery: the restarted run resumed from an earlier step while the old workers' save of a later
+    step completed; reaching that step again must not fail with orbax's StepAlreadyExistsError."""
+    cfg = load_config(overrides=["model=gpt-tiny"])
+    training = step_lib.build(cfg, make_mesh(cfg.parallel, jax.devices()[:1]))
+    state = training.init()
+    meta = {"step": 3, "config": cfg.to_dict()}
+    old = Checkpointer(str(tmp_path / "checkpoints"))
+    old.save(state, meta, wait=True)
+    resumed = Checkpointer(str(tmp_path / "checkpoints"))  # the restarted run, restored from step 1 or 2
+    assert resumed.save(state, meta, wait=True) is False  # kept, nothing written
+    restored, saved_meta = Checkpointer(str(tmp_path / "checkpoints"), read_only=True).restore(
+        3, jax.eval_shape(training.init), training.state_shardings)
+    assert saved_meta["step"] == 3
+    jax.tree.map(np.testing.assert_array_equal, restored["params"], state["params"])
+    old.close()
+    resumed.close()
