@@ -3,7 +3,8 @@
 (a) time the training loop is blocked by an async save vs a synchronous save (steady state: each
     round saves a new step through the same managers, as a training run does);
 (b) save throughput (MB/s) vs writing the same arrays with plain np.save;
-(c) restore throughput onto the same mesh and onto a different one, vs np.load.
+(c) restore throughput onto the same mesh and onto a different one, vs np.load;
+(d) the cost of checksums: sync save and restore with checkpoint.checksums on vs off.
 
     python benchmarks/checkpoint.py [--layers 2 --rounds 2]
 """
@@ -57,15 +58,27 @@ def main() -> None:
     target = jax.eval_shape(training.init)
     root = Path(tempfile.mkdtemp(prefix="fax-bench-ckpt-"))
     results: dict[str, list[float]] = {k: [] for k in (
-        "async_blocked_s", "sync_save_s", "npsave_s", "restore_same_s", "restore_other_s", "npload_s")}
+        "async_blocked_s", "sync_save_s", "npsave_s", "restore_same_s", "restore_other_s", "npload_s",
+        "unchecked_save_s", "unchecked_restore_s")}
     sync = Checkpointer(str(root / "sync"), CheckpointConfig(async_save=False, max_to_keep=0, compress=args.compress))
     asyn = Checkpointer(str(root / "async"), CheckpointConfig(async_save=True, max_to_keep=0, compress=args.compress))
+    unchecked = Checkpointer(str(root / "unchecked"), CheckpointConfig(async_save=False, max_to_keep=0,
+                                                                      compress=args.compress, checksums=False))
     try:
         for r in range(args.rounds + 1):  # round 0 warms up orbax and the file cache
             step = r + 1
+
+            def save_unchecked() -> float:
+                start = time.perf_counter()
+                unchecked.save(state, {"step": step}, wait=True)
+                return time.perf_counter() - start
+
+            # with and without checksums back to back, in turns first: the later one of a pair runs faster here
+            unchecked_save_s = save_unchecked() if r % 2 else None
             start = time.perf_counter()
             sync.save(state, {"step": step}, wait=True)
             sync_s = time.perf_counter() - start
+            unchecked_save_s = unchecked_save_s or save_unchecked()
 
             start = time.perf_counter()
             asyn.save(state, {"step": step})
@@ -90,15 +103,21 @@ def main() -> None:
                 jax.block_until_ready(jax.device_put(np.load(npdir / f"{i}.npy"), x.sharding))
             npload_s = time.perf_counter() - start
             shutil.rmtree(npdir)
+            start = time.perf_counter()
+            jax.block_until_ready(unchecked.restore(step, target, training.state_shardings)[0])
+            unchecked_restore_s = time.perf_counter() - start
             if r == 0:
                 continue
-            for key, value in zip(results, (blocked_s, sync_s, npsave_s, same_s, other_s, npload_s)):
+            for key, value in zip(results, (blocked_s, sync_s, npsave_s, same_s, other_s, npload_s,
+                                            unchecked_save_s, unchecked_restore_s)):
                 results[key].append(value)
             print(f"round {r}: async blocked {blocked_s:.3f}s, sync save {sync_s:.2f}s, np.save {npsave_s:.2f}s, "
-                  f"restore {same_s:.2f}s / other mesh {other_s:.2f}s, np.load {npload_s:.2f}s")
+                  f"restore {same_s:.2f}s / other mesh {other_s:.2f}s, np.load {npload_s:.2f}s; without checksums "
+                  f"save {unchecked_save_s:.2f}s, restore {unchecked_restore_s:.2f}s")
     finally:
         sync.close()
         asyn.close()
+        unchecked.close()
         shutil.rmtree(root, ignore_errors=True)
 
     med = {k: statistics.median(v) for k, v in results.items()}
@@ -110,6 +129,10 @@ def main() -> None:
     print(f"(c) restore {mbps(med['restore_same_s']):.0f} MB/s same mesh, {mbps(med['restore_other_s']):.0f} MB/s "
           f"onto data=2 x tensor=4, np.load {mbps(med['npload_s']):.0f} MB/s: "
           f"{med['npload_s'] / med['restore_same_s']:.2f}x / {med['npload_s'] / med['restore_other_s']:.2f}x")
+    print(f"(d) with checksums: save {mbps(med['sync_save_s']):.0f} MB/s vs {mbps(med['unchecked_save_s']):.0f} MB/s "
+          f"without ({med['unchecked_save_s'] / med['sync_save_s']:.2f}x; goal >= 0.9x), restore "
+          f"{mbps(med['restore_same_s']):.0f} vs {mbps(med['unchecked_restore_s']):.0f} MB/s "
+          f"({med['unchecked_restore_s'] / med['restore_same_s']:.2f}x)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"state_mb": total_mb, "seconds": results, "median_s": med}, indent=2))

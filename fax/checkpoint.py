@@ -6,6 +6,10 @@ sampler position, the resolved config, the mesh it was saved on, the metrics at 
 orbax writes into a temporary folder and renames it when every item is complete, so only
 finished steps are listed; an interrupted save leaves a ``*.orbax-checkpoint-tmp*`` folder
 that restore ignores and reports, and that nothing deletes.
+
+The meta records a checksum of every array (``checksums``: computed on the devices, each over its
+own shards, then summed; the same on any mesh), and a restore checks the arrays it read against
+them: a step damaged on disk raises ``CheckpointDamaged`` naming it, rather than training on.
 """
 
 from __future__ import annotations
@@ -15,11 +19,24 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
 from fax.config import CheckpointConfig, ConfigError
+
+
+class CheckpointDamaged(ConfigError):
+    """A complete checkpoint step that cannot be read back as written (a file gone, truncated or
+    changed, its metadata unreadable)."""
+
+    def __init__(self, step: int, reason: str):
+        super().__init__(f"the checkpoint of step {step} is damaged: {reason}")
+        self.step, self.reason = step, reason
+
+    def __reduce__(self) -> tuple[type, tuple[int, str]]:  # raised on a Ray worker, re-raised by the head
+        return CheckpointDamaged, (self.step, self.reason)
 
 TMP_MARKER = ".orbax-checkpoint-tmp"
 # Model settings that change only how the step is computed, not the shapes a checkpoint holds.
@@ -59,6 +76,50 @@ def array_handlers() -> ocp.type_handlers.TypeHandlerRegistry:
         (np.number, ocp.type_handlers.ScalarHandler()))
 
 
+def _weights(shape: tuple[int, ...]) -> jax.Array:
+    """An odd 32-bit weight for each position of ``shape`` from its flat index (built per axis, so
+    each device makes its own block's)."""
+    index = jnp.zeros(shape, jnp.uint32)
+    for axis in range(len(shape)):
+        stride = int(np.prod(shape[axis + 1:], dtype=np.int64)) % 2**32
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride)
+    return index * jnp.uint32(0x9E3779B1) | jnp.uint32(1)
+
+
+def _array_checksum(x: jax.Array) -> jax.Array:
+    """32 bits over every element's bits, each weighted by its position in its row and each row by
+    the row's position: a changed, moved or zeroed element changes it. One multiply-add pass: the
+    weights of the rows are built on the row sums, not per element. Integer sums wrap the same in
+    any order, so every mesh (each device over its own shards, then a sum) gives the same value."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{x.dtype.itemsize * 8}")).astype(jnp.uint32)
+    if x.ndim == 0:
+        return bits * jnp.uint32(0x45D9F3B)
+    columns = jax.lax.broadcasted_iota(jnp.uint32, x.shape, x.ndim - 1) * jnp.uint32(0x85EBCA6B) | jnp.uint32(1)
+    rows = jnp.sum(bits * columns, axis=-1, dtype=jnp.uint32)
+    return jnp.sum((rows ^ (rows >> 15)) * _weights(rows.shape), dtype=jnp.uint32)
+
+
+_checksums = jax.jit(lambda tree: jax.tree.map(_array_checksum, tree))
+
+
+def _path(keys: tuple) -> str:
+    """A leaf's path as names alone ('1/0/mu/blocks/attn/wq'): the same for a state's named tuples
+    and for the plain dicts and lists of the checkpoint's own metadata."""
+    return "/".join(str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k)))) for k in keys)
+
+
+def checksums(tree: Any) -> dict[str, str]:
+    """Every array's checksum (8 hex digits) by its path in ``tree``."""
+    values = jax.device_get(_checksums(tree))
+    return {_path(path): f"{int(v):08x}" for path, v in jax.tree_util.tree_leaves_with_path(values)}
+
+
+def mismatched(saved: dict[str, str], tree: Any) -> list[str]:
+    """The paths of ``tree``'s arrays whose checksum is not the one ``saved``."""
+    now = checksums(tree)
+    return sorted(path for path in set(saved) | set(now) if saved.get(path) != now.get(path))
+
+
 def restore_args(target: Any, shardings: Any) -> ocp.args.PyTreeRestore:
     """Read ``target``'s arrays (shapes and dtypes) straight into ``shardings`` (any mesh)."""
     abstract = abstract_like(target, shardings)
@@ -70,6 +131,7 @@ class Checkpointer:
 
     def __init__(self, directory: str, cfg: CheckpointConfig = CheckpointConfig(), read_only: bool = False):
         self.directory = epath.Path(directory)
+        self.checksums = cfg.checksums
         if read_only:  # for inspection: no keep policy to apply, nothing created
             options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
         else:
@@ -112,6 +174,8 @@ class Checkpointer:
         step = int(meta["step"])
         if (self.directory / str(step)).exists():
             return False
+        if self.checksums:
+            meta = {**meta, "checksums": {item: checksums(state[item]) for item in ("params", "opt_state")}}
         self.manager.save(step, args=ocp.args.Composite(
             params=ocp.args.PyTreeSave(state["params"]),
             opt_state=ocp.args.PyTreeSave(state["opt_state"]),
@@ -124,27 +188,72 @@ class Checkpointer:
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
+    def _read(self, step: int, **items: Any) -> Any:
+        """orbax's restore of ``items``; whatever keeps it from reading them is ``CheckpointDamaged``."""
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:  # noqa: BLE001 (orbax and tensorstore raise many kinds for a damaged step)
+            raise CheckpointDamaged(step, f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+                                    ) from e
+
+    def _verified(self, step: int, meta: dict[str, Any], **trees: Any) -> None:
+        """Raise ``CheckpointDamaged`` where a restored tree's arrays differ from what was written."""
+        for item, tree in trees.items():
+            saved = meta.get("checksums", {}).get(item)
+            if saved is None:  # written before fax recorded checksums
+                continue
+            bad = mismatched(saved, tree)
+            if bad:
+                raise CheckpointDamaged(step, f"{item} arrays read back differ from those written: "
+                                              f"{', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}")
+
     def restore(self, step: int, target: dict[str, Any], shardings: dict[str, Any]) -> tuple[dict[str, Any], dict]:
-        """The train state of ``step`` placed in ``shardings`` (any mesh), and its metadata."""
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            params=restore_args(target["params"], shardings["params"]),
-            opt_state=restore_args(target["opt_state"], shardings["opt_state"]),
-            meta=ocp.args.JsonRestore(),
-        ))
-        step_array = jax.device_put(jax.numpy.int32(restored.meta["step"]), shardings["step"])
-        return {"step": step_array, "params": restored.params, "opt_state": restored.opt_state}, restored.meta
+        """The train state of ``step`` placed in ``shardings`` (any mesh), and its metadata, checked
+        against the checksums written with it."""
+        meta = self.meta(step)
+        restored = self._read(step, params=restore_args(target["params"], shardings["params"]),
+                              opt_state=restore_args(target["opt_state"], shardings["opt_state"]))
+        self._verified(step, meta, params=restored.params, opt_state=restored.opt_state)
+        step_array = jax.device_put(jax.numpy.int32(meta["step"]), shardings["step"])
+        return {"step": step_array, "params": restored.params, "opt_state": restored.opt_state}, meta
 
     def restore_params(self, step: int, target: Any, shardings: Any) -> Any:
-        """Parameters alone (for evaluation and serving): the optimizer state is never read."""
-        restored = self.manager.restore(step, args=ocp.args.Composite(params=restore_args(target, shardings)))
-        return restored.params
+        """Parameters alone (for evaluation and serving), checked: the optimizer state is never read."""
+        meta = self.meta(step)
+        params = self._read(step, params=restore_args(target, shardings)).params
+        self._verified(step, meta, params=params)
+        return params
+
+    def verify(self, step: int) -> None:
+        """Read every array of ``step`` onto this process's first device and check it against its
+        checksum, without a model or mesh; ``CheckpointDamaged`` names what is wrong."""
+        meta, where = self.meta(step), jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        saved = self._read_metadata(step)
+        missing = [item for item in ("params", "opt_state") if saved.get(item) is None]
+        if missing:
+            raise CheckpointDamaged(step, f"its {' and '.join(missing)} are missing")
+        shapes = {item: jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), saved[item],
+                                     is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+                  for item in ("params", "opt_state")}
+        restored = self._read(step, **{item: restore_args(tree, jax.tree.map(lambda _: where, tree))
+                                       for item, tree in shapes.items()})
+        self._verified(step, meta, **{item: restored[item] for item in shapes})
+
+    def _read_metadata(self, step: int) -> Any:
+        try:
+            return self.manager.item_metadata(step)
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointDamaged(step, f"its array metadata is unreadable ({type(e).__name__})") from e
 
     def meta(self, step: int) -> dict[str, Any]:
-        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        meta = self._read(step, meta=ocp.args.JsonRestore()).meta
+        if not isinstance(meta, dict) or "step" not in meta:
+            raise CheckpointDamaged(step, "its meta (JSON) holds no step")
+        return meta
 
     def array_metadata(self, step: int) -> dict[str, Any]:
         """Shapes and dtypes of the saved params, read from the checkpoint's own metadata."""
-        tree = self.manager.item_metadata(step)["params"]
+        tree = self._read_metadata(step)["params"]
         return jax.tree.map(lambda m: (tuple(m.shape), str(m.dtype)), tree,
                             is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
 

@@ -109,6 +109,12 @@ class CheckpointConfig:
     max_to_keep: int = 3  # the most recent checkpoints kept; 0 keeps all
     keep_every_n_steps: int = 0  # steps divisible by this are kept for good (milestones); 0: none
     async_save: bool = True  # write in the background; the loop waits only while arrays leave the devices
+    # A checksum of every array in each checkpoint's meta, checked whenever it is read back (one pass over
+    # the state on the devices at each save and restore)
+    checksums: bool = True
+    # A resume whose latest checkpoint is damaged (fails its checksums, files gone) takes the newest intact
+    # one, saying so; false: stop with an error naming the damaged step instead
+    fallback: bool = True
     # zstd on every array: smaller checkpoints of low-entropy states (fresh Adam moments), at a CPU
     # cost that makes saves several times slower than writing the raw bytes (benchmarks/checkpoint.py)
     compress: bool = False

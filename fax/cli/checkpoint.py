@@ -1,4 +1,4 @@
-"""``fax checkpoint ls|info``: inspect a run's checkpoints."""
+"""``fax checkpoint ls|info|verify``: inspect a run's checkpoints."""
 
 from __future__ import annotations
 
@@ -18,6 +18,11 @@ def add(sub: argparse._SubParsersAction) -> None:
     info.add_argument("run_dir")
     info.add_argument("step", nargs="?", type=int, help="default: the latest")
     info.set_defaults(run=describe)
+    verify = commands.add_parser("verify", help="read every array of checkpoints back and check their checksums "
+                                                "(exit 1 if any is damaged)")
+    verify.add_argument("run_dir")
+    verify.add_argument("step", nargs="?", type=int, help="default: every complete checkpoint")
+    verify.set_defaults(run=verify_steps)
 
 
 def _open(run_dir: str):
@@ -31,16 +36,39 @@ def _open(run_dir: str):
 def list_steps(args: argparse.Namespace) -> int:
     from fax.metrics import mesh_desc
 
+    from fax.checkpoint import CheckpointDamaged
+
     ckpt = _open(args.run_dir)
     print(f"{'step':>8}  {'size':>10}  {'loss':>8}  mesh")
     for step in ckpt.steps():
-        meta = ckpt.meta(step)
+        try:
+            meta = ckpt.meta(step)
+        except CheckpointDamaged as e:
+            print(f"{step:>8}  {ckpt.size_bytes(step) / 2**20:>8.1f}MB  {'DAMAGED':>8}  {e.reason}")
+            continue
         loss = meta.get("metrics", {}).get("loss")
         print(f"{step:>8}  {ckpt.size_bytes(step) / 2**20:>8.1f}MB  {loss if loss is None else f'{loss:8.4f}'}  "
-              f"{mesh_desc(meta['mesh'])}")
+              f"{mesh_desc(meta.get('mesh', {}))}")
     for name in ckpt.partial():
         print(f"{'partial':>8}  {name}  (an interrupted save; ignored on restore)")
     return 0
+
+
+def verify_steps(args: argparse.Namespace) -> int:
+    from fax.checkpoint import CheckpointDamaged
+
+    ckpt = _open(args.run_dir)
+    steps = [ckpt.complete_step(args.step, args.run_dir)] if args.step is not None else ckpt.steps()
+    damaged = 0
+    for step in steps:
+        try:
+            ckpt.verify(step)
+            print(f"step {step}: intact")
+        except CheckpointDamaged as e:
+            damaged += 1
+            print(f"step {step}: DAMAGED: {e.reason}")
+    print(f"{len(steps) - damaged} of {len(steps)} checkpoints intact")
+    return 1 if damaged else 0
 
 
 def describe(args: argparse.Namespace) -> int:

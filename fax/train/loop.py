@@ -16,7 +16,7 @@ import jax
 from tqdm.auto import tqdm
 
 from fax import models
-from fax.checkpoint import Checkpointer, checkpoint_dir, incompatible_keys
+from fax.checkpoint import CheckpointDamaged, Checkpointer, checkpoint_dir, incompatible_keys
 from fax.cluster import WorkerFailure
 from fax.config import Config, ConfigError, apply_overrides, raise_problems, validate, with_layout
 from fax.data import TokenDataset, copy_tokenizer, open_split
@@ -137,12 +137,40 @@ class Trainer:
             if not config.resume:
                 problems.append(f"run_dir={config.run_dir!r} holds checkpoints (latest step {self.resume_step}) "
                                 "but resume=false; choose a new run_dir, or resume=true to continue")
-            else:
-                differs = incompatible_keys(checkpoints.meta(self.resume_step)["config"], config.to_dict())
+            elif (saved := self._newest_meta(checkpoints)) is not None:
+                differs = incompatible_keys(saved["config"], config.to_dict())
                 if differs:
                     problems.append(f"cannot resume from run_dir={config.run_dir!r}, the model differs: "
                                     f"{'; '.join(differs)}. Use the saved settings or a new run_dir")
         return problems
+
+    def _newest_meta(self, checkpoints: Checkpointer) -> dict[str, Any] | None:
+        """The meta of the newest checkpoint whose meta reads (a damaged one is reported at resume)."""
+        for step in reversed(checkpoints.steps()):
+            try:
+                return checkpoints.meta(step)
+            except CheckpointDamaged:
+                continue
+        return None
+
+    def _resume(self, checkpoints: Checkpointer) -> tuple[int | None, float]:
+        """Start the runtime from the newest intact checkpoint (none: fresh). A damaged one is named,
+        then the next older is tried, unless checkpoint.fallback is false; (its step, seconds)."""
+        steps = list(reversed(checkpoints.steps()))
+        for i, step in enumerate(steps):
+            try:
+                return step, self.runtime.start(step)
+            except CheckpointDamaged as e:  # from this process, or re-raised from a Ray worker's
+                reason = getattr(e, "reason", str(e))
+                if not self.config.checkpoint.fallback:
+                    raise CheckpointDamaged(step, f"{reason}. checkpoint.fallback=false: resume from an older "
+                                                  "step by deleting this one, or set checkpoint.fallback=true") from e
+                if i + 1 == len(steps):
+                    raise CheckpointDamaged(step, f"{reason}; no intact checkpoint is left in "
+                                                  f"run_dir={self.config.run_dir!r}: train in a new run_dir") from e
+                self.echo(f"fax: the checkpoint of step {step} is damaged: {reason}; resuming from the checkpoint "
+                          f"of step {steps[i + 1]} instead")
+        return None, self.runtime.start(None)
 
     def _checkpoints(self) -> Checkpointer:
         """A read-only view of the run's checkpoints, as they are now (the writers live in the runtime)."""
@@ -201,8 +229,7 @@ class Trainer:
         checkpoints = self._checkpoints()
         for name in checkpoints.partial():
             self.echo(f"fax: ignoring incomplete checkpoint {name} (a save that never finished; left in place)")
-        resume = checkpoints.latest_step()
-        seconds = runtime.start(resume)
+        resume, seconds = self._resume(checkpoints)
         first = 0 if resume is None else resume
         if resume is not None:
             self.echo(f"fax: resumed from the checkpoint of step {resume}")

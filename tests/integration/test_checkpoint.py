@@ -15,6 +15,7 @@ from fax import ConfigError, Trainer, apply_overrides, load_config
 from fax.checkpoint import TMP_MARKER, Checkpointer
 from fax.parallel import make_mesh
 from fax.train import step as step_lib
+from fax.cli import main as cli_main
 from fax.config import CheckpointConfig
 from fax.metrics import read_metrics
 
@@ -222,3 +223,57 @@ def test_a_step_whose_checkpoint_appeared_meanwhile_is_kept_not_a_crash(tmp_path
     jax.tree.map(np.testing.assert_array_equal, restored["params"], state["params"])
     old.close()
     resumed.close()
+
+
+def damage_in_place(folder):
+    """Flip 4 KiB in the middle of the largest file under ``folder`` (an array's data), keeping its size."""
+    target = max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(target.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 4096] = bytes(b ^ 0xFF for b in data[middle:middle + 4096])
+    target.write_bytes(bytes(data))
+    return target
+
+
+def test_a_damaged_latest_checkpoint_is_named_and_the_run_falls_back(tmp_path, small_corpus, capsys):
+    """Array data damaged in place in the latest step: restore's checksums catch it (before them, the run
+    resumed on the damaged weights), the run says so and resumes from the previous intact step, exactly."""
+    straight = tmp_path / "straight"
+    quiet(load_config(overrides=overrides(straight, small_corpus, "train.steps=6"))).fit()
+    run = tmp_path / "run"
+    cfg = load_config(overrides=overrides(run, small_corpus, "train.steps=6", "checkpoint.every_n_steps=2"))
+    quiet(cfg).fit(until_step=4)
+    damage_in_place(run / "checkpoints" / "4" / "params")
+    capsys.readouterr()
+    assert cli_main(["checkpoint", "verify", str(run)]) == 1
+    report = capsys.readouterr().out.splitlines()
+    assert report[0] == "step 2: intact"
+    assert report[1].startswith("step 4: DAMAGED: params arrays read back differ from those written: ")
+    assert report[2] == "1 of 2 checkpoints intact"
+    strict = load_config(overrides=overrides(run, small_corpus, "train.steps=6", "checkpoint.fallback=false"))
+    with pytest.raises(ConfigError, match=r"the checkpoint of step 4 is damaged: params arrays read back differ"):
+        quiet(strict).fit()
+    messages = []
+    quiet(cfg, messages=messages).fit()
+    assert any(m.startswith("fax: the checkpoint of step 4 is damaged") and "resuming from the checkpoint of step 2"
+               in m for m in messages), messages
+    losses = lambda d: {r["step"]: r["loss"] for r in read_metrics(d / "metrics.jsonl")}  # noqa: E731
+    assert losses(run)[6] == losses(straight)[6]
+
+
+def test_damaged_metadata_and_missing_files_are_reported_not_tracebacks(tmp_path, small_corpus, capsys):
+    run = tmp_path / "run"
+    cfg = load_config(overrides=overrides(run, small_corpus, "train.steps=4", "checkpoint.every_n_steps=2"))
+    quiet(cfg).fit()
+    (run / "checkpoints" / "4" / "meta" / "metadata").write_text('{"step": 4, "config"')  # JSON cut short
+    shutil.rmtree(run / "checkpoints" / "2" / "opt_state")
+    capsys.readouterr()
+    assert cli_main(["checkpoint", "ls", str(run)]) == 0
+    listed = capsys.readouterr().out
+    assert "DAMAGED" in listed.splitlines()[-1] and "4" in listed.splitlines()[-1]
+    assert cli_main(["checkpoint", "info", str(run), "4"]) == 2
+    assert "fax: error: the checkpoint of step 4 is damaged" in capsys.readouterr().err
+    assert cli_main(["checkpoint", "verify", str(run), "2"]) == 1
+    assert "step 2: DAMAGED" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match=r"step 2 is damaged.*no intact checkpoint is left"):
+        quiet(load_config(overrides=overrides(run, small_corpus, "train.steps=6"))).fit()
