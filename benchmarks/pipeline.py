@@ -1,15 +1,16 @@
-"""Pipeline schedules side by side on 8 emulated devices: GPipe, stage_remat, interleaved (V = 2).
+"""Pipeline schedules side by side on 8 emulated devices: GPipe, stage_remat, interleaved (V = 2, with stage_remat).
 
     python benchmarks/pipeline.py [--rounds 3]
 
 Train steps of one model over 4 stages x fsdp 2, at M = 4, 8, 16 microbatches of the same size,
 for each schedule and for the same step without a pipeline (the 8 devices as fsdp, the rows
 accumulated M / 2 microbatches at a time): the loss (equal in every row of an M), the median step time
-over alternating rounds, its ratio to GPipe's, the compiled scratch memory per device, and for the
-schedules that do the unpipelined step's work (not stage_remat, which adds a forward pass) the bubble
+over alternating rounds, its ratio to GPipe's, the compiled scratch memory per device, and the bubble
 measured against the formula. On emulated devices every stage computes at every tick, the bubble's
-too, so a step takes about ticks x one tick's work: the measured bubble is 1 - unpipelined /
-pipelined, the schedule's (S - 1) / (V M + S - 1).
+too, so a step takes about ticks x one tick's work. GPipe does the unpipelined step's work: its
+measured bubble is 1 - unpipelined / GPipe, the formula (S - 1) / (M + S - 1). Interleaved and
+stage_remat do the same work as each other (a forward pass more): interleaved / stage_remat is
+measured against the ratio of their ticks of equal work, (V M + S - 1) / (V (M + S - 1)).
 """
 
 from __future__ import annotations
@@ -27,9 +28,8 @@ SHAPE = ["model=llama-tiny", "model.d_model=256", "model.n_heads=8", "model.n_kv
 SCHEDULES = {"unpipelined": ["parallel.fsdp=8"],  # microbatches: M / 2 (below), so each splits over the 8
              "gpipe": ["parallel.stage=4", "parallel.fsdp=2"],
              "stage_remat": ["parallel.stage=4", "parallel.fsdp=2", "parallel.stage_remat=true"],
-             "interleaved": ["parallel.stage=4", "parallel.fsdp=2", "parallel.virtual_stages=2"],
-             "interleaved+stage_remat": ["parallel.stage=4", "parallel.fsdp=2", "parallel.virtual_stages=2",
-                                         "parallel.stage_remat=true"]}
+             "interleaved": ["parallel.stage=4", "parallel.fsdp=2", "parallel.virtual_stages=2",
+                             "parallel.stage_remat=true"]}
 
 
 def main() -> None:
@@ -81,12 +81,16 @@ def main() -> None:
             seconds = statistics.median(run["times"])
             row = {"microbatches": micro, "schedule": name, "loss": run["loss"], "step_s": seconds,
                    "over_gpipe": seconds / gpipe, "temp_mib": run["temp_bytes"] / 2**20}
-            if name in ("gpipe", "interleaved"):
-                row["bubble_measured"] = 1 - base / seconds
-                row["bubble_formula"] = 3 / ((2 if name == "interleaved" else 1) * micro + 3)
+            bubble = ""
+            if name == "gpipe":
+                row["bubble_measured"], row["bubble_formula"] = 1 - base / seconds, 3 / (micro + 3)
+                bubble = f"  bubble {row['bubble_measured']:.2f} (formula {row['bubble_formula']:.2f})"
+            if name == "interleaved":
+                row["over_stage_remat"] = seconds / statistics.median(runs["stage_remat"]["times"])
+                row["over_stage_remat_formula"] = (2 * micro + 3) / (2 * (micro + 3))
+                bubble = (f"  / stage_remat {row['over_stage_remat']:.2f} (formula "
+                          f"{row['over_stage_remat_formula']:.2f})")
             rows.append(row)
-            bubble = (f"  bubble {row['bubble_measured']:.2f} (formula {row['bubble_formula']:.2f})"
-                      if "bubble_measured" in row else "")
             print(f"    {name:<24} loss {run['loss']:.6f}  {seconds * 1e3:8.1f} ms  x{row['over_gpipe']:.2f} of gpipe"
                   f"  temp {row['temp_mib']:7.1f} MiB{bubble}")
     out = Path(args.out)

@@ -365,7 +365,8 @@ def layout_problems(cfg: Config, sizes: dict[str, int]) -> list[str]:
                         f"x parallel.virtual_stages={cfg.parallel.virtual_stages} = {chunks} pipeline chunks; "
                         "choose stage and virtual stage counts whose product divides it")
     if sizes["stage"] > 1:
-        problems.extend(Schedule(sizes["stage"], t.microbatches, cfg.parallel.virtual_stages).problems())
+        problems.extend(Schedule(sizes["stage"], t.microbatches, cfg.parallel.virtual_stages,
+                                 cfg.parallel.stage_remat).problems())
     try:
         cfg.parallel.slice_sizes(sizes)
         if cfg.parallel.slices > 1 and math.prod(sizes.values()) % cfg.parallel.slices:

@@ -25,7 +25,8 @@ class ParallelConfig:
     tensor_sequence: bool = False
     # Pipeline schedule (with stage > 1): each stage holds this many chunks of layers, a microbatch
     # going round the stages as often, which divides the bubble by about as much (Megatron's interleaved
-    # schedule; train.microbatches a multiple of stage). Costs an all-to-all of the stage's params per step.
+    # schedule; train.microbatches a multiple of stage; with stage_remat). Costs an all-to-all of the
+    # stage's params per step.
     virtual_stages: int = 1
     # Each tick's stage recomputed from its input in the backward pass: activation memory no longer grows
     # with train.microbatches (one hidden state per tick, plus one microbatch's layers at a time), for
@@ -100,6 +101,9 @@ class Schedule:
         return self.microbatches % self.stages == 0
 
     def problems(self) -> list[str]:
+        if self.virtual > 1 and not self.stage_remat:
+            return [f"parallel.virtual_stages={self.virtual} needs parallel.stage_remat=true (each tick's chunk of "
+                    "layers is then chosen again in the backward pass, not kept per tick)"]
         if self.virtual > 1 and self.microbatches % self.stages:
             return [f"parallel.virtual_stages={self.virtual} sends microbatches round the {self.stages} stages in "
                     f"groups of {self.stages}: train.microbatches={self.microbatches} must be a multiple of "

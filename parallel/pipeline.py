@@ -10,7 +10,8 @@ Two choices shape it (``fax.parallel.config.Schedule``):
 
 - **virtual stages** V: the stack is cut into S x V chunks and stage s holds chunks s, s + S, ...;
   a microbatch goes round the ring of stages V times. The bubble falls from (S - 1) / (M + S - 1)
-  to (S - 1) / (V M + S - 1) (Megatron's interleaved schedule). The params stay stored in layer
+  to (S - 1) / (V M + S - 1) (Megatron's interleaved schedule). It needs bounded memory (below): a
+  tick's chunk is then selected anew in the backward pass, where autodiff would keep a copy per tick. The params stay stored in layer
   order, split into S consecutive blocks, so each step moves every stage's other chunks to it over
   the stage axis (an all-to-all of the stage's params forward and of its gradients backward).
 - **bounded memory**: each tick's stage is recomputed from its input in the backward pass, so what a
@@ -107,24 +108,31 @@ def pipeline(schedule: Schedule, for_microbatch: Callable[[Any, jax.Array], Any]
         staged = by_stage(layer_params, S, V)
 
         def stage(params: Any, h: Any, m: jax.Array, r: jax.Array) -> Any:
-            chunk = jax.tree.map(lambda p: jax.lax.dynamic_index_in_dim(p, r, keepdims=False), params)
+            # The one chunk is loop-invariant, so autodiff keeps no copy of it per tick; a round's chunk
+            # (V > 1) is selected anew when the stage is recomputed (stage_remat, which V > 1 needs).
+            chunk = jax.tree.map(lambda p: p[0] if V == 1 else jax.lax.dynamic_index_in_dim(p, r, keepdims=False),
+                                 params)
             return scan_layers(layer, specialize(chunk, m), h)
 
         if schedule.stage_remat:
             stage = jax.checkpoint(stage, prevent_cse=False)
         run_stages = jax.vmap(stage, spmd_axis_name="stage")
         inputs = jax.tree.map(lambda a: split_microbatches(jnp.asarray(a), M), x)
-        microbatch, rounds, starts = (jnp.asarray(table[k]) for k in ("microbatch", "round", "fresh"))
+        microbatch, rounds = jnp.asarray(table["microbatch"]), jnp.asarray(table["round"])
 
-        def tick(state: Any, t: jax.Array) -> tuple[Any, Any]:
+        def tick(state: Any, tick_feed: tuple[jax.Array, Any, jax.Array]) -> tuple[Any, Any]:
+            t, feed, fresh = tick_feed
             done = run_stages(staged, state, microbatch[t], rounds[t])
-            nxt = jnp.minimum(t + 1, schedule.ticks - 1)
-            incoming = jax.tree.map(lambda a, d: jnp.where(starts[nxt], a[microbatch[nxt, 0]], d[-1]), inputs, done)
+            incoming = jax.tree.map(lambda f, d: jnp.where(fresh, f, d[-1]), feed, done)
             state = jax.tree.map(lambda i, d: jnp.concatenate([i[None], d[:-1]], axis=0), incoming, done)
             return _stage_state(state), jax.tree.map(lambda d: d[-1], done)
 
+        # What stage 0 may take after each tick: the next tick's fresh microbatch (past the last, a repeat).
+        following = np.minimum(np.arange(1, schedule.ticks + 1), schedule.ticks - 1)
+        feeds = jax.tree.map(lambda a: a[table["microbatch"][following, 0]], inputs)
         first = jax.tree.map(lambda a: jnp.concatenate([a[:1], jnp.zeros((S - 1, *a.shape[1:]), a.dtype)]), inputs)
-        _, finished = jax.lax.scan(tick, _stage_state(first), jnp.arange(schedule.ticks))
+        _, finished = jax.lax.scan(tick, _stage_state(first),
+                                   (jnp.arange(schedule.ticks), feeds, jnp.asarray(table["fresh"][following])))
         out = jax.tree.map(lambda f: merge_microbatches(f[np.asarray(finals)]), finished)
         return _spread(out) if schedule.head_spread else out
 

@@ -92,9 +92,7 @@ def candidates(cluster: ClusterSpec, w: Workload, max_stages: int | None = None)
                     yield Candidate(stages, mb, data, fsdp, sequence, tensor, remat)
                 if stages > 1:  # the pipeline's own schedules (the stage recomputed needs no layer remat)
                     yield Candidate(stages, mb, data, fsdp, sequence, tensor, "none", stage_remat=True)
-                    if mb % stages == 0 and w.model.n_layers % (2 * stages) == 0:
-                        for remat in PLANNED_REMAT:
-                            yield Candidate(stages, mb, data, fsdp, sequence, tensor, remat, virtual_stages=2)
+                    if mb % stages == 0 and w.model.n_layers % (2 * stages) == 0:  # interleaved (bounded too)
                         yield Candidate(stages, mb, data, fsdp, sequence, tensor, "none", virtual_stages=2,
                                         stage_remat=True)
 

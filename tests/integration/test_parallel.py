@@ -171,7 +171,7 @@ def test_pipeline_stages_match_one_stage(model):
     tokens = batch(config(model, (1, 8, 1), layers))
     _, loss, grads = grads_on_mesh(config(model, (1, 8, 1), layers), tokens)
     for stages, virtual, remat, (data, fsdp, tensor), micro in ((2, 1, False, (1, 2, 2), 4), (2, 2, True, (1, 2, 2), 4),
-                                                                  (4, 1, True, (1, 2, 1), 2), (4, 2, False, (1, 2, 1), 4)):
+                                                                  (4, 1, True, (1, 2, 1), 2), (4, 2, True, (1, 2, 1), 4)):
         cfg = config(model, (data, fsdp, tensor), layers, f"parallel.stage={stages}", f"train.microbatches={micro}",
                      f"parallel.virtual_stages={virtual}", f"parallel.stage_remat={remat}")
         training, piped_loss, piped = grads_on_mesh(cfg, tokens)
@@ -214,7 +214,7 @@ def test_pipeline_schedule_runs_m_plus_s_minus_1_ticks():
     x = rng.normal(size=(12, 3)).astype(np.float32)
     want = scan_layers(layer, params, x)
     for stages, micro, virtual in ((2, 3, 1), (4, 6, 1), (8, 1, 1), (4, 12, 1), (2, 4, 2), (2, 6, 4), (4, 4, 2)):
-        schedule = Schedule(stages, micro, virtual)
+        schedule = Schedule(stages, micro, virtual, stage_remat=virtual > 1)
         run = pipeline(schedule)
         np.testing.assert_allclose(run(layer, params, x), want, rtol=1e-6, err_msg=str(schedule))
         scans = [e for e in jax.make_jaxpr(lambda p, h: run(layer, p, h))(params, x).eqns if e.primitive.name == "scan"]
