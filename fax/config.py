@@ -6,7 +6,6 @@ Validation runs before anything is compiled and names the setting to change.
 from __future__ import annotations
 
 import dataclasses
-import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +15,7 @@ import yaml
 
 from fax.models.config import LORA_TARGETS, ModelConfig, tensor_indivisible
 from fax.models.presets import preset
-from fax.parallel.config import ParallelConfig, Schedule
+from fax.parallel.config import ParallelConfig
 from fax.parallel.cost import Candidate
 
 
@@ -323,9 +322,6 @@ def setting_problems(cfg: Config) -> list[str]:
     for name in ("steps", "batch_size", "microbatches", "loss_chunks", "eval_batches", "log_every"):
         if getattr(t, name) <= 0:
             problems.append(f"train.{name} must be positive, got {getattr(t, name)}")
-    if cfg.parallel.virtual_stages < 1:
-        problems.append(f"parallel.virtual_stages={cfg.parallel.virtual_stages} must be >= 1 (1: one chunk of "
-                        "layers per pipeline stage)")
     if t.eval_every < 0:
         problems.append(f"train.eval_every must be >= 0 (0: no evaluation), got {t.eval_every}")
     if t.profile_steps < 0:
@@ -359,21 +355,7 @@ def layout_problems(cfg: Config, sizes: dict[str, int]) -> list[str]:
                         f"choose a tensor size that divides it")
     if m.d_model % sizes["fsdp"]:
         problems.append(f"model.d_model={m.d_model} is not divisible by parallel.fsdp={sizes['fsdp']}")
-    chunks = sizes["stage"] * max(cfg.parallel.virtual_stages, 1)
-    if m.n_layers % chunks:
-        problems.append(f"model.n_layers={m.n_layers} does not split into parallel.stage={sizes['stage']} "
-                        f"x parallel.virtual_stages={cfg.parallel.virtual_stages} = {chunks} pipeline chunks; "
-                        "choose stage and virtual stage counts whose product divides it")
-    if sizes["stage"] > 1:
-        problems.extend(Schedule(sizes["stage"], t.microbatches, cfg.parallel.virtual_stages,
-                                 cfg.parallel.stage_remat).problems())
-    try:
-        cfg.parallel.slice_sizes(sizes)
-        if cfg.parallel.slices > 1 and math.prod(sizes.values()) % cfg.parallel.slices:
-            problems.append(f"the {math.prod(sizes.values())} devices do not split into the {cfg.parallel.slices} slices that "
-                            "parallel.dcn_stage x dcn_data x dcn_fsdp ask for")
-    except ValueError as e:
-        problems.append(str(e))
+    problems.extend(cfg.parallel.problems(sizes, m.n_layers, t.microbatches))
     if cfg.seq_len % sizes["sequence"]:
         problems.append(f"train.seq_len={cfg.seq_len} is not divisible by parallel.sequence={sizes['sequence']}")
     elif cfg.parallel.tensor_sequence and cfg.seq_len % (sizes["sequence"] * tensor):

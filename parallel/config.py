@@ -35,9 +35,9 @@ class ParallelConfig:
     # Many slices (TPU slices over the data-centre network, or groups of hosts): how many slices each of
     # these axes spans, the rest of the axis inside each slice. Their product is the number of slices;
     # each divides its axis's size (e.g. parallel.data=4 parallel.dcn_data=2: 2 replicas per slice).
-    dcn_stage: int = 1
-    dcn_data: int = 1
-    dcn_fsdp: int = 1
+    dcn_stage: int = 1  # slices the pipeline stages span
+    dcn_data: int = 1  # slices the data replicas span (the usual choice: only gradients cross slices)
+    dcn_fsdp: int = 1  # slices the fsdp shards span
 
     @property
     def slices(self) -> int:
@@ -52,6 +52,24 @@ class ParallelConfig:
                 raise ValueError(f"parallel.dcn_{axis}={across[axis]} must be a positive divisor of parallel.{axis}="
                                  f"{sizes[axis]} (the slices it spans)")
         return {axis: sizes[axis] // across[axis] for axis in MESH_AXES}, across
+
+    def problems(self, sizes: dict[str, int], n_layers: int, microbatches: int) -> list[str]:
+        """What of the pipeline schedule and the slices does not fit resolved axis ``sizes``."""
+        if self.virtual_stages < 1:
+            return [f"parallel.virtual_stages={self.virtual_stages} must be >= 1 (1: one chunk of layers per stage)"]
+        found = []
+        chunks = sizes["stage"] * self.virtual_stages
+        if n_layers % chunks:
+            found.append(f"model.n_layers={n_layers} does not split into parallel.stage={sizes['stage']} x "
+                         f"parallel.virtual_stages={self.virtual_stages} = {chunks} pipeline chunks; choose stage "
+                         "and virtual stage counts whose product divides it")
+        if sizes["stage"] > 1:
+            found.extend(Schedule(sizes["stage"], microbatches, self.virtual_stages, self.stage_remat).problems())
+        try:
+            self.slice_sizes(sizes)
+        except ValueError as e:
+            found.append(str(e))
+        return found
 
     def axis_sizes(self, n_devices: int) -> dict[str, int]:
         """Resolve -1 against ``n_devices``; ValueError names the setting when it cannot fit."""

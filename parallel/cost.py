@@ -176,10 +176,9 @@ def memory(c: Candidate, w: Workload) -> dict[str, float]:
         found["activations"] = per_token_layer * layers * tokens * layer_ticks + recompute + ticks_kept
         if s.virtual > 1:  # the stage's chunks gathered from the layer-ordered params, and their gradients
             found["pipeline_params"] = 2 * params * PARAM_BYTES
-    # float32 logits, a piece at a time, of the rows a device's head sees: the whole batch's on every stage
-    # unless the rows spread over the stages
-    head_rows = c.microbatches / (1 if c.stages == 1 else c.stages if c.schedule.head_spread else 1)
-    found["logits"] = tokens * m.vocab_size / c.tensor * 4 * head_rows / c.loss_chunks
+    # float32 logits of one microbatch's rows per device at a time (a pipeline's head takes its rows in as
+    # many pieces), a piece of the sequence at a time
+    found["logits"] = tokens * m.vocab_size / c.tensor * 4 / c.loss_chunks
     return found
 
 

@@ -44,6 +44,11 @@ def make_mesh(parallel: ParallelConfig, devices: Sequence[jax.Device] | None = N
     devices = list(jax.devices() if devices is None else devices)
     sizes = parallel.axis_sizes(len(devices))
     types = (AxisType.Auto,) * len(MESH_AXES)
+    tpu_slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if parallel.slices == 1 and tpu_slices > 1:
+        raise ValueError(f"the devices are {tpu_slices} TPU slices joined by the data-centre network: say which "
+                         f"axes span them, e.g. parallel.dcn_data={tpu_slices} (parallel.dcn_stage, dcn_data and "
+                         f"dcn_fsdp multiply to the {tpu_slices} slices)")
     if parallel.slices == 1:
         return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES, axis_types=types, devices=devices)
     inside, across = parallel.slice_sizes(sizes)

@@ -1,8 +1,11 @@
 """8 emulated CPU devices, set before jax initialises its backend."""
 
+import contextlib
 import gzip
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("FAX_CACHE", os.path.join(os.path.dirname(__file__), "..", ".cache"))
@@ -38,3 +41,22 @@ def traced_steps():
         runs = {e["args"]["run_id"] for e in events if e.get("args", {}).get("hlo_module") == "jit_train_step"}
         return len(runs), sorted(int(e["args"]["step_num"]) for e in events if e.get("name") == "train")
     return read
+
+
+@contextlib.contextmanager
+def _local_ray(hosts: int):
+    import ray
+
+    temp = tempfile.mkdtemp(prefix="faxr", dir="/tmp")  # short: Ray's Unix sockets live there
+    ray.init(resources={"fax_host": hosts}, _temp_dir=temp, include_dashboard=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """``with local_ray(n):`` a local Ray cluster offering n emulated hosts, in a temp dir of its own."""
+    return _local_ray

@@ -13,12 +13,12 @@ from jax.experimental import topologies
 
 from fax.checkpoint import abstract_like
 from fax.config import Config, ConfigError, validate
-from fax.parallel import make_mesh
 from fax.parallel.calibrate import present_cluster
 from fax.parallel.hardware import tpu_topology
 from fax.parallel.hlo import collectives
 from fax.parallel.planner import out_of_memory
 from fax.train import step as step_lib
+from fax.train.runtime import run_mesh
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ def compile_step(config: Config, devices: list[Any], hbm_bytes: float, target: s
     run); bad settings are refused before the compile, naming the setting."""
     sizes = validate(config, len(devices))
     started = time.perf_counter()
-    training = step_lib.build(config, make_mesh(config.parallel, devices))
+    training = step_lib.build(config, run_mesh(config, devices))
     state = abstract_like(jax.eval_shape(training.init), training.state_shardings)
     try:
         compiled = step_lib.compile_step(training, state, (config.train.batch_size, config.seq_len + 1))

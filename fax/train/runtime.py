@@ -15,9 +15,10 @@ from typing import Any, Protocol
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from fax.checkpoint import Checkpointer, checkpoint_dir
-from fax.config import Config
+from fax.config import Config, ConfigError
 from fax.data import Batch
 from fax.interop.hf import import_params, init_from_dir
 from fax.params import run_params
@@ -100,6 +101,15 @@ def global_array(local: np.ndarray, rows: RowRanges, sharding: jax.sharding.Shar
     return jax.make_array_from_single_device_arrays(shape, sharding, per_device)
 
 
+def run_mesh(config: Config, devices: list[jax.Device]) -> Mesh:
+    """The run's mesh over ``devices``; what keeps them from forming it (TPU slices without
+    parallel.dcn_*) is a ConfigError naming the setting."""
+    try:
+        return make_mesh(config.parallel, devices)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def profile_dir(run_dir: str | Path) -> Path:
     """Where this process writes its profiler traces: a folder per host (hosts of one machine share
     a host name, which names the trace files)."""
@@ -112,7 +122,7 @@ class HostRuntime:
     def __init__(self, config: Config, devices: list[jax.Device] | None = None):
         self.config = config
         self.devices = list(jax.devices() if devices is None else devices)
-        self.training = step_lib.build(config, make_mesh(config.parallel, self.devices))
+        self.training = step_lib.build(config, run_mesh(config, self.devices))
         self.batch_shape = (config.train.batch_size, config.seq_len + 1)
         self.rows = host_rows(self.training.batch_sharding, self.batch_shape)
         self.checkpointer = Checkpointer(checkpoint_dir(config.run_dir, config.checkpoint), config.checkpoint)

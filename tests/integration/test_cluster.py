@@ -76,13 +76,10 @@ def test_host_layout_pins_one_worker_per_host():
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    """A local Ray cluster offering two emulated hosts (short temp path: Unix sockets live there)."""
-    temp = tempfile.mkdtemp(prefix="faxr", dir="/tmp")
-    ray.init(resources={"fax_host": 2}, _temp_dir=temp, include_dashboard=False)
-    yield
-    ray.shutdown()
-    shutil.rmtree(temp, ignore_errors=True)
+def ray_cluster(local_ray):
+    """A local Ray cluster offering two emulated hosts."""
+    with local_ray(2):
+        yield
 
 
 @pytest.fixture(scope="module")

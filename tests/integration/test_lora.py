@@ -141,9 +141,9 @@ def test_each_microbatch_draws_dropout_masks_of_its_own(tmp_path, small_corpus):
     def loss(dropout, tokens, microbatches, stages=1):
         lora = dataclasses.replace(cfg.lora, dropout=dropout)
         step = jax.jit(functools.partial(step_lib.train_step, graphdef=graphdef, tx=tx,
-                                         schedule=step_lib.lr_schedule(cfg.optim, cfg.train.steps),
-                                         microbatches=microbatches, stages=stages, objective=step_lib.Objective(),
-                                         lora=lora, seed=0))
+                                         lr=step_lib.lr_schedule(cfg.optim, cfg.train.steps),
+                                         schedule=step_lib.Schedule(stages, microbatches),
+                                         objective=step_lib.Objective(), lora=lora, seed=0))
         return float(step(state, Batch.of(tokens))[1]["loss"])
 
     # A row alone, and twice as two microbatches: the same loss without dropout; with it, the second

@@ -1,10 +1,6 @@
 """Many slices (parallel.dcn_*): meshes whose outer axes span slices, and Ray mode placing a group of
 hosts per slice (4 emulated hosts x 2 CPU devices as 2 slices)."""
 
-import shutil
-import tempfile
-
-import jax
 import numpy as np
 import pytest
 
@@ -49,12 +45,9 @@ def test_tpu_hosts_are_placed_slice_by_slice():
 
 
 @pytest.fixture(scope="module")
-def four_hosts():
-    temp = tempfile.mkdtemp(prefix="faxs", dir="/tmp")
-    ray.init(resources={"fax_host": 4}, _temp_dir=temp, include_dashboard=False)
-    yield
-    ray.shutdown()
-    shutil.rmtree(temp, ignore_errors=True)
+def four_hosts(local_ray):
+    with local_ray(4):
+        yield
 
 
 def test_two_slices_of_two_hosts_train_as_one_process_does(four_hosts, tmp_path, small_corpus):
