@@ -61,6 +61,17 @@ def cpu_devices(command: str, asked: int | None) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
+    from fax.signals import handling
+
+    try:
+        with handling(_interrupt, signal.SIGTERM):  # from before jax loads: a SIGTERM at any moment ends cleanly
+            return _run(args)
+    except KeyboardInterrupt:
+        print("fax: interrupted", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
+
+
+def _run(args: argparse.Namespace) -> int:
     import jax
 
     explicit, args.cpu_devices = args.cpu_devices is not None, cpu_devices(args.command, args.cpu_devices)
@@ -71,15 +82,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
     from fax.config import ConfigError
     from fax.data.chat import TemplateError
-    from fax.signals import handling
 
     try:
-        with handling(_interrupt, signal.SIGTERM):
-            return args.run(args)
+        return args.run(args)
     except (ConfigError, FileNotFoundError, TemplateError) as e:
         print(f"fax: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("fax: interrupted", file=sys.stderr)
-        return INTERRUPTED_EXIT_CODE
 

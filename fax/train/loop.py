@@ -207,29 +207,39 @@ class Trainer:
             copy_tokenizer(self.data_path / self.dataset.meta["tokenizer"], run_dir)
         if self.plan is not None:
             (run_dir / "plan.json").write_text(self.plan.to_json())
-        if self.runtime is None:
-            self.runtime = HostRuntime(cfg, self.devices)
-        while True:
-            try:
-                self._run(last)
-                break
-            except WorkerFailure as failure:
-                if len(self.restarts) >= cfg.cluster.max_restarts:
-                    raise RuntimeError(f"giving up after {len(self.restarts)} restarts "
-                                       f"(cluster.max_restarts={cfg.cluster.max_restarts}): {failure}") from failure
-                self.restarts.append(str(failure))
-                self.echo(f"fax: restart {len(self.restarts)}/{cfg.cluster.max_restarts}: {failure}; "
-                          "starting fresh workers from the latest complete checkpoint")
-                self.runtime.restart()
+        # From here SIGTERM/SIGINT only set an event, read at safe points: after start-up (build, restore,
+        # compile), which then ends the run cleanly, and after each step, which saves first. (Raised in the
+        # middle of a compile, an interrupt could leave XLA's threads to crash the process at exit.)
+        with _stop_on_signals() as stop:
+            if self.runtime is None:
+                self.runtime = HostRuntime(cfg, self.devices)
+            while True:
+                try:
+                    self._run(last, stop)
+                    break
+                except WorkerFailure as failure:
+                    if len(self.restarts) >= cfg.cluster.max_restarts:
+                        raise RuntimeError(f"giving up after {len(self.restarts)} restarts (cluster.max_restarts="
+                                           f"{cfg.cluster.max_restarts}): {failure}") from failure
+                    self.restarts.append(str(failure))
+                    self.echo(f"fax: restart {len(self.restarts)}/{cfg.cluster.max_restarts}: {failure}; "
+                              "starting fresh workers from the latest complete checkpoint")
+                    self.runtime.restart()
         return self.history
 
-    def _run(self, last: int) -> None:
-        """Start (or restart) the runtime from the latest complete checkpoint and train to ``last``."""
+    def _run(self, last: int, stop: threading.Event) -> None:
+        """Start (or restart) the runtime from the latest complete checkpoint and train to ``last``,
+        ending cleanly once ``stop`` is set."""
         cfg, t, runtime = self.config, self.config.train, self.runtime
         checkpoints = self._checkpoints()
         for name in checkpoints.partial():
             self.echo(f"fax: ignoring incomplete checkpoint {name} (a save that never finished; left in place)")
         resume, seconds = self._resume(checkpoints)
+        if stop.is_set():
+            if resume is not None:
+                raise Preempted(resume, cfg.run_dir)
+            self.echo("fax: stopped by a signal during start-up, before the first step (nothing was saved)")
+            raise KeyboardInterrupt
         first = 0 if resume is None else resume
         if resume is not None:
             self.echo(f"fax: resumed from the checkpoint of step {resume}")
@@ -253,8 +263,7 @@ class Trainer:
         tokens_per_step = t.batch_size * seq_len
         batch = train_batches.batch(first)
         window_start, window_steps = time.perf_counter(), 0
-        with (_stop_on_signals() as stop,
-              tqdm(total=t.steps, initial=first, desc="train", unit="step", disable=None) as bar):
+        with tqdm(total=t.steps, initial=first, desc="train", unit="step", disable=None) as bar:
             hooks = self._loop_hooks(runtime, traced, info, kept, bar)
             lost_hosts = False
             try:

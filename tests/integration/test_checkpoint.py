@@ -277,3 +277,32 @@ def test_damaged_metadata_and_missing_files_are_reported_not_tracebacks(tmp_path
     assert "step 2: DAMAGED" in capsys.readouterr().out
     with pytest.raises(ConfigError, match=r"step 2 is damaged.*no intact checkpoint is left"):
         quiet(load_config(overrides=overrides(run, small_corpus, "train.steps=6"))).fit()
+
+
+def sigterm_once_started(tmp_path, args):
+    """``fax train`` in a subprocess, sent SIGTERM as soon as it has written the run's config (it then
+    builds, restores and compiles: start-up); its exit status and output."""
+    (tmp_path / "config.yaml").unlink(missing_ok=True)
+    code = "import sys; from fax.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.Popen([sys.executable, "-c", code, "train", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (tmp_path / "config.yaml").exists():
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert "Fatal Python error" not in err and "Traceback" not in err, err
+    return proc.returncode, out + err
+
+
+def test_sigterm_during_start_up_ends_cleanly(tmp_path, small_corpus):
+    """A scheduler's SIGTERM while the run restores and compiles: a clean exit with a line saying what
+    stands (130 before any checkpoint, 75 with one), no crash."""
+    args = overrides(tmp_path, small_corpus, "train.steps=100000", "checkpoint.every_n_steps=0")
+    code, err = sigterm_once_started(tmp_path, args)
+    assert code == 130 and "stopped by a signal during start-up, before the first step" in err, err
+    assert not (tmp_path / "metrics.jsonl").exists() or not (tmp_path / "metrics.jsonl").read_text().strip()
+    quiet(load_config(overrides=[*args, "train.steps=2"])).fit()
+    code, err = sigterm_once_started(tmp_path, [*args, "train.steps=5"])
+    assert code == 75 and "stopped by a signal at step 2; a checkpoint of that step is saved" in err, err
