@@ -120,6 +120,18 @@ def mismatched(saved: dict[str, str], tree: Any) -> list[str]:
     return sorted(path for path in set(saved) | set(now) if saved.get(path) != now.get(path))
 
 
+def _is_array_metadata(m: Any) -> bool:
+    """Whether ``m`` is one array's entry in orbax's metadata of a tree (a leaf: shape and dtype)."""
+    return hasattr(m, "shape") and hasattr(m, "dtype")
+
+
+def _checked_meta(step: int, meta: Any) -> dict[str, Any]:
+    """A step's meta as read back, or ``CheckpointDamaged`` where it is not one fax wrote."""
+    if not isinstance(meta, dict) or "step" not in meta:
+        raise CheckpointDamaged(step, "its meta (JSON) holds no step")
+    return meta
+
+
 def restore_args(target: Any, shardings: Any) -> ocp.args.PyTreeRestore:
     """Read ``target``'s arrays (shapes and dtypes) straight into ``shardings`` (any mesh)."""
     abstract = abstract_like(target, shardings)
@@ -210,19 +222,19 @@ class Checkpointer:
     def restore(self, step: int, target: dict[str, Any], shardings: dict[str, Any]) -> tuple[dict[str, Any], dict]:
         """The train state of ``step`` placed in ``shardings`` (any mesh), and its metadata, checked
         against the checksums written with it."""
-        meta = self.meta(step)
         restored = self._read(step, params=restore_args(target["params"], shardings["params"]),
-                              opt_state=restore_args(target["opt_state"], shardings["opt_state"]))
+                              opt_state=restore_args(target["opt_state"], shardings["opt_state"]),
+                              meta=ocp.args.JsonRestore())
+        meta = _checked_meta(step, restored.meta)
         self._verified(step, meta, params=restored.params, opt_state=restored.opt_state)
         step_array = jax.device_put(jax.numpy.int32(meta["step"]), shardings["step"])
         return {"step": step_array, "params": restored.params, "opt_state": restored.opt_state}, meta
 
     def restore_params(self, step: int, target: Any, shardings: Any) -> Any:
         """Parameters alone (for evaluation and serving), checked: the optimizer state is never read."""
-        meta = self.meta(step)
-        params = self._read(step, params=restore_args(target, shardings)).params
-        self._verified(step, meta, params=params)
-        return params
+        restored = self._read(step, params=restore_args(target, shardings), meta=ocp.args.JsonRestore())
+        self._verified(step, _checked_meta(step, restored.meta), params=restored.params)
+        return restored.params
 
     def verify(self, step: int) -> None:
         """Read every array of ``step`` onto this process's first device and check it against its
@@ -233,8 +245,7 @@ class Checkpointer:
         if missing:
             raise CheckpointDamaged(step, f"its {' and '.join(missing)} are missing")
         shapes = {item: jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), saved[item],
-                                     is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
-                  for item in ("params", "opt_state")}
+                                     is_leaf=_is_array_metadata) for item in ("params", "opt_state")}
         restored = self._read(step, **{item: restore_args(tree, jax.tree.map(lambda _: where, tree))
                                        for item, tree in shapes.items()})
         self._verified(step, meta, **{item: restored[item] for item in shapes})
@@ -246,16 +257,12 @@ class Checkpointer:
             raise CheckpointDamaged(step, f"its array metadata is unreadable ({type(e).__name__})") from e
 
     def meta(self, step: int) -> dict[str, Any]:
-        meta = self._read(step, meta=ocp.args.JsonRestore()).meta
-        if not isinstance(meta, dict) or "step" not in meta:
-            raise CheckpointDamaged(step, "its meta (JSON) holds no step")
-        return meta
+        return _checked_meta(step, self._read(step, meta=ocp.args.JsonRestore()).meta)
 
     def array_metadata(self, step: int) -> dict[str, Any]:
         """Shapes and dtypes of the saved params, read from the checkpoint's own metadata."""
         tree = self._read_metadata(step)["params"]
-        return jax.tree.map(lambda m: (tuple(m.shape), str(m.dtype)), tree,
-                            is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+        return jax.tree.map(lambda m: (tuple(m.shape), str(m.dtype)), tree, is_leaf=_is_array_metadata)
 
     def size_bytes(self, step: int) -> int:
         root = Path(str(self.directory / str(step)))

@@ -16,10 +16,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import flash_attention as pallas_flash
 
-from fax.models.config import ModelConfig, attention_implementation
+from fax.models.config import ModelConfig, attention_implementation, tile
 from fax.models.sharding import per_device, platform
 
-TILES = (512, 256, 128)  # block sizes of the flash and blockwise kernels, largest first (the Pallas kernel's: x128)
 MASKED = -1e30  # a finite "minus infinity": a block with every key hidden still has a defined maximum
 
 
@@ -33,11 +32,6 @@ def attend(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, segments:
         return blockwise_attention(q, k, v, segments, tile(q.shape[1]) or q.shape[1])
     mask = None if segments is None else (segments[:, :, None] == segments[:, None, :])[:, None]
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=kernel)
-
-
-def tile(length: int) -> int | None:
-    """The block size of the kernels for sequences of ``length`` (None: no tile divides it)."""
-    return next((b for b in TILES if length % b == 0), None)
 
 
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array | None) -> jax.Array:

@@ -27,6 +27,7 @@ REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_save
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "flash", "blockwise")
 # From this many tokens a sequence, auto attention holds no seq x seq scores where no fused kernel runs.
 BLOCKWISE_FROM = 2048
+TILES = (512, 256, 128)  # block sizes of the flash and blockwise kernels, largest first (the Pallas kernel's: x128)
 DTYPES = ("float32", "bfloat16")
 # The weights LoRA can adapt, each with its number of input axes (attn.wo reads heads x head_dim).
 LORA_TARGETS = {"attn.wq": 1, "attn.wk": 1, "attn.wv": 1, "attn.wo": 2, "mlp.wi": 1, "mlp.wg": 1, "mlp.wo": 1}
@@ -131,17 +132,21 @@ def matmul_param_count(cfg: ModelConfig) -> int:
     return cfg.n_layers * (attn + mlp) + d * cfg.vocab_size
 
 
+def tile(length: int) -> int | None:
+    """The block size of the tiled attention kernels for sequences of ``length`` (None: no tile divides it)."""
+    return next((b for b in TILES if length % b == 0), None)
+
+
 def attention_implementation(cfg: ModelConfig, platform: str, seq_len: int = 0) -> str:
     """The attention kernel ``cfg.attention_impl`` means on ``platform`` for sequences of ``seq_len``:
     ``auto`` is cuDNN's fused flash attention on GPUs in 16-bit (cuDNN has no float32 kernel), the
     Pallas flash-attention kernel on TPUs, and elsewhere XLA's attention, or from ``BLOCKWISE_FROM``
-    tokens the blockwise one (no seq x seq scores); the two tiled kernels for lengths they tile
-    (multiples of 128)."""
+    tokens the blockwise one (no seq x seq scores); the two tiled kernels for lengths they tile."""
     if cfg.attention_impl != "auto":
         return cfg.attention_impl
     if platform == "gpu" and cfg.dtype != "float32":
         return "cudnn"
-    tiled = seq_len > 0 and seq_len % 128 == 0
+    tiled = seq_len > 0 and tile(seq_len) is not None
     if platform == "tpu" and tiled:
         return "flash"
     return "blockwise" if tiled and seq_len >= BLOCKWISE_FROM else "xla"

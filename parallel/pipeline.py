@@ -11,9 +11,10 @@ Two choices shape it (``fax.parallel.config.Schedule``):
 - **virtual stages** V: the stack is cut into S x V chunks and stage s holds chunks s, s + S, ...;
   a microbatch goes round the ring of stages V times. The bubble falls from (S - 1) / (M + S - 1)
   to (S - 1) / (V M + S - 1) (Megatron's interleaved schedule). It needs bounded memory (below): a
-  tick's chunk is then selected anew in the backward pass, where autodiff would keep a copy per tick. The params stay stored in layer
-  order, split into S consecutive blocks, so each step moves every stage's other chunks to it over
-  the stage axis (an all-to-all of the stage's params forward and of its gradients backward).
+  tick's chunk is then selected anew in the backward pass, where autodiff would keep a copy per
+  tick. The params stay stored in layer order, split into S consecutive blocks, so each step moves
+  every stage's other chunks to it over the stage axis (an all-to-all of the stage's params forward
+  and of its gradients backward).
 - **bounded memory**: each tick's stage is recomputed from its input in the backward pass, so what a
   step keeps is one hidden state per tick and stage, plus the layer activations of one microbatch at
   a time, instead of every tick's layer activations (which grow with M).

@@ -34,9 +34,8 @@ def _open(run_dir: str):
 
 
 def list_steps(args: argparse.Namespace) -> int:
-    from fax.metrics import mesh_desc
-
     from fax.checkpoint import CheckpointDamaged
+    from fax.metrics import mesh_desc
 
     ckpt = _open(args.run_dir)
     print(f"{'step':>8}  {'size':>10}  {'loss':>8}  mesh")

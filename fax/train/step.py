@@ -81,10 +81,8 @@ class Objective:
     def _sums(self, hidden: jax.Array, head: jax.Array, targets: jax.Array, counted: jax.Array) -> jax.Array:
         if self.row_pieces == 1:
             return self._piece_sums(hidden, head, targets, counted)
-        piece_sums = jax.checkpoint(lambda x, t, c, w: self._piece_sums(x, w, t, c))
         pieces = [split_microbatches(a, self.row_pieces) for a in (hidden, targets, counted)]
-        return jax.lax.scan(lambda total, xtc: (total + piece_sums(*xtc, head), None),
-                            jnp.zeros(2, jnp.float32), pieces)[0]
+        return summed_pieces(self._piece_sums, head, *pieces)
 
     def _piece_sums(self, hidden: jax.Array, head: jax.Array, targets: jax.Array, counted: jax.Array) -> jax.Array:
         if self.chunks == 1:
@@ -95,9 +93,16 @@ class Objective:
             x = x.reshape(batch, length // self.chunks, self.chunks, *x.shape[2:])  # the sequence's sharding
             return jnp.moveaxis(x, 2, 0)
 
-        piece_sums = jax.checkpoint(lambda x, t, c, w: loss_sums(x, w, t, c))
-        return jax.lax.scan(lambda total, xtc: (total + piece_sums(*xtc, head), None),
-                            jnp.zeros(2, jnp.float32), (pieces(hidden), pieces(targets), pieces(counted)))[0]
+        return summed_pieces(loss_sums, head, pieces(hidden), pieces(targets), pieces(counted))
+
+
+def summed_pieces(sums: Callable[..., jax.Array], head: jax.Array, hidden: jax.Array, targets: jax.Array,
+                  counted: jax.Array) -> jax.Array:
+    """``sums(hidden, head, targets, counted)`` added up over pieces (the leading axis of the three),
+    one piece after another; each piece's logits are recomputed in the backward pass, not kept."""
+    piece = jax.checkpoint(lambda x, t, c, w: sums(x, w, t, c))
+    return jax.lax.scan(lambda total, xtc: (total + piece(*xtc, head), None), jnp.zeros(2, jnp.float32),
+                        (hidden, targets, counted))[0]
 
 
 def lr_schedule(optim: OptimConfig, steps: int) -> optax.Schedule:
