@@ -201,16 +201,16 @@ class Trainer:
         cfg = self.config
         last = min(until_step or cfg.train.steps, cfg.train.steps)
         run_dir = Path(cfg.run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
-        if self.dataset.meta["tokenizer"] != "byte":  # generate and serve decode with the run's own copy
-            copy_tokenizer(self.data_path / self.dataset.meta["tokenizer"], run_dir)
-        if self.plan is not None:
-            (run_dir / "plan.json").write_text(self.plan.to_json())
         # From here SIGTERM/SIGINT only set an event, read at safe points: after start-up (build, restore,
         # compile), which then ends the run cleanly, and after each step, which saves first. (Raised in the
         # middle of a compile, an interrupt could leave XLA's threads to crash the process at exit.)
         with _stop_on_signals() as stop:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(cfg.to_yaml())
+            if self.dataset.meta["tokenizer"] != "byte":  # generate and serve decode with the run's own copy
+                copy_tokenizer(self.data_path / self.dataset.meta["tokenizer"], run_dir)
+            if self.plan is not None:
+                (run_dir / "plan.json").write_text(self.plan.to_json())
             if self.runtime is None:
                 self.runtime = HostRuntime(cfg, self.devices)
             while True:
