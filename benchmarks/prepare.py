@@ -18,14 +18,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from fax.data import prepare, read_documents, stdlib_dir, text_files, train_bpe
+from fax.cluster.data import tokenize_on_ray
+from fax.data import prepare, read_documents, stdlib_dir, text_files
+from fax.data.tokenizers import train_bpe
 
 
 def timed(files: list[Path], tokenizer: str, engine: str, root: Path) -> tuple[float, int]:
     out = root / f"{engine}-{Path(tokenizer).name}"
     shutil.rmtree(out, ignore_errors=True)
     started = time.perf_counter()
-    index = prepare(files, out, tokenizer, engine=engine)
+    tokenize = tokenize_on_ray if engine == "ray" else None
+    index = prepare(files, out, tokenizer, invalid_utf8="skip", tokenize=tokenize)
     return time.perf_counter() - started, index["num_tokens"]
 
 
@@ -37,7 +40,7 @@ def main() -> None:
     files = sorted(text_files([stdlib_dir()], (".py",)), key=lambda f: -f.stat().st_size)[:args.files]
     megabytes = sum(f.stat().st_size for f in files) / 1e6
     root = Path(tempfile.mkdtemp(prefix="fax-prepare-bench-"))
-    bpe = train_bpe((text for f in files[:50] for doc in read_documents(f) for text, _ in doc), 8192, root / "bpe.json")
+    bpe = train_bpe((text for f in files[:50] for doc in read_documents(f, invalid_utf8="skip") for text, _ in doc), 8192, root / "bpe.json")
     print(f"{len(files)} files, {megabytes:.1f} MB; BPE vocabulary {bpe.vocab_size}")
     results = {}
     try:

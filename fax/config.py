@@ -159,10 +159,12 @@ class ServeConfig:
     default_max_tokens: int = 16  # when a request does not say
     model_name: str = ""  # what /v1/models reports and requests may name; empty: the run directory's name
     warm_up: bool = False  # compile every prefill and decode shape before serving (Engine.warm_up)
+    max_request_bytes: int = 8_388_608  # a larger request body gets 413
+    read_timeout_s: float = 30.0  # a request body that has not arrived by then gets 408
 
     def problems(self) -> list[str]:
         found = [] if 0 < self.port < 65536 else [f"serve.port={self.port} must be in 1..65535"]
-        for name in ("max_batch", "max_concurrent", "default_max_tokens"):
+        for name in ("max_batch", "max_concurrent", "default_max_tokens", "max_request_bytes", "read_timeout_s"):
             if getattr(self, name) <= 0:
                 found.append(f"serve.{name} must be positive, got {getattr(self, name)}")
         for name in ("max_prompt_tokens", "max_tokens"):

@@ -21,6 +21,9 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--messages-field", default="", help="a record's conversation, a list of {role, content} "
                                                         "messages: only the assistant's are trained on (chat "
                                                         "tuning, served by /v1/chat/completions); default: none")
+    p.add_argument("--invalid-utf8", choices=("refuse", "replace", "skip"), default="refuse",
+                   help="a text or JSONL file that is not UTF-8: refuse it (default), replace each undecodable "
+                        "byte sequence with U+FFFD, or skip the file; replaced and skipped are counted")
     p.add_argument("--engine", choices=("ray", "local"), default="ray",
                    help="ray: tokenize files in parallel with Ray Data (default); local: this process")
     p.add_argument("--suffix", action="append", help="only files with this suffix (repeatable), e.g. .txt")
@@ -38,10 +41,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         index = prepare(text_files(args.inputs, suffixes), args.out, args.tokenizer, vocab_size=args.vocab_size,
                         val_fraction=args.val_fraction, text_field=args.text_field, prompt_field=args.prompt_field,
-                        messages_field=args.messages_field, tokenize=tokenize, progress=True)
-    except ValueError as e:  # a record the options do not fit, a tokenizer that is not there...
+                        messages_field=args.messages_field, invalid_utf8=args.invalid_utf8, tokenize=tokenize,
+                        progress=True)
+    except (ValueError, FileNotFoundError) as e:  # a record the options do not fit, a tokenizer that is not there...
         raise ConfigError(str(e)) from None
+    skipped, replaced = index.get("files_without_text", 0), index.get("replaced_utf8", 0)
     print(f"wrote {index['num_tokens']:,} tokens from {index['num_documents']:,} documents to {args.out} "
           f"(validation: {index['val_tokens']:,} tokens, {index['val_documents']:,} documents; "
-          f"tokenizer {index['tokenizer']}, {index['vocab_size']:,} tokens)")
+          f"tokenizer {index['tokenizer']}, {index['vocab_size']:,} tokens; {skipped:,} of {index['files']:,} files "
+          f"without text, skipped; {replaced:,} undecodable byte sequences replaced with U+FFFD)")
     return 0

@@ -23,6 +23,9 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warm-up", action="store_true",
                    help="compile every prefill and decode shape before serving, so that no request waits for "
                         "a compile (minutes on a few CPU cores)")
+    p.add_argument("--max-request-bytes", type=int, default=8_388_608, help="larger request bodies get 413")
+    p.add_argument("--read-timeout", type=float, default=30.0,
+                   help="seconds a request body may take to arrive; slower ones get 408")
     p.add_argument("--address", default="", help="join this Ray cluster ('auto': the running one)")
     p.add_argument("--hosts", type=int, default=0, help="hosts the engine spans (default 1, or every emulated host)")
     p.add_argument("--emulate-hosts", type=int, default=0, help="a local cluster of N emulated CPU hosts")
@@ -38,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
 
     settings = ServeConfig(host=args.host, port=args.port, max_batch=args.max_batch,
                            max_concurrent=args.max_concurrent, max_prompt_tokens=args.max_prompt_tokens,
-                           max_tokens=args.max_tokens, model_name=args.model_name, warm_up=args.warm_up)
+                           max_tokens=args.max_tokens, model_name=args.model_name, warm_up=args.warm_up,
+                           max_request_bytes=args.max_request_bytes, read_timeout_s=args.read_timeout)
     cluster = ClusterConfig(ray=True, address=args.address, hosts=args.hosts, emulate_hosts=args.emulate_hosts,
                             devices_per_host=args.devices_per_host)
     owns_ray = not ray.is_initialized()

@@ -4,6 +4,7 @@ any list of work items mapped through a pool of workers (``fax infer``)."""
 from __future__ import annotations
 
 import contextlib
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -11,24 +12,25 @@ from typing import Any
 import ray
 import ray.data
 
-from fax.cluster.hosts import start_ray
+from fax.cluster.hosts import start_local_ray
 from fax.data.prepare import ShardWriter, refuse_file
 
 
 @contextlib.contextmanager
 def ray_data_session() -> Iterator[Any]:
-    """``ray.data`` on the running Ray cluster, or on a local one (files under /tmp) started for this
-    block and shut down after it; Ray Data's own progress bars off (callers keep one bar)."""
-    owns = not ray.is_initialized()
-    if owns:
-        start_ray(_temp_dir=tempfile.mkdtemp(prefix="fax-ray-", dir="/tmp"), include_dashboard=False,
-                  log_to_driver=False, configure_logging=False)
+    """``ray.data`` on the running Ray cluster, or on a local one started for this block and shut
+    down after it, its files (under /tmp) removed; Ray Data's own progress bars off (callers keep one
+    bar)."""
+    folder = None if ray.is_initialized() else tempfile.mkdtemp(prefix="fax-ray-", dir="/tmp")
+    if folder:
+        start_local_ray(folder, log_to_driver=False, configure_logging=False)
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
         yield ray.data
     finally:
-        if owns:
+        if folder:
             ray.shutdown()
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def map_on_actors(items: list[dict[str, Any]], worker: type, args: tuple, on_row: Callable[[dict[str, Any]], None],

@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -23,6 +25,7 @@ from typing import Any
 
 import jax
 import ray
+from ray._private import ray_constants
 from ray.exceptions import RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -32,6 +35,8 @@ from fax.config import Config, ConfigError
 
 HOST_RESOURCE = "fax_host"  # one unit per emulated CPU host (`ray start --resources='{"fax_host": 1}'`)
 SOCKET_PATH_ROOM = 40  # Ray's socket paths under its temp dir must stay below the 107-byte Unix limit
+RAY_FOLDER = "local"  # Ray's own temp dir, inside the private folder of a local cluster's files
+LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's nodes bind 127.0.0.1 (as on a laptop)
 # (the host's payload, what it reports) of a factory's arguments: what a worker holds and drives
 Factory = Callable[..., tuple[Any, Any]]
 
@@ -136,13 +141,10 @@ def host_layout(cluster_resources: dict[str, float], nodes: list[dict[str, Any]]
     return HostLayout("node", hosts or len(alive), devices_per_host, {"CPU": 1}, "STRICT_SPREAD")
 
 
-def ray_temp_dir(config: Config) -> str:
+def ray_files(config: Config) -> str:
     """Where a local cluster keeps its files: the run directory, unless that path is too long for sockets."""
     wanted = Path(config.cluster.ray_temp_dir or Path(config.run_dir) / "ray").absolute()
-    if len(str(wanted)) <= SOCKET_PATH_ROOM:
-        wanted.mkdir(parents=True, exist_ok=True)
-        return str(wanted)
-    return tempfile.mkdtemp(prefix="fax-ray-")
+    return str(wanted) if len(str(wanted / RAY_FOLDER)) <= SOCKET_PATH_ROOM else tempfile.mkdtemp(prefix="fax-ray-")
 
 
 def start_ray(**init_args: Any) -> None:
@@ -155,6 +157,19 @@ def start_ray(**init_args: Any) -> None:
         signal.signal(signal.SIGTERM, previous)
 
 
+def start_local_ray(folder: str, **init_args: Any) -> None:
+    """A Ray cluster of this machine alone: its services listen on the loopback address only, its
+    files are in ``folder`` (made private: Ray makes its own folders world-writable), and a watchdog
+    ends its processes should this one be killed (``fax.cluster.watchdog``)."""
+    os.environ[LOOPBACK_SWITCH] = "0"  # read by the processes Ray starts
+    ray_constants.ENABLE_RAY_CLUSTER = False  # read by ray.init (this process imported Ray already)
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    os.chmod(folder, 0o700)
+    start_ray(_temp_dir=str(Path(folder) / RAY_FOLDER), include_dashboard=False, **init_args)
+    subprocess.Popen([sys.executable, "-m", "fax.cluster.watchdog", str(os.getpid())], start_new_session=True,
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def connect(config: Config, echo: Callable[[str], None]) -> bool:
     """Join ``cluster.address`` or start a local cluster (with emulated hosts if asked); True if
     this process started Ray and so shuts it down."""
@@ -164,10 +179,10 @@ def connect(config: Config, echo: Callable[[str], None]) -> bool:
     if c.address:
         start_ray(address=c.address, log_to_driver=True)
         return True
-    temp = ray_temp_dir(config)
-    resources = {HOST_RESOURCE: c.emulate_hosts} if c.emulate_hosts else None
-    start_ray(resources=resources, _temp_dir=temp, include_dashboard=False, log_to_driver=True)
-    echo(f"fax: started a local Ray cluster (files under {temp})")
+    folder = ray_files(config)
+    start_local_ray(folder, resources={HOST_RESOURCE: c.emulate_hosts} if c.emulate_hosts else None,
+                    log_to_driver=True)
+    echo(f"fax: started a local Ray cluster (files under {folder})")
     return True
 
 

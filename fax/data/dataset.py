@@ -69,7 +69,7 @@ def default_corpus() -> Path:
         root = stdlib_dir()
         files = [f for f in text_files([root], (".py",))
                  if not ({"site-packages", "test", "tests", "idle_test"} & set(f.relative_to(root).parts))]
-        prepare(files, out, val_fraction=0.02)
+        prepare(files, out, val_fraction=0.02, invalid_utf8="skip")  # as before the setting: a few are Latin-1
     return out
 
 

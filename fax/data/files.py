@@ -24,17 +24,42 @@ def text_files(paths: Iterable[str | Path], suffixes: tuple[str, ...] | None = N
     return out
 
 
+# What to do with a text or JSONL file that is not UTF-8: refuse it by name, replace each undecodable
+# byte sequence with U+FFFD (counted in the dataset's index), or skip the file (counted too).
+INVALID_UTF8 = ("refuse", "replace", "skip")
+
+
+def read_text(path: Path, invalid_utf8: str = "refuse") -> str:
+    """``path``'s text; "" for a file skipped as not UTF-8 (``invalid_utf8``: see INVALID_UTF8)."""
+    data = path.read_bytes()
+    try:
+        return data.decode()
+    except UnicodeDecodeError as e:
+        if invalid_utf8 == "refuse":
+            raise ValueError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); convert it, "
+                             "leave it out (--suffix), or pass --invalid-utf8 replace (or skip)") from None
+        return data.decode(errors="replace") if invalid_utf8 == "replace" else ""
+
+
+def replaced_sequences(path: Path) -> int:
+    """How many undecodable byte sequences ``read_text(path, "replace")`` replaced."""
+    data = path.read_bytes()
+    return data.decode(errors="replace").count("\ufffd") - data.decode(errors="ignore").count("\ufffd")
+
+
 def _json_record(line: str, where: str) -> dict[str, Any]:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as e:
         raise ValueError(f"{where}: not valid JSON ({e.msg}, column {e.colno})") from None
+    except RecursionError:
+        raise ValueError(f"{where}: the record nests JSON too deeply") from None
     if not isinstance(record, dict):
         raise ValueError(f"{where}: a record must be a JSON object of fields, got {type(record).__name__}")
     return record
 
 
-def read_records(path: Path, options: dict[str, str]) -> list[tuple[str, dict[str, Any]]]:
+def read_records(path: Path, options: dict[str, str], invalid_utf8: str = "refuse") -> list[tuple[str, dict[str, Any]]]:
     """Each JSONL record / Parquet row of ``path``, with where it is (``file:line``, ``file: row N``).
     Every record must hold the fields ``options`` names; a missing one is refused with the option
     that sets it."""
@@ -47,7 +72,7 @@ def read_records(path: Path, options: dict[str, str]) -> list[tuple[str, dict[st
                 raise ValueError(f"{path}: no column {field!r} (columns: {', '.join(table.column_names)}); "
                                  f"set {option}")
         return [(f"{path}: row {n}", row) for n, row in enumerate(table.select(list(options)).to_pylist(), 1)]
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = read_text(path, invalid_utf8).splitlines()
     rows = [(f"{path}:{n}", _json_record(line, f"{path}:{n}")) for n, line in enumerate(lines, 1) if line.strip()]
     for where, row in rows:
         missing = [f for f in options if f not in row]
@@ -57,23 +82,20 @@ def read_records(path: Path, options: dict[str, str]) -> list[tuple[str, dict[st
 
 
 def read_documents(path: Path, text_field: str = "text", prompt_field: str = "", messages_field: str = "",
-                   layout: chat.Layout = chat.FAX_LAYOUT) -> list[list[chat.Piece]]:
+                   layout: chat.Layout = chat.FAX_LAYOUT, invalid_utf8: str = "refuse") -> list[list[chat.Piece]]:
     """The documents of one file, each as pieces of text and whether it is trained on: a line of
     JSONL or a row of Parquet (its ``text_field``, after its ``prompt_field`` if one is named, read
     but not trained on; or its ``messages_field``, a conversation in the tokenizer's ``layout``), or a
-    whole text file. A file that is not UTF-8 text holds none; a document without text, or a
+    whole text file; one that is not UTF-8 as ``invalid_utf8`` says. A document without text, or a
     conversation without an assistant message, is dropped."""
     fields = [messages_field] if messages_field else [f for f in (prompt_field, text_field) if f]
     options = {field: {messages_field: "--messages-field", prompt_field: "--prompt-field"}.get(field, "--text-field")
                for field in fields}
-    try:
-        if path.suffix in (".parquet", ".jsonl"):
-            rows = read_records(path, options)
-        else:
-            text = path.read_text(encoding="utf-8")
-            return [[(text, True)]] if text else []
-    except UnicodeDecodeError:
-        return []
+    if path.suffix in (".parquet", ".jsonl"):
+        rows = read_records(path, options, invalid_utf8)
+    else:
+        text = read_text(path, invalid_utf8)
+        return [[(text, True)]] if text else []
     if messages_field:
         docs = []
         for where, row in rows:

@@ -238,9 +238,16 @@ class Scheduler:
             with self._wake:
                 self._scoring -= len(scores)
             try:
-                events = self.batcher.admit(joining) + self.batcher.step()
-            except Exception as error:  # noqa: BLE001 - reported to every request it touched
-                self._fail([key for key, _ in joining] + [r.key for r in self.batcher.rows if r], error)
+                events = self.batcher.admit(joining)
+            except Exception as error:  # noqa: BLE001 - the joining requests' failure: the running ones go on
+                for key, _ in joining:
+                    self.batcher.cancel(key)
+                self._fail([key for key, _ in joining], error, clear=False)
+                events = []
+            try:
+                events += self.batcher.step()
+            except Exception as error:  # noqa: BLE001 - the engine's state is in doubt: every request fails
+                self._fail([r.key for r in self.batcher.rows if r], error)
                 continue
             with self._wake:
                 for key, token, finished in events:
@@ -248,12 +255,15 @@ class Scheduler:
                     if sink is not None:
                         sink((token, finished))
 
-    def _fail(self, keys: list[object], error: Exception) -> None:
+    def _fail(self, keys: list[object], error: Exception, clear: bool = True) -> None:
+        """Fail the requests ``keys``; ``clear``: and start again from an empty cache."""
         with self._wake:
             for key in keys:
                 sink = self._sinks.pop(key, None)
                 if sink is not None:
                     sink(error)
+        if not clear:
+            return
         try:
             self.batcher.clear()
         except Exception:  # noqa: BLE001 - the engine is unusable: the next requests fail with its error

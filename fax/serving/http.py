@@ -22,7 +22,8 @@ from typing import Any
 import jax
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
 import ray
 from ray import serve
 
@@ -32,7 +33,7 @@ from fax.data.chat import layout as chat_layout
 from fax.serving.batching import Busy, Scheduler
 from fax.serving.cluster_engine import ClusterEngine
 from fax.serving.engine import Engine
-from fax.serving.requests import Completion, RequestError, parse_chat, parse_completion, usage
+from fax.serving.requests import Completion, RequestError, lone_surrogate, parse_chat, parse_completion, usage
 from fax.serving.text import TextStream, generation_ends, run_tokenizer
 
 
@@ -53,7 +54,33 @@ def _engine(run_dir: str, settings: ServeConfig, cluster: ClusterConfig, end_ids
     return engine
 
 
-api = FastAPI(title="fax")
+class EventStream(StreamingResponse):
+    """Server-sent events whose client may hang up mid-stream: a normal end of the request. (Ray
+    Serve's replica raises TaskCancelledError from ``receive`` where an ASGI server would send
+    ``http.disconnect``; Starlette would log it as a failure with a traceback.)"""
+
+    def __init__(self, content: AsyncIterator[str]):
+        super().__init__(content, media_type="text/event-stream")
+
+    async def listen_for_disconnect(self, receive: Any) -> None:
+        try:
+            await super().listen_for_disconnect(receive)
+        except ray.exceptions.TaskCancelledError:
+            pass
+
+
+api = FastAPI(title="fax", docs_url=None, redoc_url=None, openapi_url=None)  # no pages beyond the API's
+
+
+@api.exception_handler(HTTPException)
+async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
+    """An unknown path or method, in the API's one error shape."""
+    return RequestError(str(error.detail), status=error.status_code).response()
+
+
+@api.exception_handler(Exception)
+async def _server_error(request: Request, error: Exception) -> JSONResponse:
+    return RequestError(f"internal error ({type(error).__name__})", status=500, kind="server_error").response()
 
 
 @serve.deployment
@@ -97,15 +124,43 @@ class CompletionServer:
         return await self._answer(request, lambda body: parse_chat(
             body, self._encode, self.settings, self.model, self.model_name, self.chat_layout), chat=True)
 
+    async def _body_of(self, request: Request) -> Any:
+        """The request's JSON, read within serve.read_timeout_s and up to serve.max_request_bytes."""
+        limit, timeout = self.settings.max_request_bytes, self.settings.read_timeout_s
+        too_large = RequestError(f"the request body is larger than this server's limit of {limit} bytes "
+                                 "(serve.max_request_bytes)", status=413)
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_large
+        body = bytearray()
+
+        async def read() -> None:
+            async for chunk in request.stream():
+                body.extend(chunk)
+                if len(body) > limit:
+                    raise too_large
+
+        try:
+            await asyncio.wait_for(read(), timeout)
+        except TimeoutError:
+            raise RequestError(f"the request body did not arrive within {timeout:g} s (serve.read_timeout_s)",
+                               status=408) from None
+        try:
+            parsed = json.loads(body)
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            raise RequestError(f"the request body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise RequestError("the request body nests JSON too deeply") from None
+        field = lone_surrogate(parsed)
+        if field is not None:
+            raise RequestError(f"{field} holds a lone UTF-16 surrogate (e.g. \"\\ud800\"), which is not text; "
+                               "send valid Unicode", field)
+        return parsed
+
     async def _answer(self, request: Request, parse: Callable[[Any], Completion], chat: bool) -> Any:
         try:
-            body = json.loads(await request.body())
-        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-            return RequestError(f"the request body is not valid JSON: {e}").response()
-        except RecursionError:
-            return RequestError("the request body nests JSON too deeply").response()
-        try:
-            completion = parse(body)
+            body = await self._body_of(request)
+            completion = await asyncio.to_thread(parse, body)  # tokenizing a long prompt: off the event loop
             decoded = TextStream(self.tokenizer, completion.sampling.stop)
             pieces = self._pieces(completion, decoded) if completion.generate else None
             scoring = None
@@ -119,8 +174,8 @@ class CompletionServer:
             return RequestError(str(e), status=429, kind="server_busy").response()
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         if completion.stream:
-            return StreamingResponse(self._events(rid, pieces, chat, len(completion.prompt) if completion.usage_chunk
-                                                  else None), media_type="text/event-stream")
+            return EventStream(self._events(rid, pieces, chat, len(completion.prompt) if completion.usage_chunk
+                                            else None))
         text, reason, used = "", "length", 0
         try:
             if pieces is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from fax.data.chat import Layout, TemplateError, message_problems
 from fax.serving.sampling import MAX_LOGPROBS, SamplingParams, request_problems
 
 MAX_STOP_SEQUENCES = 4
+MAX_STOP_CHARS = 1000  # the longest stop sequence a request may give
 # OpenAI settings this server does not implement, taken only at a value that changes nothing (never
 # silently ignored): each with the values it accepts.
 NO_OP_SETTINGS: dict[str, tuple[Any, ...]] = {"best_of": (1,), "suffix": ("",)}
@@ -59,6 +61,42 @@ def _typed(body: dict[str, Any], name: str, kinds: tuple[type, ...], default: An
     return value
 
 
+def _finite(value: int | float) -> float | None:
+    """``value`` as a float, None when it is not finite (NaN, an infinity, an integer past float's range)."""
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _number(body: dict[str, Any], name: str, default: float) -> float:
+    value = _typed(body, name, (int, float), default, "a number")
+    number = _finite(value)
+    if number is None:
+        raise RequestError(f"{name} must be a finite number, got {str(value)[:40]}", name)
+    return number
+
+
+def lone_surrogate(body: Any) -> str | None:
+    """The top-level field of a parsed JSON body holding a string that is not valid Unicode (a lone
+    UTF-16 surrogate such as "\\ud800", which JSON allows), if any: no tokenizer can encode it."""
+    todo = list(body.items()) if isinstance(body, dict) else [("body", body)]
+    while todo:
+        field, value = todo.pop()
+        parts = [value] if isinstance(value, str) else list(value) if isinstance(value, list) else \
+            [*value.keys(), *value.values()] if isinstance(value, dict) else []
+        for part in parts:
+            if isinstance(part, str):
+                try:
+                    part.encode()
+                except UnicodeEncodeError:
+                    return field
+            else:
+                todo.append((field, part))
+    return None
+
+
 def _refuse_unsupported(body: dict[str, Any], settings: dict[str, tuple[Any, ...]], endpoint: str) -> None:
     for name, no_ops in settings.items():
         if body.get(name) not in (None, *no_ops):
@@ -77,8 +115,9 @@ def _logit_bias(body: dict[str, Any]) -> tuple[tuple[int, float], ...]:
     """``logit_bias``: an object of token ids (JSON keys: strings) and the biases added to their logits."""
     bias = _typed(body, "logit_bias", (dict,), {}, "an object of token ids and biases")
     if not all(key.isascii() and key.isdigit() and isinstance(value, (int, float)) and not isinstance(value, bool)
-               for key, value in bias.items()):
-        raise RequestError("logit_bias must map token ids (as strings, e.g. \"50256\") to numbers", "logit_bias")
+               and _finite(value) is not None for key, value in bias.items()):
+        raise RequestError("logit_bias must map token ids (as strings, e.g. \"50256\") to finite numbers",
+                           "logit_bias")
     return tuple((int(key), float(value)) for key, value in bias.items())
 
 
@@ -135,17 +174,19 @@ def parse_completion(body: Any, encode: Callable[[str], list[int]], settings: Se
     stop = [stop] if isinstance(stop, str) else stop or []
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > MAX_STOP_SEQUENCES:
         raise RequestError(f"stop must be a string or a list of at most {MAX_STOP_SEQUENCES} strings", "stop")
+    if not all(0 < len(s) <= MAX_STOP_CHARS for s in stop):
+        raise RequestError(f"stop sequences must hold 1 to {MAX_STOP_CHARS} characters", "stop")
     seed = _typed(body, "seed", (int,), None, "an integer")
     if seed is not None and not 0 <= seed < 2 ** 32:
         raise RequestError("seed must be in [0, 2**32)", "seed")
     sampling = SamplingParams(
         max_new_tokens=max_tokens if generate else 1,
-        temperature=float(_typed(body, "temperature", (int, float), 1.0, "a number")),
+        temperature=_number(body, "temperature", 1.0),
         top_k=_typed(body, "top_k", (int,), 0, "an integer"),
-        top_p=float(_typed(body, "top_p", (int, float), 1.0, "a number")),
+        top_p=_number(body, "top_p", 1.0),
         seed=secrets.randbelow(2 ** 32) if seed is None else seed, stop=tuple(stop),
-        frequency_penalty=float(_typed(body, "frequency_penalty", (int, float), 0.0, "a number")),
-        presence_penalty=float(_typed(body, "presence_penalty", (int, float), 0.0, "a number")),
+        frequency_penalty=_number(body, "frequency_penalty", 0.0),
+        presence_penalty=_number(body, "presence_penalty", 0.0),
         logit_bias=_logit_bias(body))
     problems = request_problems(model, prompt, sampling, scored_only=not generate, prompt_name=prompt_name)
     if problems:

@@ -38,8 +38,8 @@ class SamplingParams:
             found.append(f"max_tokens must be positive, got {self.max_new_tokens}")
         if self.temperature < 0:
             found.append(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            found.append(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 <= self.top_k < 2 ** 31:
+            found.append(f"top_k must be in [0, 2**31) (0: no top-k filter), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             found.append(f"top_p must be in (0, 1], got {self.top_p}")
         for name in ("frequency_penalty", "presence_penalty"):

@@ -232,3 +232,40 @@ def test_engine_on_two_hosts_generates_what_one_process_does(ray_cluster, local_
     while ray.available_resources().get("fax_host") != 2 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert ray.available_resources().get("fax_host") == 2
+
+
+def test_a_local_cluster_listens_on_loopback_only_and_dies_with_its_killed_head(tmp_path, small_corpus):
+    """`fax train --emulate-hosts 2` starts Ray itself. Its services listened on every interface, its
+    folders were world-writable, and after kill -9 of the head Ray's agents lived on (60 s and more).
+    Now every listening socket is on 127.0.0.1, the files are private, and within seconds of the
+    kill no process the head started is left."""
+    import psutil
+
+    folder = tempfile.mkdtemp(dir="/tmp")
+    cli = [sys.executable, "-m", "fax.cli", "train", "--emulate-hosts", "2", "--devices-per-host", "4",
+           *settings(tmp_path, small_corpus, "train.steps=100000", f"cluster.ray_temp_dir={folder}")]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    with (tmp_path / "train.log").open("w") as log:
+        head = subprocess.Popen(cli, env=env, stdout=log, stderr=subprocess.STDOUT)
+    started: list = []
+    try:
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "metrics.jsonl").exists() and time.monotonic() < deadline and head.poll() is None:
+            time.sleep(1)
+        assert (tmp_path / "metrics.jsonl").exists(), (tmp_path / "train.log").read_text()[-3000:]
+        started = psutil.Process(head.pid).children(recursive=True)
+        assert {"gcs_server", "raylet"} <= {p.name() for p in started}
+        listening = {(p.name(), c.laddr.ip) for p in started for c in p.net_connections("inet")
+                     if c.status == psutil.CONN_LISTEN}
+        assert listening and all(ip in ("127.0.0.1", "::ffff:127.0.0.1", "::1") for _, ip in listening), listening
+        assert os.stat(folder).st_mode & 0o077 == 0
+        head.send_signal(signal.SIGKILL)
+        head.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in started) and time.monotonic() < deadline:
+            time.sleep(1)
+        assert [p.name() for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE] == []
+    finally:
+        for p in started + [psutil.Process(head.pid)] if head.poll() is None else started:
+            if p.is_running():
+                p.kill()

@@ -1,6 +1,8 @@
 """Tokenizer, dataset format, and the (seed, step) -> batch sampler."""
 
 import json
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,7 +10,7 @@ import pytest
 from fax.config import ConfigError, load_config
 from fax.cluster.data import tokenize_on_ray
 from fax.train.loop import Trainer
-from fax.data import ByteTokenizer, Sampler, TokenDataset, document_segments, prepare, text_files
+from fax.data import ByteTokenizer, Sampler, TokenDataset, document_segments, prepare, stdlib_dir, text_files
 
 
 def test_byte_tokenizer_round_trip():
@@ -23,8 +25,8 @@ def test_prepare_writes_documents_separated_by_eos(tmp_path):
     (tmp_path / "in" / "a.txt").write_text("abc")
     (tmp_path / "in" / "b.txt").write_text("de")
     (tmp_path / "in" / "skip.bin").write_bytes(b"\xff\xfe\x00")
-    index = prepare(text_files([tmp_path / "in"]), tmp_path / "ds")
-    assert index["num_documents"] == 2 and index["num_tokens"] == 7
+    index = prepare(text_files([tmp_path / "in"]), tmp_path / "ds", invalid_utf8="skip")
+    assert index["num_documents"] == 2 and index["num_tokens"] == 7 and index["files_without_text"] == 1
     ds = TokenDataset.open(tmp_path / "ds")
     assert list(ds.tokens) == [97, 98, 99, 256, 100, 101, 256]
     assert json.loads((tmp_path / "ds" / "index.json").read_text())["format"] == "fax-tokens-v1"
@@ -110,6 +112,64 @@ def test_prepare_command_names_the_bad_record_on_either_engine(tmp_path, capsys,
         assert not (tmp_path / "ds" / "index.json").exists()
 
 
+def refusals(tmp_path):
+    """Inputs `fax prepare` refuses, each with (extra arguments, the words of its one-line error)."""
+    (tmp_path / "blob.bin").write_bytes(b"\xff\xfe\x00binary")
+    (tmp_path / "mixed").mkdir()
+    (tmp_path / "mixed" / "good.txt").write_text("fine text\n")
+    (tmp_path / "mixed" / "one_bad_byte.txt").write_bytes(b"almost fine \xff text\n")
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "deep.jsonl").write_text('{"text": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    (tmp_path / "a_file").write_text("x")
+    return [([str(tmp_path / "blob.bin")], f"{tmp_path / 'blob.bin'}: not UTF-8 text (byte 0xff at offset 0)"),
+            ([str(tmp_path / "mixed")], f"{tmp_path / 'mixed' / 'one_bad_byte.txt'}: not UTF-8 text (byte 0xff at "
+                                        "offset 12); convert it, leave it out (--suffix), or pass --invalid-utf8"),
+            ([str(tmp_path / "empty.txt")], "no text found in 1 input file(s)"),
+            ([str(tmp_path / "empty.jsonl")], "no text found in 1 input file(s)"),
+            ([str(tmp_path / "deep.jsonl")], "deep.jsonl:1: the record nests JSON too deeply"),
+            ([str(tmp_path / "mixed"), "--tokenizer", str(tmp_path / "blob.bin")],
+             f"--tokenizer {tmp_path / 'blob.bin'}: not a tokenizer.json"),
+            ([str(tmp_path / "mixed"), "--val-fraction", "-0.5"], "--val-fraction must be in [0, 1), got -0.5"),
+            ([str(tmp_path / "mixed"), "--tokenizer", "bpe", "--vocab-size", "0"], "--vocab-size must be at least 257"),
+            ([str(tmp_path / "missing")], "does not exist")]
+
+
+def test_prepare_refusals_say_why_in_a_line_and_leave_nothing_behind(tmp_path, capsys):
+    """Each refusal left shards (and a refused tokenizer) behind, some were tracebacks, some were
+    accepted; a file with one invalid byte was dropped without a word. Now each is a one-line error
+    (exit 2) and the output folder is as it was: absent, or a dataset's files unchanged."""
+    from fax.cli import main
+
+    (tmp_path / "inputs").mkdir()
+    dataset = tmp_path / "dataset"
+    assert main(["prepare", str(stdlib_dir() / "textwrap.py"), "--out", str(dataset), "--engine", "local"]) == 0
+    def files(folder):
+        return {p: p.is_file() and p.stat().st_mtime_ns for p in folder.rglob("*")}
+
+    before = files(dataset)
+    for args, message in refusals(tmp_path / "inputs"):
+        for out in (tmp_path / "new", dataset):
+            capsys.readouterr()
+            assert main(["prepare", *args, "--out", str(out), "--engine", "local"]) == 2, args
+            err = capsys.readouterr().err
+            said = [line for line in err.splitlines() if "fax: error:" in line]
+            assert len(said) == 1 and message in said[0] and "Traceback" not in err, err
+            assert not (tmp_path / "new").exists()
+            assert files(dataset) == before
+    assert main(["prepare", str(stdlib_dir() / "textwrap.py"), "--out", str(tmp_path / "inputs" / "a_file")]) == 2
+    assert f"--out {tmp_path / 'inputs' / 'a_file'} is a file; name a folder" in capsys.readouterr().err
+    # Undecodable bytes replaced and counted, or the file skipped and counted, when asked.
+    mixed = str(tmp_path / "inputs" / "mixed")
+    assert main(["prepare", mixed, "--out", str(tmp_path / "replaced"), "--engine", "local", "--invalid-utf8",
+                 "replace"]) == 0
+    assert "1 undecodable byte sequences replaced" in capsys.readouterr().out
+    assert "almost fine \ufffd text" in ByteTokenizer().decode(TokenDataset.open(tmp_path / "replaced").tokens.tolist())
+    assert main(["prepare", mixed, "--out", str(tmp_path / "skipped"), "--engine", "local", "--invalid-utf8",
+                 "skip"]) == 0
+    assert "1 of 2 files without text, skipped" in capsys.readouterr().out
+
+
 def test_sampler_depends_only_on_seed_and_step(small_corpus):
     ds = TokenDataset.open(small_corpus)
     a, b = Sampler(ds, 8, 64, seed=3), Sampler(ds, 8, 64, seed=3)
@@ -159,7 +219,8 @@ def test_sampler_numbers_the_documents_of_each_row(tmp_path):
 
 
 def mixed_folder(root):
-    """Text, JSONL and Parquet files, and one binary file that holds no text."""
+    """Text, JSONL and Parquet files, and one binary file that holds no text (skipped: prepare with
+    invalid_utf8="skip")."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -176,21 +237,24 @@ def mixed_folder(root):
 
 
 def test_prepare_on_ray_data_equals_one_process_and_reruns_skip_what_is_done(tmp_path):
+    ray_folders = set(Path(tempfile.gettempdir()).glob("fax-ray-*"))
     files = text_files([mixed_folder(tmp_path / "in")])
-    local = prepare(files, tmp_path / "local", val_fraction=0.25)
-    on_ray = prepare(files, tmp_path / "ray", val_fraction=0.25, tokenize=tokenize_on_ray)
+    local = prepare(files, tmp_path / "local", val_fraction=0.25, invalid_utf8="skip")
+    on_ray = prepare(files, tmp_path / "ray", val_fraction=0.25, invalid_utf8="skip", tokenize=tokenize_on_ray)
     for name in ("tokens.bin", "val.bin"):
         assert (tmp_path / "local" / name).read_bytes() == (tmp_path / "ray" / name).read_bytes(), name
     assert {k: v for k, v in local.items()} == on_ray
     assert local["num_documents"] + local["val_documents"] == 1 + 40 + 30 + 6 and local["val_documents"] > 0
+    assert local["files_without_text"] == 1
+    assert set(Path(tempfile.gettempdir()).glob("fax-ray-*")) == ray_folders  # Ray's files went with its cluster
     # Documents in input order, each ended by the end-of-document id.
     first = bytes(TokenDataset.open(tmp_path / "local").tokens[:5].astype(np.uint8))
     assert first in (b"# doc", b"plain")
     # A re-run with nothing changed returns at once; a changed file is the only one tokenized again.
     shards = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "local" / "shards").iterdir()}
-    assert prepare(files, tmp_path / "local", val_fraction=0.25) == local
+    assert prepare(files, tmp_path / "local", val_fraction=0.25, invalid_utf8="skip") == local
     (tmp_path / "in" / "notes.txt").write_text("changed text\n")
-    again = prepare(files, tmp_path / "local", val_fraction=0.25)
+    again = prepare(files, tmp_path / "local", val_fraction=0.25, invalid_utf8="skip")
     after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "local" / "shards").iterdir()}
     assert len(set(after) - set(shards)) == 1 and all(after[n] == t for n, t in shards.items() if n in after)
     assert again["num_tokens"] + again["val_tokens"] != local["num_tokens"] + local["val_tokens"]
@@ -199,7 +263,7 @@ def test_prepare_on_ray_data_equals_one_process_and_reruns_skip_what_is_done(tmp
 def test_bpe_tokenizer_round_trips_the_corpus_and_travels_with_the_data(tmp_path):
     from fax.data import HFTokenizer, read_documents
 
-    files = text_files([mixed_folder(tmp_path / "in")])
+    files = text_files([mixed_folder(tmp_path / "in")], suffixes=(".txt", ".jsonl", ".parquet", ".md"))
     index = prepare(files, tmp_path / "bpe", "bpe", vocab_size=400)
     assert index["tokenizer"] == "tokenizer.json" and 256 < index["vocab_size"] <= 400  # merges the corpus has
     tok = HFTokenizer(tmp_path / "bpe" / "tokenizer.json")

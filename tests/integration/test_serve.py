@@ -316,6 +316,37 @@ def test_a_cancelled_request_frees_its_row_at_once():
     assert [t for t, _ in after] == alone and after[-1][1]
 
 
+def test_a_request_that_fails_to_join_fails_alone_and_the_running_ones_go_on():
+    """One bad request (its prefill raises: a value the engine could not take) ended a concurrent
+    stream with its error. Now it fails alone: the running request's tokens are those it gets alone."""
+    cfg, _, params = model("gpt-tiny")
+    engine = Engine(cfg, params, serving_mesh(cfg, jax.devices()[:1]), max_batch=2)
+    prefill = engine.prefill
+
+    def failing_prefill(rows, prompts, sampling):
+        if PROMPTS[2] in prompts:
+            raise OverflowError("Python integer 1099511627776 out of bounds for int32")
+        return prefill(rows, prompts, sampling)
+
+    engine.prefill = failing_prefill
+    scheduler = Scheduler(engine, max_pending=2)
+    running, bad = [], []
+    try:
+        scheduler.submit(PROMPTS[1], SamplingParams(max_new_tokens=40, temperature=0.0), running.append)
+        while not running:
+            time.sleep(0.01)
+        scheduler.submit(PROMPTS[2], SamplingParams(max_new_tokens=5), bad.append)  # joins the running batch
+        deadline = time.monotonic() + 60
+        while not (running[-1] is not None and running[-1][1]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        scheduler.close()
+    assert len(bad) == 1 and isinstance(bad[0], OverflowError)
+    engine.prefill = prefill
+    alone = generate(engine, [PROMPTS[1]], [SamplingParams(max_new_tokens=40, temperature=0.0)])[0]
+    assert [t for t, _ in running] == alone
+
+
 def test_the_cache_follows_the_rows_and_positions_in_use_and_decode_still_equals_recomputing():
     cfg, graphdef, params = model("gpt-tiny")
     engine = Engine(cfg, params, serving_mesh(cfg, jax.devices()[:1]), max_batch=2)

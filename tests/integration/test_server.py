@@ -16,6 +16,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import psutil
 import pytest
 
 requests = pytest.importorskip("requests")
@@ -53,7 +54,8 @@ def url(run_dir):
     ray.init(_temp_dir=tempfile.mkdtemp(prefix="fax-srv-", dir="/tmp"), include_dashboard=False,
              num_cpus=2, log_to_driver=False)
     try:
-        yield server.start(run_dir, ServeConfig(port=free_port(), max_batch=8, max_concurrent=32, max_tokens=64),
+        yield server.start(run_dir, ServeConfig(port=free_port(), max_batch=8, max_concurrent=32, max_tokens=64,
+                                                       read_timeout_s=3),
                            ClusterConfig(), cpu_devices=8, echo=lambda _: None)
     finally:
         server.stop(shutdown_ray=True)
@@ -282,6 +284,16 @@ BAD = [
     ({"prompt": "x", "logprobs": "2"}, 400, "logprobs must be an integer"),
     ({"prompt": "x", "echo": 1}, 400, "echo must be true or false"),
     ({"prompt": "x", "logprobs": 1, "stream": True}, 400, "logprobs and echo are not supported with stream=true"),
+    # Found by hand (500s, or accepted though invalid): each a 400 naming the field now.
+    ({"prompt": "x", "top_k": 2 ** 40}, 400, "top_k must be in [0, 2**31)"),
+    ('{"prompt": "x", "temperature": ' + "9" * 400 + "}", 400, "temperature must be a finite number"),
+    ('{"prompt": "x", "temperature": NaN}', 400, "temperature must be a finite number, got nan"),
+    ('{"prompt": "x", "top_p": Infinity}', 400, "top_p must be a finite number, got inf"),
+    ('{"prompt": "x", "logit_bias": {"5": ' + "9" * 400 + "}}", 400, "logit_bias must map token ids"),
+    ('{"prompt": "ab\\ud800c"}', 400, "prompt holds a lone UTF-16 surrogate"),
+    ({"prompt": "x", "stop": ""}, 400, "stop sequences must hold 1 to 1000 characters"),
+    ({"prompt": "x", "stop": ["ok", "x" * 400_000]}, 400, "stop sequences must hold 1 to 1000 characters"),
+    ({"prompt": "x" * 9_000_000}, 413, "larger than this server's limit of 8388608 bytes (serve.max_request_bytes)"),
 ]
 
 
@@ -292,9 +304,46 @@ def test_bad_requests_get_a_4xx_that_says_why_and_the_server_goes_on(url, body, 
     assert response.status_code == status
     error = response.json()["error"]
     assert message in error["message"]
-    if isinstance(body, dict):  # the setting at fault, as OpenAI's clients show it
+    if isinstance(body, dict) and status != 413:  # the setting at fault, as OpenAI's clients show it
         assert error["param"] == "prompt" or error["param"] in body or error["param"] in body.get("stream_options", {})
     assert complete(url, max_tokens=2)["choices"][0]["finish_reason"] == "length"
+
+
+def test_a_streamed_request_completes_while_bad_ones_beside_it_are_refused(url):
+    """A bad request shared the batch of a valid stream and ended it with its own 500; now every bad
+    one is refused before it joins, and the stream beside them gets what it gets alone."""
+    body = {"max_tokens": 48, "temperature": 0.7, "seed": 5}
+    alone = complete(url, **body)["choices"][0]["text"]
+    with ThreadPoolExecutor(8) as pool:
+        streamed = pool.submit(complete, url, True, **body)
+        time.sleep(0.2)
+        refused = list(pool.map(lambda bad: requests.post(f"{url}/v1/completions", data=bad if isinstance(bad, str)
+                                                          else json.dumps(bad), timeout=30).status_code,
+                                [b for b, status, _ in BAD if status != 413] * 2))
+        chunks = streamed.result(timeout=120)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == alone
+    assert all(400 <= status < 500 for status in refused)
+
+
+def test_every_error_is_the_apis_json_and_no_pages_beyond_it(url):
+    """Unknown paths and methods, FastAPI's generated docs: a JSON error, never plain text or a page."""
+    for method, path, status in (("get", "/nowhere", 404), ("get", "/docs", 404), ("get", "/openapi.json", 404),
+                                 ("get", "/v1/completions", 405)):
+        response = getattr(requests, method)(f"{url}{path}", timeout=10)
+        assert response.status_code == status and response.json()["error"]["message"], (path, response.text)
+
+
+def test_a_body_that_never_arrives_gets_408(url):
+    """A Content-Length larger than the body sent held the connection with no read timeout; now the
+    server answers 408 once serve.read_timeout_s (3 s here) has passed."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as client:
+        client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: 100\r\n\r\n{\"prompt\": ")
+        start = time.monotonic()
+        answer = client.recv(4096).decode()
+    assert answer.startswith("HTTP/1.1 408") and "serve.read_timeout_s" in answer, answer
+    assert time.monotonic() - start < 20
 
 
 def test_sixteen_concurrent_clients_get_complete_answers(url):
@@ -389,10 +438,23 @@ def test_sigterm_stops_fax_serve_and_every_ray_process_it_started(run_dir, tmp_p
         assert up, f"fax serve did not come up (exit code {proc.poll()})"
         started = live_descendants(proc.pid)  # Ray's GCS, raylet, agents, the Serve actors
         assert len(started) >= 3, started
+        # Ray's services listened on every interface. Left: Ray Serve's replica binds its gRPC port for
+        # calls between deployments to [::] in its own code (ray/serve/_private/replica.py).
+        listening = {(p.name(), c.laddr.ip) for p in map(psutil.Process, started) for c in p.net_connections("inet")
+                     if c.status == psutil.CONN_LISTEN}
+        exposed = {(name, ip) for name, ip in listening if ip not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")}
+        assert len(listening) > 5 and exposed <= {("ray::ServeReplica:fax:CompletionServer", "::")}, exposed
+        for _ in range(3):  # clients that hang up mid-stream: each logged a TaskCancelledError traceback
+            with requests.post(f"http://127.0.0.1:{port}/v1/completions", stream=True, timeout=60,
+                               json={"prompt": "def ", "max_tokens": 100, "stream": True}) as hung_up:
+                next(hung_up.iter_lines())
+        time.sleep(2)
+        assert requests.get(f"http://127.0.0.1:{port}/health", timeout=5).json()["running"] == 0
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.5)  # the shutdown takes seconds
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 0, log.read_text()
+        assert "Traceback" not in log.read_text(), log.read_text()
         deadline = time.monotonic() + 30
         while still_running(started) and time.monotonic() < deadline:
             time.sleep(1)
