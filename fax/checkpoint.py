@@ -236,10 +236,10 @@ class Checkpointer:
         self._verified(step, _checked_meta(step, restored.meta), params=restored.params)
         return restored.params
 
-    def verify(self, step: int) -> None:
-        """Read every array of ``step`` onto this process's first device and check it against its
-        checksum, without a model or mesh; ``CheckpointDamaged`` names what is wrong."""
-        meta, where = self.meta(step), jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    def read_arrays(self, step: int) -> dict[str, Any]:
+        """The params and optimizer state of ``step`` on this process's first device, without a model
+        or mesh."""
+        where = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         saved = self._read_metadata(step)
         missing = [item for item in ("params", "opt_state") if saved.get(item) is None]
         if missing:
@@ -248,7 +248,12 @@ class Checkpointer:
                                      is_leaf=_is_array_metadata) for item in ("params", "opt_state")}
         restored = self._read(step, **{item: restore_args(tree, jax.tree.map(lambda _: where, tree))
                                        for item, tree in shapes.items()})
-        self._verified(step, meta, **{item: restored[item] for item in shapes})
+        return {item: restored[item] for item in shapes}
+
+    def verify(self, step: int) -> None:
+        """Check every array of ``step`` against its checksum (``read_arrays``); ``CheckpointDamaged``
+        names what is wrong."""
+        self._verified(step, self.meta(step), **self.read_arrays(step))
 
     def _read_metadata(self, step: int) -> Any:
         try:

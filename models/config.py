@@ -12,6 +12,7 @@ from dataclasses import dataclass
 NORMS = ("layernorm", "rmsnorm")
 ACTIVATIONS = ("gelu", "swiglu")
 POSITIONS = ("learned", "rope")
+ROPE_SCALINGS = ("none", "linear", "llama3")
 # The block's tensors a remat policy may keep for the backward pass, tagged by name (checkpoint_name).
 REMAT_NAMES = ("query_proj", "key_proj", "value_proj", "attention_out", "out_proj", "mlpwi", "mlpwo")
 # Policies that keep named tensors: (those kept on the device, those offloaded to host memory), as
@@ -50,8 +51,18 @@ class ModelConfig:
     activation: str = "gelu"  # gelu (GPT-2) or swiglu (Llama)
     position: str = "learned"  # learned position embeddings (GPT-2) or rope (Llama)
     use_bias: bool = True  # biases on the projections and the MLP (GPT-2)
+    qkv_bias: bool = False  # biases on the query, key and value projections alone (Qwen2)
+    qk_norm: bool = False  # an RMSNorm over each head's queries and keys before RoPE (Qwen3)
     tie_embeddings: bool = True  # the LM head is the token embedding's transpose
     rope_theta: float = 10000.0  # RoPE's base frequency
+    # RoPE's frequencies stretched for a context longer than the pretraining one: none; linear (every one
+    # divided by rope_factor); llama3 (Llama 3.1's: wavelengths above rope_original_len / rope_low_freq_factor
+    # divided, those below rope_original_len / rope_high_freq_factor kept, a smooth blend between)
+    rope_scaling: str = "none"
+    rope_factor: float = 1.0  # how much the frequencies are divided (linear, llama3)
+    rope_low_freq_factor: float = 1.0  # llama3: see rope_scaling
+    rope_high_freq_factor: float = 4.0  # llama3: see rope_scaling
+    rope_original_len: int = 8192  # llama3: the pretraining context
     norm_eps: float = 1e-5  # added to the variance in the norms
     init_std: float = 0.02  # std of the normal init of the weights
     dtype: str = "float32"  # compute dtype (float32, bfloat16); parameters are always float32
@@ -72,6 +83,7 @@ class ModelConfig:
         """Inconsistent settings, each phrased as the setting to change."""
         out = []
         for name, allowed in (("norm", NORMS), ("activation", ACTIVATIONS), ("position", POSITIONS),
+                              ("rope_scaling", ROPE_SCALINGS),
                               ("remat", REMAT_POLICIES), ("attention_impl", ATTENTION_IMPLS),
                               ("dtype", DTYPES)):
             if getattr(self, name) not in allowed:
@@ -86,6 +98,11 @@ class ModelConfig:
                        "set model.head_dim explicitly")
         if self.position == "rope" and self.kv_head_dim % 2:
             out.append(f"RoPE needs an even head dimension, got {self.kv_head_dim}")
+        if self.rope_scaling != "none" and not self.rope_factor >= 1:
+            out.append(f"model.rope_factor must be >= 1 with model.rope_scaling={self.rope_scaling}, "
+                       f"got {self.rope_factor}")
+        if self.rope_scaling == "llama3" and not self.rope_high_freq_factor > self.rope_low_freq_factor > 0:
+            out.append("model.rope_high_freq_factor must be above model.rope_low_freq_factor, and both positive")
         return out
 
 
@@ -108,10 +125,11 @@ def block_param_count(cfg: ModelConfig) -> int:
     attn = d * hd * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
     mlp = (3 if cfg.activation == "swiglu" else 2) * d * cfg.d_ff
     norms = 2 * d * (2 if cfg.norm == "layernorm" else 1)
-    biases = 0
+    biases = hd * (cfg.n_heads + 2 * cfg.n_kv_heads) if cfg.use_bias or cfg.qkv_bias else 0
     if cfg.use_bias:
-        biases = hd * (cfg.n_heads + 2 * cfg.n_kv_heads) + d + (cfg.d_ff if cfg.activation == "gelu" else 0) + d
-    return attn + mlp + norms + biases
+        biases += d + (cfg.d_ff if cfg.activation == "gelu" else 0) + d
+    head_norms = 2 * hd if cfg.qk_norm else 0
+    return attn + mlp + norms + biases + head_norms
 
 
 def param_count(cfg: ModelConfig) -> int:

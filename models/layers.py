@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
@@ -44,12 +45,14 @@ def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
 
 
 class Norm(nnx.Module):
-    """LayerNorm (with bias) or RMSNorm; statistics in float32 whatever the compute dtype."""
+    """LayerNorm (with bias) or RMSNorm over the last axis (``d_model``, or ``head_dim`` for a head
+    norm: always RMSNorm); statistics in float32 whatever the compute dtype."""
 
-    def __init__(self, cfg: ModelConfig):
-        self.kind, self.eps = cfg.norm, cfg.norm_eps
-        self.scale = param(None, (cfg.d_model,), ("norm",), "ones")
-        self.bias = param(None, (cfg.d_model,), ("norm",), "zeros") if cfg.norm == "layernorm" else None
+    def __init__(self, cfg: ModelConfig, head: bool = False):
+        self.kind, self.eps = "rmsnorm" if head else cfg.norm, cfg.norm_eps
+        width, axis = (cfg.kv_head_dim, "head_dim") if head else (cfg.d_model, "norm")
+        self.scale = param(None, (width,), (axis,), "ones")
+        self.bias = param(None, (width,), (axis,), "zeros") if self.kind == "layernorm" else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h = x.astype(jnp.float32)
@@ -61,10 +64,27 @@ class Norm(nnx.Module):
         return h.astype(x.dtype)
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding over the last axis of x: [batch, length, heads, head_dim] (rotate-half form)."""
-    half = x.shape[-1] // 2
-    freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
+    """RoPE's angular frequency for each pair of a head's features, scaled as ``cfg.rope_scaling`` says
+    (float32, computed as transformers does, so that imported checkpoints give its logits)."""
+    dim = cfg.kv_head_dim
+    freqs = 1.0 / cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))
+    if cfg.rope_scaling == "linear":
+        return (freqs / cfg.rope_factor).astype(np.float32)
+    if cfg.rope_scaling == "llama3":
+        low, high, original = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_original_len
+        wavelength = 2 * np.pi / freqs
+        scaled = np.where(wavelength > original / low, freqs / cfg.rope_factor, freqs)
+        blend = (original / wavelength - low) / (high - low)
+        smoothed = (1 - blend) * scaled / cfg.rope_factor + blend * scaled
+        medium = (wavelength >= original / high) & (wavelength <= original / low)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+    return freqs.astype(np.float32)
+
+
+def rope(x: jax.Array, positions: jax.Array, freqs: np.ndarray) -> jax.Array:
+    """Rotary embedding over the last axis of x: [batch, length, heads, head_dim] (rotate-half form),
+    at ``rope_frequencies``."""
     angles = positions[..., None].astype(jnp.float32) * freqs  # [batch?, length, half]
     if angles.ndim == 2:
         angles = angles[None]
@@ -90,11 +110,14 @@ class Attention(nnx.Module):
         self.wv = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), std)
         # GPT-2's scaled init of residual projections keeps the residual stream's variance flat.
         self.wo = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), std / (2 * cfg.n_layers) ** 0.5)
-        if cfg.use_bias:
+        if cfg.use_bias or cfg.qkv_bias:
             self.q_bias = param(None, (h, hd), ("heads", "head_dim"), "zeros")
             self.k_bias = param(None, (kv, hd), ("kv_heads", "head_dim"), "zeros")
             self.v_bias = param(None, (kv, hd), ("kv_heads", "head_dim"), "zeros")
+        if cfg.use_bias:
             self.out_bias = param(None, (d,), ("norm",), "zeros")
+        if cfg.qk_norm:
+            self.q_norm, self.k_norm = Norm(cfg, head=True), Norm(cfg, head=True)
 
     def _project(self, x: jax.Array, positions: jax.Array,
                  fused: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -102,11 +125,14 @@ class Attention(nnx.Module):
         cfg, dt = self.cfg, x.dtype
         q, k, v = (self._split_qkv(linear("bld,dkgh->blkgh", x, fused)) if fused is not None else
                    (linear("bld,dhk->blhk", x, w[...]) for w in (self.wq, self.wk, self.wv)))
-        if cfg.use_bias:
+        if cfg.use_bias or cfg.qkv_bias:
             q, k, v = q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt), v + self.v_bias[...].astype(dt)
         q, k, v = (checkpoint_name(t, name) for t, name in zip((q, k, v), ("query_proj", "key_proj", "value_proj")))
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         if cfg.position == "rope":
-            q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+            freqs = rope_frequencies(cfg)
+            q, k = rope(q, positions, freqs), rope(k, positions, freqs)
         q = constrain(q, ("batch", "length", "heads", "head_dim"))
         k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))

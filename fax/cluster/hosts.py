@@ -165,9 +165,11 @@ def start_local_ray(folder: str, **init_args: Any) -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False  # read by ray.init (this process imported Ray already)
     Path(folder).mkdir(parents=True, exist_ok=True)
     os.chmod(folder, 0o700)
-    start_ray(_temp_dir=str(Path(folder) / RAY_FOLDER), include_dashboard=False, **init_args)
-    subprocess.Popen([sys.executable, "-m", "fax.cluster.watchdog", str(os.getpid())], start_new_session=True,
-                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ray_folder = str(Path(folder).absolute() / RAY_FOLDER)
+    subprocess.Popen([sys.executable, "-m", "fax.cluster.watchdog", str(os.getpid()), ray_folder],
+                     start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL)  # before Ray starts: a kill during its start-up is covered too
+    start_ray(_temp_dir=ray_folder, include_dashboard=False, **init_args)
 
 
 def connect(config: Config, echo: Callable[[str], None]) -> bool:

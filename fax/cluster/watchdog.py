@@ -1,10 +1,12 @@
-"""Ends a local Ray cluster whose `fax` process was killed: run as ``python -m fax.cluster.watchdog PID``
-beside the process PID that started the cluster (``hosts.start_local_ray``).
+"""Ends a local Ray cluster whose `fax` process was killed: run as
+``python -m fax.cluster.watchdog PID FOLDER`` beside the process PID that starts the cluster, its files
+in FOLDER (``hosts.start_local_ray``), from before Ray starts.
 
 Ray's services and workers are that process's descendants. A killed process (kill -9, an OOM kill)
 runs no cleanup, and Ray's GCS, raylet and agents would live on; the watchdog notes the descendants
-while the process lives and, once it is gone, ends those still running. It exits on its own when the
-cluster's GCS ends first (a normal ``ray.shutdown``).
+while the process lives and, once it is gone, ends those still running, and any process whose command
+line names FOLDER (one started in the last moments, or orphaned before it was noted). It exits on its
+own when the cluster's GCS ends first (a normal ``ray.shutdown``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import time
 
 import psutil
 
-POLL_S = 1.0  # how often the descendants are noted
+POLL_S = 0.5  # how often the descendants are noted
 GRACE_S = 5.0  # from SIGTERM to SIGKILL for the cluster's processes
 
 
@@ -50,7 +52,16 @@ def end(processes: list[psutil.Process]) -> None:
             pass
 
 
-def watch(head_pid: int) -> None:
+def naming(folder: str) -> list[psutil.Process]:
+    """The processes whose command line names ``folder`` (Ray's services: their session and log paths)."""
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        if p.pid != os.getpid() and any(folder + os.sep in part for part in p.info["cmdline"] or ()):
+            found.append(p)
+    return found
+
+
+def watch(head_pid: int, folder: str) -> None:
     head = psutil.Process(head_pid)
     seen: list[psutil.Process] = []
     gcs = None
@@ -60,8 +71,8 @@ def watch(head_pid: int) -> None:
         if gcs is not None and not alive(gcs):
             return  # the cluster was shut down by its process
         time.sleep(POLL_S)
-    end(seen)
+    end(seen + naming(folder))
 
 
 if __name__ == "__main__":
-    watch(int(sys.argv[1]))
+    watch(int(sys.argv[1]), sys.argv[2])

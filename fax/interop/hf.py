@@ -1,5 +1,6 @@
-"""Hugging Face interop, offline: GPT-2 and Llama checkpoints (``config.json`` + ``*.safetensors``) in
-and out of fax, read and written with ``safetensors`` alone (no torch).
+"""Hugging Face interop, offline: GPT-2 and Llama-layout checkpoints (Llama 2/3, Mistral, Qwen2, Qwen3;
+``config.json`` + ``*.safetensors``) in and out of fax, read and written with ``safetensors`` alone (no
+torch); ``hf_config`` reads and writes the configs.
 
 One table per family ties every fax parameter to the HF tensor (or the column range of a fused
 tensor, GPT-2's ``c_attn``) it comes from, with the transpose and reshape between the layouts; import
@@ -29,10 +30,14 @@ from fax.data import HFTokenizer, copy_tokenizer
 from fax.models import ModelConfig
 from fax.params import run_params
 from fax.parallel import ParallelConfig, make_mesh
+from fax.interop.hf_config import family, hf_config, model_config, model_type, read_config
+
+__all__ = ["export_adapters", "export_params", "export_run", "family", "hf_config", "import_params", "init_model",
+           "model_config", "model_type", "read_config", "ties"]
 
 Params = dict[str, Any]
-
-GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # the tanh GELU fax's GPT blocks use
+FLOAT_DTYPES = ("F32", "F16", "BF16")  # safetensors dtypes fax reads
+DERIVED = ("rotary_emb.inv_freq",)  # buffers older checkpoints saved, recomputed from the config
 
 
 @dataclass(frozen=True)
@@ -52,21 +57,6 @@ class Tie:
 
     def to_hf(self, value: np.ndarray) -> np.ndarray:
         return value.reshape(self.hf_shape[::-1]).T if self.transpose else value.reshape(self.hf_shape)
-
-
-def family(cfg: ModelConfig) -> str:
-    """'gpt2' or 'llama': the HF architecture a fax model is, or a ValueError naming what differs."""
-    gpt2 = {"norm": "layernorm", "activation": "gelu", "position": "learned", "use_bias": True, "tie_embeddings": True}
-    llama = {"norm": "rmsnorm", "activation": "swiglu", "position": "rope", "use_bias": False}
-    for name, wanted in (("gpt2", gpt2), ("llama", llama)):
-        if all(getattr(cfg, k) == v for k, v in wanted.items()):
-            if name == "gpt2" and (cfg.n_kv_heads != cfg.n_heads or cfg.kv_head_dim * cfg.n_heads != cfg.d_model):
-                raise ValueError("a GPT-2 checkpoint needs model.n_kv_heads == model.n_heads and "
-                                 "model.head_dim * model.n_heads == model.d_model")
-            return name
-    raise ValueError(f"no Hugging Face architecture matches model.norm={cfg.norm}, model.activation={cfg.activation}, "
-                     f"model.position={cfg.position}, model.use_bias={cfg.use_bias}: GPT-2 is layernorm/gelu/learned/"
-                     "bias/tied, Llama is rmsnorm/swiglu/rope/no bias")
 
 
 def ties(cfg: ModelConfig) -> list[Tie]:
@@ -102,64 +92,26 @@ def ties(cfg: ModelConfig) -> list[Tie]:
            Tie(("blocks", "mlp", "wg"), f"{layer}mlp.gate_proj.weight", (f, d), transpose=True),
            Tie(("blocks", "mlp", "wi"), f"{layer}mlp.up_proj.weight", (f, d), transpose=True),
            Tie(("blocks", "mlp", "wo"), f"{layer}mlp.down_proj.weight", (d, f), transpose=True)]
+    if cfg.qkv_bias:
+        out += [Tie(("blocks", "attn", f"{x}_bias"), f"{layer}self_attn.{x}_proj.bias", (n * hd,))
+                for x, n in (("q", h), ("k", kv), ("v", kv))]
+    if cfg.qk_norm:
+        out += [Tie(("blocks", "attn", f"{x}_norm", "scale"), f"{layer}self_attn.{x}_norm.weight", (hd,)) for x in "qk"]
     if not cfg.tie_embeddings:
         out.append(Tie(("head",), "lm_head.weight", (v, d), transpose=True))
     return out
-
-
-def read_config(hf_dir: str | Path) -> dict[str, Any]:
-    path = Path(hf_dir) / "config.json"
-    if not path.exists():
-        raise ValueError(f"{hf_dir}: not a Hugging Face model directory (no config.json)")
-    return json.loads(path.read_text())
-
-
-def _unsupported(hf: dict[str, Any], allowed: dict[str, tuple]) -> list[str]:
-    return [f"{k}={hf.get(k)!r} (fax supports {', '.join(map(repr, ok))})" for k, ok in allowed.items()
-            if hf.get(k) not in ok]
-
-
-def model_config(hf: dict[str, Any]) -> ModelConfig:
-    """The fax model of a HF ``config.json`` (GPT-2 or Llama); ValueError names what fax cannot express."""
-    kind = hf.get("model_type")
-    if kind == "gpt2":
-        problems = _unsupported(hf, {"activation_function": GPT2_ACTIVATIONS,
-                                     "scale_attn_by_inverse_layer_idx": (None, False),
-                                     "reorder_and_upcast_attn": (None, False)})
-        d = hf["n_embd"]
-        cfg = ModelConfig(vocab_size=hf["vocab_size"], max_seq_len=hf["n_positions"], d_model=d, n_layers=hf["n_layer"],
-                          n_heads=hf["n_head"], n_kv_heads=hf["n_head"], d_ff=hf.get("n_inner") or 4 * d,
-                          norm_eps=hf.get("layer_norm_epsilon", 1e-5))
-    elif kind == "llama":
-        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-        problems = _unsupported(hf, {"hidden_act": ("silu",), "attention_bias": (None, False),
-                                     "mlp_bias": (None, False)})
-        if rope.get("rope_type", "default") != "default":
-            problems.append(f"rope type {rope.get('rope_type')!r} (fax supports plain RoPE)")
-        cfg = ModelConfig(vocab_size=hf["vocab_size"], max_seq_len=hf["max_position_embeddings"],
-                          d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
-                          n_heads=hf["num_attention_heads"],
-                          n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-                          head_dim=hf.get("head_dim") or 0, d_ff=hf["intermediate_size"], norm="rmsnorm",
-                          activation="swiglu", position="rope", use_bias=False,
-                          tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                          rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-                          norm_eps=hf.get("rms_norm_eps", 1e-6))
-    else:
-        raise ValueError(f"model_type {kind!r} is not supported; fax imports 'gpt2' and 'llama' checkpoints")
-    if problems:
-        raise ValueError(f"cannot import this {kind} checkpoint: " + "; ".join(problems))
-    return cfg
 
 
 class SafetensorsDir:
     """The tensors of every ``*.safetensors`` file in a directory, read one tensor at a time."""
 
     def __init__(self, hf_dir: str | Path):
-        self.files = {}
+        self.files, self.headers = {}, {}  # name -> file; name -> (shape, dtype) as stored
         for path in sorted(Path(hf_dir).glob("*.safetensors")):
             with safe_open(path, framework="numpy") as f:
-                self.files.update({name: path for name in f.keys()})
+                for name in f.keys():
+                    stored = f.get_slice(name)
+                    self.files[name], self.headers[name] = path, (tuple(stored.get_shape()), stored.get_dtype())
         if not self.files:
             raise ValueError(f"{hf_dir}: no *.safetensors files (fax never reads pickled .bin checkpoints)")
         self.read = functools.lru_cache(maxsize=4)(self._read)  # a tensor serves every shard cut from it
@@ -203,12 +155,38 @@ def init_from_dir(init_from: str) -> str:
     return init_from[3:]
 
 
+def tensor_problems(store: SafetensorsDir, cfg: ModelConfig) -> list[str]:
+    """What keeps a checkpoint's tensors from being exactly the model ``cfg``: tensors missing, of
+    another shape or of a non-float dtype, and tensors the model has no place for (a bias of another
+    family, say: dropped, they would change the logits without a word)."""
+    wanted: dict[str, tuple[int, ...]] = {}
+    for tie in ties(cfg):
+        shape = (*tie.hf_shape[:-1], tie.fused_width) if tie.cols else tie.hf_shape
+        for i in range(cfg.n_layers) if "{i}" in tie.hf else [0]:
+            wanted[tie.hf.format(i=i)] = shape
+    found = {name: store.find(name) for name in wanted}
+    problems = []
+    missing = [name for name, stored in found.items() if stored is None]
+    if missing:
+        problems.append(f"tensors missing: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    wrong = [f"{stored} is {list(store.headers[stored][0])}, the model needs {list(wanted[name])}"
+             for name, stored in found.items() if stored is not None and store.headers[stored][0] != wanted[name]]
+    wrong += [f"{stored} is {store.headers[stored][1]} (quantized?); fax reads {', '.join(FLOAT_DTYPES)}"
+              for stored in found.values() if stored is not None and store.headers[stored][1] not in FLOAT_DTYPES]
+    problems += wrong[:4] + ([f"{len(wrong) - 4} more tensors like these"] if len(wrong) > 4 else [])
+    unread = sorted(set(store.files) - set(found.values()) - {n for n in store.files if n.endswith(DERIVED)})
+    if unread:
+        problems.append(f"tensors the model has no place for: {', '.join(unread[:5])}"
+                        f"{f' and {len(unread) - 5} more' if len(unread) > 5 else ''}")
+    return problems
+
+
 def import_params(hf_dir: str | Path, cfg: ModelConfig, shardings: Params) -> Params:
     """fax params from a HF directory, each created in its sharding from the slices its devices hold."""
     store = SafetensorsDir(hf_dir)
-    missing = [t.hf for t in ties(cfg) if store.find(t.hf.format(i=0)) is None]
-    if missing:
-        raise ValueError(f"{hf_dir}: tensors missing for a {family(cfg)} model: {', '.join(missing[:5])}")
+    problems = tensor_problems(store, cfg)
+    if problems:
+        raise ValueError(f"{hf_dir}: cannot import it as a {model_type(cfg)} model: " + "; ".join(problems))
     params: Params = {}
     for tie in ties(cfg):
         sharding = _get(shardings, tie.fax)
@@ -293,18 +271,3 @@ def export_adapters(run_dir: str | Path, out_dir: str | Path, step: int | None =
          "targets": list(config.lora.targets), "step": step,
          "base_model": config.to_dict()["model"], "init_from": config.init_from}, indent=2))
     return out, step
-
-
-def hf_config(cfg: ModelConfig) -> dict[str, Any]:
-    if family(cfg) == "gpt2":
-        return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": cfg.vocab_size,
-                "n_positions": cfg.max_seq_len, "n_embd": cfg.d_model, "n_layer": cfg.n_layers, "n_head": cfg.n_heads,
-                "n_inner": cfg.d_ff, "activation_function": "gelu_new", "layer_norm_epsilon": cfg.norm_eps,
-                "tie_word_embeddings": True, "torch_dtype": "float32"}
-    return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": cfg.vocab_size,
-            "max_position_embeddings": cfg.max_seq_len, "hidden_size": cfg.d_model,
-            "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
-            "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.kv_head_dim, "intermediate_size": cfg.d_ff,
-            "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
-            "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "mlp_bias": False,
-            "torch_dtype": "float32"}

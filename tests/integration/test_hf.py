@@ -25,14 +25,31 @@ CONFIGS = {
     "llama": lambda: transformers.LlamaConfig(vocab_size=320, max_position_embeddings=64, hidden_size=32,
                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                               intermediate_size=64, tie_word_embeddings=False, rope_theta=500.0),
+    # Llama 3.1's RoPE scaling, with a pretraining context (16) that puts head frequencies in all three bands
+    "llama3": lambda: transformers.LlamaConfig(
+        vocab_size=320, max_position_embeddings=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=64, tie_word_embeddings=False,
+        rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 16, "rope_theta": 500.0}),
+    "mistral": lambda: transformers.MistralConfig(vocab_size=320, max_position_embeddings=64, hidden_size=32,
+                                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                  intermediate_size=64, sliding_window=None, rope_theta=500.0),
+    "qwen2": lambda: transformers.Qwen2Config(vocab_size=320, max_position_embeddings=64, hidden_size=32,
+                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                              intermediate_size=64, tie_word_embeddings=True, rope_theta=500.0),
+    "qwen3": lambda: transformers.Qwen3Config(vocab_size=320, max_position_embeddings=64, hidden_size=32,
+                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                              head_dim=16, intermediate_size=64, tie_word_embeddings=False,
+                                              rope_theta=500.0),
 }
 MESHES = {"1 device": (ParallelConfig(fsdp=1), 1), "2x2x2": (ParallelConfig(data=2, fsdp=2, tensor=2), 8)}
 
 
-def hf_model(kind: str, path):
-    """A transformers model with every weight random (biases and norms too), saved as safetensors."""
+def hf_model(kind, path):
+    """A transformers model (``kind``: a CONFIGS name, or a config) with every weight random (biases and
+    norms too), saved as safetensors."""
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(CONFIGS[kind]()).eval()
+    model = transformers.AutoModelForCausalLM.from_config(CONFIGS[kind]() if isinstance(kind, str) else kind).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.3)
@@ -123,3 +140,59 @@ def test_what_cannot_be_imported_or_exported_is_named(tmp_path):
         hf.family(models.preset("gpt-tiny").replace(norm="rmsnorm"))
     with pytest.raises(ConfigError, match="init_from="):
         Trainer(load_config(overrides=[f"init_from=hf:{tmp_path / 'missing'}"]))
+
+
+def test_older_rope_scaling_forms_load_exactly_or_are_refused_by_name(tmp_path):
+    """``"rope_scaling": {"type": "linear", "factor": 4}`` (the form before ``rope_type``) loaded as plain
+    RoPE, its logits off by up to 9.3; ``dynamic`` and ``yarn`` were accepted the same way."""
+    config = CONFIGS["llama"]()
+    config.rope_parameters = {"rope_type": "linear", "factor": 4.0, "rope_theta": 500.0}
+    model = hf_model(config, tmp_path / "hf")
+    saved = json.loads((tmp_path / "hf" / "config.json").read_text())
+    legacy = {k: v for k, v in saved.items() if k not in ("rope_parameters", "rope_scaling")}
+    legacy |= {"rope_scaling": {"type": "linear", "factor": 4.0}, "rope_theta": 500.0}
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(legacy))
+    cfg = hf.model_config(hf.read_config(tmp_path / "hf"))
+    assert (cfg.rope_scaling, cfg.rope_factor, cfg.rope_theta) == ("linear", 4.0, 500.0)
+    *_, shardings = param_layout(Config(model=cfg), make_mesh(ParallelConfig(fsdp=1), jax.devices()[:1]))
+    params = hf.import_params(tmp_path / "hf", cfg, shardings)
+    np.testing.assert_allclose(fax_logits(cfg, params, TOKENS), hf_logits(model, TOKENS), rtol=1e-4, atol=1e-4)
+    for rope in ({"type": "dynamic", "factor": 2.0}, {"rope_type": "yarn", "factor": 4.0}):
+        with pytest.raises(ValueError, match=f"rope scaling '{rope.get('type', rope.get('rope_type'))}' \\(fax "
+                                             "implements default, linear and llama3 RoPE\\)"):
+            hf.model_config({**legacy, "rope_scaling": rope})
+
+
+def test_a_sliding_window_cuts_the_imported_context_to_the_window(tmp_path):
+    """Within its window, Mistral's sliding-window attention is causal attention: the import's
+    context is the window (it loaded as a 64-token model, its logits off by 11.3 past the window)."""
+    config = CONFIGS["mistral"]()
+    config.sliding_window = 16
+    model = hf_model(config, tmp_path / "hf")
+    cfg = hf.model_config(hf.read_config(tmp_path / "hf"))
+    assert cfg.max_seq_len == 16
+    *_, shardings = param_layout(Config(model=cfg), make_mesh(ParallelConfig(fsdp=1), jax.devices()[:1]))
+    params = hf.import_params(tmp_path / "hf", cfg, shardings)
+    tokens = TOKENS[:, :16]
+    np.testing.assert_allclose(fax_logits(cfg, params, tokens), hf_logits(model, tokens), rtol=1e-4, atol=1e-4)
+    qwen = {**CONFIGS["qwen2"]().to_dict(), "use_sliding_window": False, "sliding_window": 16}
+    assert hf.model_config(qwen).max_seq_len == 64  # a window Qwen does not use
+
+
+def test_tensors_and_config_keys_the_model_would_not_use_are_refused_by_name(tmp_path):
+    """A Qwen2 checkpoint relabelled llama loaded with its q/k/v biases dropped (logits off by 5.9)."""
+    hf_model("qwen2", tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    cfg = hf.model_config(hf.read_config(tmp_path / "hf"))
+    with pytest.raises(ValueError, match=r"cannot import it as a llama model: tensors the model has no place for: "
+                                         r"model.layers.0.self_attn.k_proj.bias, model.layers.0.self_attn.q_proj.bias"):
+        hf.import_params(tmp_path / "hf", cfg, {})
+    with pytest.raises(ValueError, match=r"tensors missing: model.layers.0.self_attn.q_norm.weight"):
+        hf.import_params(tmp_path / "hf", cfg.replace(qk_norm=True), {})
+    with pytest.raises(ValueError, match=r"k_proj.weight is \[16, 32\], the model needs \[32, 32\].*4 more tensors"):
+        hf.import_params(tmp_path / "hf", cfg.replace(qkv_bias=True, n_kv_heads=4), {})
+    with pytest.raises(ValueError, match="config keys fax does not know: logit_softcapping"):
+        hf.model_config({**config, "logit_softcapping": 30.0})
+    with pytest.raises(ValueError, match=r"attention_bias=True \(biases on all four attention projections"):
+        hf.model_config({**CONFIGS["llama"]().to_dict(), "attention_bias": True})

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fax import models
-from fax.models.layers import rope
+from fax.models.layers import rope, rope_frequencies
 from fax.parallel import DEFAULT_RULES
 
 
@@ -80,15 +80,38 @@ def test_document_mask_reads_each_packed_document_as_if_alone(name):
     assert not np.allclose(model(row)[:, 5:], packed[:, 5:], atol=1e-3)
 
 
-def test_rope_scores_depend_only_on_relative_position():
+@pytest.mark.parametrize("scaling", ["none", "linear", "llama3"])
+def test_rope_scores_depend_only_on_relative_position(scaling):
     rng = np.random.default_rng(0)
     q, k = (jnp.asarray(rng.normal(size=(1, 1, 1, 16)), jnp.float32) for _ in range(2))
+    cfg = models.preset("llama-tiny").replace(head_dim=16, rope_scaling=scaling, rope_factor=8.0, rope_original_len=64)
+    freqs = rope_frequencies(cfg)
 
     def score(pq, pk):
-        return float(jnp.sum(rope(q, jnp.array([pq]), 1e4) * rope(k, jnp.array([pk]), 1e4)))
+        return float(jnp.sum(rope(q, jnp.array([pq]), freqs) * rope(k, jnp.array([pk]), freqs)))
 
     assert score(5, 2) == pytest.approx(score(103, 100), rel=1e-4)
     assert score(5, 2) != pytest.approx(score(5, 4), rel=1e-3)
+
+
+def test_llama3_rope_divides_long_wavelengths_keeps_short_ones_and_blends_between():
+    plain = rope_frequencies(models.preset("llama-tiny").replace(head_dim=64))
+    cfg = models.preset("llama-tiny").replace(head_dim=64, rope_scaling="llama3", rope_factor=8.0,
+                                              rope_original_len=64)
+    scaled, wavelength = rope_frequencies(cfg), 2 * np.pi / plain
+    short, long = wavelength < 64 / 4, wavelength > 64 / 1
+    np.testing.assert_array_equal(scaled[short], plain[short])
+    np.testing.assert_allclose(scaled[long], plain[long] / 8, rtol=1e-6)
+    between = ~short & ~long
+    assert between.any() and np.all((scaled[between] < plain[between]) & (scaled[between] > plain[between] / 8))
+
+
+def test_published_sizes_of_the_open_families():
+    """The presets of Llama 3, Mistral and Qwen have their published parameter counts."""
+    for name, billions in (("llama3-8b", 8.03), ("llama3-70b", 70.55), ("llama3.1-405b", 405.85),
+                           ("mistral-7b", 7.25), ("qwen2.5-7b", 7.62), ("qwen2.5-72b", 72.71), ("qwen3-8b", 8.19),
+                           ("qwen3-32b", 32.76)):
+        assert models.param_count(models.preset(name)) / 1e9 == pytest.approx(billions, abs=0.01), name
 
 
 def test_bfloat16_compute_tracks_float32():

@@ -1,0 +1,159 @@
+"""Hugging Face ``config.json`` <-> fax ``ModelConfig``: GPT-2 and the Llama-like families (Llama 2/3,
+Mistral, Qwen2, Qwen3), every key that changes the computation read or refused by name."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from fax.models import ModelConfig
+
+GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # the tanh GELU fax's GPT blocks use
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")  # model types of Llama's layout (Qwen: q/k/v biases, q/k norms)
+# The config keys of those families fax reads or knows to change nothing in the forward pass (labels, ids,
+# output switches, dropouts checked to be 0); any other key is refused by name.
+LLAMA_LIKE_KEYS = frozenset({
+    "model_type", "vocab_size", "max_position_embeddings", "hidden_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "intermediate_size", "hidden_act", "rms_norm_eps", "tie_word_embeddings",
+    "rope_theta", "rope_scaling", "rope_parameters", "attention_bias", "mlp_bias", "attention_dropout",
+    "sliding_window", "use_sliding_window", "max_window_layers", "layer_types", "partial_rotary_factor",
+    "pretraining_tp",  # how Meta's training split the matmuls: the same product
+    "_name_or_path", "architectures", "bos_token_id", "eos_token_id", "pad_token_id", "chunk_size_feed_forward",
+    "dtype", "torch_dtype", "id2label", "label2id", "initializer_range", "is_encoder_decoder", "output_attentions",
+    "output_hidden_states", "problem_type", "return_dict", "transformers_version", "use_cache", "tokenizer_class"})
+
+
+def family(cfg: ModelConfig) -> str:
+    """'gpt2' or 'llama' (Llama's layout: Llama, Mistral, Qwen2, Qwen3): the HF architecture a fax model
+    is, or a ValueError naming what differs."""
+    gpt2 = {"norm": "layernorm", "activation": "gelu", "position": "learned", "use_bias": True, "tie_embeddings": True,
+            "qkv_bias": False, "qk_norm": False}
+    llama = {"norm": "rmsnorm", "activation": "swiglu", "position": "rope", "use_bias": False}
+    for name, wanted in (("gpt2", gpt2), ("llama", llama)):
+        if all(getattr(cfg, k) == v for k, v in wanted.items()):
+            if name == "gpt2" and (cfg.n_kv_heads != cfg.n_heads or cfg.kv_head_dim * cfg.n_heads != cfg.d_model):
+                raise ValueError("a GPT-2 checkpoint needs model.n_kv_heads == model.n_heads and "
+                                 "model.head_dim * model.n_heads == model.d_model")
+            return name
+    raise ValueError(f"no Hugging Face architecture matches model.norm={cfg.norm}, model.activation={cfg.activation}, "
+                     f"model.position={cfg.position}, model.use_bias={cfg.use_bias}: GPT-2 is layernorm/gelu/learned/"
+                     "bias/tied, Llama is rmsnorm/swiglu/rope/no bias")
+
+
+def model_type(cfg: ModelConfig) -> str:
+    """The HF ``model_type`` a fax model is exported as."""
+    if family(cfg) == "gpt2":
+        return "gpt2"
+    if cfg.qk_norm and cfg.qkv_bias:
+        raise ValueError("model.qk_norm with model.qkv_bias matches no Hugging Face architecture (Qwen3 has q/k "
+                         "norms, Qwen2 q/k/v biases)")
+    return "qwen3" if cfg.qk_norm else "qwen2" if cfg.qkv_bias else "llama"
+
+
+def read_config(hf_dir: str | Path) -> dict[str, Any]:
+    path = Path(hf_dir) / "config.json"
+    if not path.exists():
+        raise ValueError(f"{hf_dir}: not a Hugging Face model directory (no config.json)")
+    return json.loads(path.read_text())
+
+
+def _unsupported(hf: dict[str, Any], allowed: dict[str, tuple]) -> list[str]:
+    return [f"{k}={hf.get(k)!r} (fax supports {', '.join(map(repr, ok))})" for k, ok in allowed.items()
+            if hf.get(k) not in ok]
+
+
+def model_config(hf: dict[str, Any]) -> ModelConfig:
+    """The fax model of a HF ``config.json`` (GPT-2, or the Llama-like families ``LLAMA_LIKE``);
+    ValueError names what fax cannot express."""
+    kind = hf.get("model_type")
+    if kind == "gpt2":
+        problems = _unsupported(hf, {"activation_function": GPT2_ACTIVATIONS,
+                                     "scale_attn_by_inverse_layer_idx": (None, False),
+                                     "reorder_and_upcast_attn": (None, False)})
+        d = hf["n_embd"]
+        cfg = ModelConfig(vocab_size=hf["vocab_size"], max_seq_len=hf["n_positions"], d_model=d, n_layers=hf["n_layer"],
+                          n_heads=hf["n_head"], n_kv_heads=hf["n_head"], d_ff=hf.get("n_inner") or 4 * d,
+                          norm_eps=hf.get("layer_norm_epsilon", 1e-5))
+    elif kind in LLAMA_LIKE:
+        rope, problems = rope_settings(hf)
+        problems += _unsupported(hf, {"hidden_act": ("silu",), "mlp_bias": (None, False),
+                                      "attention_dropout": (None, 0, 0.0), "partial_rotary_factor": (None, 1, 1.0)})
+        if kind != "qwen2" and hf.get("attention_bias"):
+            problems.append("attention_bias=True (biases on all four attention projections: fax has them on "
+                            "q, k and v alone, as Qwen2)")
+        unknown = sorted(set(hf) - LLAMA_LIKE_KEYS)
+        if unknown:
+            problems.append(f"config keys fax does not know: {', '.join(unknown)} (each may change the "
+                            "computation; a model fax has not been checked against is refused, not guessed)")
+        cfg = ModelConfig(vocab_size=hf["vocab_size"], max_seq_len=min(hf["max_position_embeddings"],
+                                                                       sliding_window(hf) or hf["max_position_embeddings"]),
+                          d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+                          n_heads=hf["num_attention_heads"],
+                          n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+                          head_dim=hf.get("head_dim") or 0, d_ff=hf["intermediate_size"], norm="rmsnorm",
+                          activation="swiglu", position="rope", use_bias=False,
+                          qkv_bias=kind == "qwen2",
+                          qk_norm=kind == "qwen3", tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                          norm_eps=hf.get("rms_norm_eps", 1e-6), **rope)
+    else:
+        raise ValueError(f"model_type {kind!r} is not supported; fax imports {', '.join(('gpt2',) + LLAMA_LIKE)} "
+                         "checkpoints")
+    if problems:
+        raise ValueError(f"cannot import this {kind} checkpoint: " + "; ".join(problems))
+    return cfg
+
+
+def rope_settings(hf: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The ``model.rope_*`` settings of a config's RoPE (``rope_parameters``, or the older
+    ``rope_scaling`` with ``rope_type`` or ``type``), and what fax cannot express."""
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    settings = {"rope_theta": float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))}
+    if kind == "default":
+        return settings, []
+    if kind == "linear":
+        return settings | {"rope_scaling": "linear", "rope_factor": float(rope["factor"])}, []
+    if kind == "llama3":
+        return settings | {"rope_scaling": "llama3", "rope_factor": float(rope["factor"]),
+                           "rope_low_freq_factor": float(rope["low_freq_factor"]),
+                           "rope_high_freq_factor": float(rope["high_freq_factor"]),
+                           "rope_original_len": int(rope["original_max_position_embeddings"])}, []
+    return settings, [f"rope scaling {kind!r} (fax implements default, linear and llama3 RoPE)"]
+
+
+def sliding_window(hf: dict[str, Any]) -> int | None:
+    """The attention window of a config whose layers attend to a window (Mistral's ``sliding_window``,
+    Qwen's with ``use_sliding_window`` or sliding ``layer_types``); None when every layer attends to all.
+    Within the window, windowed attention is causal attention: the import's context is cut to it."""
+    window = hf.get("sliding_window")
+    if not window:
+        return None
+    windowed = hf["model_type"] == "mistral" or hf.get("use_sliding_window") or \
+        "sliding_attention" in (hf.get("layer_types") or ())
+    return int(window) if windowed else None
+
+
+def hf_config(cfg: ModelConfig) -> dict[str, Any]:
+    if family(cfg) == "gpt2":
+        return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": cfg.vocab_size,
+                "n_positions": cfg.max_seq_len, "n_embd": cfg.d_model, "n_layer": cfg.n_layers, "n_head": cfg.n_heads,
+                "n_inner": cfg.d_ff, "activation_function": "gelu_new", "layer_norm_epsilon": cfg.norm_eps,
+                "tie_word_embeddings": True, "torch_dtype": "float32"}
+    kind = model_type(cfg)
+    architecture = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[kind]
+    config = {"model_type": kind, "architectures": [architecture], "vocab_size": cfg.vocab_size,
+              "max_position_embeddings": cfg.max_seq_len, "hidden_size": cfg.d_model,
+              "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+              "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.kv_head_dim, "intermediate_size": cfg.d_ff,
+              "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
+              "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": "float32"}
+    if kind != "qwen2":
+        config |= {"attention_bias": False} | ({"mlp_bias": False} if kind == "llama" else {})
+    if kind != "llama":
+        config |= {"use_sliding_window": False, "sliding_window": None}
+    if cfg.rope_scaling != "none":
+        config["rope_scaling"] = {"rope_type": cfg.rope_scaling, "factor": cfg.rope_factor} | (
+            {"low_freq_factor": cfg.rope_low_freq_factor, "high_freq_factor": cfg.rope_high_freq_factor,
+             "original_max_position_embeddings": cfg.rope_original_len} if cfg.rope_scaling == "llama3" else {})
+    return config
