@@ -69,6 +69,7 @@ class DataConfig:
     # Each document a training window packs is read as if it stood alone: its tokens attend only to
     # its own, and its positions count from its first token. Off: windows read straight across ends.
     document_mask: bool = False
+    check_tokenizer: bool = True  # refuse a dataset prepared with another tokenizer than an hf: checkpoint's
 
 
 @dataclass(frozen=True)
@@ -93,8 +94,8 @@ class LoraConfig:
             return [f"lora.dropout must be in [0, 1), got {self.dropout}"]
         unknown = [t for t in self.targets if t not in LORA_TARGETS]
         found = [f"lora.targets: unknown {', '.join(unknown)}; choose from {', '.join(LORA_TARGETS)}"] if unknown else []
-        if "mlp.wg" in self.targets and model.activation != "swiglu":
-            found.append("lora.targets: mlp.wg exists only with model.activation=swiglu")
+        if "mlp.wg" in self.targets and model.activation not in ("swiglu", "geglu"):
+            found.append("lora.targets: mlp.wg exists only with model.activation=swiglu or geglu")
         if not self.targets:
             found.append("lora.targets is empty; name the weights to adapt, e.g. [attn.wq, attn.wv]")
         return found

@@ -10,7 +10,8 @@ import dataclasses
 from dataclasses import dataclass
 
 NORMS = ("layernorm", "rmsnorm")
-ACTIVATIONS = ("gelu", "swiglu")
+ACTIVATIONS = ("gelu", "swiglu", "geglu")
+GATED = ("swiglu", "geglu")  # MLPs with a gate projection (wg): SiLU or tanh-GELU of it times the up projection
 POSITIONS = ("learned", "rope")
 ROPE_SCALINGS = ("none", "linear", "llama3")
 # The block's tensors a remat policy may keep for the backward pass, tagged by name (checkpoint_name).
@@ -48,7 +49,7 @@ class ModelConfig:
     head_dim: int = 0  # 0: d_model // n_heads
     d_ff: int = 512  # width of the MLP
     norm: str = "layernorm"  # layernorm (GPT-2) or rmsnorm (Llama)
-    activation: str = "gelu"  # gelu (GPT-2) or swiglu (Llama)
+    activation: str = "gelu"  # gelu (GPT-2), swiglu (Llama) or geglu (Gemma)
     position: str = "learned"  # learned position embeddings (GPT-2) or rope (Llama)
     use_bias: bool = True  # biases on the projections and the MLP (GPT-2)
     qkv_bias: bool = False  # biases on the query, key and value projections alone (Qwen2)
@@ -64,6 +65,8 @@ class ModelConfig:
     rope_high_freq_factor: float = 4.0  # llama3: see rope_scaling
     rope_original_len: int = 8192  # llama3: the pretraining context
     norm_eps: float = 1e-5  # added to the variance in the norms
+    norm_plus_one: bool = False  # the norms scale by 1 + w, w starting at 0 (Gemma)
+    embed_scale: bool = False  # the token embeddings are multiplied by sqrt(d_model) (Gemma)
     init_std: float = 0.02  # std of the normal init of the weights
     dtype: str = "float32"  # compute dtype (float32, bfloat16); parameters are always float32
     # what the backward pass recomputes: none, full, dots_saveable, dots_with_no_batch_dims_saveable, or a policy
@@ -109,7 +112,7 @@ class ModelConfig:
 def named_widths(cfg: ModelConfig) -> dict[str, tuple[int, bool]]:
     """Features per token of each tensor ``REMAT_NAMES`` tags, and whether tensor parallelism splits it."""
     heads, kv = cfg.n_heads * cfg.kv_head_dim, cfg.n_kv_heads * cfg.kv_head_dim
-    mlp_inputs = 2 if cfg.activation == "swiglu" else 1
+    mlp_inputs = 2 if cfg.activation in GATED else 1
     return {"query_proj": (heads, True), "key_proj": (kv, True), "value_proj": (kv, True),
             "attention_out": (heads, True), "out_proj": (cfg.d_model, False),
             "mlpwi": (mlp_inputs * cfg.d_ff, True), "mlpwo": (cfg.d_model, False)}
@@ -123,7 +126,7 @@ def tensor_indivisible(cfg: ModelConfig, tensor: int) -> str | None:
 def block_param_count(cfg: ModelConfig) -> int:
     d, hd = cfg.d_model, cfg.kv_head_dim
     attn = d * hd * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
-    mlp = (3 if cfg.activation == "swiglu" else 2) * d * cfg.d_ff
+    mlp = (3 if cfg.activation in GATED else 2) * d * cfg.d_ff
     norms = 2 * d * (2 if cfg.norm == "layernorm" else 1)
     biases = hd * (cfg.n_heads + 2 * cfg.n_kv_heads) if cfg.use_bias or cfg.qkv_bias else 0
     if cfg.use_bias:
@@ -146,7 +149,7 @@ def matmul_param_count(cfg: ModelConfig) -> int:
     """Parameters that take part in a matrix product per token (embedding lookups do not, the head does)."""
     d, hd = cfg.d_model, cfg.kv_head_dim
     attn = d * hd * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
-    mlp = (3 if cfg.activation == "swiglu" else 2) * d * cfg.d_ff
+    mlp = (3 if cfg.activation in GATED else 2) * d * cfg.d_ff
     return cfg.n_layers * (attn + mlp) + d * cfg.vocab_size
 
 

@@ -14,7 +14,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from fax.models.attention import attend
-from fax.models.config import ModelConfig
+from fax.models.config import GATED, ModelConfig
 from fax.models.lora import Adapted
 from fax.models.sharding import constrain
 
@@ -49,16 +49,16 @@ class Norm(nnx.Module):
     norm: always RMSNorm); statistics in float32 whatever the compute dtype."""
 
     def __init__(self, cfg: ModelConfig, head: bool = False):
-        self.kind, self.eps = "rmsnorm" if head else cfg.norm, cfg.norm_eps
+        self.kind, self.eps, self.plus_one = "rmsnorm" if head else cfg.norm, cfg.norm_eps, cfg.norm_plus_one
         width, axis = (cfg.kv_head_dim, "head_dim") if head else (cfg.d_model, "norm")
-        self.scale = param(None, (width,), (axis,), "ones")
+        self.scale = param(None, (width,), (axis,), "zeros" if cfg.norm_plus_one else "ones")
         self.bias = param(None, (width,), (axis,), "zeros") if self.kind == "layernorm" else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h = x.astype(jnp.float32)
         if self.kind == "layernorm":
             h = h - h.mean(-1, keepdims=True)
-        h = h * jax.lax.rsqrt((h * h).mean(-1, keepdims=True) + self.eps) * self.scale[...]
+        h = h * jax.lax.rsqrt((h * h).mean(-1, keepdims=True) + self.eps) * (self.scale[...] + self.plus_one)
         if self.bias is not None:
             h = h + self.bias[...]
         return h.astype(x.dtype)
@@ -202,13 +202,13 @@ CACHE_AXES = ("batch", "kv_heads", None, "head_dim")  # sharded like the attenti
 
 
 class Mlp(nnx.Module):
-    """GELU MLP (GPT-2) or SwiGLU (Llama)."""
+    """GELU MLP (GPT-2), SwiGLU (Llama) or GeGLU (Gemma)."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, f, std = cfg.d_model, cfg.d_ff, cfg.init_std
         self.cfg = cfg
         self.wi = param(rngs, (d, f), ("embed", "mlp"), std)
-        if cfg.activation == "swiglu":
+        if cfg.activation in GATED:
             self.wg = param(rngs, (d, f), ("embed", "mlp"), std)
         self.wo = param(rngs, (f, d), ("mlp", "embed"), std / (2 * cfg.n_layers) ** 0.5)
         if cfg.use_bias:
@@ -220,8 +220,9 @@ class Mlp(nnx.Module):
         h = checkpoint_name(linear("bld,df->blf", x, self.wi[...]), "mlpwi")
         if cfg.use_bias:
             h = h + self.in_bias[...].astype(dt)
-        if cfg.activation == "swiglu":
-            h = jax.nn.silu(checkpoint_name(linear("bld,df->blf", x, self.wg[...]), "mlpwi")) * h
+        if cfg.activation in GATED:
+            gate = checkpoint_name(linear("bld,df->blf", x, self.wg[...]), "mlpwi")
+            h = (jax.nn.silu(gate) if cfg.activation == "swiglu" else jax.nn.gelu(gate, approximate=True)) * h
         else:
             h = jax.nn.gelu(h, approximate=True)
         h = constrain(h, ("batch", "length", "mlp"))

@@ -65,6 +65,8 @@ class DecoderLM(nnx.Module):
         cfg, dt = self.cfg, compute_dtype(self.cfg)
         # Gather from a table whole along embed, so the lookup needs no resharding of its output.
         x = constrain(self.embed[...].astype(dt), ("vocab", None))[tokens]
+        if cfg.embed_scale:
+            x = x * jnp.asarray(cfg.d_model ** 0.5, dt)  # rounded to the compute dtype first, as Gemma does
         if cfg.position == "learned":
             x = x + self.pos_embed[...][positions].astype(dt)
         return constrain(x, RESIDUAL)

@@ -12,7 +12,7 @@ HELP = "a checkpoint's loss and perplexity on a dataset split (by default the ru
 
 def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help=HELP)
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a run directory, or hf:DIR (a Hugging Face folder: give data.path)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="settings to change: data.path, train.eval_batches, train.batch_size, train.seq_len, "
                         "parallel.* (the mesh: any that fits the devices), cluster.* (Ray mode)")

@@ -11,7 +11,7 @@ HELP = "continue a prompt with a trained run's model (KV cache, streamed)"
 
 def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help=HELP)
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a run directory, or hf:DIR (a Hugging Face folder)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--chat", action="store_true", help="the prompt is a user's message to a chat-tuned run "
                                                        "(fax prepare --messages-field): print the reply")
@@ -22,14 +22,15 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fax.config import ConfigError, run_config
+    from fax.config import ConfigError
     from fax.data import chat
     from fax.serving.batching import stream
     from fax.serving.engine import Engine
     from fax.serving.sampling import SamplingParams, request_problems
+    from fax.interop.sources import source_config
     from fax.serving.text import TextStream, generation_ends, run_tokenizer
 
-    tokenizer = run_tokenizer(run_config(args.run_dir))
+    tokenizer = run_tokenizer(source_config(args.run_dir))
     conversation = chat.layout(tokenizer)
     engine = Engine.from_run_dir(args.run_dir, step=args.step, max_batch=1,
                                  end_ids=generation_ends(tokenizer, conversation))

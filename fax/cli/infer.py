@@ -11,7 +11,7 @@ HELP = "complete every prompt (or reply to every conversation) of a JSONL/Parque
 
 def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("infer", help=HELP)
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a run directory, or hf:DIR (a Hugging Face folder)")
     p.add_argument("--input", required=True, help="a .jsonl or .parquet file of prompts")
     p.add_argument("--output", required=True, help="a .jsonl or .parquet file (parts kept in OUTPUT.parts/)")
     p.add_argument("--field", default="prompt", help="the prompt's field or column")

@@ -9,7 +9,8 @@ HELP = "search pipeline x sharding x microbatch x remat layouts; rank, explain"
 
 def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help=HELP)
-    p.add_argument("--model", default="gpt-mini", help="a model preset (fax presets)")
+    p.add_argument("--model", default="gpt-mini", help="a model preset (fax presets), or hf:DIR (a Hugging Face "
+                                                        "checkpoint's config.json)")
     p.add_argument("--cluster", default="", help="a cluster preset, e.g. v4-1024, h100-1024, cpu-8 "
                                                  "(default: this machine's devices)")
     p.add_argument("--global-batch", type=int, default=16, help="sequences per step")
@@ -26,7 +27,11 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from fax.config import ConfigError, load_config, preset_or_error
+    from fax.interop.hf import model_config, read_config
+    from fax.interop.sources import hf_folder
     from fax.parallel.calibrate import present_cluster
     from fax.parallel.hardware import cluster_preset
     from fax.parallel.planner import plan
@@ -43,16 +48,17 @@ def run(args: argparse.Namespace) -> int:
               f"{link}; saved {profile['path']}")
     try:
         cluster = cluster_preset(args.cluster) if args.cluster else present_cluster()
+        folder = hf_folder(args.model)
+        model = (model_config(read_config(folder)) if folder else preset_or_error(args.model)).replace(dtype=args.dtype)
         if cluster.present:  # compiled (and with --measure timed) on these devices
             import jax
 
             from fax.train.planning import plan_here
 
-            config = load_config(overrides=[f"model={args.model}", f"model.dtype={args.dtype}",
-                                            f"train.batch_size={args.global_batch}", f"train.seq_len={args.seq}"])
+            config = load_config(overrides=[f"train.batch_size={args.global_batch}", f"train.seq_len={args.seq}"])
+            config = dataclasses.replace(config, model=model)
             result = plan_here(config, jax.devices(), args.model, validate=args.validate, measure=args.measure)
         else:
-            model = preset_or_error(args.model).replace(dtype=args.dtype)
             result = plan(model, cluster, args.global_batch, args.seq, args.model, args.top)
     except ValueError as e:
         raise ConfigError(str(e)) from None

@@ -11,7 +11,7 @@ HELP = "serve a trained run over HTTP: /v1/completions (streaming), /v1/models, 
 
 def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help=HELP)
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a run directory, or hf:DIR (a Hugging Face folder)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together")

@@ -26,16 +26,18 @@ from safetensors.numpy import save_file
 from fax import models
 from fax.checkpoint import COMPUTE_ONLY_MODEL_KEYS
 from fax.config import run_config
-from fax.data import HFTokenizer, copy_tokenizer
+from fax.data import HFTokenizer, chat, copy_tokenizer
 from fax.models import ModelConfig
 from fax.params import run_params
 from fax.parallel import ParallelConfig, make_mesh
-from fax.interop.hf_config import family, hf_config, model_config, model_type, read_config
+from fax.interop.hf_config import HF, family, hf_config, model_config, model_type, read_config
 
 __all__ = ["export_adapters", "export_params", "export_run", "family", "hf_config", "import_params", "init_model",
-           "model_config", "model_type", "read_config", "ties"]
+           "model_config", "model_type", "read_config", "ties", "token_ids"]
 
 Params = dict[str, Any]
+EXPORT_DTYPES = ("float32", "bfloat16")
+MAX_SHARD_BYTES = 5 * 2 ** 30  # the largest safetensors file an export writes (Hugging Face's default: 5 GB)
 FLOAT_DTYPES = ("F32", "F16", "BF16")  # safetensors dtypes fax reads
 DERIVED = ("rotary_emb.inv_freq",)  # buffers older checkpoints saved, recomputed from the config
 
@@ -150,7 +152,7 @@ def init_model(init_from: str, model: ModelConfig) -> ModelConfig:
 
 
 def init_from_dir(init_from: str) -> str:
-    if not init_from.startswith("hf:"):
+    if not init_from.startswith(HF):
         raise ValueError(f"init_from={init_from!r}: expected hf:/path/to/a/hugging-face/model/dir")
     return init_from[3:]
 
@@ -214,27 +216,89 @@ def _layer_shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
             for path, leaf in leaves}
 
 
-def export_params(params: Params, cfg: ModelConfig, out_dir: str | Path,
+class ShardWriter:
+    """Tensors written to ``model-0000k-of-0000n.safetensors`` files of at most ``max_bytes`` each (one
+    ``model.safetensors`` when they fit in one), with ``model.safetensors.index.json`` when there are
+    several: each file is written once it is full, so a host holds one file's tensors at a time."""
+
+    def __init__(self, out: Path, max_bytes: int):
+        self.out, self.max_bytes = out, max_bytes
+        self.pending: dict[str, np.ndarray] = {}
+        self.files: list[list[str]] = []  # the tensor names of each file written, in order
+        self.total = 0
+
+    def add(self, name: str, tensor: np.ndarray) -> None:
+        if self.pending and sum(t.nbytes for t in self.pending.values()) + tensor.nbytes > self.max_bytes:
+            self._write()
+        self.pending[name] = tensor
+        self.total += tensor.nbytes
+
+    def _write(self) -> None:
+        save_file(self.pending, str(self.out / f"part-{len(self.files)}.safetensors"), metadata={"format": "pt"})
+        self.files.append(list(self.pending))
+        self.pending = {}
+
+    def close(self) -> None:
+        if self.pending:
+            self._write()
+        if len(self.files) == 1:
+            (self.out / "part-0.safetensors").replace(self.out / "model.safetensors")
+            return
+        names = [f"model-{k + 1:05d}-of-{len(self.files):05d}.safetensors" for k in range(len(self.files))]
+        for k, name in enumerate(names):
+            (self.out / f"part-{k}.safetensors").replace(self.out / name)
+        index = {"metadata": {"total_size": self.total},
+                 "weight_map": {tensor: name for name, tensors in zip(names, self.files) for tensor in tensors}}
+        (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def export_params(params: Params, cfg: ModelConfig, out_dir: str | Path, dtype: str = "float32",
+                  max_shard_bytes: int = MAX_SHARD_BYTES, token_ids: dict[str, Any] | None = None,
                   on_tensor: Callable[[str], None] | None = None) -> Path:
-    """Write ``params`` (arrays of any sharding) as a HF directory that ``transformers`` loads."""
+    """Write ``params`` (arrays of any sharding) as a HF directory that ``transformers`` loads: its
+    tensors in ``dtype`` (float32 or bfloat16), in files of at most ``max_shard_bytes``, read from the
+    devices one layer at a time; ``token_ids`` (bos/eos/pad ids) go into config.json and
+    generation_config.json."""
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"--dtype {dtype}: fax exports {', '.join(EXPORT_DTYPES)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors: dict[str, np.ndarray] = {}
+    writer, fused = ShardWriter(out, max_shard_bytes), {}
+    as_stored = jax.numpy.dtype(dtype)
     for tie in ties(cfg):
-        value = np.asarray(jax.device_get(_get(params, tie.fax)), np.float32)
-        for i, layer_value in (enumerate(value) if "{i}" in tie.hf else [(0, value)]):
-            name = tie.hf.format(i=i)
-            part = tie.to_hf(layer_value)
-            if tie.cols:
-                fused = tensors.setdefault(name, np.zeros((*tie.hf_shape[:-1], tie.fused_width), np.float32))
-                fused[..., tie.cols[0]:tie.cols[1]] = part
+        value = _get(params, tie.fax)
+        for i in range(cfg.n_layers) if "{i}" in tie.hf else [None]:
+            name = tie.hf.format(i=i or 0)
+            part = tie.to_hf(np.asarray(jax.device_get(value if i is None else value[i]), np.float32))
+            if tie.cols:  # GPT-2's c_attn: written once its q, k and v columns are all in
+                whole, filled = fused.setdefault(name, (np.zeros((*tie.hf_shape[:-1], tie.fused_width), np.float32),
+                                                        [0]))
+                whole[..., tie.cols[0]:tie.cols[1]] = part
+                filled[0] += tie.cols[1] - tie.cols[0]
+                if filled[0] == tie.fused_width:
+                    writer.add(name, whole.astype(as_stored))
+                    del fused[name]
             else:
-                tensors[name] = np.ascontiguousarray(part)
+                writer.add(name, np.ascontiguousarray(part).astype(as_stored))
             if on_tensor:
                 on_tensor(name)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(hf_config(cfg), indent=2))
+    writer.close()
+    ids = {k: v for k, v in (token_ids or {}).items() if v is not None}
+    config = hf_config(cfg) | {"torch_dtype": dtype} | ids
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    if ids:
+        (out / "generation_config.json").write_text(json.dumps(ids, indent=2))
     return out
+
+
+def token_ids(tokenizer: HFTokenizer) -> dict[str, Any]:
+    """The ids config.json and generation_config.json name: bos and pad where the tokenizer names them,
+    eos: its end of text and the end of an assistant's turn (Llama 3's ``<|eot_id|>``)."""
+    named = {kind: tokenizer.token_id(tokenizer.special_tokens[f"{kind}_token"])
+             for kind in ("bos", "pad") if tokenizer.special_tokens.get(f"{kind}_token")}
+    ends = list(dict.fromkeys((tokenizer.eos_id, *chat.layout(tokenizer).end_ids)))
+    return {"bos_token_id": named.get("bos"), "eos_token_id": ends if len(ends) > 1 else ends[0],
+            "pad_token_id": named.get("pad")}
 
 
 def _run_on_one_device(run_dir: str | Path, step: int | None, merged: bool) -> tuple[Any, Params, int]:
@@ -243,13 +307,18 @@ def _run_on_one_device(run_dir: str | Path, step: int | None, merged: bool) -> t
     return config, params, step
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None) -> tuple[Path, int]:
+def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None, dtype: str = "float32",
+               max_shard_bytes: int = MAX_SHARD_BYTES) -> tuple[Path, int]:
     """A run directory's checkpoint (default: the latest; LoRA adapters merged in) as a HF directory,
-    with the run's tokenizer and chat template where it has a Hugging Face one; returns it and the step."""
-    family(run_config(run_dir).model)  # fails before anything is read
-    config, params, step = _run_on_one_device(run_dir, step, merged=True)
-    out = export_params(params, config.model, out_dir)
+    with the run's tokenizer and chat template where it has a Hugging Face one (and its token ids in the
+    configs); returns it and the step."""
+    model_type(run_config(run_dir).model)  # fails before anything is read
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"--dtype {dtype}: fax exports {', '.join(EXPORT_DTYPES)}")
     tokenizer = Path(run_dir) / HFTokenizer.name  # the run's copy; fax's byte tokenizer has no Hugging Face form
+    ids = token_ids(HFTokenizer(tokenizer)) if tokenizer.exists() else None
+    config, params, step = _run_on_one_device(run_dir, step, merged=True)
+    out = export_params(params, config.model, out_dir, dtype, max_shard_bytes, ids)
     if tokenizer.exists():
         copy_tokenizer(tokenizer, out)
     return out, step

@@ -9,8 +9,12 @@ from typing import Any
 
 from fax.models import ModelConfig
 
+HF = "hf:"  # what names a Hugging Face folder where a run directory or a model preset may go
 GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # the tanh GELU fax's GPT blocks use
-LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")  # model types of Llama's layout (Qwen: q/k/v biases, q/k norms)
+# Model types of Llama's layout (Qwen: q/k/v biases, q/k norms; Gemma: GeGLU, 1 + w norms, scaled embeddings)
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "gemma")
+GEMMA = {"activation": "geglu", "norm_plus_one": True, "embed_scale": True}  # what makes a Llama layout Gemma
+TANH_GELU = ("gelu", "gelu_pytorch_tanh", "gelu_new")  # Gemma's hidden_act: its legacy "gelu" means the tanh one
 # The config keys of those families fax reads or knows to change nothing in the forward pass (labels, ids,
 # output switches, dropouts checked to be 0); any other key is refused by name.
 LLAMA_LIKE_KEYS = frozenset({
@@ -19,6 +23,7 @@ LLAMA_LIKE_KEYS = frozenset({
     "rope_theta", "rope_scaling", "rope_parameters", "attention_bias", "mlp_bias", "attention_dropout",
     "sliding_window", "use_sliding_window", "max_window_layers", "layer_types", "partial_rotary_factor",
     "pretraining_tp",  # how Meta's training split the matmuls: the same product
+    "hidden_activation", "use_bidirectional_attention",
     "_name_or_path", "architectures", "bos_token_id", "eos_token_id", "pad_token_id", "chunk_size_feed_forward",
     "dtype", "torch_dtype", "id2label", "label2id", "initializer_range", "is_encoder_decoder", "output_attentions",
     "output_hidden_states", "problem_type", "return_dict", "transformers_version", "use_cache", "tokenizer_class"})
@@ -28,10 +33,10 @@ def family(cfg: ModelConfig) -> str:
     """'gpt2' or 'llama' (Llama's layout: Llama, Mistral, Qwen2, Qwen3): the HF architecture a fax model
     is, or a ValueError naming what differs."""
     gpt2 = {"norm": "layernorm", "activation": "gelu", "position": "learned", "use_bias": True, "tie_embeddings": True,
-            "qkv_bias": False, "qk_norm": False}
-    llama = {"norm": "rmsnorm", "activation": "swiglu", "position": "rope", "use_bias": False}
+            "qkv_bias": False, "qk_norm": False, "norm_plus_one": False, "embed_scale": False}
+    llama = {"norm": "rmsnorm", "activation": ("swiglu", "geglu"), "position": "rope", "use_bias": False}
     for name, wanted in (("gpt2", gpt2), ("llama", llama)):
-        if all(getattr(cfg, k) == v for k, v in wanted.items()):
+        if all(getattr(cfg, k) in (v if isinstance(v, tuple) else (v,)) for k, v in wanted.items()):
             if name == "gpt2" and (cfg.n_kv_heads != cfg.n_heads or cfg.kv_head_dim * cfg.n_heads != cfg.d_model):
                 raise ValueError("a GPT-2 checkpoint needs model.n_kv_heads == model.n_heads and "
                                  "model.head_dim * model.n_heads == model.d_model")
@@ -45,6 +50,12 @@ def model_type(cfg: ModelConfig) -> str:
     """The HF ``model_type`` a fax model is exported as."""
     if family(cfg) == "gpt2":
         return "gpt2"
+    gemma = [k for k, v in GEMMA.items() if getattr(cfg, k) == v]
+    if gemma and (len(gemma) < len(GEMMA) or cfg.qk_norm or cfg.qkv_bias):
+        raise ValueError(f"{', '.join(f'model.{k}={v}' for k, v in GEMMA.items())} together (Gemma) and nothing "
+                         "else of Qwen's match a Hugging Face architecture")
+    if gemma:
+        return "gemma"
     if cfg.qk_norm and cfg.qkv_bias:
         raise ValueError("model.qk_norm with model.qkv_bias matches no Hugging Face architecture (Qwen3 has q/k "
                          "norms, Qwen2 q/k/v biases)")
@@ -77,7 +88,10 @@ def model_config(hf: dict[str, Any]) -> ModelConfig:
                           norm_eps=hf.get("layer_norm_epsilon", 1e-5))
     elif kind in LLAMA_LIKE:
         rope, problems = rope_settings(hf)
-        problems += _unsupported(hf, {"hidden_act": ("silu",), "mlp_bias": (None, False),
+        gemma = kind == "gemma"
+        problems += _unsupported(hf, {"hidden_act": TANH_GELU if gemma else ("silu",), "mlp_bias": (None, False),
+                                      "hidden_activation": (None, *TANH_GELU[1:]),
+                                      "use_bidirectional_attention": (None, False),
                                       "attention_dropout": (None, 0, 0.0), "partial_rotary_factor": (None, 1, 1.0)})
         if kind != "qwen2" and hf.get("attention_bias"):
             problems.append("attention_bias=True (biases on all four attention projections: fax has them on "
@@ -92,9 +106,9 @@ def model_config(hf: dict[str, Any]) -> ModelConfig:
                           n_heads=hf["num_attention_heads"],
                           n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
                           head_dim=hf.get("head_dim") or 0, d_ff=hf["intermediate_size"], norm="rmsnorm",
-                          activation="swiglu", position="rope", use_bias=False,
-                          qkv_bias=kind == "qwen2",
-                          qk_norm=kind == "qwen3", tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                          activation="geglu" if gemma else "swiglu", position="rope", use_bias=False,
+                          qkv_bias=kind == "qwen2", qk_norm=kind == "qwen3", norm_plus_one=gemma, embed_scale=gemma,
+                          tie_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
                           norm_eps=hf.get("rms_norm_eps", 1e-6), **rope)
     else:
         raise ValueError(f"model_type {kind!r} is not supported; fax imports {', '.join(('gpt2',) + LLAMA_LIKE)} "
@@ -141,16 +155,18 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
                 "n_inner": cfg.d_ff, "activation_function": "gelu_new", "layer_norm_epsilon": cfg.norm_eps,
                 "tie_word_embeddings": True, "torch_dtype": "float32"}
     kind = model_type(cfg)
-    architecture = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[kind]
+    architecture = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                    "gemma": "GemmaForCausalLM"}[kind]
     config = {"model_type": kind, "architectures": [architecture], "vocab_size": cfg.vocab_size,
               "max_position_embeddings": cfg.max_seq_len, "hidden_size": cfg.d_model,
               "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
               "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.kv_head_dim, "intermediate_size": cfg.d_ff,
-              "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
+              "hidden_act": "gelu_pytorch_tanh" if kind == "gemma" else "silu", "rms_norm_eps": cfg.norm_eps,
+              "rope_theta": cfg.rope_theta,
               "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": "float32"}
     if kind != "qwen2":
         config |= {"attention_bias": False} | ({"mlp_bias": False} if kind == "llama" else {})
-    if kind != "llama":
+    if kind in ("qwen2", "qwen3"):
         config |= {"use_sliding_window": False, "sliding_window": None}
     if cfg.rope_scaling != "none":
         config["rope_scaling"] = {"rope_type": cfg.rope_scaling, "factor": cfg.rope_factor} | (

@@ -21,9 +21,9 @@ import numpy as np
 from flax import nnx
 
 from fax import models
-from fax.config import Config, ConfigError, run_config
+from fax.config import Config, ConfigError
 from fax.models.config import tensor_indivisible
-from fax.params import run_params
+from fax.interop.sources import source_config, source_params
 from fax.params import param_layout
 from fax.parallel import ParallelConfig, logical_sharding, make_mesh, replicated, with_activation_sharding
 from fax.serving.sampling import GREEDY_PAD, MAX_LOGPROBS, SamplingParams, adjust, controls, sample
@@ -208,12 +208,12 @@ class Engine:
     @classmethod
     def from_run_dir(cls, run_dir: str | Path, devices: Sequence[jax.Device] | None = None, tensor: int = 0,
                      step: int | None = None, max_batch: int = 8, end_ids: Sequence[int] | None = None) -> Engine:
-        """The params of a run directory's latest (or ``step``'s) checkpoint, restored onto this mesh.
-        ``end_ids``: ``generation_ends`` of the run's tokenizer, from a caller that holds it already
-        (default: the tokenizer is read here)."""
-        config = run_config(run_dir)
+        """The params of a run directory's latest (or ``step``'s) checkpoint, or of a Hugging Face
+        folder (``hf:DIR``), restored onto this mesh. ``end_ids``: ``generation_ends`` of the run's
+        tokenizer, from a caller that holds it already (default: the tokenizer is read here)."""
+        config = source_config(run_dir)
         mesh = serving_mesh(config.model, jax.devices() if devices is None else devices, tensor)
-        params, step = run_params(run_dir, config, mesh, step)
+        params, step = source_params(config, mesh, step)
         if end_ids is None:
             end_ids = generation_ends(run_tokenizer(config))
         engine = cls(config.model, params, mesh, max_batch, end_ids)

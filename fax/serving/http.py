@@ -13,6 +13,7 @@ import errno
 import itertools
 import json
 import socket
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -28,7 +29,8 @@ import ray
 from ray import serve
 
 from fax.cluster.hosts import HostGroup, actor_options, connect, host_layout
-from fax.config import ClusterConfig, ConfigError, ServeConfig, run_config
+from fax.config import ClusterConfig, ConfigError, ServeConfig
+from fax.interop.sources import absolute_source, hf_folder, source_config
 from fax.data.chat import layout as chat_layout
 from fax.serving.batching import Busy, Scheduler
 from fax.serving.cluster_engine import ClusterEngine
@@ -45,7 +47,7 @@ def _engine(run_dir: str, settings: ServeConfig, cluster: ClusterConfig, end_ids
     """The engine in this process (ending generations at ``end_ids``), or spread over host workers
     when it needs more than one host (each reads the run's tokenizer itself); warmed up if asked."""
     if serving_hosts(cluster) > 1:
-        config = dataclasses.replace(run_config(run_dir), run_dir=run_dir, cluster=cluster)
+        config = dataclasses.replace(source_config(run_dir), cluster=cluster)
         engine = ClusterEngine(HostGroup(config), run_dir, None, settings.max_batch)
     else:
         engine = Engine.from_run_dir(run_dir, max_batch=settings.max_batch, end_ids=end_ids)
@@ -91,8 +93,8 @@ class CompletionServer:
     def __init__(self, run_dir: str, settings: ServeConfig, cluster: ClusterConfig, cpu_devices: int):
         jax.config.update("jax_num_cpu_devices", cpu_devices)  # before the CPU backend starts
         self.settings = settings
-        self.model_name = settings.model_name or Path(run_dir).resolve().name
-        config = run_config(run_dir)
+        self.model_name = settings.model_name or Path(run_dir).name
+        config = source_config(run_dir)
         self.model = config.model
         self.tokenizer = run_tokenizer(config)
         self.chat_layout = chat_layout(self.tokenizer)
@@ -327,10 +329,12 @@ def start(run_dir: str | Path, settings: ServeConfig, cluster: ClusterConfig, cp
     problems = settings.problems()
     if problems:
         raise ConfigError("invalid serve settings:\n  - " + "\n  - ".join(problems))
-    run_dir = str(Path(run_dir).absolute())
-    config = run_config(run_dir)  # a clear error for a directory that is not a run, before Ray starts
+    run_dir = absolute_source(run_dir)
+    config = source_config(run_dir)  # a clear error for a directory that is not a run, before Ray starts
     check_listenable(settings.host, settings.port)
-    connect(dataclasses.replace(config, run_dir=run_dir, cluster=cluster), echo)
+    if hf_folder(run_dir) and not cluster.ray_temp_dir:  # Ray's files beside the run, never in a checkpoint's folder
+        cluster = dataclasses.replace(cluster, ray_temp_dir=tempfile.mkdtemp(prefix="fax-ray-"))
+    connect(dataclasses.replace(config, cluster=cluster), echo)
     if serving_hosts(cluster) > 1:
         options: dict[str, Any] = {"num_cpus": 0}  # the engine is on the host workers
     else:

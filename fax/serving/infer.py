@@ -17,7 +17,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from fax.config import run_config
+from fax.interop.sources import absolute_source, source_config
 from fax.data import read_records, write_atomic
 from fax.data.chat import TemplateError, layout, message_problems
 from fax.serving.batching import generate
@@ -73,7 +73,7 @@ class ChunkWorker:
 
     def __init__(self, run_dir: str, parts: str, settings: dict[str, Any]):
         self.settings = InferSettings(**{**settings, "stop": tuple(settings["stop"])})
-        self.tokenizer = run_tokenizer(run_config(run_dir))
+        self.tokenizer = run_tokenizer(source_config(run_dir))
         self.layout = layout(self.tokenizer)  # of conversations (--messages-field)
         self.engine = Engine.from_run_dir(run_dir, max_batch=self.settings.max_batch,
                                           end_ids=generation_ends(self.tokenizer, self.layout))
@@ -135,7 +135,7 @@ def infer(run_dir: str | Path, input_path: str | Path, output: str | Path, setti
         raise ValueError(f"output {output}: use a .jsonl or .parquet file name")
     parts = output.with_name(output.name + ".parts")
     parts.mkdir(parents=True, exist_ok=True)
-    job = {"run_dir": str(Path(run_dir).absolute()), "input": str(Path(input_path).absolute()),
+    job = {"run_dir": absolute_source(run_dir), "input": str(Path(input_path).absolute()),
            "rows": len(prompts), "chunk_rows": chunk_rows, "settings": asdict(settings)}
     job_file = parts / "job.json"
     if job_file.exists() and json.loads(job_file.read_text()) != json.loads(json.dumps(job)):
@@ -144,7 +144,7 @@ def infer(run_dir: str | Path, input_path: str | Path, output: str | Path, setti
     write_atomic(job_file, json.dumps(job, indent=2).encode())
     starts = range(0, len(prompts), chunk_rows)
     todo = [s for s in starts if not (parts / f"{s:010d}.jsonl").exists()]
-    args = (str(run_dir), str(parts), asdict(replace(settings, stop=list(settings.stop))))
+    args = (absolute_source(run_dir), str(parts), asdict(replace(settings, stop=list(settings.stop))))
     bar = tqdm(total=len(starts), initial=len(starts) - len(todo), desc="infer", unit="chunk", disable=not progress)
     items = [{"start": s, "prompts": json.dumps(prompts[s:s + chunk_rows])} for s in todo]
     if engine == "local" and items:

@@ -9,6 +9,7 @@ from typing import Any
 from fax.config import Config
 from fax.data import HFTokenizer, TokenDataset, Tokenizer, dataset_path, get_tokenizer
 from fax.data import chat
+from fax.interop.sources import hf_folder
 
 def generation_ends(tokenizer: Any, conversation: chat.Layout | None = None) -> tuple[int, ...]:
     """The tokens that end a generation: the tokenizer's end of text, and the end of an assistant's
@@ -18,9 +19,11 @@ def generation_ends(tokenizer: Any, conversation: chat.Layout | None = None) -> 
 
 
 def run_tokenizer(config: Config) -> Tokenizer:
-    """The tokenizer the run was trained with: its own copy, else the one of its dataset."""
-    if (Path(config.run_dir) / HFTokenizer.name).exists():
-        return get_tokenizer(HFTokenizer.name, config.run_dir)
+    """The tokenizer the run was trained with: its own copy (a Hugging Face folder's own), else the one
+    of its dataset."""
+    folder = hf_folder(config.run_dir) or Path(config.run_dir)
+    if (folder / HFTokenizer.name).exists():
+        return get_tokenizer(HFTokenizer.name, folder)
     path = dataset_path(config.data.path)
     return TokenDataset.open(path).tokenizer(path)
 

@@ -19,8 +19,9 @@ from fax import models
 from fax.checkpoint import CheckpointDamaged, Checkpointer, checkpoint_dir, incompatible_keys
 from fax.cluster import WorkerFailure
 from fax.config import Config, ConfigError, apply_overrides, raise_problems, validate, with_layout
-from fax.data import TokenDataset, copy_tokenizer, open_split
-from fax.interop.hf import init_model
+from fax.data import TokenDataset, copy_tokenizer, dataset_path, open_split
+from fax.interop.hf import init_from_dir, init_model
+from fax.interop.sources import tokenizer_problems
 from fax.metrics import mesh_desc, mfu, peak_flops_per_device, read_metrics
 from fax.parallel.planner import Plan
 from fax.signals import handling
@@ -96,6 +97,9 @@ class Trainer:
                 config = dataclasses.replace(config, model=init_model(config.init_from, config.model))
             except (OSError, ValueError, KeyError) as e:
                 raise ConfigError(f"init_from={config.init_from!r}: {e}") from None
+            if config.data.check_tokenizer:  # before anything compiles
+                raise_problems(tokenizer_problems(Path(init_from_dir(config.init_from)),
+                                                  dataset_path(config.data.path)))
         self.echo = echo
         self.runtime: Runtime | None = None
         self.plan: Plan | None = None

@@ -21,7 +21,7 @@ from fax.checkpoint import Checkpointer, checkpoint_dir
 from fax.config import Config, ConfigError
 from fax.data import Batch
 from fax.interop.hf import import_params, init_from_dir
-from fax.params import run_params
+from fax.interop.sources import source_params
 from fax.parallel import make_mesh
 from fax.train import step as step_lib
 
@@ -153,7 +153,7 @@ class HostRuntime:
     def load_params(self, step: int | None) -> int:
         """The params alone of checkpoint ``step`` (default: the latest complete one) placed on this
         mesh, to evaluate them: no optimizer state read, no train step compiled. Returns the step."""
-        params, step = run_params(self.config.run_dir, self.config, self.training.mesh, step, merged=False)
+        params, step = source_params(self.config, self.training.mesh, step, merged=False)
         self.state = {"params": params}
         return step
 

@@ -41,6 +41,9 @@ CONFIGS = {
                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                               head_dim=16, intermediate_size=64, tie_word_embeddings=False,
                                               rope_theta=500.0),
+    "gemma": lambda: transformers.GemmaConfig(vocab_size=320, max_position_embeddings=64, hidden_size=32,
+                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                              head_dim=16, intermediate_size=64, rope_theta=500.0),
 }
 MESHES = {"1 device": (ParallelConfig(fsdp=1), 1), "2x2x2": (ParallelConfig(data=2, fsdp=2, tensor=2), 8)}
 
@@ -196,3 +199,81 @@ def test_tensors_and_config_keys_the_model_would_not_use_are_refused_by_name(tmp
         hf.model_config({**config, "logit_softcapping": 30.0})
     with pytest.raises(ValueError, match=r"attention_bias=True \(biases on all four attention projections"):
         hf.model_config({**CONFIGS["llama"]().to_dict(), "attention_bias": True})
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A Llama checkpoint as people bring one: config.json, model.safetensors and its tokenizer.json;
+    and a dataset prepared with that tokenizer."""
+    from fax.data import prepare, stdlib_dir
+    from fax.data.tokenizers import train_bpe
+
+    root = tmp_path_factory.mktemp("brought")
+    texts = [(stdlib_dir() / name).read_text() for name in ("textwrap.py", "string.py")]
+    config = CONFIGS["llama3"]()
+    config.bos_token_id, config.eos_token_id = None, 0  # the BPE tokenizer's <|endoftext|>
+    model = hf_model(config, root / "llama")
+    train_bpe(texts, 300, root / "llama" / "tokenizer.json")
+    prepare([stdlib_dir() / "textwrap.py", stdlib_dir() / "string.py"], root / "data",
+            str(root / "llama" / "tokenizer.json"))
+    return root / "llama", root / "data", model
+
+
+def test_generate_eval_and_plan_take_a_hugging_face_folder_directly(hf_dir, capsys):
+    """`fax generate hf:DIR` said "not a fax run directory", `fax plan --model hf:DIR` "unknown model
+    preset": a checkpoint could not be used without training it first."""
+    from fax.config import apply_overrides
+    from fax.data import HFTokenizer, open_split
+    from fax.interop.sources import source_config
+    from fax.train.evaluate import evaluate_checkpoint
+
+    folder, data, model = hf_dir
+    tokenizer = HFTokenizer(folder / "tokenizer.json")
+    prompt = "def wrap(text"
+    ids = torch.tensor([tokenizer.encode(prompt).tolist()])
+    greedy = model.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=0, pad_token_id=0)[0, ids.shape[1]:]
+    assert main(["generate", f"hf:{folder}", "--prompt", prompt, "--max-tokens", "10", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out == prompt + tokenizer.decode([t for t in greedy.tolist() if t != 0]) + "\n"
+    # eval: the checkpoint's loss on batches of a dataset prepared with its tokenizer, as transformers computes it
+    overrides = [f"data.path={data}", "train.batch_size=8", "train.seq_len=16", "train.eval_batches=1"]
+    step, loss = evaluate_checkpoint(f"hf:{folder}", overrides, split="train")
+    config = apply_overrides(source_config(f"hf:{folder}"), overrides)
+    path, split, _ = open_split(str(data), "train", 16, 320)
+    tokens = split.sampler(path, config).batch(0).tokens
+    logits = torch.tensor(hf_logits(model, tokens[:, :-1]))
+    want = torch.nn.functional.cross_entropy(logits.reshape(-1, 320), torch.tensor(tokens[:, 1:]).long().reshape(-1))
+    assert step == 0 and loss == pytest.approx(float(want), rel=1e-4)
+    # A dataset of another tokenizer is refused before anything compiles (it trained on byte ids silently).
+    with pytest.raises(ConfigError, match="was prepared with fax's byte tokenizer, not the tokenizer of .* Prepare "
+                                          "the data with the checkpoint's tokenizer"):
+        evaluate_checkpoint(f"hf:{folder}", ["train.batch_size=8", "train.seq_len=16"])
+    with pytest.raises(ConfigError, match="was prepared with fax's byte tokenizer"):
+        Trainer(load_config(overrides=[f"init_from=hf:{folder}", "train.steps=1"]), echo=lambda _: None)
+    assert main(["plan", "--model", f"hf:{folder}", "--cluster", "h100-8"]) == 0
+    assert f"hf:{folder} on h100-8" in capsys.readouterr().out
+
+
+def test_export_in_bfloat16_shards_with_the_tokenizers_ids(hf_dir, tmp_path):
+    """Exports were one float32 file (a bfloat16 input of 1.6 MB came out as 2.4 MB) without bos/eos
+    ids or a generation_config.json."""
+    folder, data, _ = hf_dir
+    run_dir = tmp_path / "run"
+    Trainer(load_config(overrides=[f"init_from=hf:{folder}", f"data.path={data}", f"run_dir={run_dir}",
+                                   "train.steps=2", "train.batch_size=8", "train.seq_len=16", "train.sample_tokens=0"]),
+            echo=lambda _: None).fit()
+    out = tmp_path / "exported"
+    assert main(["export", str(run_dir), "--out", str(out), "--dtype", "bfloat16", "--max-shard-gib", "0.00003"]) == 0
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(files) > 2 and set(index["weight_map"].values()) == set(files)
+    assert sum(p.stat().st_size for p in out.glob("model-*.safetensors")) < index["metadata"]["total_size"] * 1.1
+    config = json.loads((out / "config.json").read_text())
+    assert (config["torch_dtype"], config["eos_token_id"], config["model_type"]) == ("bfloat16", 0, "llama")
+    assert json.loads((out / "generation_config.json").read_text()) == {"eos_token_id": 0}
+    exported = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    from fax.config import run_config
+    from fax.params import run_params
+
+    cfg = run_config(run_dir)
+    params, _ = run_params(run_dir, cfg, make_mesh(ParallelConfig(fsdp=1), jax.devices()[:1]))
+    np.testing.assert_allclose(hf_logits(exported, TOKENS), fax_logits(cfg.model, params, TOKENS), atol=0.1)
