@@ -26,12 +26,36 @@ def attend(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, segments:
     """Causal attention by the kernel ``cfg.attention_impl`` means for these shapes on the devices the
     computation is laid out on: [b, length, heads, head_dim]."""
     kernel = attention_implementation(cfg, platform(), q.shape[1])
+    if cfg.query_scale:  # the kernels divide by sqrt(head_dim): queries pre-scaled for query_scale's
+        q = q * jnp.asarray((q.shape[-1] / cfg.query_scale) ** 0.5, q.dtype)
     if kernel == "flash":
         return flash_attention(q, k, v, segments)
     if kernel == "blockwise":  # a length no tile divides (an explicit setting): the whole sequence one block
-        return blockwise_attention(q, k, v, segments, tile(q.shape[1]) or q.shape[1])
+        return blockwise_attention(q, k, v, segments, tile(q.shape[1]) or q.shape[1], cfg.attn_softcap)
+    if cfg.attn_softcap:
+        return softcapped_attention(q, k, v, segments, cfg.attn_softcap)
     mask = None if segments is None else (segments[:, :, None] == segments[:, None, :])[:, None]
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=kernel)
+
+
+def softcap(x: jax.Array, cap: float) -> jax.Array:
+    """``cap * tanh(x / cap)``: scores (or logits) bounded to (-cap, cap), unchanged near 0 (Gemma 2)."""
+    return cap * jnp.tanh(x / cap) if cap else x
+
+
+def softcapped_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array | None,
+                         cap: float) -> jax.Array:
+    """XLA's attention with soft-capped scores (which ``jax.nn.dot_product_attention`` has no
+    setting for): float32 seq x seq scores, [b, length, heads, head_dim]."""
+    batch, length, heads, head_dim = q.shape
+    groups = q.reshape(batch, length, k.shape[2], heads // k.shape[2], head_dim)
+    scores = softcap(jnp.einsum("blkgd,bskd->bkgls", groups, k, preferred_element_type=jnp.float32)
+                     * head_dim ** -0.5, cap)
+    visible = jnp.tril(jnp.ones((length, length), bool))[None]
+    if segments is not None:
+        visible = visible & (segments[:, :, None] == segments[:, None, :])
+    weights = jax.nn.softmax(jnp.where(visible[:, None, None], scores, MASKED), axis=-1)
+    return jnp.einsum("bkgls,bskd->blkgd", weights.astype(v.dtype), v).reshape(q.shape)
 
 
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array | None) -> jax.Array:
@@ -57,9 +81,10 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Arra
 
 
 def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array | None,
-                        block: int) -> jax.Array:
+                        block: int, cap: float = 0.0) -> jax.Array:
     """Causal attention over ``block`` keys at a time with a running maximum and sum (the softmax
-    computed online, as flash attention does): [b, length, heads, head_dim]."""
+    computed online, as flash attention does), scores soft-capped at ``cap`` if given:
+    [b, length, heads, head_dim]."""
     batch, length, heads, head_dim = q.shape
     kv_heads = k.shape[2]
     groups = (q.astype(jnp.float32) * head_dim ** -0.5).reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
@@ -72,7 +97,7 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.
     def step(carry: tuple[jax.Array, jax.Array, jax.Array], block_in: tuple[jax.Array, ...]) -> tuple:
         top, total, out = carry
         keys, values, key_segments, start = block_in
-        scores = jnp.einsum("blkgd,bskd->blkgs", groups, keys.astype(jnp.float32))
+        scores = softcap(jnp.einsum("blkgd,bskd->blkgs", groups, keys.astype(jnp.float32)), cap)
         visible = ((start + jnp.arange(block))[None, :] <= positions[:, None])[None] & (
             segments[:, :, None] == key_segments[:, None, :])  # [b, length, block]
         scores = jnp.where(visible[:, :, None, None, :], scores, MASKED)

@@ -67,6 +67,10 @@ class ModelConfig:
     norm_eps: float = 1e-5  # added to the variance in the norms
     norm_plus_one: bool = False  # the norms scale by 1 + w, w starting at 0 (Gemma)
     embed_scale: bool = False  # the token embeddings are multiplied by sqrt(d_model) (Gemma)
+    post_norms: bool = False  # each sublayer's output is normed too, before the residual add (Gemma 2)
+    logit_softcap: float = 0.0  # logits become c * tanh(logits / c) (Gemma 2: 30); 0: none
+    attn_softcap: float = 0.0  # attention scores capped the same way (Gemma 2: 50; XLA or blockwise attention)
+    query_scale: float = 0.0  # scores scaled by query_scale ** -0.5 (Gemma 2's query_pre_attn_scalar); 0: head_dim
     init_std: float = 0.02  # std of the normal init of the weights
     dtype: str = "float32"  # compute dtype (float32, bfloat16); parameters are always float32
     # what the backward pass recomputes: none, full, dots_saveable, dots_with_no_batch_dims_saveable, or a policy
@@ -101,6 +105,9 @@ class ModelConfig:
                        "set model.head_dim explicitly")
         if self.position == "rope" and self.kv_head_dim % 2:
             out.append(f"RoPE needs an even head dimension, got {self.kv_head_dim}")
+        if self.attn_softcap and self.attention_impl in ("flash", "cudnn"):
+            out.append(f"model.attention_impl={self.attention_impl} has no score soft-capping "
+                       f"(model.attn_softcap={self.attn_softcap}): use xla, blockwise or auto")
         if self.rope_scaling != "none" and not self.rope_factor >= 1:
             out.append(f"model.rope_factor must be >= 1 with model.rope_scaling={self.rope_scaling}, "
                        f"got {self.rope_factor}")
@@ -132,7 +139,8 @@ def block_param_count(cfg: ModelConfig) -> int:
     if cfg.use_bias:
         biases += d + (cfg.d_ff if cfg.activation == "gelu" else 0) + d
     head_norms = 2 * hd if cfg.qk_norm else 0
-    return attn + mlp + norms + biases + head_norms
+    post_norms = norms if cfg.post_norms else 0
+    return attn + mlp + norms + biases + head_norms + post_norms
 
 
 def param_count(cfg: ModelConfig) -> int:
@@ -162,13 +170,14 @@ def attention_implementation(cfg: ModelConfig, platform: str, seq_len: int = 0) 
     """The attention kernel ``cfg.attention_impl`` means on ``platform`` for sequences of ``seq_len``:
     ``auto`` is cuDNN's fused flash attention on GPUs in 16-bit (cuDNN has no float32 kernel), the
     Pallas flash-attention kernel on TPUs, and elsewhere XLA's attention, or from ``BLOCKWISE_FROM``
-    tokens the blockwise one (no seq x seq scores); the two tiled kernels for lengths they tile."""
+    tokens the blockwise one (no seq x seq scores); the two tiled kernels for lengths they tile. Scores
+    soft-capped (``attn_softcap``): XLA's or the blockwise one, on every platform."""
     if cfg.attention_impl != "auto":
         return cfg.attention_impl
-    if platform == "gpu" and cfg.dtype != "float32":
+    if platform == "gpu" and cfg.dtype != "float32" and not cfg.attn_softcap:
         return "cudnn"
     tiled = seq_len > 0 and tile(seq_len) is not None
-    if platform == "tpu" and tiled:
+    if platform == "tpu" and tiled and not cfg.attn_softcap:
         return "flash"
     return "blockwise" if tiled and seq_len >= BLOCKWISE_FROM else "xla"
 

@@ -13,7 +13,7 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from fax.models.attention import attend
+from fax.models.attention import attend, softcap
 from fax.models.config import GATED, ModelConfig
 from fax.models.lora import Adapted
 from fax.models.sharding import constrain
@@ -58,7 +58,8 @@ class Norm(nnx.Module):
         h = x.astype(jnp.float32)
         if self.kind == "layernorm":
             h = h - h.mean(-1, keepdims=True)
-        h = h * jax.lax.rsqrt((h * h).mean(-1, keepdims=True) + self.eps) * (self.scale[...] + self.plus_one)
+        scale = self.scale[...] + 1.0 if self.plus_one else self.scale[...]
+        h = h * jax.lax.rsqrt((h * h).mean(-1, keepdims=True) + self.eps) * scale
         if self.bias is not None:
             h = h + self.bias[...]
         return h.astype(x.dtype)
@@ -181,16 +182,20 @@ class Attention(nnx.Module):
                         for c, new in zip(cache, (k, v)))
         if queries is not None:
             q, positions = take_tokens(q, queries), take_tokens(positions, queries)
-        return self._output(cached_attention(q.astype(keys.dtype), keys, values, positions).astype(x.dtype)), (keys, values)
+        out = cached_attention(q.astype(keys.dtype), keys, values, positions, self.cfg.query_scale, self.cfg.attn_softcap)
+        return self._output(out.astype(x.dtype)), (keys, values)
 
 
-def cached_attention(q: jax.Array, keys: jax.Array, values: jax.Array, positions: jax.Array) -> jax.Array:
+def cached_attention(q: jax.Array, keys: jax.Array, values: jax.Array, positions: jax.Array, query_scale: float = 0.0,
+                     cap: float = 0.0) -> jax.Array:
     """Queries ``q`` [b, length, heads, head_dim] at ``positions`` [b, length] attend to the cached
     ``keys`` and ``values`` [b, kv_heads, slots, head_dim] at or before their positions (a query
-    head to its group's kv head): [b, length, heads, head_dim]."""
+    head to its group's kv head), scores scaled by ``query_scale`` (0: head_dim) ** -0.5 and
+    soft-capped at ``cap`` if given: [b, length, heads, head_dim]."""
     batch, length, heads, head_dim = q.shape
     groups = q.reshape(batch, length, keys.shape[1], heads // keys.shape[1], head_dim)
-    scores = jnp.einsum("btkgd,bksd->bkgts", groups, keys, preferred_element_type=jnp.float32) / head_dim ** 0.5
+    scores = softcap(jnp.einsum("btkgd,bksd->bkgts", groups, keys, preferred_element_type=jnp.float32)
+                     * (query_scale or head_dim) ** -0.5, cap)
     visible = jnp.arange(keys.shape[2])[None, :] <= positions[:, :, None]  # [batch, length, slots]
     weights = jax.nn.softmax(jnp.where(visible[:, None, None], scores, -jnp.inf), axis=-1)
     out = jnp.einsum("bkgts,bksd->btkgd", weights.astype(values.dtype), values)
@@ -233,18 +238,28 @@ class Mlp(nnx.Module):
 
 
 class Block(nnx.Module):
-    """Pre-norm transformer block."""
+    """Pre-norm transformer block; with ``post_norms`` each sublayer's output is normed as well (Gemma 2)."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
         self.attn_norm, self.attn = Norm(cfg), Attention(cfg, rngs)
         self.mlp_norm, self.mlp = Norm(cfg), Mlp(cfg, rngs)
+        if cfg.post_norms:
+            self.post_attn_norm, self.post_mlp_norm = Norm(cfg), Norm(cfg)
+
+    def _mlp(self, x: jax.Array) -> jax.Array:
+        out = self.mlp(self.mlp_norm(x))
+        return x + (self.post_mlp_norm(out) if self.cfg.post_norms else out)
+
+    def _after_attention(self, out: jax.Array) -> jax.Array:
+        return self.post_attn_norm(out) if self.cfg.post_norms else out
 
     def __call__(self, x: jax.Array, positions: jax.Array, documents: jax.Array | None = None) -> jax.Array:
-        x = x + self.attn(self.attn_norm(x), positions, documents)
-        return x + self.mlp(self.mlp_norm(x))
+        x = x + self._after_attention(self.attn(self.attn_norm(x), positions, documents))
+        return self._mlp(x)
 
     def cached(self, x: jax.Array, positions: jax.Array, cache: KVCache, fused: jax.Array,
                queries: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
         h, cache = self.attn.cached(self.attn_norm(x), positions, cache, fused, queries)
-        x = (x if queries is None else take_tokens(x, queries)) + h
-        return x + self.mlp(self.mlp_norm(x)), cache
+        x = (x if queries is None else take_tokens(x, queries)) + self._after_attention(h)
+        return self._mlp(x), cache

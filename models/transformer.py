@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fax.models.attention import softcap
 from fax.models.config import NAMED_REMAT, ModelConfig
 from fax.models.layers import RESIDUAL, Block, KVCache, Norm, compute_dtype, param
 from fax.models.sharding import constrain
@@ -76,7 +77,7 @@ class DecoderLM(nnx.Module):
         return self.embed[...].T if self.cfg.tie_embeddings else self.head[...]
 
     def _logits(self, x: jax.Array, head: jax.Array | None = None) -> jax.Array:
-        return head_logits(self.final_norm(x), self.lm_head() if head is None else head)
+        return head_logits(self.final_norm(x), self.lm_head() if head is None else head, self.cfg.logit_softcap)
 
     def hidden(self, tokens: jax.Array, run_layers: RunLayers = scan_layers,
                segments: jax.Array | None = None) -> jax.Array:
@@ -101,7 +102,7 @@ class DecoderLM(nnx.Module):
     def __call__(self, tokens: jax.Array, run_layers: RunLayers = scan_layers,
                  segments: jax.Array | None = None) -> jax.Array:
         """Logits (float32) for int tokens [batch, length]."""
-        return head_logits(self.hidden(tokens, run_layers, segments), self.lm_head())
+        return head_logits(self.hidden(tokens, run_layers, segments), self.lm_head(), self.cfg.logit_softcap)
 
 
 def document_positions(documents: jax.Array) -> jax.Array:
@@ -112,12 +113,13 @@ def document_positions(documents: jax.Array) -> jax.Array:
     return index - jax.lax.cummax(jnp.where(first, index, 0), axis=1)
 
 
-def head_logits(x: jax.Array, head: jax.Array) -> jax.Array:
-    """Float32 logits [batch, length, vocab] of final hidden states ``x`` through the LM ``head``."""
+def head_logits(x: jax.Array, head: jax.Array, cap: float = 0.0) -> jax.Array:
+    """Float32 logits [batch, length, vocab] of final hidden states ``x`` through the LM ``head``,
+    soft-capped at ``cap`` if given (``model.logit_softcap``)."""
     # The matmul yields the compute dtype and only then float32 (for the softmax), so that the
     # gradient flows back in the compute dtype: a float32 cotangent would make both backward
     # matmuls of the head float32 (TF32 on a GPU: half the bf16 rate, a large share of a small model's step).
-    logits = jnp.einsum("bld,dv->blv", x, head.astype(x.dtype)).astype(jnp.float32)
+    logits = softcap(jnp.einsum("bld,dv->blv", x, head.astype(x.dtype)).astype(jnp.float32), cap)
     return constrain(logits, ("batch", "length", "vocab"))
 
 def empty_cache(cfg: ModelConfig, batch: int, slots: int) -> list[KVCache]:

@@ -86,7 +86,10 @@ def ties(cfg: ModelConfig) -> list[Tie]:
     out = [Tie(("embed",), "model.embed_tokens.weight", (v, d)),
            Tie(("final_norm", "scale"), "model.norm.weight", (d,)),
            Tie(("blocks", "attn_norm", "scale"), f"{layer}input_layernorm.weight", (d,)),
-           Tie(("blocks", "mlp_norm", "scale"), f"{layer}post_attention_layernorm.weight", (d,)),
+           *([Tie(("blocks", "post_attn_norm", "scale"), f"{layer}post_attention_layernorm.weight", (d,)),
+              Tie(("blocks", "mlp_norm", "scale"), f"{layer}pre_feedforward_layernorm.weight", (d,)),
+              Tie(("blocks", "post_mlp_norm", "scale"), f"{layer}post_feedforward_layernorm.weight", (d,))]
+             if cfg.post_norms else [Tie(("blocks", "mlp_norm", "scale"), f"{layer}post_attention_layernorm.weight", (d,))]),
            Tie(("blocks", "attn", "wq"), f"{layer}self_attn.q_proj.weight", (h * hd, d), transpose=True),
            Tie(("blocks", "attn", "wk"), f"{layer}self_attn.k_proj.weight", (kv * hd, d), transpose=True),
            Tie(("blocks", "attn", "wv"), f"{layer}self_attn.v_proj.weight", (kv * hd, d), transpose=True),

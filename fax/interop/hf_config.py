@@ -12,7 +12,7 @@ from fax.models import ModelConfig
 HF = "hf:"  # what names a Hugging Face folder where a run directory or a model preset may go
 GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # the tanh GELU fax's GPT blocks use
 # Model types of Llama's layout (Qwen: q/k/v biases, q/k norms; Gemma: GeGLU, 1 + w norms, scaled embeddings)
-LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "gemma")
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
 GEMMA = {"activation": "geglu", "norm_plus_one": True, "embed_scale": True}  # what makes a Llama layout Gemma
 TANH_GELU = ("gelu", "gelu_pytorch_tanh", "gelu_new")  # Gemma's hidden_act: its legacy "gelu" means the tanh one
 # The config keys of those families fax reads or knows to change nothing in the forward pass (labels, ids,
@@ -23,7 +23,8 @@ LLAMA_LIKE_KEYS = frozenset({
     "rope_theta", "rope_scaling", "rope_parameters", "attention_bias", "mlp_bias", "attention_dropout",
     "sliding_window", "use_sliding_window", "max_window_layers", "layer_types", "partial_rotary_factor",
     "pretraining_tp",  # how Meta's training split the matmuls: the same product
-    "hidden_activation", "use_bidirectional_attention",
+    "hidden_activation", "use_bidirectional_attention", "final_logit_softcapping", "attn_logit_softcapping",
+    "query_pre_attn_scalar", "cache_implementation",
     "_name_or_path", "architectures", "bos_token_id", "eos_token_id", "pad_token_id", "chunk_size_feed_forward",
     "dtype", "torch_dtype", "id2label", "label2id", "initializer_range", "is_encoder_decoder", "output_attentions",
     "output_hidden_states", "problem_type", "return_dict", "transformers_version", "use_cache", "tokenizer_class"})
@@ -55,7 +56,10 @@ def model_type(cfg: ModelConfig) -> str:
         raise ValueError(f"{', '.join(f'model.{k}={v}' for k, v in GEMMA.items())} together (Gemma) and nothing "
                          "else of Qwen's match a Hugging Face architecture")
     if gemma:
-        return "gemma"
+        return "gemma2" if cfg.post_norms else "gemma"
+    if cfg.post_norms or cfg.logit_softcap or cfg.attn_softcap or cfg.query_scale:
+        raise ValueError("model.post_norms, model.logit_softcap, model.attn_softcap and model.query_scale are "
+                         "Gemma 2's: they match a Hugging Face architecture only with Gemma's settings")
     if cfg.qk_norm and cfg.qkv_bias:
         raise ValueError("model.qk_norm with model.qkv_bias matches no Hugging Face architecture (Qwen3 has q/k "
                          "norms, Qwen2 q/k/v biases)")
@@ -88,8 +92,8 @@ def model_config(hf: dict[str, Any]) -> ModelConfig:
                           norm_eps=hf.get("layer_norm_epsilon", 1e-5))
     elif kind in LLAMA_LIKE:
         rope, problems = rope_settings(hf)
-        gemma = kind == "gemma"
-        problems += _unsupported(hf, {"hidden_act": TANH_GELU if gemma else ("silu",), "mlp_bias": (None, False),
+        gemma = kind.startswith("gemma")
+        problems += _unsupported(hf, {"hidden_act": (None, *TANH_GELU) if gemma else ("silu",), "mlp_bias": (None, False),
                                       "hidden_activation": (None, *TANH_GELU[1:]),
                                       "use_bidirectional_attention": (None, False),
                                       "attention_dropout": (None, 0, 0.0), "partial_rotary_factor": (None, 1, 1.0)})
@@ -109,13 +113,22 @@ def model_config(hf: dict[str, Any]) -> ModelConfig:
                           activation="geglu" if gemma else "swiglu", position="rope", use_bias=False,
                           qkv_bias=kind == "qwen2", qk_norm=kind == "qwen3", norm_plus_one=gemma, embed_scale=gemma,
                           tie_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
-                          norm_eps=hf.get("rms_norm_eps", 1e-6), **rope)
+                          norm_eps=hf.get("rms_norm_eps", 1e-6), **rope, **gemma2_settings(hf))
     else:
         raise ValueError(f"model_type {kind!r} is not supported; fax imports {', '.join(('gpt2',) + LLAMA_LIKE)} "
                          "checkpoints")
     if problems:
         raise ValueError(f"cannot import this {kind} checkpoint: " + "; ".join(problems))
     return cfg
+
+
+def gemma2_settings(hf: dict[str, Any]) -> dict[str, Any]:
+    """Gemma 2's norms after each sublayer, soft-capped logits and scores, and query scaling."""
+    if hf["model_type"] != "gemma2":
+        return {}
+    return {"post_norms": True, "logit_softcap": float(hf.get("final_logit_softcapping") or 0.0),
+            "attn_softcap": float(hf.get("attn_logit_softcapping") or 0.0),
+            "query_scale": float(hf.get("query_pre_attn_scalar") or 0.0)}
 
 
 def rope_settings(hf: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -156,18 +169,22 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
                 "tie_word_embeddings": True, "torch_dtype": "float32"}
     kind = model_type(cfg)
     architecture = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                    "gemma": "GemmaForCausalLM"}[kind]
+                    "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM"}[kind]
     config = {"model_type": kind, "architectures": [architecture], "vocab_size": cfg.vocab_size,
               "max_position_embeddings": cfg.max_seq_len, "hidden_size": cfg.d_model,
               "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
               "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.kv_head_dim, "intermediate_size": cfg.d_ff,
-              "hidden_act": "gelu_pytorch_tanh" if kind == "gemma" else "silu", "rms_norm_eps": cfg.norm_eps,
+              "hidden_act": "gelu_pytorch_tanh" if kind.startswith("gemma") else "silu", "rms_norm_eps": cfg.norm_eps,
               "rope_theta": cfg.rope_theta,
               "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": "float32"}
     if kind != "qwen2":
         config |= {"attention_bias": False} | ({"mlp_bias": False} if kind == "llama" else {})
     if kind in ("qwen2", "qwen3"):
         config |= {"use_sliding_window": False, "sliding_window": None}
+    if kind == "gemma2":  # every layer attends to the whole context (a window as long as it)
+        config |= {"hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": int(cfg.query_scale or cfg.kv_head_dim),
+                   "final_logit_softcapping": cfg.logit_softcap or None, "attn_logit_softcapping": cfg.attn_softcap or None,
+                   "sliding_window": cfg.max_seq_len, "layer_types": ["full_attention"] * cfg.n_layers}
     if cfg.rope_scaling != "none":
         config["rope_scaling"] = {"rope_type": cfg.rope_scaling, "factor": cfg.rope_factor} | (
             {"low_freq_factor": cfg.rope_low_freq_factor, "high_freq_factor": cfg.rope_high_freq_factor,

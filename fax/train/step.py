@@ -22,20 +22,22 @@ from fax.params import init_params, model_params, param_layout, trainable, with_
 from fax.parallel import (BATCH_AXES, logical_sharding, optimizer_shardings, replicated, rules_for,
                           with_activation_sharding)
 from fax.parallel.config import Schedule
+from fax.models.attention import softcap
 from fax.parallel.pipeline import head_layout, pipeline, split_microbatches
 
 State = dict[str, Any]  # {"step": int32 scalar, "params": ..., "opt_state": ...}
 
 
-def loss_sums(hidden: jax.Array, head: jax.Array, targets: jax.Array, counted: jax.Array) -> jax.Array:
+def loss_sums(hidden: jax.Array, head: jax.Array, targets: jax.Array, counted: jax.Array, cap: float = 0.0) -> jax.Array:
     """[sum of next-token cross-entropies, sum of logsumexp^2] over the positions whose target
-    counts (``counted``: a prompt's tokens do not), of final hidden states through the LM ``head``."""
-    log_z = jax.nn.logsumexp(models.head_logits(hidden, head), axis=-1)
+    counts (``counted``: a prompt's tokens do not), of final hidden states through the LM ``head``
+    (the logits soft-capped at ``cap`` if given)."""
+    log_z = jax.nn.logsumexp(models.head_logits(hidden, head, cap), axis=-1)
     # The targets' logits from their own columns of the head: the backward then scatters into the
     # head's gradient, not into a [length, vocab] buffer per row (which XLA may build for every piece
     # of the loss at once, outside the loop over them).
     columns = constrain(head.astype(hidden.dtype).T, ("vocab", None))[targets]  # whole along embed, as the embedding's
-    target_logits = jnp.einsum("bld,bld->bl", hidden, columns).astype(jnp.float32)
+    target_logits = softcap(jnp.einsum("bld,bld->bl", hidden, columns).astype(jnp.float32), cap)
     return jnp.stack([jnp.sum(jnp.where(counted, log_z - target_logits, 0.0)),
                       jnp.sum(jnp.where(counted, log_z**2, 0.0))])
 
@@ -68,6 +70,7 @@ class Objective:
     documents: bool = False  # each document of a row read alone: attention stops at the flagged ends
     rows: str = "batch"  # the logical axis the head's rows are laid out by (a pipeline's: over its stages too)
     row_pieces: int = 1  # the rows taken this many pieces at a time (a pipeline's: one microbatch's worth each)
+    logit_softcap: float = 0.0  # model.logit_softcap
 
     def __call__(self, hidden: jax.Array, head: jax.Array, targets: jax.Array, counted: jax.Array,
                  count: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -85,15 +88,16 @@ class Objective:
         return summed_pieces(self._piece_sums, head, *pieces)
 
     def _piece_sums(self, hidden: jax.Array, head: jax.Array, targets: jax.Array, counted: jax.Array) -> jax.Array:
+        sums = functools.partial(loss_sums, cap=self.logit_softcap)
         if self.chunks == 1:
-            return loss_sums(hidden, head, targets, counted)
+            return sums(hidden, head, targets, counted)
         batch, length, embed = hidden.shape
 
         def pieces(x: jax.Array) -> jax.Array:  # piece c holds positions c, c + chunks, ...: each keeps
             x = x.reshape(batch, length // self.chunks, self.chunks, *x.shape[2:])  # the sequence's sharding
             return jnp.moveaxis(x, 2, 0)
 
-        return summed_pieces(loss_sums, head, pieces(hidden), pieces(targets), pieces(counted))
+        return summed_pieces(sums, head, pieces(hidden), pieces(targets), pieces(counted))
 
 
 def summed_pieces(sums: Callable[..., jax.Array], head: jax.Array, hidden: jax.Array, targets: jax.Array,
@@ -280,7 +284,7 @@ def build(cfg: Config, mesh: Mesh) -> ShardedTraining:
     schedule = pipeline_schedule(cfg, mesh.shape["stage"])
     layout = dict(graphdef=graphdef, schedule=schedule,
                   objective=Objective(cfg.train.z_loss, cfg.train.loss_chunks, cfg.data.document_mask,
-                                      *head_layout(schedule)),
+                                      *head_layout(schedule), logit_softcap=cfg.model.logit_softcap),
                   lora=cfg.lora)
     step = functools.partial(train_step, tx=tx, lr=lr_schedule(cfg.optim, cfg.train.steps), seed=cfg.seed,
                              **layout)

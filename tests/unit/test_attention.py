@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fax import models
-from fax.models.attention import attend, blockwise_attention, flash_attention
+from fax.models.attention import attend, blockwise_attention, flash_attention, softcapped_attention
 from fax.models.config import attention_implementation
 
 
@@ -37,6 +37,22 @@ def assert_same_as_xla(kernel, q, k, v, segments):
 @pytest.mark.parametrize("block", [32, 128])
 def test_blockwise_attention_is_xlas(block):
     assert_same_as_xla(lambda q, k, v, s: blockwise_attention(q, k, v, s, block), *inputs())
+
+
+def test_soft_capped_attention_is_xlas_when_the_cap_is_far_and_the_blockwise_kernel_caps_alike():
+    """Gemma 2's capped scores: the plain XLA form matches XLA's attention when the cap never bites,
+    and the blockwise kernel gives the same values and gradients as it when the cap does (cap 0.5)."""
+    assert_same_as_xla(lambda q, k, v, s: softcapped_attention(q, k, v, s, 1e6), *inputs())
+    q, k, v, segments = inputs()
+    capped = softcapped_attention(q, k, v, segments, 0.5)
+    assert not np.allclose(capped, xla(q, k, v, segments), atol=1e-2)
+    np.testing.assert_allclose(blockwise_attention(q, k, v, segments, 32, 0.5), capped, atol=2e-6)
+    grads = [jax.grad(lambda q, k, v: (f(q, k, v) * jnp.sin(q)).sum(), (0, 1, 2))(q, k, v)
+             for f in (lambda q, k, v: softcapped_attention(q, k, v, segments, 0.5),
+                       lambda q, k, v: blockwise_attention(q, k, v, segments, 32, 0.5))]
+    for got, want in zip(*grads):
+        np.testing.assert_allclose(got, want, atol=2e-5)
+    assert attention_implementation(models.preset("llama-tiny").replace(attn_softcap=50.0), "tpu", 1024) == "xla"
 
 
 def test_blockwise_attention_set_for_a_length_no_tile_divides_runs_as_one_block():

@@ -110,7 +110,7 @@ def test_published_sizes_of_the_open_families():
     """The presets of Llama 3, Mistral and Qwen have their published parameter counts."""
     for name, billions in (("llama3-8b", 8.03), ("llama3-70b", 70.55), ("llama3.1-405b", 405.85),
                            ("mistral-7b", 7.25), ("qwen2.5-7b", 7.62), ("qwen2.5-72b", 72.71), ("qwen3-8b", 8.19),
-                           ("qwen3-32b", 32.76), ("gemma-7b", 8.54)):
+                           ("qwen3-32b", 32.76), ("gemma-7b", 8.54), ("gemma2-9b", 9.24), ("gemma2-27b", 27.23)):
         assert models.param_count(models.preset(name)) / 1e9 == pytest.approx(billions, abs=0.01), name
 
 
