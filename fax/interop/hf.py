@@ -328,18 +328,40 @@ def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None
 
 
 def export_adapters(run_dir: str | Path, out_dir: str | Path, step: int | None = None) -> tuple[Path, int]:
-    """The LoRA adapters of a run alone: ``adapters.safetensors`` (``TARGET.a`` [layers, *inputs, rank],
-    ``TARGET.b`` [layers, rank, *outputs]) and ``adapter_config.json`` (rank, alpha, targets, base model)."""
-
-    if not run_config(run_dir).lora.rank:
+    """The LoRA adapters of a run alone, in PEFT's layout (what ``peft.PeftModel.from_pretrained`` loads
+    onto the transformers base model, and serving engines take): ``adapter_model.safetensors``, each
+    adapted projection's ``lora_A.weight`` [rank, in] and ``lora_B.weight`` [out, rank] per layer, and
+    ``adapter_config.json``. Llama-layout models only: GPT-2 fuses q, k and v into one tensor, whose
+    parts PEFT cannot adapt apart."""
+    config = run_config(run_dir)
+    if not config.lora.rank:
         raise ValueError(f"{run_dir} was not trained with LoRA (lora.rank=0): export the whole model instead")
+    if family(config.model) == "gpt2":
+        raise ValueError("PEFT's layout has no LoRA on part of GPT-2's fused q/k/v tensor (c_attn): export the "
+                         "merged model instead (fax export without --adapters-only)")
     config, params, step = _run_on_one_device(run_dir, step, merged=False)
+    modules = {tie.fax[1:]: tie.hf.removesuffix(".weight") for tie in ties(config.model) if tie.fax[0] == "blocks"}
+    tensors = {}
+    for target, ab in params["lora"].items():
+        module = modules[tuple(target.split("."))]
+        a, b = (np.asarray(jax.device_get(ab[k]), np.float32) for k in ("a", "b"))
+        for i in range(config.model.n_layers):
+            name = f"base_model.model.{module.format(i=i)}"
+            tensors[f"{name}.lora_A.weight"] = np.ascontiguousarray(a[i].reshape(-1, a.shape[-1]).T)
+            tensors[f"{name}.lora_B.weight"] = np.ascontiguousarray(b[i].reshape(b.shape[1], -1).T)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({f"{target}.{k}": np.asarray(jax.device_get(v)) for target, ab in params["lora"].items()
-               for k, v in ab.items()}, str(out / "adapters.safetensors"))
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    base = hf_folder_of(config.init_from)
     (out / "adapter_config.json").write_text(json.dumps(
-        {"rank": config.lora.rank, "alpha": config.lora.alpha, "dropout": config.lora.dropout,
-         "targets": list(config.lora.targets), "step": step,
-         "base_model": config.to_dict()["model"], "init_from": config.init_from}, indent=2))
+        {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": config.lora.rank, "lora_alpha": config.lora.alpha,
+         "lora_dropout": config.lora.dropout, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+         "inference_mode": True, "base_model_name_or_path": base,
+         "target_modules": sorted({modules[tuple(t.split("."))].rsplit(".", 1)[-1] for t in config.lora.targets})},
+        indent=2))
     return out, step
+
+
+def hf_folder_of(init_from: str) -> str | None:
+    """The Hugging Face folder a run started from (``init_from=hf:DIR``), absolute; None if none."""
+    return str(Path(init_from[len(HF):]).absolute()) if init_from.startswith(HF) else None

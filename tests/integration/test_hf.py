@@ -306,3 +306,30 @@ def test_export_in_bfloat16_shards_with_the_tokenizers_ids(hf_dir, tmp_path):
     cfg = run_config(run_dir)
     params, _ = run_params(run_dir, cfg, make_mesh(ParallelConfig(fsdp=1), jax.devices()[:1]))
     np.testing.assert_allclose(hf_logits(exported, TOKENS), fax_logits(cfg.model, params, TOKENS), atol=0.1)
+
+
+def test_lora_adapters_export_in_peft_layout_that_peft_loads_onto_the_base(hf_dir, tmp_path):
+    """`--adapters-only` wrote fax's own names, which PEFT and serving engines cannot load. Now PEFT
+    puts them on the transformers base model and its logits are fax's merged model's."""
+    peft = pytest.importorskip("peft")
+    from fax.config import run_config
+    from fax.params import run_params
+
+    folder, data, _ = hf_dir
+    run_dir = tmp_path / "run"
+    Trainer(load_config(overrides=[f"init_from=hf:{folder}", f"data.path={data}", f"run_dir={run_dir}",
+                                   "train.steps=3", "train.batch_size=8", "train.seq_len=16", "train.sample_tokens=0",
+                                   "optim.lr=0.05", "optim.warmup_steps=0", "lora.rank=4", "lora.alpha=8",
+                                   "lora.targets=[attn.wq, attn.wk, attn.wv, attn.wo, mlp.wg, mlp.wi, mlp.wo]"]),
+            echo=lambda _: None).fit()
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "adapters"), "--adapters-only"]) == 0
+    config = json.loads((tmp_path / "adapters" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(folder) and config["r"] == 4
+    base = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    adapted = peft.PeftModel.from_pretrained(base, tmp_path / "adapters").eval()
+    cfg = run_config(run_dir)
+    merged, _ = run_params(run_dir, cfg, make_mesh(ParallelConfig(fsdp=1), jax.devices()[:1]))
+    want = fax_logits(cfg.model, merged, TOKENS)
+    np.testing.assert_allclose(hf_logits(adapted, TOKENS), want, rtol=1e-4, atol=1e-4)
+    with adapted.disable_adapter():  # the base alone (PEFT put the adapters into it in place)
+        assert not np.allclose(hf_logits(adapted, TOKENS), want, atol=1e-3)  # the adapters changed the model

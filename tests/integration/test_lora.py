@@ -7,7 +7,6 @@ import functools
 import jax
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
 
 from fax import models
 from fax.interop import hf
@@ -68,10 +67,9 @@ def test_only_adapters_train_and_the_merged_export_is_base_plus_adapters(tmp_pat
     exported = hf.import_params(tmp_path / "merged", cfg.model, shardings["base"])
     np.testing.assert_allclose(models.apply(graphdef, exported, tokens), want, rtol=1e-5, atol=1e-5)
     assert not np.allclose(models.apply(graphdef, initial, tokens), want, atol=1e-3)
-    # The adapters alone.
-    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "adapters"), "--adapters-only"]) == 0
-    saved = load_file(str(tmp_path / "adapters" / "adapters.safetensors"))
-    np.testing.assert_array_equal(saved["attn.wq.b"], state["params"]["lora"]["attn.wq"]["b"])
+    # The adapters alone are PEFT's layout, which has no LoRA on part of GPT-2's fused q/k/v tensor.
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "adapters"), "--adapters-only"]) == 2
+    assert not (tmp_path / "adapters").exists()
 
 
 def test_adapters_are_sharded_with_their_weights_and_bad_settings_are_named(tmp_path, small_corpus):
