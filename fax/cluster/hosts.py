@@ -32,6 +32,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from fax.cluster import ClusterError, WorkerFailure
 from fax.config import Config, ConfigError
+from fax.interop.sources import hf_folder
 
 HOST_RESOURCE = "fax_host"  # one unit per emulated CPU host (`ray start --resources='{"fax_host": 1}'`)
 SOCKET_PATH_ROOM = 40  # Ray's socket paths under its temp dir must stay below the 107-byte Unix limit
@@ -142,8 +143,15 @@ def host_layout(cluster_resources: dict[str, float], nodes: list[dict[str, Any]]
 
 
 def ray_files(config: Config) -> str:
-    """Where a local cluster keeps its files: the run directory, unless that path is too long for sockets."""
-    wanted = Path(config.cluster.ray_temp_dir or Path(config.run_dir) / "ray").absolute()
+    """Where a local cluster keeps its files: ``cluster.ray_temp_dir``, else the run directory; a fresh
+    /tmp folder when that path is too long for sockets, or when the run is a Hugging Face folder
+    (``hf:DIR``, never written into)."""
+    if config.cluster.ray_temp_dir:
+        wanted = Path(config.cluster.ray_temp_dir).absolute()
+    elif hf_folder(config.run_dir) is None:
+        wanted = (Path(config.run_dir) / "ray").absolute()
+    else:
+        return tempfile.mkdtemp(prefix="fax-ray-")
     return str(wanted) if len(str(wanted / RAY_FOLDER)) <= SOCKET_PATH_ROOM else tempfile.mkdtemp(prefix="fax-ray-")
 
 

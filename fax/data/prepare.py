@@ -88,7 +88,7 @@ class ShardWriter:
                 docs.append(0)
                 errors.append(str(e))
                 continue
-            replaced = replaced_sequences(Path(path)) if self.fields[-1] == "replace" and path[-8:] != ".parquet" else 0
+            replaced = replaced_sequences(Path(path)) if self.fields[-1] == "replace" else 0
             buffer = io.BytesIO()
             np.save(buffer, tokens)
             write_atomic(self.out / "shards" / f"{key}-{n}-{replaced}.npy", buffer.getvalue())

@@ -53,6 +53,11 @@ class Tie:
     cols: tuple[int, int] | None = None  # the columns of a fused tensor (last axis)
     fused_width: int = 0  # the fused tensor's last axis
 
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        """The shape of the HF tensor as stored (a fused tensor's whole)."""
+        return (*self.hf_shape[:-1], self.fused_width) if self.cols else self.hf_shape
+
     def to_fax(self, tensor: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         part = tensor[..., self.cols[0]:self.cols[1]] if self.cols else tensor
         return (part.T if self.transpose else part).reshape(shape)
@@ -166,9 +171,8 @@ def tensor_problems(store: SafetensorsDir, cfg: ModelConfig) -> list[str]:
     family, say: dropped, they would change the logits without a word)."""
     wanted: dict[str, tuple[int, ...]] = {}
     for tie in ties(cfg):
-        shape = (*tie.hf_shape[:-1], tie.fused_width) if tie.cols else tie.hf_shape
         for i in range(cfg.n_layers) if "{i}" in tie.hf else [0]:
-            wanted[tie.hf.format(i=i)] = shape
+            wanted[tie.hf.format(i=i)] = tie.stored_shape
     found = {name: store.find(name) for name in wanted}
     problems = []
     missing = [name for name, stored in found.items() if stored is None]
@@ -219,7 +223,7 @@ def _layer_shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
             for path, leaf in leaves}
 
 
-class ShardWriter:
+class SafetensorsShards:
     """Tensors written to ``model-0000k-of-0000n.safetensors`` files of at most ``max_bytes`` each (one
     ``model.safetensors`` when they fit in one), with ``model.safetensors.index.json`` when there are
     several: each file is written once it is full, so a host holds one file's tensors at a time."""
@@ -227,19 +231,21 @@ class ShardWriter:
     def __init__(self, out: Path, max_bytes: int):
         self.out, self.max_bytes = out, max_bytes
         self.pending: dict[str, np.ndarray] = {}
+        self.pending_bytes = 0
         self.files: list[list[str]] = []  # the tensor names of each file written, in order
         self.total = 0
 
     def add(self, name: str, tensor: np.ndarray) -> None:
-        if self.pending and sum(t.nbytes for t in self.pending.values()) + tensor.nbytes > self.max_bytes:
+        if self.pending and self.pending_bytes + tensor.nbytes > self.max_bytes:
             self._write()
         self.pending[name] = tensor
+        self.pending_bytes += tensor.nbytes
         self.total += tensor.nbytes
 
     def _write(self) -> None:
         save_file(self.pending, str(self.out / f"part-{len(self.files)}.safetensors"), metadata={"format": "pt"})
         self.files.append(list(self.pending))
-        self.pending = {}
+        self.pending, self.pending_bytes = {}, 0
 
     def close(self) -> None:
         if self.pending:
@@ -255,6 +261,13 @@ class ShardWriter:
         (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
+def export_dtype(dtype: str) -> np.dtype:
+    """The numpy dtype an export writes its tensors in; ValueError for one it does not."""
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"--dtype {dtype}: fax exports {', '.join(EXPORT_DTYPES)}")
+    return jax.numpy.dtype(dtype)
+
+
 def export_params(params: Params, cfg: ModelConfig, out_dir: str | Path, dtype: str = "float32",
                   max_shard_bytes: int = MAX_SHARD_BYTES, token_ids: dict[str, Any] | None = None,
                   on_tensor: Callable[[str], None] | None = None) -> Path:
@@ -262,20 +275,17 @@ def export_params(params: Params, cfg: ModelConfig, out_dir: str | Path, dtype: 
     tensors in ``dtype`` (float32 or bfloat16), in files of at most ``max_shard_bytes``, read from the
     devices one layer at a time; ``token_ids`` (bos/eos/pad ids) go into config.json and
     generation_config.json."""
-    if dtype not in EXPORT_DTYPES:
-        raise ValueError(f"--dtype {dtype}: fax exports {', '.join(EXPORT_DTYPES)}")
+    as_stored = export_dtype(dtype)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    writer, fused = ShardWriter(out, max_shard_bytes), {}
-    as_stored = jax.numpy.dtype(dtype)
+    writer, fused = SafetensorsShards(out, max_shard_bytes), {}
     for tie in ties(cfg):
         value = _get(params, tie.fax)
         for i in range(cfg.n_layers) if "{i}" in tie.hf else [None]:
             name = tie.hf.format(i=i or 0)
             part = tie.to_hf(np.asarray(jax.device_get(value if i is None else value[i]), np.float32))
             if tie.cols:  # GPT-2's c_attn: written once its q, k and v columns are all in
-                whole, filled = fused.setdefault(name, (np.zeros((*tie.hf_shape[:-1], tie.fused_width), np.float32),
-                                                        [0]))
+                whole, filled = fused.setdefault(name, (np.zeros(tie.stored_shape, np.float32), [0]))
                 whole[..., tie.cols[0]:tie.cols[1]] = part
                 filled[0] += tie.cols[1] - tie.cols[0]
                 if filled[0] == tie.fused_width:
@@ -316,8 +326,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None
     with the run's tokenizer and chat template where it has a Hugging Face one (and its token ids in the
     configs); returns it and the step."""
     model_type(run_config(run_dir).model)  # fails before anything is read
-    if dtype not in EXPORT_DTYPES:
-        raise ValueError(f"--dtype {dtype}: fax exports {', '.join(EXPORT_DTYPES)}")
+    export_dtype(dtype)
     tokenizer = Path(run_dir) / HFTokenizer.name  # the run's copy; fax's byte tokenizer has no Hugging Face form
     ids = token_ids(HFTokenizer(tokenizer)) if tokenizer.exists() else None
     config, params, step = _run_on_one_device(run_dir, step, merged=True)

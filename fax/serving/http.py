@@ -13,7 +13,6 @@ import errno
 import itertools
 import json
 import socket
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -30,7 +29,7 @@ from ray import serve
 
 from fax.cluster.hosts import HostGroup, actor_options, connect, host_layout
 from fax.config import ClusterConfig, ConfigError, ServeConfig
-from fax.interop.sources import absolute_source, hf_folder, source_config
+from fax.interop.sources import absolute_source, source_config
 from fax.data.chat import layout as chat_layout
 from fax.serving.batching import Busy, Scheduler
 from fax.serving.cluster_engine import ClusterEngine
@@ -332,8 +331,6 @@ def start(run_dir: str | Path, settings: ServeConfig, cluster: ClusterConfig, cp
     run_dir = absolute_source(run_dir)
     config = source_config(run_dir)  # a clear error for a directory that is not a run, before Ray starts
     check_listenable(settings.host, settings.port)
-    if hf_folder(run_dir) and not cluster.ray_temp_dir:  # Ray's files beside the run, never in a checkpoint's folder
-        cluster = dataclasses.replace(cluster, ray_temp_dir=tempfile.mkdtemp(prefix="fax-ray-"))
     connect(dataclasses.replace(config, cluster=cluster), echo)
     if serving_hosts(cluster) > 1:
         options: dict[str, Any] = {"num_cpus": 0}  # the engine is on the host workers
