@@ -135,9 +135,13 @@ def generate(engine: Any, prompts: Sequence[Sequence[int]], sampling: Sequence[S
 def complete(engine: Any, tokenizer: Tokenizer, prompt: str, max_tokens: int, temperature: float = 0.8,
              seed: int = 0) -> str:
     """``prompt`` continued by at most ``max_tokens`` tokens of ``engine`` (an ``Engine`` or a
-    multi-host one), as text."""
-    ids = [int(t) for t in tokenizer.encode(prompt)][-(engine.cfg.max_seq_len - max_tokens):]
-    tokens = generate(engine, [ids], [SamplingParams(max_new_tokens=max_tokens, temperature=temperature, seed=seed)])
+    multi-host one), as text. The model reads the prompt's tail that leaves room for them, at least
+    half its context, and generates what the context then holds (``fax train``'s default sample asks
+    for more tokens than a small model's context)."""
+    context = engine.cfg.max_seq_len
+    ids = [int(t) for t in tokenizer.encode(prompt)][-max(context - max_tokens, context // 2):]
+    new = min(max_tokens, context - len(ids))
+    tokens = generate(engine, [ids], [SamplingParams(max_new_tokens=new, temperature=temperature, seed=seed)])
     stream = TextStream(tokenizer)
     return prompt + "".join(stream.push(t) for t in tokens[0]) + stream.flush()
 

@@ -18,7 +18,7 @@ from flax import nnx
 from fax import models
 from fax.config import ConfigError
 from fax.data import ByteTokenizer
-from fax.serving.batching import Batcher, Busy, Scheduler, generate, stream
+from fax.serving.batching import Batcher, Busy, Scheduler, complete, generate, stream
 from fax.serving import engine as engine_module
 from fax.serving.engine import Engine, serving_mesh
 from fax.serving.sampling import MAX_LOGPROBS, SamplingParams
@@ -384,3 +384,12 @@ def test_an_engine_whose_largest_cache_would_not_fit_is_refused_at_the_start(mon
     Engine(cfg, params, serving_mesh(cfg, jax.devices()[:1]), max_batch=2)  # 0.25 MiB of cache fits
     # Over 8 devices each holds an eighth of the cache (the heads are split) and of the sharded params.
     Engine(cfg, params, serving_mesh(cfg, jax.devices()), max_batch=8)
+
+
+def test_a_sample_longer_than_the_context_is_cut_to_what_the_context_holds():
+    """`fax train`'s default sample (200 tokens) from the default model (a 128-token context) failed
+    with "prompt is empty" after training: the prompt was cut to nothing to make room."""
+    cfg, _, params = model("gpt-tiny")
+    engine = Engine(cfg, params, serving_mesh(cfg, jax.devices()[:1]), max_batch=1, end_ids=())
+    text = complete(engine, ByteTokenizer(), "def ", 200, temperature=0.0)
+    assert text.startswith("def ") and len(text.encode()) - len(b"def ") >= cfg.max_seq_len - 4 - 8
