@@ -341,7 +341,13 @@ def test_a_body_that_never_arrives_gets_408(url):
         client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                        b"Content-Length: 100\r\n\r\n{\"prompt\": ")
         start = time.monotonic()
-        answer = client.recv(4096).decode()
+        answer = b""
+        while b"serve.read_timeout_s" not in answer:  # the headers and the body may come in separate reads
+            piece = client.recv(4096)
+            if not piece:
+                break
+            answer += piece
+        answer = answer.decode()
     assert answer.startswith("HTTP/1.1 408") and "serve.read_timeout_s" in answer, answer
     assert time.monotonic() - start < 20
 
