@@ -207,7 +207,7 @@ class Config:
 def with_layout(cfg: Config, layout: Candidate) -> Config:
     """``cfg`` laid out as a plan says: mesh axis sizes, microbatches, remat policy, loss pieces."""
     parallel = dataclasses.replace(cfg.parallel, **layout.axes, virtual_stages=layout.virtual_stages,
-                                   stage_remat=layout.stage_remat)
+                                   stage_remat=layout.stage_remat, tensor_sequence=layout.tensor_sequence)
     return dataclasses.replace(cfg, parallel=parallel, model=cfg.model.replace(remat=layout.remat),
                                train=dataclasses.replace(cfg.train, microbatches=layout.microbatches,
                                                          loss_chunks=layout.loss_chunks))

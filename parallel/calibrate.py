@@ -35,7 +35,10 @@ from fax.parallel.hardware import DEVICES, FAMILIES, ClusterSpec, Link, efficien
 MATMUL_GRID = {"cpu": ((64, 256, 1024, 4096), (16, 64, 256, 1024), 256),
                "accelerator": ((256, 1024, 4096, 16384), (64, 256, 1024, 8192), 8192)}
 ALLREDUCE_BYTES = (2 ** 12, 2 ** 24)
-PROFILE_VERSION = 2  # 1: square matmuls timed on one device alone, no fitted knees
+PROFILE_VERSION = 3  # 1: square matmuls timed on one device alone, no fitted knees; 2: no ceiling (a fixed 0.6)
+# Device kinds as jax names them (lower case, no spaces) -> the family of ``hardware.DEVICES``, most specific first.
+KINDS = (("h200", "h200"), ("h100", "h100"), ("a100", "a100"), ("v6lite", "v6e"), ("v6e", "v6e"), ("v5lite", "v5e"),
+         ("v5e", "v5e"), ("v5p", "v5p"), ("tpuv5", "v5p"), ("v4", "v4"))
 
 
 def race(runs: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
@@ -115,7 +118,7 @@ def fit_knees(rates: dict[tuple[int, int], float]) -> tuple[float, float]:
 
     def misfit(knees: tuple[float, float]) -> float:
         return sum((math.log(rates[shape] / rates[best])
-                    - math.log(efficiency(*shape, knees) / efficiency(*best, knees))) ** 2 for shape in rates)
+                    - math.log(efficiency(*shape, knees, 1.0) / efficiency(*best, knees, 1.0))) ** 2 for shape in rates)
     grid = [10 ** (i / 20) for i in range(101)]  # 1 ... 1e5
     return min(itertools.product(grid, grid), key=misfit)
 
@@ -134,14 +137,16 @@ def profile_path(device_kind: str, count: int) -> Path:
 
 
 def calibrate(devices: list) -> dict[str, Any]:
-    """Measure, save and return the profile of ``devices``."""
+    """Measure, save and return the profile of ``devices``: the efficiency curve's knees, and its
+    ceiling against the datasheet peak (``present_cluster``'s), so that MFU stays against the datasheet."""
     rates = matmul_rates(devices)
     knees, best = fit_knees(rates), max(rates, key=rates.get)  # rates per device, all of them busy
+    peak = present_cluster(devices, measured=False).device.peak_flops
     profile: dict[str, Any] = {"version": PROFILE_VERSION, "device_kind": devices[0].device_kind,
                                "devices": len(devices),
                                "matmul_flops": {f"{r}x{c}": rate for (r, c), rate in rates.items()},
                                "best_matmul_flops": rates[best], "matmul_knees": knees,
-                               "peak_flops": rates[best] / efficiency(*best, knees)}
+                               "matmul_ceiling": rates[best] / efficiency(*best, knees, 1.0) / peak}
     if len(devices) > 1:
         times = allreduce_times(devices)
         bandwidth, latency = link_from_allreduce(times, len(devices))
@@ -167,21 +172,23 @@ def load_profile(device_kind: str, count: int) -> dict[str, Any] | None:
     return profile
 
 
-def present_cluster(devices: list | None = None) -> ClusterSpec:
-    """The devices this process sees (datasheet figures by device kind; CPU: nominal)."""
+def present_cluster(devices: list | None = None, measured: bool = True) -> ClusterSpec:
+    """The devices this process sees (datasheet figures by device kind; CPU: nominal), with what
+    ``fax plan --calibrate`` measured of them unless ``measured`` is false."""
     devices = jax.devices() if devices is None else devices
-    kind = devices[0].device_kind.lower()
-    family = next((f for f in ("h100", "a100", "v5p", "v5e", "v4") if f in kind.replace(" ", "")), "cpu")
+    kind = devices[0].device_kind.lower().replace(" ", "")
+    family = next((f for pattern, f in KINDS if pattern in kind), "cpu")
     per_host = sum(d.process_index == devices[0].process_index for d in devices)
-    _, intra, inter, _ = FAMILIES[family]
+    _, intra, inter, _, _ = FAMILIES[family]
     device = DEVICES[family]
     if family == "cpu":  # the cores are shared by the emulated devices
         cores = os.cpu_count() or 1
         device = dataclasses.replace(device, peak_flops=50e9 * cores / per_host)
     name = f"{family}-{len(devices)} (present)"
-    profile = load_profile(devices[0].device_kind, len(devices))
+    profile = load_profile(devices[0].device_kind, len(devices)) if measured else None
     if profile is not None:  # measured by `fax plan --calibrate`
-        device = dataclasses.replace(device, matmul_knees=tuple(profile["matmul_knees"]), peak_flops=profile["peak_flops"])
+        device = dataclasses.replace(device, matmul_knees=tuple(profile["matmul_knees"]),
+                                     matmul_ceiling=profile["matmul_ceiling"])
         if "link_bandwidth" in profile:
             intra = Link(profile["link_bandwidth"], profile["link_latency"])
         name = f"{family}-{len(devices)} (present, calibrated)"

@@ -1,27 +1,55 @@
-"""Analytical cost of one training step under a candidate layout: compute, communication per mesh
-axis, pipeline bubble, memory per device. Small pure functions; the figures they assume are named.
+"""Analytical cost of one training step under a candidate layout, term by term as fax's executor
+runs it: compute (layer matmuls, the attention kernel, memory-bound work, the LM head and loss),
+communication per mesh axis on the link it crosses, the pipeline bubble, memory per device. Small
+pure functions; the figures they assume are named, each with its source.
 
-Collectives are costed as rings: all-gather / reduce-scatter of a buffer of B bytes over n devices
-moves (n-1)/n * B per device in n-1 steps; all-reduce is both. A mesh axis crosses hosts when the
-axes inside it (``MESH_AXES`` order: tensor innermost) span more devices than a host has.
+Compute: a matmul runs at ``hardware.efficiency`` of peak (the device's measured ceiling for large
+ones, less for short sides: the datasheet roofline of FLOPs against HBM bytes); memory-bound work
+(norms, residual adds, activations, RoPE, XLA's attention scores, the float32 logits) moves its bytes
+at the HBM bandwidth. Collectives are rings: all-gather / reduce-scatter of B bytes over n devices moves
+(n-1)/n * B per device in n-1 steps, all-reduce both. An axis whose devices span hosts runs
+hierarchically (a ring inside each host, then one across hosts with the host's share of the buffer);
+on a TPU torus it has the links of every torus dimension it spans; across slices, the DCN.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import asdict, dataclass, field
 
-from fax.models.config import (NAMED_REMAT, ModelConfig, attention_implementation, named_widths, param_count,
-                               train_flops_per_token)
+from fax.models.config import (NAMED_REMAT, ModelConfig, attention_implementation, named_widths, param_count, train_flops_per_token)
+from fax.parallel.config import DCN_AXES, MESH_AXES, Schedule
 from fax.parallel.hardware import ClusterSpec, Link, efficiency
-from fax.parallel.config import MESH_AXES, Schedule
 
-OVERLAP = 0.8  # fraction of compute that can hide fsdp/data collectives (XLA's async collectives)
+# Share of the compute that XLA's asynchronous collectives can hide communication behind (the rest is
+# exposed: the first layer's gather, the last layer's reduce-scatter, contention).
+OVERLAP = 0.8
+# The axes whose collectives run asynchronously beside the compute, by platform: fsdp's gathers and
+# scatters and data's all-reduce everywhere; on TPUs the tensor axis's too (XLA's TPU async collective
+# fusion and compute/collective overlap, on in MaxText's published runs); on GPUs the tensor axis's
+# all-reduces sit between the matmuls that need them.
+OVERLAPPED_AXES = {"tpu": ("fsdp", "data", "tensor"), "gpu": ("fsdp", "data"), "cpu": ("fsdp", "data")}
 MEMORY_HEADROOM = 0.9  # the share of device memory a plan may use (fragmentation, compiler temps)
-# Extra forward passes the backward recomputes, for the policies not named by tensor (``remat_forwards``).
-REMAT_FORWARDS = {"none": 0.0, "dots_saveable": 0.25, "dots_with_no_batch_dims_saveable": 0.25, "full": 1.0}
 OPTIMIZER_BYTES = 8.0  # Adam: two fp32 moments per parameter
 PARAM_BYTES = 4.0  # fp32 master parameters and gradients
 SCORE_BYTES = 4.0  # a float32 attention score per head per key, kept unless the attention kernel is fused
+# Of the full seq x seq square, the share a causal kernel computes: the fused kernels (Pallas flash on
+# TPUs, cuDNN on GPUs) skip the blocks above the diagonal; XLA's and the blockwise one compute them all.
+CAUSAL_SHARE = {"flash": 0.5, "cudnn": 0.5, "blockwise": 1.0, "xla": 1.0}
+# The attention kernels' matmul rate relative to the device's ceiling: a fused kernel interleaves the
+# softmax with two head_dim-deep matmuls (FlashAttention-2 reports ~0.7 of a GEMM's rate on A100s).
+ATTENTION_RATE = {"flash": 0.7, "cudnn": 0.7, "blockwise": 0.5, "xla": 0.7}
+# XLA's attention moves each score per forward pass: float32 scores written and read by the softmax,
+# 16-bit probabilities written and read by the weighted sum (bytes per score); its backward twice that.
+SCORE_TRAFFIC = 12.0
+# Elementwise bytes per token, layer and forward pass, in activation widths: two norms (read d, write d),
+# two residual adds (read 2 d, write d), RoPE on queries and keys (read, write), the MLP's activation
+# (read its inputs, write the product); ``elementwise_bytes`` counts them.
+NORM_RESIDUAL_WIDTHS = 10
+# The float32 logits, per logit: written by the head, read by the log-sum-exp and the loss, their
+# gradient written and read by the head's backward.
+LOGIT_TRAFFIC = 16.0
 
 
 @dataclass(frozen=True)
@@ -36,12 +64,13 @@ class Candidate:
     loss_chunks: int = 1  # pieces of the sequence the LM head and loss run in (train.loss_chunks)
     virtual_stages: int = 1  # parallel.virtual_stages: chunks of layers per pipeline stage
     stage_remat: bool = False  # parallel.stage_remat: each tick's stage recomputed in the backward
+    tensor_sequence: bool = False  # parallel.tensor_sequence: the residual stream split over tensor too
 
     @property
     def schedule(self) -> Schedule:
         return Schedule(self.stages, self.microbatches, self.virtual_stages, self.stage_remat)
 
-    @property
+    @functools.cached_property
     def axes(self) -> dict[str, int]:
         return {"stage": self.stages, "data": self.data, "fsdp": self.fsdp, "sequence": self.sequence,
                 "tensor": self.tensor}
@@ -51,6 +80,7 @@ class Candidate:
         pieces = f", loss in {self.loss_chunks} pieces" if self.loss_chunks > 1 else ""
         pipe = (f", virtual={self.virtual_stages}" if self.virtual_stages > 1 else "") + (
             ", stage_remat" if self.stage_remat else "")
+        mesh += " +sp" if self.tensor_sequence else ""
         return f"{mesh}, mb={self.microbatches}{pipe}, remat={self.remat}{pieces}"
 
 
@@ -66,6 +96,14 @@ class Estimate:
     tokens_per_s: float
     mfu: float
     fits: bool
+    compute_terms: dict[str, float] = field(default_factory=dict)  # seconds by term (``compute_times``)
+    exposed_by_axis: dict[str, float] = field(default_factory=dict)  # the exposed communication's seconds
+
+    def breakdown(self) -> dict[str, float]:
+        """Seconds of the step by what they are spent on: compute by term, the bubble, exposed
+        communication by mesh axis (they add up to ``step_s``)."""
+        return {**{f"{term} compute": t for term, t in self.compute_terms.items()}, "pipeline bubble": self.bubble_s,
+                **{f"{axis} communication": t for axis, t in self.exposed_by_axis.items() if t}}
 
     @property
     def memory_bytes(self) -> float:
@@ -85,19 +123,25 @@ class Workload:
     global_batch: int  # sequences per step
     seq_len: int
     platform: str  # the devices' (jax platform name: cpu, gpu, tpu): picks the attention kernel
+    slice_devices: int = 0  # devices per slice where several are joined by the DCN (0: one slice)
     compute_bytes: int = field(init=False)  # activations and communicated params, in the model's dtype
+    attention_kernel: str = field(init=False)  # xla, cudnn, flash or blockwise
     flash_attention: bool = field(init=False)  # no seq x seq scores kept for the backward pass
     flops_per_token: float = field(init=False)
 
     def __post_init__(self):
         object.__setattr__(self, "compute_bytes", 4 if self.model.dtype == "float32" else 2)
         kernel = attention_implementation(self.model, self.platform, self.seq_len)
+        object.__setattr__(self, "attention_kernel", kernel)
         object.__setattr__(self, "flash_attention", kernel in ("cudnn", "flash", "blockwise"))
         object.__setattr__(self, "flops_per_token", train_flops_per_token(self.model, self.seq_len))
 
     @property
     def tokens(self) -> int:
         return self.global_batch * self.seq_len
+
+
+count_params = functools.lru_cache(maxsize=64)(param_count)  # the planner asks for the same model's often
 
 
 def ring_time(link: Link, participants: int, nbytes: float, passes: int = 1) -> float:
@@ -107,12 +151,64 @@ def ring_time(link: Link, participants: int, nbytes: float, passes: int = 1) -> 
     return passes * ((participants - 1) / participants * nbytes / link.bandwidth + (participants - 1) * link.latency)
 
 
+def axis_span(axis: str, c: Candidate) -> tuple[int, int]:
+    """(stride, extent) of one group of ``axis`` in the device order: the axes inside it (``MESH_AXES``
+    order, tensor innermost) take consecutive devices."""
+    inner = math.prod(c.axes[a] for a in MESH_AXES[MESH_AXES.index(axis) + 1:])
+    return inner, inner * c.axes[axis]
+
+
+def torus_links(stride: int, extent: int, torus: tuple[int, ...]) -> int:
+    """How many dimensions of a TPU torus (chips filling the first dimension first) a group of devices
+    ``stride`` apart over ``extent`` consecutive devices runs along: each brings its own ring."""
+    covered, below = 0, 1
+    for side in torus:
+        covered += stride < below * side and extent > below
+        below *= side
+    return max(covered, 1)
+
+
+def collective_time(axis: str, c: Candidate, cluster: ClusterSpec, nbytes: float, passes: int = 1) -> float:
+    """Seconds of a ring collective of ``nbytes`` per device over ``axis`` on the links it crosses."""
+    n = c.axes[axis]
+    if n <= 1:
+        return 0.0
+    stride, extent = axis_span(axis, c)
+    across = max(1, min(n, extent // cluster.slice_devices))  # slices the group spans (DCN)
+    inside = n // across
+    if cluster.torus:  # a TPU slice: ICI on every torus dimension the group covers
+        within = Link(cluster.intra.bandwidth * torus_links(stride, min(extent, cluster.slice_devices),
+                                                            cluster.torus), cluster.intra.latency)
+        local = ring_time(within, inside, nbytes, passes)
+    else:  # inside hosts over NVLink (or shared memory), across them over the network, hierarchically
+        in_host = max(1, min(inside, cluster.devices_per_host // stride))
+        local = ring_time(cluster.intra, in_host, nbytes, passes) + ring_time(
+            cluster.inter, inside // in_host, nbytes / in_host, passes)
+    return local + ring_time(cluster.dcn, across, nbytes / inside, passes)
+
+
+def dcn_shares(c: Candidate, slice_devices: int) -> dict[str, int] | None:
+    """How many slices each axis spans (``parallel.dcn_<axis>``) when the devices, in ``MESH_AXES``
+    order, fill one slice of ``slice_devices`` after another; None when that would split an axis
+    unevenly or put one other than stage, data or fsdp across slices."""
+    shares = {}
+    for axis in MESH_AXES:
+        stride, extent = axis_span(axis, c)
+        if extent <= slice_devices or c.axes[axis] == 1:
+            continue
+        if slice_devices % stride and stride % slice_devices or axis not in DCN_AXES:
+            return None
+        shares[axis] = c.axes[axis] if stride >= slice_devices else extent // slice_devices
+    return shares
+
+
 def axis_links(c: Candidate, cluster: ClusterSpec) -> dict[str, Link]:
-    """The link each mesh axis crosses: the host's own, or the one between hosts."""
-    links, inner = {}, 1
-    for axis in reversed(MESH_AXES):
-        inner *= c.axes[axis]
-        links[axis] = cluster.intra if inner <= cluster.devices_per_host else cluster.inter
+    """The slowest link each mesh axis crosses: the host's own, the one between hosts, or the DCN."""
+    links = {}
+    for axis in MESH_AXES:
+        stride, extent = axis_span(axis, c)
+        links[axis] = (cluster.dcn if extent > cluster.slice_devices else
+                       cluster.intra if extent <= cluster.devices_per_host or cluster.torus else cluster.inter)
     return links
 
 
@@ -130,47 +226,71 @@ def layer_matmul_flops(m: ModelConfig) -> dict[str, float]:
             "mlpwi": 2.0 * m.d_model * widths["mlpwi"][0], "mlpwo": 2.0 * m.d_ff * m.d_model}
 
 
+def recomputed(remat: str, m: ModelConfig) -> dict[str, float]:
+    """Extra forward passes the backward recomputes, of the layers' matmuls, their attention kernel and
+    their memory-bound work. A policy that keeps named tensors recomputes the share of the matmul FLOPs
+    whose outputs it does not keep (on device or host), and the attention unless it keeps its output."""
+    if remat in NAMED_REMAT:
+        flops = layer_matmul_flops(m)
+        names = (*NAMED_REMAT[remat][0], *NAMED_REMAT[remat][1])
+        return {"matmul": 1.0 - sum(flops[n] for n in names) / sum(flops.values()),
+                "attention": 0.0 if "attention_out" in names else 1.0, "memory": 1.0}
+    return {"none": {"matmul": 0.0, "attention": 0.0, "memory": 0.0},
+            "dots_saveable": {"matmul": 0.0, "attention": 0.0, "memory": 1.0},
+            "dots_with_no_batch_dims_saveable": {"matmul": 0.0, "attention": 1.0, "memory": 1.0},
+            "full": {"matmul": 1.0, "attention": 1.0, "memory": 1.0}}[remat]
+
+
 def remat_forwards(remat: str, m: ModelConfig) -> float:
-    """Extra forward passes of the layers the backward recomputes: for a policy that keeps named
-    tensors, the share of a layer's matmul FLOPs whose outputs it does not keep (on device or host)."""
-    if remat not in NAMED_REMAT:
-        return REMAT_FORWARDS[remat]
-    flops = layer_matmul_flops(m)
-    kept = sum(flops[name] for name in (*NAMED_REMAT[remat][0], *NAMED_REMAT[remat][1]))
-    return 1.0 - kept / sum(flops.values())
+    """The share of a layer's matmul FLOPs the backward recomputes (0: none, 1: a whole forward)."""
+    return recomputed(remat, m)["matmul"]
 
 
-def remat_bytes_per_token(remat: str, m: ModelConfig, tensor: int, b: float) -> float:
+def remat_bytes_per_token(remat: str, m: ModelConfig, tensor: int, b: float, split_residual: bool = False) -> float:
     """Activation bytes a layer keeps on the device per token for the backward pass (Megatron-LM's
-    count for the unnamed policies, scaled to the compute dtype ``b`` bytes per value)."""
+    count for the unnamed policies, scaled to the compute dtype ``b`` bytes per value); with
+    ``split_residual`` (sequence parallelism) the residual stream's share is split over ``tensor`` too."""
+    residual = tensor if split_residual else 1
     if remat in NAMED_REMAT:  # the layer's input, and the named tensors kept on the device
         widths = named_widths(m)
-        kept = sum(width / (tensor if split else 1) for width, split in (widths[n] for n in NAMED_REMAT[remat][0]))
-        return (m.d_model + kept) * b
-    return {"none": (10 * m.d_model + 24 * m.d_model / tensor) * b / 2,
-            "dots_saveable": (4 * m.d_model + 12 * m.d_model / tensor) * b / 2,
-            "dots_with_no_batch_dims_saveable": (4 * m.d_model + 12 * m.d_model / tensor) * b / 2,
-            "full": m.d_model * b}[remat]
+        kept = sum(width / (tensor if split else residual) for width, split in (widths[n] for n in NAMED_REMAT[remat][0]))
+        return (m.d_model / residual + kept) * b
+    return {"none": (10 * m.d_model / residual + 24 * m.d_model / tensor) * b / 2,
+            "dots_saveable": (4 * m.d_model / residual + 12 * m.d_model / tensor) * b / 2,
+            "dots_with_no_batch_dims_saveable": (4 * m.d_model / residual + 12 * m.d_model / tensor) * b / 2,
+            "full": m.d_model / residual * b}[remat]
+
+
+def elementwise_bytes(m: ModelConfig, c: Candidate, b: float) -> float:
+    """HBM bytes of a layer's memory-bound work per token and forward pass (``NORM_RESIDUAL_WIDTHS``):
+    tensor parallelism splits the heads' and the MLP's share; the residual stream's only with sequence
+    parallelism (``tensor_sequence``), else every tensor rank repeats it."""
+    widths = named_widths(m)
+    heads = 2 * (widths["query_proj"][0] + widths["key_proj"][0]) if m.position == "rope" else 0
+    mlp = widths["mlpwi"][0] + m.d_ff
+    residual = NORM_RESIDUAL_WIDTHS * m.d_model / (c.tensor if c.tensor_sequence else 1)
+    return (residual + (heads + mlp) / c.tensor) * b
 
 
 def memory(c: Candidate, w: Workload) -> dict[str, float]:
     """Bytes per device: parameters, gradients, optimizer state, activations, logits."""
     m, b = w.model, w.compute_bytes
     shard = c.stages * c.fsdp * c.tensor
-    params = param_count(m) / shard
+    params = count_params(m) / shard
     layers = m.n_layers / c.stages
     tokens = microbatch_tokens(c, w)
-    per_token_layer = remat_bytes_per_token(c.remat, m, c.tensor, b)
+    split = c.tensor if c.tensor_sequence else 1  # the residual stream's split (sequence parallelism)
+    per_token_layer = remat_bytes_per_token(c.remat, m, c.tensor, b, c.tensor_sequence)
     if not (w.flash_attention or c.remat == "full"):  # XLA's attention keeps its float32 scores for the backward
         per_token_layer += SCORE_BYTES * m.n_heads * w.seq_len / c.tensor
-    recompute = 0 if c.remat == "none" else (10 * m.d_model + 24 * m.d_model / c.tensor) * b / 2 * tokens
+    recompute = 0 if c.remat == "none" else (10 * m.d_model / split + 24 * m.d_model / c.tensor) * b / 2 * tokens
     found = {"params": params * PARAM_BYTES, "grads": params * PARAM_BYTES, "optimizer": params * OPTIMIZER_BYTES}
     if c.stages == 1:
         found["activations"] = per_token_layer * layers * tokens + recompute
     else:
         s = c.schedule
         # Each tick's stage input (kept by stage_remat for the recompute) and the last stage's output.
-        ticks_kept = s.ticks * tokens * m.d_model * b * (1 + s.stage_remat)
+        ticks_kept = s.ticks * tokens * m.d_model / split * b * (1 + s.stage_remat)
         # GPipe keeps every tick's layer activations (a chunk of layers / V each); stage_remat one tick's.
         layer_ticks = 1 if s.stage_remat else s.ticks / s.virtual
         found["activations"] = per_token_layer * layers * tokens * layer_ticks + recompute + ticks_kept
@@ -182,48 +302,75 @@ def memory(c: Candidate, w: Workload) -> dict[str, float]:
     return found
 
 
+def compute_times(c: Candidate, w: Workload, cluster: ClusterSpec) -> dict[str, float]:
+    """Seconds per step of one device's compute, by term: the layers' matmuls, their attention kernel,
+    their memory-bound work, and the LM head with its loss."""
+    m, d, b = w.model, cluster.device, w.compute_bytes
+    tokens = w.tokens / (c.data * c.fsdp * c.sequence)  # through this device's layers, all microbatches
+    layer_tokens = tokens * m.n_layers / c.stages
+    again = recomputed(c.remat, m)
+    passes = {term: 3.0 + extra + c.stage_remat for term, extra in again.items()}  # forward + backward = 3
+    rows = microbatch_tokens(c, w)
+    rate = d.peak_flops * efficiency(rows, m.d_model / c.tensor, d.knees, d.matmul_ceiling)
+    matmul_flops = sum(layer_matmul_flops(m).values()) / c.tensor  # a layer's, per token
+    kernel = w.attention_kernel
+    attention_flops = 4.0 * w.seq_len * m.n_heads * m.kv_head_dim / c.tensor * CAUSAL_SHARE[kernel]
+    memory_bytes = elementwise_bytes(m, c, b) + (
+        SCORE_TRAFFIC * m.n_heads / c.tensor * w.seq_len if kernel == "xla" else 0.0)
+    # The head runs on each stage's share of the rows (spread), else on every stage for all of them.
+    head_tokens = tokens / c.stages if c.stages > 1 and c.schedule.head_spread else tokens
+    vocab = m.vocab_size / c.tensor
+    head_rate = d.peak_flops * efficiency(rows, min(vocab, m.d_model), d.knees, d.matmul_ceiling)
+    return {"matmul": layer_tokens * matmul_flops * passes["matmul"] / rate,
+            "attention": layer_tokens * attention_flops * passes["attention"] / (
+                d.peak_flops * d.matmul_ceiling * ATTENTION_RATE[kernel]),
+            "memory": layer_tokens * memory_bytes * passes["memory"] / d.hbm_bandwidth,
+            "head": head_tokens * (2.0 * m.d_model * vocab * (3 + (c.loss_chunks > 1)) / head_rate
+                                   + vocab * LOGIT_TRAFFIC / d.hbm_bandwidth)}
+
+
 def comm_times(c: Candidate, w: Workload, cluster: ClusterSpec) -> dict[str, float]:
     """Seconds of communication per step on each mesh axis (before any overlap)."""
-    m, b, links = w.model, w.compute_bytes, axis_links(c, cluster)
-    stage_params = param_count(m) / c.stages
+    m, b = w.model, w.compute_bytes
+    stage_params = count_params(m) / c.stages
     tokens = microbatch_tokens(c, w)
     layers = m.n_layers / c.stages
     activation = tokens * m.d_model * b
-    tensor_collectives = 4 + (2 if c.remat == "full" else 0)  # all-reduces per layer: 2 forward, 2 backward
+    # all-reduces (or with sequence parallelism all-gather + reduce-scatter) per layer: 2 forward,
+    # 2 backward, 2 more where the backward recomputes the projections
+    tensor_collectives = 4 + (2 if recomputed(c.remat, m)["matmul"] > 0 else 0)
     kv = 2 * tokens * m.n_kv_heads * m.kv_head_dim / c.tensor * b * c.sequence
+    stage_link = axis_links(c, cluster)["stage"]
     return {
         # fsdp: gather params for forward and backward, scatter gradients, for every microbatch
-        "fsdp": c.microbatches * (2 * ring_time(links["fsdp"], c.fsdp, stage_params * b / c.tensor)
-                                  + ring_time(links["fsdp"], c.fsdp, stage_params * PARAM_BYTES / c.tensor)),
-        "data": ring_time(links["data"], c.data, stage_params * PARAM_BYTES / (c.fsdp * c.tensor), passes=2),
-        "tensor": c.microbatches * layers * tensor_collectives * ring_time(links["tensor"], c.tensor, activation, 2),
-        "sequence": c.microbatches * layers * 2 * ring_time(links["sequence"], c.sequence, kv),
+        "fsdp": c.microbatches * (2 * collective_time("fsdp", c, cluster, stage_params * b / c.tensor)
+                                  + collective_time("fsdp", c, cluster, stage_params * PARAM_BYTES / c.tensor)),
+        "data": collective_time("data", c, cluster, stage_params * PARAM_BYTES / (c.fsdp * c.tensor), passes=2),
+        "tensor": c.microbatches * layers * tensor_collectives * collective_time("tensor", c, cluster, activation, 2),
+        "sequence": c.microbatches * layers * 2 * collective_time("sequence", c, cluster, kv),
         "stage": 0.0 if c.stages == 1 else 2 * c.schedule.virtual * c.microbatches * (
-            activation / links["stage"].bandwidth + links["stage"].latency) + (
+            activation / (c.tensor if c.tensor_sequence else 1) / stage_link.bandwidth + stage_link.latency) + (
             # interleaved: the stage's other chunks' params forward, their gradients backward (all-to-all)
-            2 * (c.stages - 1) / c.stages * stage_params * PARAM_BYTES / (c.fsdp * c.tensor) / links["stage"].bandwidth
+            2 * (c.stages - 1) / c.stages * stage_params * PARAM_BYTES / (c.fsdp * c.tensor) / stage_link.bandwidth
             if c.virtual_stages > 1 else 0.0),
     }
 
 
 def estimate(c: Candidate, w: Workload, cluster: ClusterSpec) -> Estimate:
-    m = w.model
     devices = cluster.devices
-    flops = w.flops_per_token * w.tokens
-    # a forward pass is a third of forward + backward; stage_remat runs the stack's forward once more
-    recomputed = flops / 3 * (remat_forwards(c.remat, m) + c.stage_remat)
-    head_flops = 6.0 * m.d_model * m.vocab_size * w.tokens
-    head_repeats = 0.0 if c.schedule.head_spread else head_flops * (c.stages - 1)  # every stage runs the LM head
-    head_repeats += head_flops / 3 * (c.loss_chunks > 1)  # pieces: the head's forward again
-    rate = cluster.device.peak_flops * efficiency(microbatch_tokens(c, w), m.d_model / c.tensor,
-                                                  cluster.device.matmul_knees)
-    compute = (flops + recomputed + head_repeats) / devices / rate
-    bubble = compute * (c.stages - 1) / (c.virtual_stages * c.microbatches)  # S - 1 idle ticks of V M
+    terms = compute_times(c, w, cluster)
+    compute = sum(terms.values())
+    stack = compute - terms["head"]
+    bubble = stack * (c.stages - 1) / (c.virtual_stages * c.microbatches)  # S - 1 idle ticks of V M
     comm = comm_times(c, w, cluster)
-    hidden = comm["fsdp"] + comm["data"]
-    exposed = max(0.0, hidden - OVERLAP * compute) + comm["tensor"] + comm["sequence"] + comm["stage"]
-    step = compute + bubble + exposed
+    overlapped = OVERLAPPED_AXES[cluster.device.platform]
+    hidden = sum(comm[axis] for axis in overlapped)
+    # what compute cannot hide is shared among the overlapped axes by their time
+    unhidden = max(0.0, hidden - OVERLAP * compute) / hidden if hidden else 0.0
+    exposed = {axis: t * (unhidden if axis in overlapped else 1.0) for axis, t in comm.items()}
+    step = compute + bubble + sum(exposed.values())
     mem = memory(c, w)
-    return Estimate(c, step, compute, bubble, comm, exposed, mem, w.tokens / step,
+    flops = w.flops_per_token * w.tokens
+    return Estimate(c, step, compute, bubble, comm, sum(exposed.values()), mem, w.tokens / step,
                     flops / (step * devices * cluster.device.peak_flops),
-                    sum(mem.values()) <= MEMORY_HEADROOM * cluster.device.hbm_bytes)
+                    sum(mem.values()) <= MEMORY_HEADROOM * cluster.device.hbm_bytes, terms, exposed)

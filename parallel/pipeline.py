@@ -37,7 +37,9 @@ from fax.models.sharding import constrain
 from fax.models.transformer import RunLayers, scan_layers
 from fax.parallel.config import Schedule
 
-STAGE_STATE = ("stage", "batch", "length", "embed")  # one microbatch of hidden states per stage
+# One microbatch of hidden states per stage: the residual stream (with sequence parallelism its length is
+# split over the tensor axis too, so a tick's state, kept per tick, shrinks with it).
+STAGE_STATE = ("stage", "batch", "residual_length", "embed")
 SPREAD = ("pipelined_batch", "length", "embed")  # the rows over the stages too, for the head and loss
 
 

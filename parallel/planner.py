@@ -8,7 +8,6 @@ predicted slower than the best of them. The same inputs always give the same pla
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import time
 from collections import Counter
@@ -17,16 +16,17 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from fax.models.config import ModelConfig, tensor_indivisible
-from fax.parallel.cost import MEMORY_HEADROOM, Candidate, Estimate, Workload, estimate
+from fax.parallel.cost import MEMORY_HEADROOM, Candidate, Estimate, Workload, dcn_shares, estimate, memory
 from fax.parallel.hardware import ClusterSpec
 from fax.parallel.hlo import COLLECTIVES
 
-MAX_MICROBATCHES = 64
-# Remat policies searched (the cost model also prices the named ones, e.g. a plan file's save_qkv_proj).
-PLANNED_REMAT = ("none", "dots_saveable", "full")
+MAX_MICROBATCHES = 1024
+# Remat policies searched (the cost model also prices the other named ones, e.g. a plan file's save_qkv_proj).
+PLANNED_REMAT = ("none", "dots_saveable", "dots_with_no_batch_dims_saveable", "full")
 # Pieces of the sequence for the LM head and loss, tried (fewest first: larger matmuls, fewer loop
 # steps) where the whole logits do not fit.
 LOSS_CHUNKS = (2, 4, 8, 16, 32)
+DOMINATED = "dominated (slower with more microbatches)"
 
 
 def divisors(n: int) -> list[int]:
@@ -58,6 +58,9 @@ def problems(c: Candidate, w: Workload) -> list[tuple[str, str]]:
     if w.global_batch % (c.data * c.fsdp * c.microbatches):
         found.append(("batch", f"batch {w.global_batch} does not split into data x fsdp x microbatches = "
                                f"{c.data * c.fsdp * c.microbatches}"))
+    if w.slice_devices and dcn_shares(c, w.slice_devices) is None:
+        found.append(("slices", f"its axes do not split evenly into slices of {w.slice_devices} devices with only "
+                                "stage, data and fsdp across them (the data-centre network)"))
     if w.seq_len % c.sequence:
         found.append(("sequence", f"sequence={c.sequence} does not divide the sequence length {w.seq_len}"))
     elif w.seq_len % (c.sequence * c.loss_chunks):
@@ -80,21 +83,43 @@ def templates(cluster: ClusterSpec, w: Workload) -> dict[str, Candidate]:
             "tensor+fsdp": Candidate(fsdp=n // tensor, tensor=tensor, remat="full")}
 
 
-def candidates(cluster: ClusterSpec, w: Workload, max_stages: int | None = None) -> Iterator[Candidate]:
+def meshes(cluster: ClusterSpec, w: Workload, max_stages: int | None = None) -> Iterator[Candidate]:
+    """Every split of the devices into stage x data x fsdp x sequence x tensor (one microbatch, no remat)."""
     for stages in divisors(cluster.devices):
         if max_stages is not None and stages > max_stages or stages > w.model.n_layers:
             continue
         for data, fsdp, sequence, tensor in factorizations(cluster.devices // stages, 4):
-            for mb in (2 ** i for i in range(7)):
-                if mb > MAX_MICROBATCHES or w.global_batch % (data * fsdp * mb):
-                    continue
-                for remat in PLANNED_REMAT:
-                    yield Candidate(stages, mb, data, fsdp, sequence, tensor, remat)
-                if stages > 1:  # the pipeline's own schedules (the stage recomputed needs no layer remat)
-                    yield Candidate(stages, mb, data, fsdp, sequence, tensor, "none", stage_remat=True)
-                    if mb % stages == 0 and w.model.n_layers % (2 * stages) == 0:  # interleaved (bounded too)
-                        yield Candidate(stages, mb, data, fsdp, sequence, tensor, "none", virtual_stages=2,
-                                        stage_remat=True)
+            yield Candidate(stages, 1, data, fsdp, sequence, tensor)
+
+
+def schedules(mesh: Candidate, w: Workload) -> Iterator[tuple[dict[str, Any], list[int]]]:
+    """For one mesh, each way to run it (remat policy, pipeline schedule, sequence parallelism, as
+    ``Candidate`` fields) with its microbatch counts, fewest first (the divisors of each replica's
+    batch): more of them, less memory."""
+    counts = [mb for mb in divisors(w.global_batch // (mesh.data * mesh.fsdp)) if mb <= MAX_MICROBATCHES]
+    kinds: list[dict[str, Any]] = [dict(remat=remat) for remat in PLANNED_REMAT]
+    if mesh.stages > 1:  # the pipeline's own schedules (the stage recomputed needs no layer remat)
+        kinds.append(dict(remat="none", stage_remat=True))
+        if w.model.n_layers % (2 * mesh.stages) == 0:  # interleaved (bounded too)
+            kinds.append(dict(remat="none", stage_remat=True, virtual_stages=2))
+    for split in (False, True) if mesh.tensor > 1 else (False,):
+        for kind in kinds:
+            interleaved = kind.get("virtual_stages", 1) > 1
+            yield {**kind, "tensor_sequence": split}, [mb for mb in counts if not interleaved or mb % mesh.stages == 0]
+
+
+def fitting_pieces(c: Candidate, w: Workload, budget: float) -> tuple[Candidate | None, float]:
+    """``c``, or ``c`` with the LM head and loss in the fewest pieces that fit ``budget`` bytes per
+    device (None when neither fits); and the bytes ``c`` needs whole."""
+    found = memory(c, w)
+    total = sum(found.values())
+    if total <= budget:
+        return c, total
+    for n in LOSS_CHUNKS:
+        if found["logits"] * (1 - 1 / n) >= total - budget and not problems(
+                pieces := dataclasses.replace(c, loss_chunks=n), w):
+            return pieces, total
+    return None, total
 
 
 @dataclass(frozen=True)
@@ -140,6 +165,7 @@ class Plan:
     seconds: float = 0.0
     analytical: bool = True  # not compiled on present devices
     validated: list[Compiled] = field(default_factory=list)  # the candidates compiled, in ranked order
+    alternatives: list[tuple[Estimate, str]] = field(default_factory=list)  # runners-up, each with why it lost
 
     def to_dict(self) -> dict:
         return {"cluster": self.cluster, "model": self.model, "global_batch": self.global_batch,
@@ -147,7 +173,9 @@ class Plan:
                 "seconds": self.seconds, "best": self.best.to_dict(), "ranked": [e.to_dict() for e in self.ranked],
                 "templates": {k: v if isinstance(v, str) else v.to_dict() for k, v in self.templates.items()},
                 "rejected": self.rejected, "examples": self.examples,
-                "validated": [asdict(c) for c in self.validated]}
+                "validated": [asdict(c) for c in self.validated], "breakdown": self.best.breakdown(),
+                "alternatives": [{"layout": e.candidate.describe(), "step_s": e.step_s, "why": why}
+                                 for e, why in self.alternatives]}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -156,46 +184,82 @@ class Plan:
 def fitted(c: Candidate, w: Workload, cluster: ClusterSpec) -> Estimate:
     """``c``'s estimate; where it does not fit but does with the LM head and loss in pieces, that of
     the fewest pieces that fit."""
-    e = estimate(c, w, cluster)
-    if e.fits:
-        return e
-    for n in LOSS_CHUNKS:
-        pieces = dataclasses.replace(c, loss_chunks=n)
-        if not problems(pieces, w) and (in_pieces := estimate(pieces, w, cluster)).fits:
-            return in_pieces
-    return e
+    pieces, _ = fitting_pieces(c, w, MEMORY_HEADROOM * cluster.device.hbm_bytes)
+    return estimate(pieces or c, w, cluster)
+
+
+def workload(model: ModelConfig, cluster: ClusterSpec, global_batch: int, seq_len: int) -> Workload:
+    return Workload(model, global_batch, seq_len, cluster.device.platform,
+                    cluster.slice_devices if cluster.slices > 1 else 0)
 
 
 def plan(model: ModelConfig, cluster: ClusterSpec, global_batch: int, seq_len: int, name: str = "",
          top: int = 10, max_stages: int | None = None) -> Plan:
     """The fastest predicted layout that fits, with the ``top`` best and the rejected ones counted; a
-    layout that does not fit is tried again with the LM head and loss in pieces (``fitted``)."""
+    layout that does not fit is tried again with the LM head and loss in pieces (``fitting_pieces``).
+    Without a pipeline more microbatches only cost time, so a way of running a mesh stops at the
+    fewest that fit; a pipeline's bubble shrinks with them until its matmuls get too short, so it goes
+    on until a count is slower than the one before."""
     started = time.perf_counter()
-    w = Workload(model, global_batch, seq_len, cluster.device.platform)
+    w = workload(model, cluster, global_batch, seq_len)
+    budget = MEMORY_HEADROOM * cluster.device.hbm_bytes
     rejected: Counter[str] = Counter()
     examples: dict[str, str] = {}
     fitting: list[Estimate] = []
     searched = 0
-    named = templates(cluster, w)
-    for c in itertools.chain(named.values(), candidates(cluster, w, max_stages)):
-        searched += 1
-        found = problems(c, w)
-        if not found:
-            e = fitted(c, w, cluster)
-            if e.fits:
-                fitting.append(e)
-                continue
-            found = [("memory", f"needs {e.memory_bytes / 2 ** 30:.1f} GiB per device of "
-                                f"{cluster.device.hbm_bytes / 2 ** 30:.0f} GiB")]
-        kind, message = found[0]
-        reason = "out of memory" if kind == "memory" else f"indivisible {kind}"
-        rejected[reason] += 1
+
+    def reject(reason: str, c: Candidate, message: str, count: int = 1) -> None:
+        rejected[reason] += count
         examples.setdefault(reason, f"{c.describe()}: {message}")
+
+    named = templates(cluster, w)
+    for c in named.values():
+        searched += 1
+        if not problems(c, w) and (e := fitted(c, w, cluster)).fits:
+            fitting.append(e)
+    for mesh in meshes(cluster, w, max_stages):
+        found = problems(mesh, w)
+        if found and found[0][0] != "batch" or w.global_batch % (mesh.data * mesh.fsdp):
+            kind, message = found[0]
+            searched += 1
+            reject(f"indivisible {kind}", mesh, message)
+            continue
+        state = sum(v for k, v in memory(mesh, w).items() if k in ("params", "grads", "optimizer"))
+        ways = list(schedules(mesh, w))
+        if state > budget:  # the parameters and optimizer state alone: no schedule helps
+            count = sum(len(counts) for _, counts in ways)
+            searched += count
+            reject("out of memory", mesh, f"needs {state / 2 ** 30:.1f} GiB per device for the parameters and "
+                   f"optimizer state alone, of {cluster.device.hbm_bytes / 2 ** 30:.0f} GiB", count)
+            continue
+        axes = mesh.axes
+        for kind, counts in ways:
+            searched += len(counts)
+            previous = None
+            for i, mb in enumerate(counts):
+                c = Candidate(mesh.stages, mb, axes["data"], axes["fsdp"], axes["sequence"], axes["tensor"], **kind)
+                if found := problems(c, w):
+                    reject(f"indivisible {found[0][0]}", c, found[0][1])
+                    continue
+                pieces, needs = fitting_pieces(c, w, budget)
+                if pieces is None:
+                    reject("out of memory", c, f"needs {needs / 2 ** 30:.1f} GiB per device of "
+                                               f"{cluster.device.hbm_bytes / 2 ** 30:.0f} GiB")
+                    continue
+                e = estimate(pieces, w, cluster)
+                fitting.append(e)
+                if c.stages == 1 or previous is not None and e.step_s > previous:
+                    if len(counts) - i - 1:
+                        reject(DOMINATED, c, f"fits in {mb} microbatches; more only cost time" if c.stages == 1
+                               else f"{mb} microbatches are slower than {counts[i - 1]}", len(counts) - i - 1)
+                    break
+                previous = e.step_s
     unique = {e.candidate: e for e in fitting}
     ranked = sorted(unique.values(), key=lambda e: (e.step_s, e.memory_bytes, repr(e.candidate)))
     if not ranked:
+        shown = [examples[r] for r, _ in rejected.most_common() if r != DOMINATED][:3]
         raise ValueError(f"no layout of {name or 'the model'} fits {cluster.name} with batch {global_batch} x "
-                         f"{seq_len}: " + "; ".join(examples[r] for r, _ in rejected.most_common(3)))
+                         f"{seq_len}: " + "; ".join(shown))
     by_template = {}
     for key, c in named.items():
         issue = problems(c, w)
@@ -203,14 +267,49 @@ def plan(model: ModelConfig, cluster: ClusterSpec, global_batch: int, seq_len: i
             unique.get(fitted(c, w, cluster).candidate) or "out of memory")
     return Plan(cluster.name, name, global_batch, seq_len, ranked[0], ranked[:top], by_template,
                 dict(rejected.most_common()), examples, searched, time.perf_counter() - started,
-                analytical=not cluster.present)
+                analytical=not cluster.present, alternatives=alternatives(ranked[0], ranked))
+
+
+def layout_changes(pick: Candidate, other: Candidate) -> str:
+    """How ``other`` is laid out differently from ``pick``, field by field."""
+    changed = [f"{f.name} {getattr(other, f.name)} (pick: {getattr(pick, f.name)})"
+               for f in dataclasses.fields(Candidate) if getattr(other, f.name) != getattr(pick, f.name)]
+    return ", ".join(changed) or "the same layout"
+
+
+def why_slower(pick: Estimate, other: Estimate, terms: int = 3) -> str:
+    """Where ``other`` spends more time than ``pick`` (the largest of ``breakdown``'s differences), and
+    how its layout differs: one line."""
+    mine, theirs = pick.breakdown(), other.breakdown()
+    gaps = sorted(((theirs.get(k, 0.0) - mine.get(k, 0.0), k) for k in {*mine, *theirs}), reverse=True)
+    shown = [f"{k} {gap:+.3g} s" for gap, k in gaps[:terms] if gap > 0.005 * other.step_s]
+    ratio = other.step_s / pick.step_s
+    return (f"{ratio:.2f}x the pick's step time" + (f": {', '.join(shown)}" if shown else "")
+            + f" ({layout_changes(pick.candidate, other.candidate)})")
+
+
+def alternatives(best: Estimate, ranked: list[Estimate], count: int = 3) -> list[tuple[Estimate, str]]:
+    """The runners-up nearest the pick that differ from it and from each other in more than how the
+    batch splits between data and fsdp (the mesh's other axes, remat, schedule), each with why it lost."""
+    def kind(c: Candidate) -> tuple:
+        return dataclasses.astuple(dataclasses.replace(c, data=1, fsdp=1))
+    seen, found = {kind(best.candidate)}, []
+    for e in ranked:
+        if kind(e.candidate) not in seen and len(found) < count:
+            seen.add(kind(e.candidate))
+            found.append((e, why_slower(best, e)))
+    return found
 
 
 def load_layout(path: str) -> Candidate:
     """The layout a plan file picks: a ``fax plan --json`` plan, or a hand-written
-    ``{"stages": 1, "data": 2, "fsdp": 4, "tensor": 1, "microbatches": 1, "remat": "none"}``."""
-    with open(path) as f:
-        values = json.load(f)
+    ``{"stages": 1, "data": 2, "fsdp": 4, "tensor": 1, "microbatches": 1, "remat": "none"}``; the
+    same JSON written inline (starting with ``{``) is read as is."""
+    if path.lstrip().startswith("{"):
+        values = json.loads(path)
+    else:
+        with open(path) as f:
+            values = json.load(f)
     layout = values["best"]["candidate"] if "best" in values else values
     unknown = set(layout) - {f.name for f in dataclasses.fields(Candidate)}
     if unknown:
@@ -260,6 +359,8 @@ def validate(result: Plan, compile_candidate: Callable[[Candidate], Any], hbm_by
                          f"the present devices once compiled: " + "; ".join(result.examples.values()))
     if measure is not None:
         fitting.sort(key=lambda pair: pair[1].measured_s)
-    result.best = fitting[0][0]
+    if result.best is not fitting[0][0]:
+        result.best = fitting[0][0]
+        result.alternatives = alternatives(result.best, [e for e in result.ranked if e is not result.best])
     result.analytical = False
     return result

@@ -72,14 +72,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import jax
-
     explicit, args.cpu_devices = args.cpu_devices is not None, cpu_devices(args.command, args.cpu_devices)
-    try:  # only the CPU backend reads this: with no accelerator, the CPU is split into emulated devices
-        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
-    except RuntimeError:  # JAX had started in this process already (main called from Python): its devices stand
-        if explicit:
-            raise
+    if not getattr(args, "without_jax", lambda _: False)(args):
+        import jax
+
+        try:  # only the CPU backend reads this: with no accelerator, the CPU is split into emulated devices
+            jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+        except RuntimeError:  # JAX had started in this process already (main called from Python): its devices stand
+            if explicit:
+                raise
     from fax.config import ConfigError
     from fax.data.chat import TemplateError
 

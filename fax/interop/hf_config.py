@@ -30,6 +30,11 @@ LLAMA_LIKE_KEYS = frozenset({
     "output_hidden_states", "problem_type", "return_dict", "transformers_version", "use_cache", "tokenizer_class"})
 
 
+def hf_folder(source: str | Path) -> Path | None:
+    """The Hugging Face folder a source names (``hf:DIR``), None for a run directory."""
+    return Path(str(source)[len(HF):]) if str(source).startswith(HF) else None
+
+
 def family(cfg: ModelConfig) -> str:
     """'gpt2' or 'llama' (Llama's layout: Llama, Mistral, Qwen2, Qwen3): the HF architecture a fax model
     is, or a ValueError naming what differs."""

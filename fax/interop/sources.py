@@ -13,13 +13,8 @@ from jax.sharding import Mesh
 from fax.config import Config, ConfigError, run_config
 from fax.data import HFTokenizer
 from fax.interop.hf import Params, import_params
-from fax.interop.hf_config import HF, model_config, read_config
+from fax.interop.hf_config import HF, hf_folder, model_config, read_config
 from fax.params import param_layout, run_params
-
-
-def hf_folder(source: str | Path) -> Path | None:
-    """The Hugging Face folder a source names (``hf:DIR``), None for a run directory."""
-    return Path(str(source)[len(HF):]) if str(source).startswith(HF) else None
 
 
 def absolute_source(source: str | Path) -> str:

@@ -4,6 +4,7 @@ compiles the train step, which is built above the planner's layer."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from typing import Any
@@ -15,7 +16,7 @@ from fax.checkpoint import abstract_like
 from fax.config import Config, ConfigError, raise_problems, setting_problems, with_layout
 from fax.data import Batch
 from fax.parallel import make_mesh
-from fax.parallel.cost import Candidate
+from fax.parallel.cost import Candidate, dcn_shares
 from fax.parallel.calibrate import present_cluster
 from fax.parallel.planner import Plan, load_layout
 from fax.parallel.planner import plan as plan_layouts
@@ -32,10 +33,15 @@ def read_layout(path: str) -> Candidate:
         raise ConfigError(f"plan={path!r} is not a readable plan ({e}); write one with `fax plan ... --json`") from None
 
 
-def layout_compiler(config: Config, devices: list[jax.Device]) -> Callable[[Candidate], Any]:
-    """Compiles ``config``'s train step under a layout, ahead of time (nothing allocated)."""
+def layout_compiler(config: Config, devices: list[jax.Device], slice_devices: int = 0) -> Callable[[Candidate], Any]:
+    """Compiles ``config``'s train step under a layout, ahead of time (nothing allocated); over several
+    slices of ``slice_devices``, the axes that span them as the planner laid them out."""
     def compile_layout(layout: Candidate) -> Any:
         cfg = with_layout(config, layout)
+        if slice_devices:
+            shares = dcn_shares(layout, slice_devices) or {}
+            cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(
+                cfg.parallel, **{f"dcn_{axis}": n for axis, n in shares.items()}))
         training = step_lib.build(cfg, make_mesh(cfg.parallel, devices))
         state = abstract_like(jax.eval_shape(training.init), training.state_shardings)
         return step_lib.compile_step(training, state, (cfg.train.batch_size, cfg.seq_len + 1))
@@ -92,3 +98,21 @@ def laid_out(config: Config, devices: list[jax.Device], echo: Callable[[str], No
          f"predicted {best.step_s * 1e3:.1f} ms/step and {best.memory_bytes / 2 ** 20:.0f} MiB/device, "
          f"compiled {compiled.memory_bytes / 2 ** 20:.0f} MiB/device")
     return with_layout(config, best.candidate), result
+
+
+def plan_for_slices(config: Config, cluster: str, name: str = "", validate: int = 1) -> Plan:
+    """Plan ``config``'s model and batch for a TPU cluster preset that is not here, then compile the
+    ranked layouts ahead of time for its real topology (XLA's TPU compiler, libtpu) until ``validate``
+    fit: those XLA says do not fit are rejected and counted."""
+    from fax.parallel.hardware import cluster_preset
+    from fax.train.aot import target_devices
+
+    raise_problems(setting_problems(config))
+    spec = cluster_preset(cluster)
+    devices, hbm_bytes, _ = target_devices(cluster)
+    try:
+        result = plan_layouts(config.model, spec, config.train.batch_size, config.seq_len, name, top=PLAN_CANDIDATES)
+        compiler = layout_compiler(config, devices, spec.slice_devices if spec.slices > 1 else 0)
+        return validate_plan(result, compiler, hbm_bytes, k=validate)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None

@@ -67,7 +67,8 @@ def test_plan_auto_and_plan_files_train_end_to_end(tmp_path):
     trainer = Trainer(tiny_config("train.steps=4", "train.log_every=2", "train.sample_tokens=0",
                                   f"run_dir={tmp_path / 'auto'}"), plan="auto", echo=lambda _: None)
     picked = trainer.plan.best.candidate
-    assert trainer.config.parallel == ParallelConfig(**picked.axes)
+    assert trainer.config.parallel == ParallelConfig(**picked.axes, tensor_sequence=picked.tensor_sequence,
+                                                     virtual_stages=picked.virtual_stages, stage_remat=picked.stage_remat)
     assert trainer.config.train.microbatches == picked.microbatches and trainer.config.model.remat == picked.remat
     history = trainer.fit()
     trainer.close()
@@ -110,7 +111,7 @@ def test_calibration_measures_the_devices_and_the_planner_uses_it(tmp_path, monk
     assert link_from_allreduce(times, n) == pytest.approx((bandwidth, latency), rel=1e-6)
     # Likewise the efficiency curve: rates made with known knees give them back (to the grid's step).
     for knees in ((30.0, 10.0), (512.0, 128.0), (5000.0, 2000.0)):
-        rates = {(r, c): 1e11 * efficiency(r, c, knees) for r in (64, 256, 1024, 4096) for c in (16, 64, 256, 1024)}
+        rates = {(r, c): 1e11 * efficiency(r, c, knees, 0.5) for r in (64, 256, 1024, 4096) for c in (16, 64, 256, 1024)}
         assert fit_knees(rates) == pytest.approx(knees, rel=0.07)
     monkeypatch.setenv("FAX_CACHE", str(tmp_path))
     nominal = present_cluster()
@@ -119,12 +120,15 @@ def test_calibration_measures_the_devices_and_the_planner_uses_it(tmp_path, monk
     assert json.loads((tmp_path / "calibration" / "cpu-8.json").read_text())["devices"] == 8
     calibrated = present_cluster()
     assert "calibrated" in calibrated.name and calibrated.intra.bandwidth == profile["link_bandwidth"]
-    assert calibrated.device.peak_flops != nominal.device.peak_flops
+    # MFU stays against the nominal peak; the measured ceiling is against it
+    assert calibrated.device.peak_flops == nominal.device.peak_flops
+    assert calibrated.device.matmul_ceiling != nominal.device.matmul_ceiling
     rates = {tuple(map(int, k.split("x"))): v for k, v in profile["matmul_flops"].items()}
-    assert len(rates) == 16 and calibrated.device.matmul_knees == fit_knees(rates)
+    assert len(rates) == 16 and calibrated.device.knees == fit_knees(rates)
     # The fitted curve reproduces the best measured rate (per device, the emulated ones sharing the cores).
     best = max(rates, key=rates.get)
-    assert calibrated.device.peak_flops * efficiency(*best, calibrated.device.matmul_knees) == pytest.approx(rates[best])
+    d = calibrated.device
+    assert d.peak_flops * efficiency(*best, d.knees, d.matmul_ceiling) == pytest.approx(rates[best])
     # A profile from an older fax (no version, square matmuls) is not trusted: datasheet figures and a warning.
     path = tmp_path / "calibration" / "cpu-8.json"
     path.write_text(json.dumps({"device_kind": "cpu", "devices": 8, "matmul_flops": {"1024": 5e10}}))
