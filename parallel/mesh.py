@@ -49,8 +49,10 @@ def make_mesh(parallel: ParallelConfig, devices: Sequence[jax.Device] | None = N
         raise ValueError(f"the devices are {tpu_slices} TPU slices joined by the data-centre network: say which "
                          f"axes span them, e.g. parallel.dcn_data={tpu_slices} (parallel.dcn_stage, dcn_data and "
                          f"dcn_fsdp multiply to the {tpu_slices} slices)")
-    if parallel.slices == 1:
-        return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES, axis_types=types, devices=devices)
+    if parallel.slices == 1:  # a torus's physical axes may be split (tensor=2 on a 4x4x4 slice)
+        grid = mesh_utils.create_device_mesh(tuple(sizes[a] for a in MESH_AXES), devices,
+                                             allow_split_physical_axes=True)
+        return Mesh(grid, MESH_AXES, axis_types=types)
     inside, across = parallel.slice_sizes(sizes)
     inner = tuple(inside[a] for a in MESH_AXES)
     blocks = [mesh_utils.create_device_mesh(inner, group, allow_split_physical_axes=True)

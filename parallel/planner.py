@@ -27,6 +27,10 @@ PLANNED_REMAT = ("none", "dots_saveable", "dots_with_no_batch_dims_saveable", "f
 # steps) where the whole logits do not fit.
 LOSS_CHUNKS = (2, 4, 8, 16, 32)
 DOMINATED = "dominated (slower with more microbatches)"
+# The share of device memory a compiled step may use: XLA's figure is the program's own; the runtime
+# keeps a little for itself. (Predictions keep ``MEMORY_HEADROOM``, a margin for the model's error.)
+COMPILED_HEADROOM = 0.95
+COMPILED_OUT_OF_MEMORY = "out of memory (compiled)"
 
 
 def divisors(n: int) -> list[int]:
@@ -143,7 +147,7 @@ def compiled_figures(e: Estimate, compiled: Any, compile_s: float, hbm_bytes: fl
             + mem.temp_size_in_bytes)
     hlo = compiled.as_text()
     ops = {op: hlo.count(f" {op}(") + hlo.count(f" {op}-start(") for op in COLLECTIVES}
-    return Compiled(e.candidate.describe(), e.step_s, e.memory_bytes, float(used), used <= MEMORY_HEADROOM * hbm_bytes,
+    return Compiled(e.candidate.describe(), e.step_s, e.memory_bytes, float(used), used <= COMPILED_HEADROOM * hbm_bytes,
                     float((compiled.cost_analysis() or {}).get("flops", 0.0)), {k: v for k, v in ops.items() if v},
                     compile_s)
 
@@ -224,7 +228,7 @@ def plan(model: ModelConfig, cluster: ClusterSpec, global_batch: int, seq_len: i
             searched += 1
             reject(f"indivisible {kind}", mesh, message)
             continue
-        state = sum(v for k, v in memory(mesh, w).items() if k in ("params", "grads", "optimizer"))
+        state = sum(v for k, v in memory(mesh, w).items() if k in ("params", "grads", "optimizer", "update"))
         ways = list(schedules(mesh, w))
         if state > budget:  # the parameters and optimizer state alone: no schedule helps
             count = sum(len(counts) for _, counts in ways)
@@ -324,9 +328,8 @@ def out_of_memory(error: BaseException) -> bool:
 
 
 def _reject_unfit(result: Plan, example: str) -> None:
-    reason = "out of memory (compiled)"
-    result.rejected[reason] = result.rejected.get(reason, 0) + 1
-    result.examples.setdefault(reason, example)
+    result.rejected[COMPILED_OUT_OF_MEMORY] = result.rejected.get(COMPILED_OUT_OF_MEMORY, 0) + 1
+    result.examples.setdefault(COMPILED_OUT_OF_MEMORY, example)
 
 
 def validate(result: Plan, compile_candidate: Callable[[Candidate], Any], hbm_bytes: float, k: int = 3,
@@ -356,7 +359,7 @@ def validate(result: Plan, compile_candidate: Callable[[Candidate], Any], hbm_by
             break
     if not fitting:
         raise ValueError(f"none of the {len(result.ranked)} best layouts of {result.model or 'the model'} fits "
-                         f"the present devices once compiled: " + "; ".join(result.examples.values()))
+                         f"{result.cluster} once compiled, e.g. {result.examples[COMPILED_OUT_OF_MEMORY]}")
     if measure is not None:
         fitting.sort(key=lambda pair: pair[1].measured_s)
     if result.best is not fitting[0][0]:

@@ -78,3 +78,19 @@ def test_on_tpu_auto_attention_is_the_pallas_flash_kernel_and_holds_no_scores():
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     assert figures["xla"][1] == 0 and figures["auto"][1] >= 2, figures
     assert figures["auto"][0] < 0.5 * figures["xla"][0], figures
+
+
+def test_plan_validates_its_top_layouts_by_compiling_them_for_a_tpu_slice():
+    """`fax plan --cluster v5p-512 --validate K` had no compiler behind it: the top layouts are now
+    compiled for the slice's real topology and XLA's memory is reported beside the prediction."""
+    done = fax("plan", "model=llama-tiny", "model.dtype=bfloat16", "train.batch_size=32", "--cluster", "v5e-16",
+               "--validate", "2", "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    parsed = json.loads(done.stdout)
+    assert not parsed["analytical"] and len(parsed["validated"]) >= 2
+    for compiled in parsed["validated"]:
+        assert compiled["memory_bytes"] > 0 and compiled["compile_s"] > 0 and compiled["collectives"]
+    from fax.parallel.cost import Candidate
+
+    first_fitting = next(c for c in parsed["validated"] if c["fits"])
+    assert Candidate(**parsed["best"]["candidate"]).describe() == first_fitting["layout"]
