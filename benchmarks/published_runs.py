@@ -33,7 +33,7 @@ import math
 from dataclasses import dataclass
 
 from fax.models.config import ModelConfig, train_flops_per_token
-from fax.parallel.cost import Candidate
+from fax.parallel.layout import Candidate
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,8 @@ def megatron_runs() -> list[PublishedRun]:
 
 def fewest_fitting(model: ModelConfig, cluster_name: str, batch: int, data: int, tensor: int) -> int:
     """The fewest microbatches (a power of two) with which a data x tensor layout fits, full remat."""
-    from fax.parallel.cost import Workload, estimate
+    from fax.parallel.cost import estimate
+    from fax.parallel.layout import Workload
     from fax.parallel.hardware import cluster_preset
 
     cluster = cluster_preset(cluster_name)
@@ -163,7 +164,8 @@ def published_runs() -> list[PublishedRun]:
 
 def compare(run: PublishedRun) -> dict:
     """The cost model's figures for a published layout next to the published throughput."""
-    from fax.parallel.cost import Workload, estimate
+    from fax.parallel.cost import estimate
+    from fax.parallel.layout import Workload
     from fax.parallel.hardware import cluster_preset
 
     cluster = cluster_preset(run.cluster)

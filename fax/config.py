@@ -16,7 +16,7 @@ import yaml
 from fax.models.config import LORA_TARGETS, ModelConfig, tensor_indivisible
 from fax.models.presets import preset
 from fax.parallel.config import ParallelConfig
-from fax.parallel.cost import Candidate
+from fax.parallel.layout import Candidate
 
 
 class ConfigError(ValueError):

@@ -14,13 +14,14 @@ on a TPU torus it has the links of every torus dimension it spans; across slices
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import asdict, dataclass, field
 
-from fax.models.config import (NAMED_REMAT, ModelConfig, attention_implementation, block_param_count, named_widths, param_count, train_flops_per_token)
-from fax.parallel.config import DCN_AXES, MESH_AXES, Schedule
+from fax.models.config import NAMED_REMAT, ModelConfig, named_widths
+from fax.parallel.config import DCN_AXES, MESH_AXES
 from fax.parallel.hardware import ClusterSpec, Link, efficiency
+from fax.parallel.layout import Candidate, Workload, count_params, microbatch_tokens
+from fax.parallel.memory import MEMORY_HEADROOM, PARAM_BYTES, memory, remat_bytes_per_token
 
 # Share of the compute that XLA's asynchronous collectives can hide communication behind (the rest is
 # exposed: the first layer's gather, the last layer's reduce-scatter, contention).
@@ -28,17 +29,8 @@ OVERLAP = 0.8
 # The axes whose collectives run asynchronously beside the compute, by platform: fsdp's gathers and
 # scatters and data's all-reduce everywhere; on TPUs the tensor axis's too (XLA's TPU async collective
 # fusion and compute/collective overlap, on in MaxText's published runs); on GPUs the tensor axis's
-# all-reduces sit between the matmuls that need them.
-OVERLAPPED_AXES = {"tpu": ("fsdp", "data", "tensor"), "gpu": ("fsdp", "data"), "cpu": ("fsdp", "data")}
-MEMORY_HEADROOM = 0.9  # the share of device memory a plan may use (fragmentation, compiler temps)
-OPTIMIZER_BYTES = 8.0  # Adam: two fp32 moments per parameter
-# The optimizer step's float32 temporaries per parameter, by platform: on TPUs the new moments and
-# parameters are computed in full before they replace the old (12-14 bytes per parameter in TPU compiles
-# of fax's step); XLA's GPU compile of it updates in place (an H100 compile of Llama 1B showed none).
-UPDATE_BYTES = {"tpu": 12.0}
-PARAM_BYTES = 4.0  # fp32 master parameters and gradients
-SCORE_BYTES = 4.0  # a float32 attention score per head per key, kept unless the attention kernel is fused
-KEPT_IN_FLOAT32 = 4.0  # bytes of the activations XLA keeps in float32 (see ``remat_bytes_per_token``)
+# all-reduces sit between the matmuls that need them; XLA's CPU backend runs every collective in line.
+OVERLAPPED_AXES = {"tpu": ("fsdp", "data", "tensor"), "gpu": ("fsdp", "data"), "cpu": ()}
 # Of the full seq x seq square, the share a causal kernel computes: the fused kernels (Pallas flash on
 # TPUs, cuDNN on GPUs) skip the blocks above the diagonal; XLA's and the blockwise one compute them all.
 CAUSAL_SHARE = {"flash": 0.5, "cudnn": 0.5, "blockwise": 1.0, "xla": 1.0}
@@ -55,38 +47,6 @@ NORM_RESIDUAL_WIDTHS = 10
 # The float32 logits, per logit: written by the head, read by the log-sum-exp and the loss, their
 # gradient written and read by the head's backward.
 LOGIT_TRAFFIC = 16.0
-
-
-@dataclass(frozen=True)
-class Candidate:
-    stages: int = 1
-    microbatches: int = 1
-    data: int = 1
-    fsdp: int = 1
-    sequence: int = 1
-    tensor: int = 1
-    remat: str = "none"
-    loss_chunks: int = 1  # pieces of the sequence the LM head and loss run in (train.loss_chunks)
-    virtual_stages: int = 1  # parallel.virtual_stages: chunks of layers per pipeline stage
-    stage_remat: bool = False  # parallel.stage_remat: each tick's stage recomputed in the backward
-    tensor_sequence: bool = False  # parallel.tensor_sequence: the residual stream split over tensor too
-
-    @property
-    def schedule(self) -> Schedule:
-        return Schedule(self.stages, self.microbatches, self.virtual_stages, self.stage_remat)
-
-    @functools.cached_property
-    def axes(self) -> dict[str, int]:
-        return {"stage": self.stages, "data": self.data, "fsdp": self.fsdp, "sequence": self.sequence,
-                "tensor": self.tensor}
-
-    def describe(self) -> str:
-        mesh = " ".join(f"{k}={v}" for k, v in self.axes.items() if v > 1) or "1 device"
-        pieces = f", loss in {self.loss_chunks} pieces" if self.loss_chunks > 1 else ""
-        pipe = (f", virtual={self.virtual_stages}" if self.virtual_stages > 1 else "") + (
-            ", stage_remat" if self.stage_remat else "")
-        mesh += " +sp" if self.tensor_sequence else ""
-        return f"{mesh}, mb={self.microbatches}{pipe}, remat={self.remat}{pieces}"
 
 
 @dataclass(frozen=True)
@@ -120,33 +80,6 @@ class Estimate:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "memory_bytes": self.memory_bytes, "comm_share": self.comm_share}
-
-
-@dataclass(frozen=True)
-class Workload:
-    model: ModelConfig
-    global_batch: int  # sequences per step
-    seq_len: int
-    platform: str  # the devices' (jax platform name: cpu, gpu, tpu): picks the attention kernel
-    slice_devices: int = 0  # devices per slice where several are joined by the DCN (0: one slice)
-    compute_bytes: int = field(init=False)  # activations and communicated params, in the model's dtype
-    attention_kernel: str = field(init=False)  # xla, cudnn, flash or blockwise
-    flash_attention: bool = field(init=False)  # no seq x seq scores kept for the backward pass
-    flops_per_token: float = field(init=False)
-
-    def __post_init__(self):
-        object.__setattr__(self, "compute_bytes", 4 if self.model.dtype == "float32" else 2)
-        kernel = attention_implementation(self.model, self.platform, self.seq_len)
-        object.__setattr__(self, "attention_kernel", kernel)
-        object.__setattr__(self, "flash_attention", kernel in ("cudnn", "flash", "blockwise"))
-        object.__setattr__(self, "flops_per_token", train_flops_per_token(self.model, self.seq_len))
-
-    @property
-    def tokens(self) -> int:
-        return self.global_batch * self.seq_len
-
-
-count_params = functools.lru_cache(maxsize=64)(param_count)  # the planner asks for the same model's often
 
 
 def ring_time(link: Link, participants: int, nbytes: float, passes: int = 1) -> float:
@@ -217,11 +150,6 @@ def axis_links(c: Candidate, cluster: ClusterSpec) -> dict[str, Link]:
     return links
 
 
-def microbatch_tokens(c: Candidate, w: Workload) -> float:
-    """Tokens one device holds in one microbatch."""
-    return w.tokens / (c.data * c.fsdp * c.microbatches * c.sequence)
-
-
 def layer_matmul_flops(m: ModelConfig) -> dict[str, float]:
     """Forward FLOPs per token of the matmuls behind each tensor ``REMAT_NAMES`` tags (its producer)."""
     widths = named_widths(m)
@@ -251,30 +179,6 @@ def remat_forwards(remat: str, m: ModelConfig) -> float:
     return recomputed(remat, m)["matmul"]
 
 
-def remat_bytes_per_token(remat: str, m: ModelConfig, tensor: int, b: float, split_residual: bool = False) -> float:
-    """Activation bytes a layer keeps on the device per token for the backward pass; with
-    ``split_residual`` (sequence parallelism) the residual stream's tensors are split over ``tensor``
-    too. Counted as XLA keeps them in fax's step (measured on TPU compiles, ``KEPT_IN_FLOAT32``):
-    the layer's input in float32 (the norm's upcast); the dots policies add the outputs the backward
-    needs of the projections (queries, keys, values, the MLP's input projections: the residual adds
-    need neither out_proj's output nor mlpwo's), the named ones what they name, both in the compute
-    dtype's ``b`` bytes; without remat autodiff keeps every matmul's input and the MLP activation's
-    (both norms' outputs, the residual between the sublayers, queries, keys and values, the
-    attention's output, the input projections and their product), in float32."""
-    residual = tensor if split_residual else 1
-    width = {name: w / (tensor if split else residual) for name, (w, split) in named_widths(m).items()}
-    layer_input = m.d_model / residual * KEPT_IN_FLOAT32
-    if remat == "full":
-        return layer_input
-    if remat in NAMED_REMAT:  # the named tensors kept on the device
-        return layer_input + sum(width[n] for n in NAMED_REMAT[remat][0]) * b
-    projections = width["query_proj"] + width["key_proj"] + width["value_proj"] + width["mlpwi"]
-    if remat == "none":
-        return layer_input + (3 * m.d_model / residual + projections + width["attention_out"]
-                              + m.d_ff / tensor) * KEPT_IN_FLOAT32
-    return layer_input + projections * b
-
-
 def elementwise_bytes(m: ModelConfig, c: Candidate, b: float) -> float:
     """HBM bytes of a layer's memory-bound work per token and forward pass (``NORM_RESIDUAL_WIDTHS``):
     tensor parallelism splits the heads' and the MLP's share; the residual stream's only with sequence
@@ -284,40 +188,6 @@ def elementwise_bytes(m: ModelConfig, c: Candidate, b: float) -> float:
     mlp = widths["mlpwi"][0] + m.d_ff
     residual = NORM_RESIDUAL_WIDTHS * m.d_model / (c.tensor if c.tensor_sequence else 1)
     return (residual + (heads + mlp) / c.tensor) * b
-
-
-def memory(c: Candidate, w: Workload) -> dict[str, float]:
-    """Bytes per device: parameters, gradients, optimizer state, activations, logits."""
-    m, b = w.model, w.compute_bytes
-    shard = c.stages * c.fsdp * c.tensor
-    params = count_params(m) / shard
-    layers = m.n_layers / c.stages
-    tokens = microbatch_tokens(c, w)
-    split = c.tensor if c.tensor_sequence else 1  # the residual stream's split (sequence parallelism)
-    per_token_layer = remat_bytes_per_token(c.remat, m, c.tensor, b, c.tensor_sequence)
-    if not w.flash_attention and c.remat in ("none", "dots_saveable"):  # XLA's attention: float32 scores kept
-        per_token_layer += SCORE_BYTES * m.n_heads * w.seq_len / c.tensor
-    # the backward's working set: a sublayer's activations at a time, recomputed (half a layer's)
-    recompute = 0 if c.remat == "none" else remat_bytes_per_token("none", m, c.tensor, b, c.tensor_sequence) * tokens / 2
-    found = {"params": params * PARAM_BYTES, "grads": params * PARAM_BYTES, "optimizer": params * OPTIMIZER_BYTES,
-             "update": params * UPDATE_BYTES.get(w.platform, 0.0)}
-    if c.stages == 1:
-        found["activations"] = per_token_layer * layers * tokens + recompute
-    else:
-        s = c.schedule
-        # Each tick's stage input (kept by stage_remat for the recompute) and the last stage's output.
-        ticks_kept = s.ticks * tokens * m.d_model / split * b * (1 + s.stage_remat)
-        # GPipe keeps every tick's layer activations (a chunk of layers / V each); stage_remat one tick's.
-        layer_ticks = 1 if s.stage_remat else s.ticks / s.virtual
-        found["activations"] = per_token_layer * layers * tokens * layer_ticks + recompute + ticks_kept
-        if s.virtual > 1:  # the stage's chunks gathered from the layer-ordered params, and their gradients
-            found["pipeline_params"] = 2 * params * PARAM_BYTES
-    if c.fsdp > 1:  # a layer's params gathered in the compute dtype, and the next one's (prefetched)
-        found["gathered"] = 2 * block_param_count(m) / c.tensor * b
-    # float32 logits of one microbatch's rows per device at a time (a pipeline's head takes its rows in as
-    # many pieces), a piece of the sequence at a time
-    found["logits"] = tokens * m.vocab_size / c.tensor * 4 / c.loss_chunks
-    return found
 
 
 def compute_times(c: Candidate, w: Workload, cluster: ClusterSpec) -> dict[str, float]:
@@ -335,6 +205,7 @@ def compute_times(c: Candidate, w: Workload, cluster: ClusterSpec) -> dict[str, 
     attention_flops = 4.0 * w.seq_len * m.n_heads * m.kv_head_dim / c.tensor * CAUSAL_SHARE[kernel]
     memory_bytes = elementwise_bytes(m, c, b) + (
         SCORE_TRAFFIC * m.n_heads / c.tensor * w.seq_len if kernel == "xla" else 0.0)
+    kept = remat_bytes_per_token(c.remat, m, c.tensor, b, c.tensor_sequence)  # written forward, read backward
     # The head runs on each stage's share of the rows (spread), else on every stage for all of them.
     head_tokens = tokens / c.stages if c.stages > 1 and c.schedule.head_spread else tokens
     vocab = m.vocab_size / c.tensor
@@ -342,7 +213,7 @@ def compute_times(c: Candidate, w: Workload, cluster: ClusterSpec) -> dict[str, 
     return {"matmul": layer_tokens * matmul_flops * passes["matmul"] / rate,
             "attention": layer_tokens * attention_flops * passes["attention"] / (
                 d.peak_flops * d.matmul_ceiling * ATTENTION_RATE[kernel]),
-            "memory": layer_tokens * memory_bytes * passes["memory"] / d.hbm_bandwidth,
+            "memory": layer_tokens * (memory_bytes * passes["memory"] + 2 * kept) / d.hbm_bandwidth,
             "head": head_tokens * (2.0 * m.d_model * vocab * (3 + (c.loss_chunks > 1)) / head_rate
                                    + vocab * LOGIT_TRAFFIC / d.hbm_bandwidth)}
 

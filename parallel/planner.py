@@ -16,7 +16,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from fax.models.config import ModelConfig, tensor_indivisible
-from fax.parallel.cost import MEMORY_HEADROOM, Candidate, Estimate, Workload, dcn_shares, estimate, memory
+from fax.parallel.cost import Estimate, dcn_shares, estimate
+from fax.parallel.layout import Candidate, Workload
+from fax.parallel.memory import MEMORY_HEADROOM, memory
 from fax.parallel.hardware import ClusterSpec
 from fax.parallel.hlo import COLLECTIVES
 

@@ -129,7 +129,7 @@ def judge(config, cluster, args: argparse.Namespace) -> int:
     import json
     import math
 
-    from fax.parallel.cost import MEMORY_HEADROOM
+    from fax.parallel.memory import MEMORY_HEADROOM
     from fax.parallel.planner import fitted, load_layout, problems, workload
 
     try:

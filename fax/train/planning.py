@@ -16,12 +16,15 @@ from fax.checkpoint import abstract_like
 from fax.config import Config, ConfigError, raise_problems, setting_problems, with_layout
 from fax.data import Batch
 from fax.parallel import make_mesh
-from fax.parallel.cost import Candidate, dcn_shares
+from fax.parallel.cost import dcn_shares
+from fax.parallel.hardware import cluster_preset
+from fax.parallel.layout import Candidate
 from fax.parallel.calibrate import present_cluster
 from fax.parallel.planner import Plan, load_layout
 from fax.parallel.planner import plan as plan_layouts
 from fax.parallel.planner import validate as validate_plan
 from fax.train import step as step_lib
+from fax.train.aot import target_devices
 
 PLAN_CANDIDATES = 50  # ranked layouts kept for compile validation
 
@@ -104,9 +107,6 @@ def plan_for_slices(config: Config, cluster: str, name: str = "", validate: int 
     """Plan ``config``'s model and batch for a TPU cluster preset that is not here, then compile the
     ranked layouts ahead of time for its real topology (XLA's TPU compiler, libtpu) until ``validate``
     fit: those XLA says do not fit are rejected and counted."""
-    from fax.parallel.hardware import cluster_preset
-    from fax.train.aot import target_devices
-
     raise_problems(setting_problems(config))
     spec = cluster_preset(cluster)
     devices, hbm_bytes, _ = target_devices(cluster)

@@ -90,7 +90,7 @@ def test_plan_validates_its_top_layouts_by_compiling_them_for_a_tpu_slice():
     assert not parsed["analytical"] and len(parsed["validated"]) >= 2
     for compiled in parsed["validated"]:
         assert compiled["memory_bytes"] > 0 and compiled["compile_s"] > 0 and compiled["collectives"]
-    from fax.parallel.cost import Candidate
+    from fax.parallel.layout import Candidate
 
     first_fitting = next(c for c in parsed["validated"] if c["fits"])
     assert Candidate(**parsed["best"]["candidate"]).describe() == first_fitting["layout"]

@@ -13,7 +13,6 @@ from fax.config import ConfigError
 from fax.train.loop import Trainer
 from fax.train.planning import layout_compiler, plan_here
 from fax.parallel import ParallelConfig, planner
-from fax.parallel.cost import MEMORY_HEADROOM
 from fax.parallel.calibrate import present_cluster
 from fax.parallel.hardware import efficiency
 
@@ -32,10 +31,10 @@ def test_present_plans_are_compiled_and_those_that_do_not_fit_are_rejected():
     # A device that holds only the smallest of them: the others are rejected once compiled.
     small = planner.plan(models.preset("gpt-tiny"), present_cluster(), 16, 64, "gpt-tiny", top=50)
     small = planner.validate(small, layout_compiler(tiny_config(), jax.devices()),
-                             hbm_bytes=needs[0] / MEMORY_HEADROOM, k=1)
+                             hbm_bytes=needs[0] / planner.COMPILED_HEADROOM, k=1)
     assert all(c.memory_bytes <= needs[0] for c in small.validated if c.fits)
     assert small.rejected.get("out of memory (compiled)", 0) == sum(not c.fits for c in small.validated)
-    with pytest.raises(ValueError, match="fits the present devices once compiled"):
+    with pytest.raises(ValueError, match=r"fits cpu-8 \(present\) once compiled, e.g. .*: XLA needs"):
         planner.validate(planner.plan(models.preset("gpt-tiny"), present_cluster(), 16, 64, top=2),
                          layout_compiler(tiny_config(), jax.devices()), hbm_bytes=1.0)
 

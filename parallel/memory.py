@@ -1,0 +1,76 @@
+"""Memory per device of a candidate layout: parameters, gradients, optimizer state, the activations
+each remat policy keeps (as XLA keeps them in fax's step), the pipeline's per-tick states, gathered
+weights, logits. Checked against XLA's TPU compiles of the planner's top layouts (``benchmarks/planner.py``)."""
+
+from __future__ import annotations
+
+from fax.models.config import NAMED_REMAT, ModelConfig, block_param_count, named_widths
+from fax.parallel.layout import Candidate, Workload, count_params, microbatch_tokens
+
+MEMORY_HEADROOM = 0.9  # the share of device memory a plan may use (fragmentation, compiler temps)
+OPTIMIZER_BYTES = 8.0  # Adam: two fp32 moments per parameter
+# The optimizer step's float32 temporaries per parameter, by platform: on TPUs the new moments and
+# parameters are computed in full before they replace the old (12-14 bytes per parameter in TPU compiles
+# of fax's step); XLA's GPU compile of it updates in place (an H100 compile of Llama 1B showed none).
+UPDATE_BYTES = {"tpu": 12.0}
+PARAM_BYTES = 4.0  # fp32 master parameters and gradients
+SCORE_BYTES = 4.0  # a float32 attention score per head per key, kept unless the attention kernel is fused
+KEPT_IN_FLOAT32 = 4.0  # bytes of the activations XLA keeps in float32 (see ``remat_bytes_per_token``)
+
+
+def remat_bytes_per_token(remat: str, m: ModelConfig, tensor: int, b: float, split_residual: bool = False) -> float:
+    """Activation bytes a layer keeps on the device per token for the backward pass; with
+    ``split_residual`` (sequence parallelism) the residual stream's tensors are split over ``tensor``
+    too. Counted as XLA keeps them in fax's step (measured on TPU compiles, ``KEPT_IN_FLOAT32``):
+    the layer's input in float32 (the norm's upcast); the dots policies add the outputs the backward
+    needs of the projections (queries, keys, values, the MLP's input projections: the residual adds
+    need neither out_proj's output nor mlpwo's), the named ones what they name, both in the compute
+    dtype's ``b`` bytes; without remat autodiff keeps every matmul's input and the MLP activation's
+    (both norms' outputs, the residual between the sublayers, queries, keys and values, the
+    attention's output, the input projections and their product), in float32."""
+    residual = tensor if split_residual else 1
+    width = {name: w / (tensor if split else residual) for name, (w, split) in named_widths(m).items()}
+    layer_input = m.d_model / residual * KEPT_IN_FLOAT32
+    if remat == "full":
+        return layer_input
+    if remat in NAMED_REMAT:  # the named tensors kept on the device
+        return layer_input + sum(width[n] for n in NAMED_REMAT[remat][0]) * b
+    projections = width["query_proj"] + width["key_proj"] + width["value_proj"] + width["mlpwi"]
+    if remat == "none":
+        return layer_input + (3 * m.d_model / residual + projections + width["attention_out"]
+                              + m.d_ff / tensor) * KEPT_IN_FLOAT32
+    return layer_input + projections * b
+
+
+def memory(c: Candidate, w: Workload) -> dict[str, float]:
+    """Bytes per device: parameters, gradients, optimizer state, activations, logits."""
+    m, b = w.model, w.compute_bytes
+    shard = c.stages * c.fsdp * c.tensor
+    params = count_params(m) / shard
+    layers = m.n_layers / c.stages
+    tokens = microbatch_tokens(c, w)
+    split = c.tensor if c.tensor_sequence else 1  # the residual stream's split (sequence parallelism)
+    per_token_layer = remat_bytes_per_token(c.remat, m, c.tensor, b, c.tensor_sequence)
+    if not w.flash_attention and c.remat in ("none", "dots_saveable"):  # XLA's attention: float32 scores kept
+        per_token_layer += SCORE_BYTES * m.n_heads * w.seq_len / c.tensor
+    # the backward's working set: a sublayer's activations at a time, recomputed (half a layer's)
+    recompute = 0 if c.remat == "none" else remat_bytes_per_token("none", m, c.tensor, b, c.tensor_sequence) * tokens / 2
+    found = {"params": params * PARAM_BYTES, "grads": params * PARAM_BYTES, "optimizer": params * OPTIMIZER_BYTES,
+             "update": params * UPDATE_BYTES.get(w.platform, 0.0)}
+    if c.stages == 1:
+        found["activations"] = per_token_layer * layers * tokens + recompute
+    else:
+        s = c.schedule
+        # Each tick's stage input (kept by stage_remat for the recompute) and the last stage's output.
+        ticks_kept = s.ticks * tokens * m.d_model / split * b * (1 + s.stage_remat)
+        # GPipe keeps every tick's layer activations (a chunk of layers / V each); stage_remat one tick's.
+        layer_ticks = 1 if s.stage_remat else s.ticks / s.virtual
+        found["activations"] = per_token_layer * layers * tokens * layer_ticks + recompute + ticks_kept
+        if s.virtual > 1:  # the stage's chunks gathered from the layer-ordered params, and their gradients
+            found["pipeline_params"] = 2 * params * PARAM_BYTES
+    if c.fsdp > 1:  # a layer's params gathered in the compute dtype, and the next one's (prefetched)
+        found["gathered"] = 2 * block_param_count(m) / c.tensor * b
+    # float32 logits of one microbatch's rows per device at a time (a pipeline's head takes its rows in as
+    # many pieces), a piece of the sequence at a time
+    found["logits"] = tokens * m.vocab_size / c.tensor * 4 / c.loss_chunks
+    return found
