@@ -69,7 +69,6 @@ class Workload:
 count_params = functools.lru_cache(maxsize=64)(param_count)  # the planner asks for the same model's often
 
 
-
 def microbatch_tokens(c: Candidate, w: Workload) -> float:
     """Tokens one device holds in one microbatch."""
     return w.tokens / (c.data * c.fsdp * c.microbatches * c.sequence)

@@ -224,8 +224,7 @@ def plan(model: ModelConfig, cluster: ClusterSpec, global_batch: int, seq_len: i
         if not problems(c, w) and (e := fitted(c, w, cluster)).fits:
             fitting.append(e)
     for mesh in meshes(cluster, w, max_stages):
-        found = problems(mesh, w)
-        if found and found[0][0] != "batch" or w.global_batch % (mesh.data * mesh.fsdp):
+        if found := problems(mesh, w):  # one microbatch: the batch problem is data x fsdp's
             kind, message = found[0]
             searched += 1
             reject(f"indivisible {kind}", mesh, message)

@@ -4,9 +4,8 @@ training, and say whether it fits."""
 from __future__ import annotations
 
 import argparse
-import os
 
-from fax.cli.options import add_config_options
+from fax.cli.options import add_config_options, compile_on_this_cpu
 
 HELP = "compile the train step for a TPU slice (e.g. --cluster v5p-512) or the present devices; memory and collectives"
 
@@ -23,10 +22,8 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import jax
-
-    if args.cluster and "JAX_PLATFORMS" not in os.environ:  # a slice that is not here: no accelerator of
-        jax.config.update("jax_platforms", "cpu")  # this machine's is needed (nor probed for, with libtpu)
+    if args.cluster:
+        compile_on_this_cpu()
     from fax.config import load_config
     from fax.metrics import mesh_desc
     from fax.train.aot import compile_step, target_devices

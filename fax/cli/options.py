@@ -3,6 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import os
+
+
+def compile_on_this_cpu() -> None:
+    """For a TPU slice that is not here: XLA's TPU compiler runs on the CPU, and no accelerator of this
+    machine's is needed (nor probed for, which libtpu takes ~11 s over), unless JAX_PLATFORMS says."""
+    import jax
+
+    if "JAX_PLATFORMS" not in os.environ:
+        jax.config.update("jax_platforms", "cpu")
 
 
 def add_ray_options(command: argparse.ArgumentParser) -> None:

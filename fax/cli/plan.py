@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 from typing import TYPE_CHECKING
 
-from fax.cli.options import add_config_options
+from fax.cli.options import add_config_options, compile_on_this_cpu
 
 if TYPE_CHECKING:
     from fax.config import Config
@@ -70,10 +69,8 @@ def run(args: argparse.Namespace) -> int:
     config, name = planned_config(args)
     try:
         cluster = cluster_preset(args.cluster) if args.cluster else None
-        if cluster is not None and cluster.device.platform == "tpu" and args.validate and "JAX_PLATFORMS" not in os.environ:
-            import jax  # compiled for a slice that is not here: no accelerator of this machine's is probed
-
-            jax.config.update("jax_platforms", "cpu")
+        if cluster is not None and cluster.device.platform == "tpu" and args.validate:
+            compile_on_this_cpu()
         if cluster is None:
             from fax.parallel.calibrate import present_cluster
 

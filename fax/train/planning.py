@@ -17,7 +17,7 @@ from fax.config import Config, ConfigError, raise_problems, setting_problems, wi
 from fax.data import Batch
 from fax.parallel import make_mesh
 from fax.parallel.cost import dcn_shares
-from fax.parallel.hardware import cluster_preset
+from fax.parallel.hardware import ClusterSpec, cluster_preset
 from fax.parallel.layout import Candidate
 from fax.parallel.calibrate import present_cluster
 from fax.parallel.planner import Plan, load_layout
@@ -82,12 +82,8 @@ def plan_here(config: Config, devices: list[jax.Device], name: str = "", top: in
     fit (timing each with ``measure``); raises ConfigError before any compile on bad settings."""
     raise_problems(setting_problems(config))  # the layout's own problems are the planner's to avoid
     cluster = present_cluster(devices)
-    try:
-        result = plan_layouts(config.model, cluster, config.train.batch_size, config.seq_len, name, top=top)
-        return validate_plan(result, layout_compiler(config, devices), cluster.device.hbm_bytes, k=validate,
-                             measure=layout_timer(config, devices) if measure else None)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    return _compiled_plan(config, cluster, devices, cluster.device.hbm_bytes, name, top, validate,
+                          layout_timer(config, devices) if measure else None)
 
 
 def laid_out(config: Config, devices: list[jax.Device], echo: Callable[[str], None]) -> tuple[Config, Plan | None]:
@@ -107,12 +103,17 @@ def plan_for_slices(config: Config, cluster: str, name: str = "", validate: int 
     """Plan ``config``'s model and batch for a TPU cluster preset that is not here, then compile the
     ranked layouts ahead of time for its real topology (XLA's TPU compiler, libtpu) until ``validate``
     fit: those XLA says do not fit are rejected and counted."""
-    raise_problems(setting_problems(config))
-    spec = cluster_preset(cluster)
+    raise_problems(setting_problems(config))  # before libtpu starts
     devices, hbm_bytes, _ = target_devices(cluster)
+    return _compiled_plan(config, cluster_preset(cluster), devices, hbm_bytes, name, PLAN_CANDIDATES, validate)
+
+
+def _compiled_plan(config: Config, cluster: ClusterSpec, devices: list[Any], hbm_bytes: float, name: str, top: int,
+                   validate: int, measure: Callable[[Candidate], float] | None = None) -> Plan:
+    """The planner's ranking for ``cluster``, compiled on ``devices`` until ``validate`` layouts fit."""
     try:
-        result = plan_layouts(config.model, spec, config.train.batch_size, config.seq_len, name, top=PLAN_CANDIDATES)
-        compiler = layout_compiler(config, devices, spec.slice_devices if spec.slices > 1 else 0)
-        return validate_plan(result, compiler, hbm_bytes, k=validate)
+        result = plan_layouts(config.model, cluster, config.train.batch_size, config.seq_len, name, top=top)
+        compiler = layout_compiler(config, devices, cluster.slice_devices if cluster.slices > 1 else 0)
+        return validate_plan(result, compiler, hbm_bytes, k=validate, measure=measure)
     except ValueError as e:
         raise ConfigError(str(e)) from None
