@@ -346,18 +346,23 @@ def layout_problems(cfg: Config, sizes: dict[str, int]) -> list[str]:
     """What does not divide over the mesh axis ``sizes``."""
     m, t = cfg.model, cfg.train
     problems = []
-    shards = sizes["data"] * sizes["fsdp"]
+    shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
     if t.batch_size % (shards * t.microbatches):
         problems.append(f"train.batch_size={t.batch_size} must be divisible by the batch shards "
-                        f"(parallel.data x parallel.fsdp = {shards}) x train.microbatches={t.microbatches}"
-                        f" = {shards * t.microbatches}")
+                        f"(parallel.data x parallel.fsdp x parallel.expert = {shards}) x "
+                        f"train.microbatches={t.microbatches} = {shards * t.microbatches}")
     tensor = sizes["tensor"]
     indivisible = tensor_indivisible(m, tensor)
     if indivisible:
         problems.append(f"model.{indivisible}={getattr(m, indivisible)} is not divisible by parallel.tensor={tensor}; "
                         f"choose a tensor size that divides it")
-    if m.d_model % sizes["fsdp"]:
-        problems.append(f"model.d_model={m.d_model} is not divisible by parallel.fsdp={sizes['fsdp']}")
+    if m.d_model % (sizes["fsdp"] * sizes["expert"]):
+        problems.append(f"model.d_model={m.d_model} is not divisible by parallel.fsdp x parallel.expert = "
+                        f"{sizes['fsdp'] * sizes['expert']}")
+    if sizes["expert"] > 1 and (not m.moe_experts or m.moe_experts % sizes["expert"]):
+        problems.append(f"parallel.expert={sizes['expert']} must divide model.moe_experts={m.moe_experts} "
+                        + ("(a dense model: set parallel.expert=1)" if not m.moe_experts else "(each device holds "
+                           "an equal share of the experts)"))
     problems.extend(cfg.parallel.problems(sizes, m.n_layers, t.microbatches))
     if cfg.seq_len % sizes["sequence"]:
         problems.append(f"train.seq_len={cfg.seq_len} is not divisible by parallel.sequence={sizes['sequence']}")

@@ -11,6 +11,7 @@ from fax.models.config import ModelConfig, param_count, train_flops_per_token
 from fax.models.presets import preset, preset_names
 
 _LAZY = {"fax.models.layers": ("CACHE_AXES", "KVCache"),
+         "fax.models.moe": ("RouterStats",),
          "fax.models.transformer": ("SERVING_AXES", "DecoderLM", "RunLayers", "ServingWeights", "abstract", "apply",
                                     "apply_cached", "apply_hidden", "build", "empty_cache", "init_params",
                                     "logical_axes", "head_logits", "scan_layers", "serving_weights", "unstack_layers")}

@@ -26,6 +26,8 @@ NAMED_REMAT = {
     "offload_qkv_proj": ((), ("query_proj", "key_proj", "value_proj")),  # TPU and GPU: host memory
 }
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", *NAMED_REMAT)
+ROUTERS = ("softmax", "sigmoid")  # Mixtral / Qwen-MoE: softmax then top-k; DeepSeek-V3: sigmoid scores
+DISPATCHES = ("dropless", "capacity")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "flash", "blockwise")
 # From this many tokens a sequence, auto attention holds no seq x seq scores where no fused kernel runs.
 BLOCKWISE_FROM = 2048
@@ -33,7 +35,7 @@ TILES = (512, 256, 128)  # block sizes of the flash and blockwise kernels, large
 DTYPES = ("float32", "bfloat16")
 # The weights LoRA can adapt, each with its number of input axes (attn.wo reads heads x head_dim).
 LORA_TARGETS = {"attn.wq": 1, "attn.wk": 1, "attn.wv": 1, "attn.wo": 2, "mlp.wi": 1, "mlp.wg": 1, "mlp.wo": 1}
-TENSOR_SPLIT = ("n_heads", "n_kv_heads", "d_ff", "vocab_size")  # the sizes tensor parallelism divides
+TENSOR_SPLIT = ("n_heads", "n_kv_heads", "d_ff", "moe_d_ff", "moe_shared_d_ff", "vocab_size")  # what tensor parallelism divides
 
 
 @dataclass(frozen=True)
@@ -78,10 +80,31 @@ class ModelConfig:
     # offload_qkv_proj (TPU/GPU: to host memory)
     remat: str = "none"
     attention_impl: str = "auto"  # auto (cuDNN on GPUs in 16-bit, Pallas flash on TPUs, else XLA or blockwise), xla, cudnn, flash, blockwise
+    # Mixture of experts: every block's MLP becomes moe_experts experts of width moe_d_ff, each token run
+    # through moe_top_k of them (0 experts: a dense model)
+    moe_experts: int = 0
+    moe_top_k: int = 2  # experts per token
+    moe_d_ff: int = 0  # width of each routed expert; 0: d_ff
+    moe_shared_d_ff: int = 0  # width of the always-on shared expert(s) beside the routed ones (DeepSeek, Qwen-MoE); 0: none
+    moe_shared_gate: bool = False  # the shared expert's output scaled by sigmoid(x . w) (Qwen2-MoE)
+    moe_router: str = "softmax"  # softmax over the experts then top-k (Mixtral, Qwen), or sigmoid scores (DeepSeek-V3)
+    moe_norm_topk: bool = True  # the top-k weights renormalised to sum to 1 (Mixtral, Qwen3-MoE; Qwen2-MoE: false)
+    moe_route_scale: float = 1.0  # the top-k weights multiplied by this (DeepSeek-V3: 2.5)
+    # dropless: each expert takes every token routed to it (tokens sorted by expert, a grouped matmul);
+    # capacity: each expert takes at most moe_capacity_factor x its even share of a sequence's tokens, the
+    # rest pass by on the residual stream (reported as moe_dropped)
+    moe_dispatch: str = "dropless"
+    moe_capacity_factor: float = 1.25  # with moe_dispatch=capacity
+    moe_aux_loss: float = 0.01  # weight of the load-balancing loss (Switch: experts x sum of load x mean probability)
+    moe_z_loss: float = 0.001  # weight of the router z-loss (mean squared logsumexp of the router logits)
 
     @property
     def kv_head_dim(self) -> int:
         return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def expert_d_ff(self) -> int:
+        return self.moe_d_ff or self.d_ff
 
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
@@ -92,7 +115,7 @@ class ModelConfig:
         for name, allowed in (("norm", NORMS), ("activation", ACTIVATIONS), ("position", POSITIONS),
                               ("rope_scaling", ROPE_SCALINGS),
                               ("remat", REMAT_POLICIES), ("attention_impl", ATTENTION_IMPLS),
-                              ("dtype", DTYPES)):
+                              ("dtype", DTYPES), ("moe_router", ROUTERS), ("moe_dispatch", DISPATCHES)):
             if getattr(self, name) not in allowed:
                 out.append(f"model.{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
         for name in ("vocab_size", "max_seq_len", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"):
@@ -113,7 +136,37 @@ class ModelConfig:
                        f"got {self.rope_factor}")
         if self.rope_scaling == "llama3" and not self.rope_high_freq_factor > self.rope_low_freq_factor > 0:
             out.append("model.rope_high_freq_factor must be above model.rope_low_freq_factor, and both positive")
+        out.extend(self._moe_problems())
         return out
+
+    def _moe_problems(self) -> list[str]:
+        if self.moe_experts < 0:
+            return [f"model.moe_experts must be >= 0 (0: a dense model), got {self.moe_experts}"]
+        if not self.moe_experts:
+            return []
+        out = []
+        if not 1 <= self.moe_top_k <= self.moe_experts:
+            out.append(f"model.moe_top_k={self.moe_top_k} must be between 1 and model.moe_experts={self.moe_experts}")
+        if self.moe_d_ff < 0 or self.moe_shared_d_ff < 0:
+            out.append("model.moe_d_ff and model.moe_shared_d_ff must be >= 0 (0: d_ff; no shared expert)")
+        if self.moe_dispatch == "capacity" and not self.moe_capacity_factor > 0:
+            out.append(f"model.moe_capacity_factor must be positive with model.moe_dispatch=capacity, "
+                       f"got {self.moe_capacity_factor}")
+        if self.moe_shared_gate and not self.moe_shared_d_ff:
+            out.append("model.moe_shared_gate needs a shared expert: set model.moe_shared_d_ff")
+        if self.use_bias:
+            out.append("model.use_bias: the experts have no biases; set model.use_bias=false with model.moe_experts")
+        return out
+
+
+def active_d_ff(cfg: ModelConfig) -> int:
+    """The MLP width a token runs through: d_ff, or its top-k experts' and the shared expert's."""
+    return cfg.moe_top_k * cfg.expert_d_ff + cfg.moe_shared_d_ff if cfg.moe_experts else cfg.d_ff
+
+
+def routed_param_count(cfg: ModelConfig) -> int:
+    """Parameters of one block's routed experts (0: a dense model): split over the expert axis."""
+    return cfg.moe_experts * (3 if cfg.activation in GATED else 2) * cfg.d_model * cfg.expert_d_ff
 
 
 def named_widths(cfg: ModelConfig) -> dict[str, tuple[int, bool]]:
@@ -122,7 +175,7 @@ def named_widths(cfg: ModelConfig) -> dict[str, tuple[int, bool]]:
     mlp_inputs = 2 if cfg.activation in GATED else 1
     return {"query_proj": (heads, True), "key_proj": (kv, True), "value_proj": (kv, True),
             "attention_out": (heads, True), "out_proj": (cfg.d_model, False),
-            "mlpwi": (mlp_inputs * cfg.d_ff, True), "mlpwo": (cfg.d_model, False)}
+            "mlpwi": (mlp_inputs * active_d_ff(cfg), True), "mlpwo": (cfg.d_model, False)}
 
 
 def tensor_indivisible(cfg: ModelConfig, tensor: int) -> str | None:
@@ -133,7 +186,7 @@ def tensor_indivisible(cfg: ModelConfig, tensor: int) -> str | None:
 def block_param_count(cfg: ModelConfig) -> int:
     d, hd = cfg.d_model, cfg.kv_head_dim
     attn = d * hd * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
-    mlp = (3 if cfg.activation in GATED else 2) * d * cfg.d_ff
+    mlp = mlp_param_count(cfg, active=False)
     norms = 2 * d * (2 if cfg.norm == "layernorm" else 1)
     biases = hd * (cfg.n_heads + 2 * cfg.n_kv_heads) if cfg.use_bias or cfg.qkv_bias else 0
     if cfg.use_bias:
@@ -141,6 +194,16 @@ def block_param_count(cfg: ModelConfig) -> int:
     head_norms = 2 * hd if cfg.qk_norm else 0
     post_norms = norms if cfg.post_norms else 0
     return attn + mlp + norms + biases + head_norms + post_norms
+
+
+def mlp_param_count(cfg: ModelConfig, active: bool) -> int:
+    """Parameters of one block's MLP: a dense one, or the router, the experts (all of them, or only
+    the ``moe_top_k`` a token runs through when ``active``) and the shared expert."""
+    per_width = (3 if cfg.activation in GATED else 2) * cfg.d_model
+    if not cfg.moe_experts:
+        return per_width * cfg.d_ff
+    routed = (cfg.moe_top_k if active else cfg.moe_experts) * per_width * cfg.expert_d_ff
+    return cfg.d_model * cfg.moe_experts + routed + per_width * cfg.moe_shared_d_ff + cfg.d_model * cfg.moe_shared_gate
 
 
 def param_count(cfg: ModelConfig) -> int:
@@ -154,10 +217,11 @@ def param_count(cfg: ModelConfig) -> int:
 
 
 def matmul_param_count(cfg: ModelConfig) -> int:
-    """Parameters that take part in a matrix product per token (embedding lookups do not, the head does)."""
+    """Parameters that take part in a matrix product per token (embedding lookups do not, the head
+    does; of a mixture of experts, those of the experts the token is routed to: its active parameters)."""
     d, hd = cfg.d_model, cfg.kv_head_dim
     attn = d * hd * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
-    mlp = (3 if cfg.activation in GATED else 2) * d * cfg.d_ff
+    mlp = mlp_param_count(cfg, active=True)
     return cfg.n_layers * (attn + mlp) + d * cfg.vocab_size
 
 

@@ -7,16 +7,19 @@ with one of ``REMAT_NAMES`` where a remat policy may keep it.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from fax.models import moe
 from fax.models.attention import attend, softcap
 from fax.models.config import GATED, ModelConfig
 from fax.models.lora import Adapted
-from fax.models.sharding import constrain
+from fax.models.sharding import constrain, mesh_axes, per_device
 
 RESIDUAL = ("batch", "residual_length", "embed")  # the stream between the blocks
 
@@ -237,24 +240,68 @@ class Mlp(nnx.Module):
         return checkpoint_name(constrain(y, RESIDUAL), "mlpwo")
 
 
+class MoeMlp(nnx.Module):
+    """Router, routed experts and the optional shared expert of one block."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        e, d, f, std = cfg.moe_experts, cfg.d_model, cfg.expert_d_ff, cfg.init_std
+        self.cfg = cfg
+        self.router = param(rngs, (d, e), ("embed", None), std)
+        self.wi = param(rngs, (e, d, f), ("exp", "embed", "mlp"), std)
+        if cfg.activation in GATED:
+            self.wg = param(rngs, (e, d, f), ("exp", "embed", "mlp"), std)
+        self.wo = param(rngs, (e, f, d), ("exp", "mlp", "embed"), std / (2 * cfg.n_layers) ** 0.5)
+        if cfg.moe_shared_d_ff:
+            self.shared = Mlp(cfg.replace(d_ff=cfg.moe_shared_d_ff), rngs)
+        if cfg.moe_shared_gate:
+            self.shared_gate = param(rngs, (d, 1), ("embed", None), std)
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, moe.RouterStats]:
+        cfg = self.cfg
+        logits = jnp.einsum("bld,de->ble", x.astype(jnp.float32), self.router[...])
+        experts, weights, probs = moe.route(cfg, logits)
+        gated = cfg.activation in GATED
+        expert_weights = (self.wi[...], self.wg[...], self.wo[...]) if gated else (self.wi[...], self.wo[...])
+        common = dict(activation=cfg.activation, expert_axes=mesh_axes("exp"), tensor_axes=mesh_axes("mlp"))
+        if cfg.moe_dispatch == "capacity":
+            capacity = moe.capacity_of(cfg, x.shape[1])
+            choice = moe.capacity_slots(experts, cfg.moe_experts, capacity)
+            dropped = jnp.mean(choice == cfg.moe_experts * capacity, axis=(1, 2), dtype=jnp.float32)
+            run = functools.partial(moe.capacity_experts, n_experts=cfg.moe_experts, capacity=capacity, **common)
+        else:
+            choice, dropped = experts, jnp.zeros(x.shape[:1], jnp.float32)
+            run = functools.partial(moe.dropless_experts, **common)
+        weight_axes = [moe.EXPERT_IN] * (len(expert_weights) - 1) + [moe.EXPERT_OUT]
+        y = per_device(run, [moe.TOKENS, moe.ROUTES, moe.ROUTES, *weight_axes], moe.TOKENS, collectives=True)(
+            constrain(x, moe.TOKENS), choice, weights, *expert_weights)
+        if cfg.moe_shared_d_ff:
+            shared = self.shared(x)
+            if cfg.moe_shared_gate:
+                shared = shared * jax.nn.sigmoid(jnp.einsum("bld,do->blo", x, self.shared_gate[...].astype(x.dtype)))
+            y = y + shared
+        return checkpoint_name(constrain(y, RESIDUAL), "mlpwo"), moe.router_stats(logits, experts, probs, dropped)
+
+
 class Block(nnx.Module):
     """Pre-norm transformer block; with ``post_norms`` each sublayer's output is normed as well (Gemma 2)."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
         self.attn_norm, self.attn = Norm(cfg), Attention(cfg, rngs)
-        self.mlp_norm, self.mlp = Norm(cfg), Mlp(cfg, rngs)
+        self.mlp_norm, self.mlp = Norm(cfg), (MoeMlp if cfg.moe_experts else Mlp)(cfg, rngs)
         if cfg.post_norms:
             self.post_attn_norm, self.post_mlp_norm = Norm(cfg), Norm(cfg)
 
-    def _mlp(self, x: jax.Array) -> jax.Array:
-        out = self.mlp(self.mlp_norm(x))
-        return x + (self.post_mlp_norm(out) if self.cfg.post_norms else out)
+    def _mlp(self, x: jax.Array) -> tuple[jax.Array, moe.RouterStats | None]:
+        out, stats = self.mlp(self.mlp_norm(x)) if self.cfg.moe_experts else (self.mlp(self.mlp_norm(x)), None)
+        return x + (self.post_mlp_norm(out) if self.cfg.post_norms else out), stats
 
     def _after_attention(self, out: jax.Array) -> jax.Array:
         return self.post_attn_norm(out) if self.cfg.post_norms else out
 
-    def __call__(self, x: jax.Array, positions: jax.Array, documents: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, positions: jax.Array, documents: jax.Array | None = None
+                 ) -> tuple[jax.Array, moe.RouterStats | None]:
+        """The block's output, and its router's statistics (None: a dense block)."""
         x = x + self._after_attention(self.attn(self.attn_norm(x), positions, documents))
         return self._mlp(x)
 
@@ -262,4 +309,4 @@ class Block(nnx.Module):
                queries: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
         h, cache = self.attn.cached(self.attn_norm(x), positions, cache, fused, queries)
         x = (x if queries is None else take_tokens(x, queries)) + self._after_attention(h)
-        return self._mlp(x), cache
+        return self._mlp(x)[0], cache

@@ -23,4 +23,9 @@ def preset(name: str) -> ModelConfig:
     presets = _presets()
     if name not in presets:
         raise ValueError(f"unknown model preset {name!r}; choose one of: {', '.join(presets)}")
-    return ModelConfig(**presets[name])
+    return ModelConfig(**{k: v for k, v in presets[name].items() if k != "about"})
+
+
+def preset_about(name: str) -> str:
+    """What a preset stands for where its shape is not the whole story (what of the real model is not built)."""
+    return _presets()[name].get("about", "")

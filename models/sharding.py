@@ -54,16 +54,28 @@ def platform() -> str:
     return jax.default_backend() if resolver is None else resolver(()).mesh.devices.flat[0].platform
 
 
-def per_device(fn: Callable, in_axes: Sequence[LogicalAxes], out_axes: LogicalAxes) -> Callable:
+def per_device(fn: Callable, in_axes: Sequence[LogicalAxes], out_axes: LogicalAxes,
+               collectives: bool = False) -> Callable:
     """``fn`` run on each device's block of its arguments, split by their logical axes (``jax.shard_map``;
     an axis named None is whole on every device): how a kernel without a sharding rule of its own runs
-    on a mesh. Without a resolver, ``fn`` itself."""
+    on a mesh. Without a resolver, ``fn`` itself. With ``collectives`` (``fn`` calls them over
+    ``mesh_axes``), JAX tracks which values vary over which axes, so that its gradients sum over the
+    devices they should."""
     resolver = _resolver.get()
     if resolver is None:
         return fn
     specs = tuple(_resolved(axes).spec for axes in in_axes)
     return jax.shard_map(fn, mesh=resolver(()).mesh, in_specs=specs, out_specs=_resolved(out_axes).spec,
-                         check_vma=False)
+                         check_vma=collectives)
+
+
+def mesh_axes(name: str) -> tuple[str, ...]:
+    """The mesh axes that logical axis ``name`` is split over here (none without a resolver), for the
+    collectives of a function run ``per_device``."""
+    if _resolver.get() is None:
+        return ()
+    entry = _resolved((name,)).spec[0]
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 def constrain(x: jax.Array, axes: LogicalAxes) -> jax.Array:

@@ -12,6 +12,7 @@ from flax import nnx
 from fax.models.attention import softcap
 from fax.models.config import NAMED_REMAT, ModelConfig
 from fax.models.layers import RESIDUAL, Block, KVCache, Norm, compute_dtype, param
+from fax.models.moe import RouterStats
 from fax.models.sharding import constrain
 
 Params = dict[str, Any]
@@ -80,9 +81,10 @@ class DecoderLM(nnx.Module):
         return head_logits(self.final_norm(x), self.lm_head() if head is None else head, self.cfg.logit_softcap)
 
     def hidden(self, tokens: jax.Array, run_layers: RunLayers = scan_layers,
-               segments: jax.Array | None = None) -> jax.Array:
+               segments: jax.Array | None = None) -> tuple[jax.Array, RouterStats | None]:
         """The final (normed) hidden states [batch, length, embed] of int tokens [batch, length]:
-        what the LM head projects; ``run_layers`` may pipeline the blocks. With ``segments``
+        what the LM head projects, and a mixture of experts' router statistics summed over the layers
+        (None: a dense model); ``run_layers`` may pipeline the blocks. With ``segments``
         ([batch, length] ints: which packed document of its row a token belongs to, non-decreasing)
         each document is read as if it stood alone: it attends only to itself and its positions
         count from its first token."""
@@ -90,19 +92,21 @@ class DecoderLM(nnx.Module):
         graphdef, layer_params = nnx.split(self.blocks)
 
         def layer(carry: Carry, params: Params) -> Carry:
-            h, documents = carry  # the documents travel with their rows (a pipeline splits the batch)
+            h, documents, stats = carry  # what travels with the rows (a pipeline splits the batch)
             at = positions if documents is None else document_positions(documents)
-            return nnx.merge(graphdef, params)(h, at, documents), documents
+            h, layer_stats = nnx.merge(graphdef, params)(h, at, documents)
+            return h, documents, None if stats is None else jax.tree.map(jnp.add, stats, layer_stats)
 
         if self.cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=remat_policy(self.cfg.remat), prevent_cse=False)
-        h, _ = run_layers(layer, layer_params, (self._embed(tokens, positions), segments))
-        return self.final_norm(h)
+        stats = RouterStats.zeros(tokens.shape[0], self.cfg.moe_experts) if self.cfg.moe_experts else None
+        h, _, stats = run_layers(layer, layer_params, (self._embed(tokens, positions), segments, stats))
+        return self.final_norm(h), stats
 
     def __call__(self, tokens: jax.Array, run_layers: RunLayers = scan_layers,
                  segments: jax.Array | None = None) -> jax.Array:
         """Logits (float32) for int tokens [batch, length]."""
-        return head_logits(self.hidden(tokens, run_layers, segments), self.lm_head(), self.cfg.logit_softcap)
+        return head_logits(self.hidden(tokens, run_layers, segments)[0], self.lm_head(), self.cfg.logit_softcap)
 
 
 def document_positions(documents: jax.Array) -> jax.Array:
@@ -159,11 +163,13 @@ def apply(graphdef: nnx.GraphDef, params: Params, tokens: jax.Array, run_layers:
 
 
 def apply_hidden(graphdef: nnx.GraphDef, params: Params, tokens: jax.Array, run_layers: RunLayers = scan_layers,
-                 segments: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """The final hidden states and the LM head, for a loss that projects the states a piece at a
-    time (``head_logits``) instead of holding every position's logits at once."""
+                 segments: jax.Array | None = None) -> tuple[jax.Array, jax.Array, RouterStats | None]:
+    """The final hidden states, the LM head and the router statistics (``DecoderLM.hidden``), for a
+    loss that projects the states a piece at a time (``head_logits``) instead of holding every
+    position's logits at once."""
     model = nnx.merge(graphdef, params)
-    return model.hidden(tokens, run_layers, segments), model.lm_head()
+    hidden, stats = model.hidden(tokens, run_layers, segments)
+    return hidden, model.lm_head(), stats
 
 
 def unstack_layers(params: Params) -> Params:

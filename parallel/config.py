@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 
 # Outermost first: pipeline stages and data replicas cross the slowest links, tensor the fastest.
-MESH_AXES = ("stage", "data", "fsdp", "sequence", "tensor")
+MESH_AXES = ("stage", "data", "fsdp", "expert", "sequence", "tensor")
 DCN_AXES = ("stage", "data", "fsdp")  # the axes that may span slices (parallel.dcn_<axis>)
 
 
@@ -17,6 +17,9 @@ class ParallelConfig:
     stage: int = 1  # pipeline stages (consecutive layers each)
     data: int = 1  # data-parallel replicas (params replicated)
     fsdp: int = -1  # data parallelism with params, gradients and optimizer state sharded (ZeRO-3)
+    # a mixture of experts' experts split across devices, tokens sent to their experts by all-to-all; the
+    # rest of the model treats it as more fsdp (the batch and the other params split over it too)
+    expert: int = 1
     sequence: int = 1  # the sequence split across devices
     tensor: int = 1  # heads, MLP and vocabulary split across devices (Megatron)
     # Megatron's sequence parallelism: between the blocks, the residual stream and its norms are split

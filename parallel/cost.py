@@ -17,11 +17,11 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from fax.models.config import NAMED_REMAT, ModelConfig, named_widths
+from fax.models.config import GATED, NAMED_REMAT, ModelConfig, active_d_ff, named_widths, routed_param_count
 from fax.parallel.config import DCN_AXES, MESH_AXES
 from fax.parallel.hardware import ClusterSpec, Link, efficiency
 from fax.parallel.layout import Candidate, Workload, count_params, microbatch_tokens
-from fax.parallel.memory import MEMORY_HEADROOM, PARAM_BYTES, memory, remat_bytes_per_token
+from fax.parallel.memory import MEMORY_HEADROOM, PARAM_BYTES, dispatched_rows, memory, remat_bytes_per_token
 
 # Share of the compute that XLA's asynchronous collectives can hide communication behind (the rest is
 # exposed: the first layer's gather, the last layer's reduce-scatter, contention).
@@ -47,6 +47,9 @@ NORM_RESIDUAL_WIDTHS = 10
 # The float32 logits, per logit: written by the head, read by the log-sum-exp and the loss, their
 # gradient written and read by the head's backward.
 LOGIT_TRAFFIC = 16.0
+# A mixture's dispatch per forward pass, in dispatched rows' widths: the rows gathered in expert order
+# (read, write), scattered back (read, write), and combined with the router's weights (read).
+DISPATCH_WIDTHS = 5
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,27 @@ def collective_time(axis: str, c: Candidate, cluster: ClusterSpec, nbytes: float
     return local + ring_time(cluster.dcn, across, nbytes / inside, passes)
 
 
+def all_to_all_time(axis: str, c: Candidate, cluster: ClusterSpec, nbytes: float) -> float:
+    """Seconds of an all-to-all over ``axis`` of a buffer of ``nbytes`` per device, of which (n-1)/n
+    leaves the device. Across hosts on GPUs each device's share for other hosts crosses the network
+    (nothing to aggregate, unlike a ring's); on a TPU torus the data travel a quarter of each ring on
+    average, so a ring of r chips per dimension carries r / 8 of the buffer per link direction when
+    r > 8 (the bisection limit), spread over the dimensions the group spans."""
+    n = c.axes[axis]
+    if n <= 1:
+        return 0.0
+    stride, extent = axis_span(axis, c)
+    leaving = (n - 1) / n * nbytes
+    if cluster.torus:
+        links = torus_links(stride, min(extent, cluster.slice_devices), cluster.torus)
+        ring = n ** (1 / links)
+        return leaving * max(1.0, ring / 8) / (cluster.intra.bandwidth * links) + (n - 1) * cluster.intra.latency
+    in_host = max(1, min(n, cluster.devices_per_host // stride))
+    remote = (n - in_host) / n * nbytes
+    return ((leaving - remote) / cluster.intra.bandwidth + remote / cluster.inter.bandwidth
+            + (in_host - 1) * cluster.intra.latency + (n // in_host - 1) * cluster.inter.latency)
+
+
 def dcn_shares(c: Candidate, slice_devices: int) -> dict[str, int] | None:
     """How many slices each axis spans (``parallel.dcn_<axis>``) when the devices, in ``MESH_AXES``
     order, fill one slice of ``slice_devices`` after another; None when that would split an axis
@@ -156,7 +180,23 @@ def layer_matmul_flops(m: ModelConfig) -> dict[str, float]:
     return {"query_proj": 2.0 * m.d_model * widths["query_proj"][0], "key_proj": 2.0 * m.d_model * widths["key_proj"][0],
             "value_proj": 2.0 * m.d_model * widths["value_proj"][0], "attention_out": 0.0,
             "out_proj": 2.0 * widths["attention_out"][0] * m.d_model,
-            "mlpwi": 2.0 * m.d_model * widths["mlpwi"][0], "mlpwo": 2.0 * m.d_ff * m.d_model}
+            "mlpwi": 2.0 * m.d_model * widths["mlpwi"][0], "mlpwo": 2.0 * active_d_ff(m) * m.d_model}
+
+
+def routed_flops(m: ModelConfig) -> float:
+    """Forward FLOPs per token of a mixture's routed experts (those it is routed to): part of
+    ``layer_matmul_flops``' MLP terms."""
+    return 2.0 * m.d_model * m.moe_top_k * m.expert_d_ff * (3 if m.activation in GATED else 2) if m.moe_experts else 0.0
+
+
+def routed_load(c: Candidate, w: Workload) -> float:
+    """The routed experts' work on the busiest device over the even share: a capacity dispatch
+    computes its full buffers (the capacity factor); a dropless one waits for the busiest expert shard
+    (``Workload.expert_imbalance``) when the experts are split over devices."""
+    m = w.model
+    if m.moe_dispatch == "capacity":
+        return m.moe_capacity_factor
+    return w.expert_imbalance if c.expert > 1 else 1.0
 
 
 def recomputed(remat: str, m: ModelConfig) -> dict[str, float]:
@@ -185,22 +225,28 @@ def elementwise_bytes(m: ModelConfig, c: Candidate, b: float) -> float:
     parallelism (``tensor_sequence``), else every tensor rank repeats it."""
     widths = named_widths(m)
     heads = 2 * (widths["query_proj"][0] + widths["key_proj"][0]) if m.position == "rope" else 0
-    mlp = widths["mlpwi"][0] + m.d_ff
+    mlp = widths["mlpwi"][0] + active_d_ff(m)
     residual = NORM_RESIDUAL_WIDTHS * m.d_model / (c.tensor if c.tensor_sequence else 1)
-    return (residual + (heads + mlp) / c.tensor) * b
+    dispatch = DISPATCH_WIDTHS * dispatched_rows(c, m) * m.d_model if m.moe_experts else 0.0
+    return (residual + dispatch + (heads + mlp) / c.tensor) * b
 
 
 def compute_times(c: Candidate, w: Workload, cluster: ClusterSpec) -> dict[str, float]:
     """Seconds per step of one device's compute, by term: the layers' matmuls, their attention kernel,
     their memory-bound work, and the LM head with its loss."""
     m, d, b = w.model, cluster.device, w.compute_bytes
-    tokens = w.tokens / (c.data * c.fsdp * c.sequence)  # through this device's layers, all microbatches
+    tokens = w.tokens / (c.batch_shards * c.sequence)  # through this device's layers, all microbatches
     layer_tokens = tokens * m.n_layers / c.stages
     again = recomputed(c.remat, m)
     passes = {term: 3.0 + extra + c.stage_remat for term, extra in again.items()}  # forward + backward = 3
     rows = microbatch_tokens(c, w)
     rate = d.peak_flops * efficiency(rows, m.d_model / c.tensor, d.knees, d.matmul_ceiling)
-    matmul_flops = sum(layer_matmul_flops(m).values()) / c.tensor  # a layer's, per token
+    routed = routed_flops(m)
+    matmul_time = (sum(layer_matmul_flops(m).values()) - routed) / c.tensor / rate  # a layer's, per token
+    if routed:  # each expert's matmuls have its share of the rows: fine-grained experts' are short
+        expert_rows = rows * m.moe_top_k * c.expert / m.moe_experts
+        expert_rate = d.peak_flops * efficiency(expert_rows, m.d_model / c.tensor, d.knees, d.matmul_ceiling)
+        matmul_time += (routed * routed_load(c, w) + 2.0 * m.d_model * m.moe_experts) / c.tensor / expert_rate
     kernel = w.attention_kernel
     attention_flops = 4.0 * w.seq_len * m.n_heads * m.kv_head_dim / c.tensor * CAUSAL_SHARE[kernel]
     memory_bytes = elementwise_bytes(m, c, b) + (
@@ -210,7 +256,7 @@ def compute_times(c: Candidate, w: Workload, cluster: ClusterSpec) -> dict[str, 
     head_tokens = tokens / c.stages if c.stages > 1 and c.schedule.head_spread else tokens
     vocab = m.vocab_size / c.tensor
     head_rate = d.peak_flops * efficiency(rows, min(vocab, m.d_model), d.knees, d.matmul_ceiling)
-    return {"matmul": layer_tokens * matmul_flops * passes["matmul"] / rate,
+    return {"matmul": layer_tokens * matmul_time * passes["matmul"],
             "attention": layer_tokens * attention_flops * passes["attention"] / (
                 d.peak_flops * d.matmul_ceiling * ATTENTION_RATE[kernel]),
             "memory": layer_tokens * (memory_bytes * passes["memory"] + 2 * kept) / d.hbm_bandwidth,
@@ -225,6 +271,14 @@ def comm_times(c: Candidate, w: Workload, cluster: ClusterSpec) -> dict[str, flo
     tokens = microbatch_tokens(c, w)
     layers = m.n_layers / c.stages
     activation = tokens * m.d_model * b
+    # The experts are gathered over fsdp alone; the rest of the params over fsdp and expert, as one
+    # group (hierarchically: expert's ring inside, with its share of the buffer, then fsdp's).
+    routed = routed_param_count(m) * layers / (c.expert * c.tensor)
+    dense = (stage_params - routed_param_count(m) * layers) / c.tensor
+
+    def gather(nbytes_per_param: float) -> float:
+        return (collective_time("fsdp", c, cluster, (dense + routed) * nbytes_per_param)
+                + collective_time("expert", c, cluster, dense / c.fsdp * nbytes_per_param))
     # all-reduces (or with sequence parallelism all-gather + reduce-scatter) per layer: 2 forward,
     # 2 backward, 2 more where the backward recomputes the projections
     tensor_collectives = 4 + (2 if recomputed(c.remat, m)["matmul"] > 0 else 0)
@@ -232,9 +286,13 @@ def comm_times(c: Candidate, w: Workload, cluster: ClusterSpec) -> dict[str, flo
     stage_link = axis_links(c, cluster)["stage"]
     return {
         # fsdp: gather params for forward and backward, scatter gradients, for every microbatch
-        "fsdp": c.microbatches * (2 * collective_time("fsdp", c, cluster, stage_params * b / c.tensor)
-                                  + collective_time("fsdp", c, cluster, stage_params * PARAM_BYTES / c.tensor)),
-        "data": collective_time("data", c, cluster, stage_params * PARAM_BYTES / (c.fsdp * c.tensor), passes=2),
+        "fsdp": c.microbatches * (2 * gather(b) + gather(PARAM_BYTES)),
+        "data": collective_time("data", c, cluster, stage_params * PARAM_BYTES / (c.fsdp * c.expert * c.tensor),
+                                passes=2),
+        # a mixture's tokens to their experts' devices and back (all-to-all), forward and backward, and
+        # again where the backward recomputes the layer
+        "expert": c.microbatches * layers * tensor_collectives * all_to_all_time(
+            "expert", c, cluster, tokens * dispatched_rows(c, m) * m.d_model * b) if m.moe_experts else 0.0,
         "tensor": c.microbatches * layers * tensor_collectives * collective_time("tensor", c, cluster, activation, 2),
         "sequence": c.microbatches * layers * 2 * collective_time("sequence", c, cluster, kv),
         "stage": 0.0 if c.stages == 1 else 2 * c.schedule.virtual * c.microbatches * (

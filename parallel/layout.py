@@ -23,6 +23,7 @@ class Candidate:
     virtual_stages: int = 1  # parallel.virtual_stages: chunks of layers per pipeline stage
     stage_remat: bool = False  # parallel.stage_remat: each tick's stage recomputed in the backward
     tensor_sequence: bool = False  # parallel.tensor_sequence: the residual stream split over tensor too
+    expert: int = 1  # parallel.expert: a mixture's experts split over devices (more fsdp for the rest)
 
     @property
     def schedule(self) -> Schedule:
@@ -30,8 +31,13 @@ class Candidate:
 
     @functools.cached_property
     def axes(self) -> dict[str, int]:
-        return {"stage": self.stages, "data": self.data, "fsdp": self.fsdp, "sequence": self.sequence,
-                "tensor": self.tensor}
+        return {"stage": self.stages, "data": self.data, "fsdp": self.fsdp, "expert": self.expert,
+                "sequence": self.sequence, "tensor": self.tensor}
+
+    @property
+    def batch_shards(self) -> int:
+        """The devices a step's rows are split over."""
+        return self.data * self.fsdp * self.expert
 
     def describe(self) -> str:
         mesh = " ".join(f"{k}={v}" for k, v in self.axes.items() if v > 1) or "1 device"
@@ -49,6 +55,9 @@ class Workload:
     seq_len: int
     platform: str  # the devices' (jax platform name: cpu, gpu, tpu): picks the attention kernel
     slice_devices: int = 0  # devices per slice where several are joined by the DCN (0: one slice)
+    # A mixture of experts' busiest expert shard's tokens over the mean (dropless with an expert axis:
+    # the step waits for it); trained routers with a balance loss keep it near 1.1-1.3 per device group
+    expert_imbalance: float = 1.2
     compute_bytes: int = field(init=False)  # activations and communicated params, in the model's dtype
     attention_kernel: str = field(init=False)  # xla, cudnn, flash or blockwise
     flash_attention: bool = field(init=False)  # no seq x seq scores kept for the backward pass
@@ -71,4 +80,4 @@ count_params = functools.lru_cache(maxsize=64)(param_count)  # the planner asks 
 
 def microbatch_tokens(c: Candidate, w: Workload) -> float:
     """Tokens one device holds in one microbatch."""
-    return w.tokens / (c.data * c.fsdp * c.microbatches * c.sequence)
+    return w.tokens / (c.batch_shards * c.microbatches * c.sequence)

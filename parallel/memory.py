@@ -4,7 +4,7 @@ weights, logits. Checked against XLA's TPU compiles of the planner's top layouts
 
 from __future__ import annotations
 
-from fax.models.config import NAMED_REMAT, ModelConfig, block_param_count, named_widths
+from fax.models.config import NAMED_REMAT, ModelConfig, active_d_ff, block_param_count, named_widths, routed_param_count
 from fax.parallel.layout import Candidate, Workload, count_params, microbatch_tokens
 
 MEMORY_HEADROOM = 0.9  # the share of device memory a plan may use (fragmentation, compiler temps)
@@ -38,14 +38,24 @@ def remat_bytes_per_token(remat: str, m: ModelConfig, tensor: int, b: float, spl
     projections = width["query_proj"] + width["key_proj"] + width["value_proj"] + width["mlpwi"]
     if remat == "none":
         return layer_input + (3 * m.d_model / residual + projections + width["attention_out"]
-                              + m.d_ff / tensor) * KEPT_IN_FLOAT32
+                              + active_d_ff(m) / tensor) * KEPT_IN_FLOAT32
     return layer_input + projections * b
 
 
+def dispatched_rows(c: Candidate, m: ModelConfig) -> float:
+    """Rows a mixture's expert matmuls read per local token (``fax.models.moe``): its top-k; the
+    dropless all-to-all's buffers hold every token going to each expert shard; capacity buffers the
+    factor over the even share."""
+    if m.moe_dispatch == "capacity":
+        return m.moe_top_k * m.moe_capacity_factor
+    return m.moe_top_k if c.expert == 1 else c.expert * min(m.moe_top_k, m.moe_experts // c.expert)
+
+
 def memory(c: Candidate, w: Workload) -> dict[str, float]:
-    """Bytes per device: parameters, gradients, optimizer state, activations, logits."""
+    """Bytes per device: parameters, gradients, optimizer state, activations, logits; a mixture of
+    experts' dispatch buffers."""
     m, b = w.model, w.compute_bytes
-    shard = c.stages * c.fsdp * c.tensor
+    shard = c.stages * c.fsdp * c.expert * c.tensor  # the experts over expert, the rest over it as over fsdp
     params = count_params(m) / shard
     layers = m.n_layers / c.stages
     tokens = microbatch_tokens(c, w)
@@ -68,8 +78,11 @@ def memory(c: Candidate, w: Workload) -> dict[str, float]:
         found["activations"] = per_token_layer * layers * tokens * layer_ticks + recompute + ticks_kept
         if s.virtual > 1:  # the stage's chunks gathered from the layer-ordered params, and their gradients
             found["pipeline_params"] = 2 * params * PARAM_BYTES
-    if c.fsdp > 1:  # a layer's params gathered in the compute dtype, and the next one's (prefetched)
-        found["gathered"] = 2 * block_param_count(m) / c.tensor * b
+    if m.moe_experts:  # a layer's rows sent to their experts and back, kept for the backward pass
+        found["dispatch"] = 2 * dispatched_rows(c, m) * m.d_model * b * tokens * (layers if c.remat == "none" else 1)
+    if c.fsdp * c.expert > 1:  # a layer's params gathered in the compute dtype, and the next one's (prefetched)
+        routed = routed_param_count(m)  # the experts are gathered over fsdp alone
+        found["gathered"] = 2 * (block_param_count(m) - routed + (routed / c.expert if c.fsdp > 1 else 0)) / c.tensor * b
     # float32 logits of one microbatch's rows per device at a time (a pipeline's head takes its rows in as
     # many pieces), a piece of the sequence at a time
     found["logits"] = tokens * m.vocab_size / c.tensor * 4 / c.loss_chunks

@@ -54,14 +54,19 @@ def head_layout(schedule: Schedule) -> tuple[str, int]:
     return "batch", schedule.microbatches
 
 
+def _leading(names: tuple[str, ...], x: jax.Array, rows: int) -> tuple[str | None, ...]:
+    """The names of the hidden states for them, the first ``rows`` of them for what else travels with
+    the rows (document ids, router statistics)."""
+    return names if x.ndim == len(names) else names[:rows] + (None,) * (x.ndim - rows)
+
+
 def _stage_state(state: Any) -> Any:
-    """Every leaf of the stages' carry [stage, batch, length, ...] sharded by stage (the hidden
-    states, and the rows' document ids, which take the leading names)."""
-    return jax.tree.map(lambda x: constrain(x, STAGE_STATE[:x.ndim]), state)
+    """Every leaf of the stages' carry [stage, batch, ...] sharded by stage."""
+    return jax.tree.map(lambda x: constrain(x, _leading(STAGE_STATE, x, 2)), state)
 
 
 def _spread(x: Any) -> Any:
-    return jax.tree.map(lambda a: constrain(a, SPREAD[:a.ndim]), x)
+    return jax.tree.map(lambda a: constrain(a, _leading(SPREAD, a, 1)), x)
 
 
 def split_microbatches(x: jax.Array, microbatches: int) -> jax.Array:

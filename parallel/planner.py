@@ -59,11 +59,13 @@ def problems(c: Candidate, w: Workload) -> list[tuple[str, str]]:
     indivisible = tensor_indivisible(m, c.tensor)
     if indivisible:
         found.append(("tensor", f"tensor={c.tensor} does not divide {indivisible}={getattr(m, indivisible)}"))
-    if m.d_model % c.fsdp:
-        found.append(("fsdp", f"fsdp={c.fsdp} does not divide d_model={m.d_model}"))
-    if w.global_batch % (c.data * c.fsdp * c.microbatches):
-        found.append(("batch", f"batch {w.global_batch} does not split into data x fsdp x microbatches = "
-                               f"{c.data * c.fsdp * c.microbatches}"))
+    if m.d_model % (c.fsdp * c.expert):
+        found.append(("fsdp", f"fsdp={c.fsdp} x expert={c.expert} does not divide d_model={m.d_model}"))
+    if c.expert > 1 and (not m.moe_experts or m.moe_experts % c.expert):
+        found.append(("expert", f"expert={c.expert} does not divide the {m.moe_experts} experts"))
+    if w.global_batch % (c.batch_shards * c.microbatches):
+        found.append(("batch", f"batch {w.global_batch} does not split into data x fsdp x expert x microbatches = "
+                               f"{c.batch_shards * c.microbatches}"))
     if w.slice_devices and dcn_shares(c, w.slice_devices) is None:
         found.append(("slices", f"its axes do not split evenly into slices of {w.slice_devices} devices with only "
                                 "stage, data and fsdp across them (the data-centre network)"))
@@ -90,19 +92,24 @@ def templates(cluster: ClusterSpec, w: Workload) -> dict[str, Candidate]:
 
 
 def meshes(cluster: ClusterSpec, w: Workload, max_stages: int | None = None) -> Iterator[Candidate]:
-    """Every split of the devices into stage x data x fsdp x sequence x tensor (one microbatch, no remat)."""
+    """Every split of the devices into stage x data x fsdp x expert x sequence x tensor (one microbatch,
+    no remat); the expert axis only for a mixture of experts, in sizes that divide its experts."""
+    experts = [e for e in divisors(w.model.moe_experts) if cluster.devices % e == 0] if w.model.moe_experts else [1]
     for stages in divisors(cluster.devices):
         if max_stages is not None and stages > max_stages or stages > w.model.n_layers:
             continue
-        for data, fsdp, sequence, tensor in factorizations(cluster.devices // stages, 4):
-            yield Candidate(stages, 1, data, fsdp, sequence, tensor)
+        for expert in experts:
+            if (cluster.devices // stages) % expert:
+                continue
+            for data, fsdp, sequence, tensor in factorizations(cluster.devices // (stages * expert), 4):
+                yield Candidate(stages, 1, data, fsdp, sequence, tensor, expert=expert)
 
 
 def schedules(mesh: Candidate, w: Workload) -> Iterator[tuple[dict[str, Any], list[int]]]:
     """For one mesh, each way to run it (remat policy, pipeline schedule, sequence parallelism, as
     ``Candidate`` fields) with its microbatch counts, fewest first (the divisors of each replica's
     batch): more of them, less memory."""
-    counts = [mb for mb in divisors(w.global_batch // (mesh.data * mesh.fsdp)) if mb <= MAX_MICROBATCHES]
+    counts = [mb for mb in divisors(w.global_batch // mesh.batch_shards) if mb <= MAX_MICROBATCHES]
     kinds: list[dict[str, Any]] = [dict(remat=remat) for remat in PLANNED_REMAT]
     if mesh.stages > 1:  # the pipeline's own schedules (the stage recomputed needs no layer remat)
         kinds.append(dict(remat="none", stage_remat=True))
@@ -224,7 +231,7 @@ def plan(model: ModelConfig, cluster: ClusterSpec, global_batch: int, seq_len: i
         if not problems(c, w) and (e := fitted(c, w, cluster)).fits:
             fitting.append(e)
     for mesh in meshes(cluster, w, max_stages):
-        if found := problems(mesh, w):  # one microbatch: the batch problem is data x fsdp's
+        if found := problems(mesh, w):  # one microbatch: the batch problem is the batch shards' own
             kind, message = found[0]
             searched += 1
             reject(f"indivisible {kind}", mesh, message)
@@ -242,7 +249,8 @@ def plan(model: ModelConfig, cluster: ClusterSpec, global_batch: int, seq_len: i
             searched += len(counts)
             previous = None
             for i, mb in enumerate(counts):
-                c = Candidate(mesh.stages, mb, axes["data"], axes["fsdp"], axes["sequence"], axes["tensor"], **kind)
+                c = Candidate(mesh.stages, mb, axes["data"], axes["fsdp"], axes["sequence"], axes["tensor"],
+                              expert=axes["expert"], **kind)
                 if found := problems(c, w):
                     reject(f"indivisible {found[0][0]}", c, found[0][1])
                     continue

@@ -19,10 +19,11 @@ Rules = Mapping[str, tuple[str, ...]]
 # earlier dimension of the same array is skipped, so an activation [batch, length, embed] puts
 # fsdp on the batch while the [embed, mlp] weight puts it on embed.
 DEFAULT_RULES: Rules = {
-    "batch": ("data", "fsdp"),
+    "batch": ("data", "fsdp", "expert"),
     "length": ("sequence",),
     "residual_length": ("sequence",),  # the residual stream's, between the blocks (see ``rules_for``)
-    "embed": ("fsdp",),
+    "embed": ("fsdp", "expert"),  # the experts' weights: fsdp alone (their experts take the expert axis)
+    "exp": ("expert",),  # a mixture of experts' experts
     "heads": ("tensor",),
     "kv_heads": ("tensor",),
     "mlp": ("tensor",),
@@ -31,7 +32,7 @@ DEFAULT_RULES: Rules = {
     "norm": (),
     "layers": ("stage",),  # consecutive layers per pipeline stage
     "stage": ("stage",),
-    "pipelined_batch": ("stage", "data", "fsdp"),  # a pipeline's output rows: the head spread over the stages
+    "pipelined_batch": ("stage", "data", "fsdp", "expert"),  # a pipeline's output rows: the head spread over the stages
 }
 
 BATCH_AXES = ("batch", "length")

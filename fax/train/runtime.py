@@ -191,9 +191,9 @@ class HostRuntime:
         return float(np.mean(self.evaluate_rows(take_rows(b, self.rows) for b in batches)))
 
     @staticmethod
-    def metrics(handle: dict[str, jax.Array]) -> dict[str, float]:
-        """The values of a submitted step (waits for it)."""
-        return {k: float(v) for k, v in jax.device_get(handle).items()}
+    def metrics(handle: dict[str, jax.Array]) -> dict[str, float | list[float]]:
+        """The values of a submitted step (waits for it); a vector (each expert's load) as a list."""
+        return {k: v.tolist() if v.ndim else float(v) for k, v in jax.device_get(handle).items()}
 
     def save(self, meta: dict[str, Any], wait: bool) -> bool:
         return self.checkpointer.save(self.state, meta, wait=wait)

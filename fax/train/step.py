@@ -42,6 +42,13 @@ def loss_sums(hidden: jax.Array, head: jax.Array, targets: jax.Array, counted: j
                       jnp.sum(jnp.where(counted, log_z**2, 0.0))])
 
 
+def router_terms(stats: models.RouterStats, layers: int) -> dict[str, jax.Array]:
+    """A mixture of experts' router statistics as metrics, each a mean over the rows and ``layers``:
+    the balance and z losses, each expert's share of the assignments, the share dropped."""
+    return {"moe_balance": jnp.mean(stats.balance) / layers, "moe_z_loss": jnp.mean(stats.z) / layers,
+            "expert_load": jnp.mean(stats.load, axis=0) / layers, "moe_dropped": jnp.mean(stats.dropped) / layers}
+
+
 def target_count(batch: Batch, microbatches: int = 1) -> jax.Array:
     """The next-token targets of a batch that count, as a share of one of ``microbatches``: each
     microbatch divides its loss sums by it, so that the microbatches' mean is the whole batch's
@@ -71,6 +78,9 @@ class Objective:
     rows: str = "batch"  # the logical axis the head's rows are laid out by (a pipeline's: over its stages too)
     row_pieces: int = 1  # the rows taken this many pieces at a time (a pipeline's: one microbatch's worth each)
     logit_softcap: float = 0.0  # model.logit_softcap
+    moe_aux_loss: float = 0.0  # model.moe_aux_loss: weight of the load-balancing loss, per layer
+    moe_z_loss: float = 0.0  # model.moe_z_loss
+    layers: int = 1  # model.n_layers: the router statistics are summed over them
 
     def __call__(self, hidden: jax.Array, head: jax.Array, targets: jax.Array, counted: jax.Array,
                  count: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -140,30 +150,36 @@ def _same(params: Any) -> Any:
 
 def batch_objective(graphdef: nnx.GraphDef, weights: Any, batch: Batch, objective: Objective,
                     run_layers: models.RunLayers = models.scan_layers,
-                    count: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """(the objective, the cross-entropy) of predicting each next token of rows [batch, seq_len + 1]
-    that counts, over ``count`` targets (default: these rows' own, ``target_count``)."""
+                    count: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(the objective, its parts: the cross-entropy as ``loss`` and a mixture of experts' ``router_terms``)
+    of predicting each next token of rows [batch, seq_len + 1] that counts, over ``count`` targets
+    (default: these rows' own, ``target_count``)."""
     count = target_count(batch) if count is None else count
     segments = batch.segments[:, :-1] if objective.documents else None
-    hidden = models.apply_hidden(graphdef, weights, batch.tokens[:, :-1], run_layers, segments)
-    return objective(*hidden, batch.tokens[:, 1:], batch.loss_mask[:, 1:], count)
+    hidden, head, stats = models.apply_hidden(graphdef, weights, batch.tokens[:, :-1], run_layers, segments)
+    total, ce = objective(hidden, head, batch.tokens[:, 1:], batch.loss_mask[:, 1:], count)
+    if stats is None:
+        return total, {"loss": ce}
+    terms = router_terms(stats, objective.layers)
+    total = total + objective.moe_aux_loss * terms["moe_balance"] + objective.moe_z_loss * terms["moe_z_loss"]
+    return total, {"loss": ce, **terms}
 
 
 def loss_and_grads(graphdef: nnx.GraphDef, params: Any, batch: Batch, objective: Objective,
                    run_layers: models.RunLayers = models.scan_layers, to_model: ToModel = _same,
-                   count: jax.Array | None = None) -> tuple[jax.Array, Any]:
-    """Cross-entropy of one (micro)batch [batch, seq_len + 1] and the gradient of the objective with
-    respect to ``params`` (``to_model`` turns them into the model's weights)."""
-    def of(p: Any) -> tuple[jax.Array, jax.Array]:
+                   count: jax.Array | None = None) -> tuple[dict[str, jax.Array], Any]:
+    """The objective's parts (``batch_objective``) of one (micro)batch [batch, seq_len + 1] and its
+    gradient with respect to ``params`` (``to_model`` turns them into the model's weights)."""
+    def of(p: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
         return batch_objective(graphdef, to_model(p), batch, objective, run_layers, count)
 
-    (_, ce), grads = jax.value_and_grad(of, has_aux=True)(params)
-    return ce, grads
+    (_, parts), grads = jax.value_and_grad(of, has_aux=True)(params)
+    return parts, grads
 
 
 def accumulated_grads(graphdef: nnx.GraphDef, params: Any, batch: Batch, microbatches: int,
-                      objective: Objective, to_model: ToModel = _same) -> tuple[jax.Array, Any]:
-    """Mean loss and gradient over ``microbatches`` equal slices of the batch, one slice at a time.
+                      objective: Objective, to_model: ToModel = _same) -> tuple[dict[str, jax.Array], Any]:
+    """Mean objective parts and gradient over ``microbatches`` equal slices of the batch, one slice at a time.
 
     Microbatch m takes rows m, m + M, m + 2M, ...: each device's block of the batch then feeds
     every microbatch, so no microbatch sits on a subset of the devices. Each draws dropout masks
@@ -173,22 +189,21 @@ def accumulated_grads(graphdef: nnx.GraphDef, params: Any, batch: Batch, microba
         return loss_and_grads(graphdef, params, batch, objective, to_model=to_model)
     micro, count = microbatches_of(batch, microbatches), target_count(batch, microbatches)
 
-    def body(carry: tuple[jax.Array, Any], mb_index: tuple[Batch, jax.Array]) -> tuple[tuple[jax.Array, Any], None]:
-        loss_sum, grad_sum = carry
-        mb, index = mb_index
-        loss, grads = loss_and_grads(graphdef, params, constrain_rows(mb), objective,
-                                     to_model=lambda p: lora_lib.for_microbatch(to_model(p), index), count=count)
-        return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+    def of(mb: Batch, index: jax.Array) -> tuple[dict[str, jax.Array], Any]:
+        return loss_and_grads(graphdef, params, constrain_rows(mb), objective,
+                              to_model=lambda p: lora_lib.for_microbatch(to_model(p), index), count=count)
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    (loss_sum, grad_sum), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
-                                           (micro, jnp.arange(microbatches)))
-    return loss_sum / microbatches, jax.tree.map(lambda g: g / microbatches, grad_sum)
+    def body(sums: Any, mb_index: tuple[Batch, jax.Array]) -> tuple[Any, None]:
+        return jax.tree.map(jnp.add, sums, of(*mb_index)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(of, jax.tree.map(lambda x: x[0], micro), jnp.int32(0)))
+    sums, _ = jax.lax.scan(body, zeros, (micro, jnp.arange(microbatches)))
+    return jax.tree.map(lambda total: total / microbatches, sums)
 
 
 def batch_grads(graphdef: nnx.GraphDef, params: Any, batch: Batch, schedule: Schedule, objective: Objective,
-                to_model: ToModel = _same) -> tuple[jax.Array, Any]:
-    """Loss and gradient of a batch: with pipeline stages the microbatches flow through the pipeline,
+                to_model: ToModel = _same) -> tuple[dict[str, jax.Array], Any]:
+    """The objective's parts and gradient of a batch: with pipeline stages the microbatches flow through the pipeline,
     otherwise they accumulate one after another (the same dropout masks either way)."""
     if schedule.stages > 1:
         run_layers = pipeline(schedule, lora_lib.for_microbatch)
@@ -204,7 +219,7 @@ def eval_loss(params: Any, batch: Batch, *, graphdef: nnx.GraphDef, schedule: Sc
 
     def ce(batch: Batch, run_layers: models.RunLayers = models.scan_layers, count: jax.Array | None = None
            ) -> jax.Array:
-        return batch_objective(graphdef, weights, batch, objective, run_layers, count)[1]
+        return batch_objective(graphdef, weights, batch, objective, run_layers, count)[1]["loss"]
 
     if schedule.stages > 1:
         return ce(batch, pipeline(schedule))
@@ -222,10 +237,10 @@ def train_step(state: State, batch: Batch, *, graphdef: nnx.GraphDef, tx: optax.
     def to_model(p: Any) -> Any:
         return model_params(with_trainable(state["params"], p, lora), lora, step_key)
 
-    loss, grads = batch_grads(graphdef, params, batch, schedule, objective, to_model)
+    parts, grads = batch_grads(graphdef, params, batch, schedule, objective, to_model)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     params = with_trainable(state["params"], optax.apply_updates(params, updates), lora)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr(state["step"])}
+    metrics = {**parts, "grad_norm": optax.tree.norm(grads), "lr": lr(state["step"])}
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
 
@@ -284,7 +299,9 @@ def build(cfg: Config, mesh: Mesh) -> ShardedTraining:
     schedule = pipeline_schedule(cfg, mesh.shape["stage"])
     layout = dict(graphdef=graphdef, schedule=schedule,
                   objective=Objective(cfg.train.z_loss, cfg.train.loss_chunks, cfg.data.document_mask,
-                                      *head_layout(schedule), logit_softcap=cfg.model.logit_softcap),
+                                      *head_layout(schedule), logit_softcap=cfg.model.logit_softcap,
+                                      moe_aux_loss=cfg.model.moe_aux_loss, moe_z_loss=cfg.model.moe_z_loss,
+                                      layers=cfg.model.n_layers),
                   lora=cfg.lora)
     step = functools.partial(train_step, tx=tx, lr=lr_schedule(cfg.optim, cfg.train.steps), seed=cfg.seed,
                              **layout)

@@ -124,7 +124,7 @@ def test_layouts_that_cannot_run_are_pruned_with_the_reason():
     assert problems(Candidate(tensor=3), w) == [("tensor", "tensor=3 does not divide n_heads=8")]
     assert problems(Candidate(stages=4), w) == [("stages", "2 layers do not split into 4 stages x 1 virtual stages")]
     assert problems(Candidate(data=4, fsdp=2, microbatches=4), w) == [
-        ("batch", "batch 16 does not split into data x fsdp x microbatches = 32")]
+        ("batch", "batch 16 does not split into data x fsdp x expert x microbatches = 32")]
     assert problems(Candidate(sequence=3), w) == [("sequence", "sequence=3 does not divide the sequence length 128")]
     assert problems(Candidate(data=2, fsdp=4, tensor=2, microbatches=2), w) == []
     with pytest.raises(ValueError, match=r"no layout of llama-70b fits v4-8 .*needs [\d.]+ GiB per device .*of 32 GiB"):
@@ -268,3 +268,44 @@ def test_sequence_parallelism_splits_the_residual_streams_memory_and_work():
     piped = [memory(Candidate(stages=4, microbatches=16, fsdp=2, tensor=8, stage_remat=True, tensor_sequence=sp), w)
              for sp in (False, True)]
     assert piped[1]["activations"] < piped[0]["activations"] / 3
+
+
+def test_a_mixture_of_experts_is_costed_by_its_active_parameters_and_its_all_to_alls():
+    from fax.models.config import matmul_param_count
+    from fax.parallel.cost import all_to_all_time, comm_times, compute_times
+
+    mixtral = models.preset("mixtral-8x7b")
+    assert round(param_count(mixtral) / 1e9, 1) == 46.7  # published: 46.7B in all, 12.9B active
+    assert round(matmul_param_count(mixtral) / 1e9, 1) == 12.7  # the active ones less the 0.13B embedding
+    w = Workload(mixtral, global_batch=256, seq_len=4096, platform="tpu")
+    assert w.flops_per_token == models.train_flops_per_token(mixtral, 4096)
+    # params, grads and optimizer split over the expert axis like over fsdp (the experts by expert, the rest too)
+    assert memory(Candidate(fsdp=32, expert=8), w)["params"] == memory(Candidate(fsdp=256), w)["params"]
+    cluster = cluster_preset("v5p-512")
+    dropless, capacity = Candidate(fsdp=32, expert=8), Candidate(fsdp=32, expert=8)
+    capacity_w = Workload(mixtral.replace(moe_dispatch="capacity"), 256, 4096, "tpu")
+    # dropless all-to-all buffers hold every token for every shard (8 shards of one expert: 8 rows a
+    # token); capacity buffers 1.25 x its 2 choices
+    tokens = 256 * 4096 / 256
+    assert all_to_all_time("expert", dropless, cluster, 1.0) > 0
+    ratio = comm_times(dropless, w, cluster)["expert"] / comm_times(capacity, capacity_w, cluster)["expert"]
+    assert ratio == pytest.approx(8 / (1.25 * 2), rel=0.05)  # less the latencies
+    assert comm_times(Candidate(fsdp=256), w, cluster)["expert"] == 0.0
+    # the busiest expert shard sets the pace (imbalance 1.2 by default): only with an expert axis
+    flat, split = compute_times(Candidate(fsdp=256), w, cluster), compute_times(dropless, w, cluster)
+    assert 1.05 < split["matmul"] / flat["matmul"] < 1.2
+    assert tokens == w.tokens / dropless.batch_shards
+    # the expert axis must divide the experts, and only a mixture has one
+    assert problems(Candidate(fsdp=16, expert=16), w)[0] == ("expert", "expert=16 does not divide the 8 experts")
+    dense = Workload(models.preset("llama-7b"), 256, 4096, "tpu")
+    assert problems(Candidate(fsdp=128, expert=2), dense)[0][0] == "expert"
+
+
+@pytest.mark.parametrize("model, cluster, batch", [("mixtral-8x7b", "v5p-512", 256), ("deepseek-v3", "h100-2048", 2048)])
+def test_mixtures_of_experts_are_planned_over_the_expert_axis(model, cluster, batch):
+    # capacity dispatch: the dropless one's all-to-all buffers are sized for the worst case (see fax.models.moe)
+    started = time.perf_counter()
+    result = plan(models.preset(model).replace(moe_dispatch="capacity"), cluster_preset(cluster), batch, 4096)
+    assert time.perf_counter() - started < 10
+    assert result.best.candidate.expert > 1, result.best.candidate.describe()
+    assert result.best.fits and "expert communication" in result.best.breakdown()
