@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from fax.models import ModelConfig
 from fax.params import run_params
 from fax.parallel import ParallelConfig, make_mesh
 from fax.interop.hf_config import HF, family, hf_config, model_config, model_type, read_config
+from fax.interop.hf_ties import Tie, ties
 
 __all__ = ["export_adapters", "export_params", "export_run", "family", "hf_config", "import_params", "init_model",
            "model_config", "model_type", "read_config", "ties", "token_ids"]
@@ -40,76 +40,6 @@ EXPORT_DTYPES = ("float32", "bfloat16")
 MAX_SHARD_BYTES = 5 * 2 ** 30  # the largest safetensors file an export writes (Hugging Face's default: 5 GB)
 FLOAT_DTYPES = ("F32", "F16", "BF16")  # safetensors dtypes fax reads
 DERIVED = ("rotary_emb.inv_freq",)  # buffers older checkpoints saved, recomputed from the config
-
-
-@dataclass(frozen=True)
-class Tie:
-    """fax parameter ``fax`` (per layer when ``hf`` has ``{i}``) <-> HF tensor ``hf``."""
-
-    fax: tuple[str, ...]
-    hf: str
-    hf_shape: tuple[int, ...]  # of the HF tensor (or of its column range), as stored
-    transpose: bool = False  # torch Linear stores [out, in]
-    cols: tuple[int, int] | None = None  # the columns of a fused tensor (last axis)
-    fused_width: int = 0  # the fused tensor's last axis
-
-    @property
-    def stored_shape(self) -> tuple[int, ...]:
-        """The shape of the HF tensor as stored (a fused tensor's whole)."""
-        return (*self.hf_shape[:-1], self.fused_width) if self.cols else self.hf_shape
-
-    def to_fax(self, tensor: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-        part = tensor[..., self.cols[0]:self.cols[1]] if self.cols else tensor
-        return (part.T if self.transpose else part).reshape(shape)
-
-    def to_hf(self, value: np.ndarray) -> np.ndarray:
-        return value.reshape(self.hf_shape[::-1]).T if self.transpose else value.reshape(self.hf_shape)
-
-
-def ties(cfg: ModelConfig) -> list[Tie]:
-    d, h, kv, hd, f, v = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.kv_head_dim, cfg.d_ff, cfg.vocab_size
-    if family(cfg) == "gpt2":
-        layer = "transformer.h.{i}."
-        out = [Tie(("embed",), "transformer.wte.weight", (v, d)),
-               Tie(("pos_embed",), "transformer.wpe.weight", (cfg.max_seq_len, d)),
-               Tie(("final_norm", "scale"), "transformer.ln_f.weight", (d,)),
-               Tie(("final_norm", "bias"), "transformer.ln_f.bias", (d,))]
-        for norm, hf_norm in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
-            out += [Tie(("blocks", norm, "scale"), f"{layer}{hf_norm}.weight", (d,)),
-                    Tie(("blocks", norm, "bias"), f"{layer}{hf_norm}.bias", (d,))]
-        for k, (w, b) in enumerate((("wq", "q_bias"), ("wk", "k_bias"), ("wv", "v_bias"))):
-            cols = (k * d, (k + 1) * d)
-            out += [Tie(("blocks", "attn", w), f"{layer}attn.c_attn.weight", (d, d), cols=cols, fused_width=3 * d),
-                    Tie(("blocks", "attn", b), f"{layer}attn.c_attn.bias", (d,), cols=cols, fused_width=3 * d)]
-        return out + [Tie(("blocks", "attn", "wo"), f"{layer}attn.c_proj.weight", (d, d)),
-                      Tie(("blocks", "attn", "out_bias"), f"{layer}attn.c_proj.bias", (d,)),
-                      Tie(("blocks", "mlp", "wi"), f"{layer}mlp.c_fc.weight", (d, f)),
-                      Tie(("blocks", "mlp", "in_bias"), f"{layer}mlp.c_fc.bias", (f,)),
-                      Tie(("blocks", "mlp", "wo"), f"{layer}mlp.c_proj.weight", (f, d)),
-                      Tie(("blocks", "mlp", "out_bias"), f"{layer}mlp.c_proj.bias", (d,))]
-    layer = "model.layers.{i}."
-    out = [Tie(("embed",), "model.embed_tokens.weight", (v, d)),
-           Tie(("final_norm", "scale"), "model.norm.weight", (d,)),
-           Tie(("blocks", "attn_norm", "scale"), f"{layer}input_layernorm.weight", (d,)),
-           *([Tie(("blocks", "post_attn_norm", "scale"), f"{layer}post_attention_layernorm.weight", (d,)),
-              Tie(("blocks", "mlp_norm", "scale"), f"{layer}pre_feedforward_layernorm.weight", (d,)),
-              Tie(("blocks", "post_mlp_norm", "scale"), f"{layer}post_feedforward_layernorm.weight", (d,))]
-             if cfg.post_norms else [Tie(("blocks", "mlp_norm", "scale"), f"{layer}post_attention_layernorm.weight", (d,))]),
-           Tie(("blocks", "attn", "wq"), f"{layer}self_attn.q_proj.weight", (h * hd, d), transpose=True),
-           Tie(("blocks", "attn", "wk"), f"{layer}self_attn.k_proj.weight", (kv * hd, d), transpose=True),
-           Tie(("blocks", "attn", "wv"), f"{layer}self_attn.v_proj.weight", (kv * hd, d), transpose=True),
-           Tie(("blocks", "attn", "wo"), f"{layer}self_attn.o_proj.weight", (d, h * hd), transpose=True),
-           Tie(("blocks", "mlp", "wg"), f"{layer}mlp.gate_proj.weight", (f, d), transpose=True),
-           Tie(("blocks", "mlp", "wi"), f"{layer}mlp.up_proj.weight", (f, d), transpose=True),
-           Tie(("blocks", "mlp", "wo"), f"{layer}mlp.down_proj.weight", (d, f), transpose=True)]
-    if cfg.qkv_bias:
-        out += [Tie(("blocks", "attn", f"{x}_bias"), f"{layer}self_attn.{x}_proj.bias", (n * hd,))
-                for x, n in (("q", h), ("k", kv), ("v", kv))]
-    if cfg.qk_norm:
-        out += [Tie(("blocks", "attn", f"{x}_norm", "scale"), f"{layer}self_attn.{x}_norm.weight", (hd,)) for x in "qk"]
-    if not cfg.tie_embeddings:
-        out.append(Tie(("head",), "lm_head.weight", (v, d), transpose=True))
-    return out
 
 
 class SafetensorsDir:
@@ -169,10 +99,7 @@ def tensor_problems(store: SafetensorsDir, cfg: ModelConfig) -> list[str]:
     """What keeps a checkpoint's tensors from being exactly the model ``cfg``: tensors missing, of
     another shape or of a non-float dtype, and tensors the model has no place for (a bias of another
     family, say: dropped, they would change the logits without a word)."""
-    wanted: dict[str, tuple[int, ...]] = {}
-    for tie in ties(cfg):
-        for i in range(cfg.n_layers) if "{i}" in tie.hf else [0]:
-            wanted[tie.hf.format(i=i)] = tie.stored_shape
+    wanted = {tie.hf.format(**at): tie.stored_shape for tie in ties(cfg) for at in stored_indices(tie, cfg)}
     found = {name: store.find(name) for name in wanted}
     problems = []
     missing = [name for name, stored in found.items() if stored is None]
@@ -199,28 +126,34 @@ def import_params(hf_dir: str | Path, cfg: ModelConfig, shardings: Params) -> Pa
     params: Params = {}
     for tie in ties(cfg):
         sharding = _get(shardings, tie.fax)
-        layered = "{i}" in tie.hf
-        one = _layer_shapes(cfg)[tie.fax]
-        shape = ((cfg.n_layers,) if layered else ()) + one
+        shape = _shapes(cfg)[tie.fax]
+        sizes = shape[:len(tie.leading)]  # layers, experts: one stored tensor each
 
-        def piece(index: tuple[slice, ...], tie: Tie = tie, layered: bool = layered, one: tuple = one) -> np.ndarray:
-            def layer(i: int) -> np.ndarray:
-                return tie.to_fax(store.read(store.find(tie.hf.format(i=i))), one)
-            if not layered:
-                return layer(0)[index]
-            return np.stack([layer(i)[index[1:]] for i in range(cfg.n_layers)[index[0]]])
+        def piece(index: tuple[slice, ...], tie: Tie = tie, sizes: tuple = sizes, unit: tuple = shape[len(sizes):]
+                  ) -> np.ndarray:
+            def part(at: dict[str, int], depth: int = 0) -> np.ndarray:  # the stored tensors under ``at``
+                if depth == len(sizes):
+                    return tie.to_fax(store.read(store.find(tie.hf.format(**at))), unit)[index[depth:]]
+                return np.stack([part({**at, tie.leading[depth]: k}, depth + 1)
+                                 for k in range(sizes[depth])[index[depth]]])
+            return part({})
 
         _set(params, tie.fax, jax.make_array_from_callback(shape, sharding, piece))
     return params
 
 
+def stored_indices(tie: Tie, cfg: ModelConfig) -> list[dict[str, int]]:
+    """The placeholders of each stored tensor a tie reads: every layer's, every layer's experts'."""
+    layers = [{"i": i} for i in range(cfg.n_layers)] if "i" in tie.leading else [{}]
+    return [{**at, "j": j} for at in layers for j in range(cfg.moe_experts)] if "j" in tie.leading else layers
+
+
 @functools.cache
-def _layer_shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
-    """The shape of every fax parameter, of one layer for the stacked blocks."""
+def _shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """The shape of every fax parameter."""
     _, state = models.abstract(cfg)
     leaves = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state))[0]
-    return {tuple(k.key for k in path): leaf.shape[1:] if path[0].key == "blocks" else leaf.shape
-            for path, leaf in leaves}
+    return {tuple(k.key for k in path): leaf.shape for path, leaf in leaves}
 
 
 class SafetensorsShards:
@@ -281,9 +214,9 @@ def export_params(params: Params, cfg: ModelConfig, out_dir: str | Path, dtype: 
     writer, fused = SafetensorsShards(out, max_shard_bytes), {}
     for tie in ties(cfg):
         value = _get(params, tie.fax)
-        for i in range(cfg.n_layers) if "{i}" in tie.hf else [None]:
-            name = tie.hf.format(i=i or 0)
-            part = tie.to_hf(np.asarray(jax.device_get(value if i is None else value[i]), np.float32))
+        for at in stored_indices(tie, cfg):
+            name = tie.hf.format(**at)
+            part = tie.to_hf(np.asarray(jax.device_get(value[tuple(at.values())]), np.float32))
             if tie.cols:  # GPT-2's c_attn: written once its q, k and v columns are all in
                 whole, filled = fused.setdefault(name, (np.zeros(tie.stored_shape, np.float32), [0]))
                 whole[..., tie.cols[0]:tie.cols[1]] = part

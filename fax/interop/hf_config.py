@@ -10,9 +10,12 @@ from typing import Any
 from fax.models import ModelConfig
 
 HF = "hf:"  # what names a Hugging Face folder where a run directory or a model preset may go
+# Mixtures of experts of Llama's layout: Mixtral (Mistral's), Qwen2-MoE (Qwen2's, a gated shared expert),
+# Qwen3-MoE (Qwen3's); every layer's MLP routed by a softmax over the experts
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
 GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # the tanh GELU fax's GPT blocks use
 # Model types of Llama's layout (Qwen: q/k/v biases, q/k norms; Gemma: GeGLU, 1 + w norms, scaled embeddings)
-LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", *MOE)
 GEMMA = {"activation": "geglu", "norm_plus_one": True, "embed_scale": True}  # what makes a Llama layout Gemma
 TANH_GELU = ("gelu", "gelu_pytorch_tanh", "gelu_new")  # Gemma's hidden_act: its legacy "gelu" means the tanh one
 # The config keys of those families fax reads or knows to change nothing in the forward pass (labels, ids,
@@ -25,6 +28,9 @@ LLAMA_LIKE_KEYS = frozenset({
     "pretraining_tp",  # how Meta's training split the matmuls: the same product
     "hidden_activation", "use_bidirectional_attention", "final_logit_softcapping", "attn_logit_softcapping",
     "query_pre_attn_scalar", "cache_implementation",
+    "num_local_experts", "num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
+    "norm_topk_prob", "router_aux_loss_coef", "router_jitter_noise", "decoder_sparse_step", "mlp_only_layers",
+    "qkv_bias", "output_router_logits",
     "_name_or_path", "architectures", "bos_token_id", "eos_token_id", "pad_token_id", "chunk_size_feed_forward",
     "dtype", "torch_dtype", "id2label", "label2id", "initializer_range", "is_encoder_decoder", "output_attentions",
     "output_hidden_states", "problem_type", "return_dict", "transformers_version", "use_cache", "tokenizer_class"})
@@ -68,7 +74,24 @@ def model_type(cfg: ModelConfig) -> str:
     if cfg.qk_norm and cfg.qkv_bias:
         raise ValueError("model.qk_norm with model.qkv_bias matches no Hugging Face architecture (Qwen3 has q/k "
                          "norms, Qwen2 q/k/v biases)")
+    if cfg.moe_experts:
+        return moe_type(cfg)
     return "qwen3" if cfg.qk_norm else "qwen2" if cfg.qkv_bias else "llama"
+
+
+def moe_type(cfg: ModelConfig) -> str:
+    """The HF ``model_type`` of a mixture of experts, or a ValueError naming what none has."""
+    kind = "qwen3_moe" if cfg.qk_norm else "qwen2_moe" if cfg.qkv_bias else "mixtral"
+    wrong = [f"model.{k}={getattr(cfg, k)}" for k, ok in (("moe_router", "softmax"), ("moe_route_scale", 1.0))
+             if getattr(cfg, k) != ok]
+    if kind == "mixtral" and not cfg.moe_norm_topk:
+        wrong.append("model.moe_norm_topk=False (Mixtral renormalises its top-k weights)")
+    if (kind == "qwen2_moe") != bool(cfg.moe_shared_d_ff and cfg.moe_shared_gate):
+        wrong.append("a shared expert (Qwen2-MoE has one, with its sigmoid gate, and q/k/v biases; Mixtral and "
+                     "Qwen3-MoE none)")
+    if wrong:
+        raise ValueError(f"no Hugging Face mixture of experts matches {', '.join(wrong)}")
+    return kind
 
 
 def read_config(hf_dir: str | Path) -> dict[str, Any]:
@@ -102,7 +125,9 @@ def model_config(hf: dict[str, Any]) -> ModelConfig:
                                       "hidden_activation": (None, *TANH_GELU[1:]),
                                       "use_bidirectional_attention": (None, False),
                                       "attention_dropout": (None, 0, 0.0), "partial_rotary_factor": (None, 1, 1.0)})
-        if kind != "qwen2" and hf.get("attention_bias"):
+        problems += _unsupported(hf, {"router_jitter_noise": (None, 0, 0.0), "decoder_sparse_step": (None, 1),
+                                      "mlp_only_layers": (None, [])})
+        if kind not in ("qwen2", "qwen2_moe") and hf.get("attention_bias"):
             problems.append("attention_bias=True (biases on all four attention projections: fax has them on "
                             "q, k and v alone, as Qwen2)")
         unknown = sorted(set(hf) - LLAMA_LIKE_KEYS)
@@ -116,15 +141,31 @@ def model_config(hf: dict[str, Any]) -> ModelConfig:
                           n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
                           head_dim=hf.get("head_dim") or 0, d_ff=hf["intermediate_size"], norm="rmsnorm",
                           activation="geglu" if gemma else "swiglu", position="rope", use_bias=False,
-                          qkv_bias=kind == "qwen2", qk_norm=kind == "qwen3", norm_plus_one=gemma, embed_scale=gemma,
+                          qkv_bias=kind in ("qwen2", "qwen2_moe"), qk_norm=kind in ("qwen3", "qwen3_moe"),
+                          norm_plus_one=gemma, embed_scale=gemma,
                           tie_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
-                          norm_eps=hf.get("rms_norm_eps", 1e-6), **rope, **gemma2_settings(hf))
+                          norm_eps=hf.get("rms_norm_eps", 1e-6), **rope, **gemma2_settings(hf), **moe_settings(hf))
     else:
         raise ValueError(f"model_type {kind!r} is not supported; fax imports {', '.join(('gpt2',) + LLAMA_LIKE)} "
                          "checkpoints")
     if problems:
         raise ValueError(f"cannot import this {kind} checkpoint: " + "; ".join(problems))
     return cfg
+
+
+def moe_settings(hf: dict[str, Any]) -> dict[str, Any]:
+    """A mixture of experts' ``model.moe_*`` settings (Mixtral's experts are ``intermediate_size`` wide;
+    Qwen's ``moe_intermediate_size``, beside Qwen2-MoE's gated shared expert)."""
+    kind = hf["model_type"]
+    if kind not in MOE:
+        return {}
+    qwen = kind != "mixtral"
+    return {"moe_experts": hf.get("num_local_experts") or hf["num_experts"], "moe_top_k": hf["num_experts_per_tok"],
+            "moe_d_ff": hf["moe_intermediate_size"] if qwen else 0,
+            "moe_shared_d_ff": hf.get("shared_expert_intermediate_size") or 0 if kind == "qwen2_moe" else 0,
+            "moe_shared_gate": kind == "qwen2_moe" and bool(hf.get("shared_expert_intermediate_size")),
+            "moe_norm_topk": bool(hf.get("norm_topk_prob", False)) if qwen else True,
+            "moe_aux_loss": float(hf.get("router_aux_loss_coef", 0.0))}
 
 
 def gemma2_settings(hf: dict[str, Any]) -> dict[str, Any]:
@@ -161,7 +202,7 @@ def sliding_window(hf: dict[str, Any]) -> int | None:
     window = hf.get("sliding_window")
     if not window:
         return None
-    windowed = hf["model_type"] == "mistral" or hf.get("use_sliding_window") or \
+    windowed = hf["model_type"] in ("mistral", "mixtral") or hf.get("use_sliding_window") or \
         "sliding_attention" in (hf.get("layer_types") or ())
     return int(window) if windowed else None
 
@@ -174,7 +215,8 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
                 "tie_word_embeddings": True, "torch_dtype": "float32"}
     kind = model_type(cfg)
     architecture = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                    "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM"}[kind]
+                    "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "mixtral": "MixtralForCausalLM",
+                    "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}[kind]
     config = {"model_type": kind, "architectures": [architecture], "vocab_size": cfg.vocab_size,
               "max_position_embeddings": cfg.max_seq_len, "hidden_size": cfg.d_model,
               "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
@@ -182,10 +224,20 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
               "hidden_act": "gelu_pytorch_tanh" if kind.startswith("gemma") else "silu", "rms_norm_eps": cfg.norm_eps,
               "rope_theta": cfg.rope_theta,
               "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": "float32"}
-    if kind != "qwen2":
+    if kind not in ("qwen2", "qwen2_moe"):
         config |= {"attention_bias": False} | ({"mlp_bias": False} if kind == "llama" else {})
-    if kind in ("qwen2", "qwen3"):
-        config |= {"use_sliding_window": False, "sliding_window": None}
+    if kind in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral"):
+        config |= {"sliding_window": None} | ({} if kind == "mixtral" else {"use_sliding_window": False})
+    if kind == "mixtral":
+        config |= {"num_local_experts": cfg.moe_experts, "intermediate_size": cfg.expert_d_ff}
+    elif kind in MOE:
+        config |= {"num_experts": cfg.moe_experts, "moe_intermediate_size": cfg.expert_d_ff,
+                   "norm_topk_prob": cfg.moe_norm_topk, "decoder_sparse_step": 1, "mlp_only_layers": []}
+    if kind == "qwen2_moe":
+        config |= {"shared_expert_intermediate_size": cfg.moe_shared_d_ff, "qkv_bias": True}
+    if kind in MOE:
+        config |= {"num_experts_per_tok": cfg.moe_top_k, "router_aux_loss_coef": cfg.moe_aux_loss,
+                   "router_jitter_noise": 0.0}
     if kind == "gemma2":  # every layer attends to the whole context (a window as long as it)
         config |= {"hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": int(cfg.query_scale or cfg.kv_head_dim),
                    "final_logit_softcapping": cfg.logit_softcap or None, "attn_logit_softcapping": cfg.attn_softcap or None,

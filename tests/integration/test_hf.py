@@ -51,8 +51,23 @@ CONFIGS = {
                                                 head_dim=16, intermediate_size=64, rope_theta=500.0,
                                                 final_logit_softcapping=3.0, attn_logit_softcapping=2.0,
                                                 query_pre_attn_scalar=24, sliding_window=64),
+    # Mixtures of experts: top-2 of 4 (Mixtral); Qwen2-MoE's weights not renormalised, its gated shared
+    # expert and q/k/v biases; Qwen3-MoE's renormalised top-2 of 8 narrow experts and q/k norms
+    "mixtral": lambda: transformers.MixtralConfig(vocab_size=320, max_position_embeddings=64, hidden_size=32,
+                                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                  intermediate_size=64, num_local_experts=4, num_experts_per_tok=2,
+                                                  rope_theta=500.0),
+    "qwen2_moe": lambda: transformers.Qwen2MoeConfig(
+        vocab_size=320, max_position_embeddings=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=64, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        shared_expert_intermediate_size=48, norm_topk_prob=False, rope_theta=500.0),
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(
+        vocab_size=320, max_position_embeddings=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, intermediate_size=64, num_experts=8, num_experts_per_tok=2,
+        moe_intermediate_size=32, norm_topk_prob=True, rope_theta=500.0),
 }
 MESHES = {"1 device": (ParallelConfig(fsdp=1), 1), "2x2x2": (ParallelConfig(data=2, fsdp=2, tensor=2), 8)}
+EXPERT_MESH = (ParallelConfig(expert=2, fsdp=2, tensor=2), 8)  # a mixture of experts' instead of data=2
 
 
 def hf_model(kind, path):
@@ -86,6 +101,7 @@ def test_import_matches_transformers_and_export_loads_back(kind, tmp_path):
     want = hf_logits(model, TOKENS)
     cfg = hf.model_config(hf.read_config(tmp_path / "hf"))
     for name, (parallel, n) in MESHES.items():
+        parallel, n = EXPERT_MESH if cfg.moe_experts and n > 1 else (parallel, n)
         mesh = make_mesh(parallel, jax.devices()[:n])
         *_, shardings = param_layout(Config(model=cfg), mesh)
         params = hf.import_params(tmp_path / "hf", cfg, shardings)

@@ -1,0 +1,111 @@
+"""The table tying every fax parameter to the Hugging Face tensor it comes from (per layer, per
+expert), with the transpose and reshape between the layouts: import and export both read it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fax.models import ModelConfig
+from fax.interop.hf_config import family, model_type
+
+
+@dataclass(frozen=True)
+class Tie:
+    """fax parameter ``fax`` (per layer when ``hf`` has ``{i}``, per expert of a layer's ``{j}``) <-> HF
+    tensor ``hf``."""
+
+    fax: tuple[str, ...]
+    hf: str
+    hf_shape: tuple[int, ...]  # of the HF tensor (or of its column range), as stored
+    transpose: bool = False  # torch Linear stores [out, in]
+    cols: tuple[int, int] | None = None  # the columns of a fused tensor (last axis)
+    fused_width: int = 0  # the fused tensor's last axis
+
+    @property
+    def leading(self) -> tuple[str, ...]:
+        """The placeholders of ``hf``, each a leading axis of the fax parameter: layers, then experts."""
+        return tuple(k for k in ("i", "j") if "{" + k + "}" in self.hf)
+
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        """The shape of the HF tensor as stored (a fused tensor's whole)."""
+        return (*self.hf_shape[:-1], self.fused_width) if self.cols else self.hf_shape
+
+    def to_fax(self, tensor: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        part = tensor[..., self.cols[0]:self.cols[1]] if self.cols else tensor
+        return (part.T if self.transpose else part).reshape(shape)
+
+    def to_hf(self, value: np.ndarray) -> np.ndarray:
+        return value.reshape(self.hf_shape[::-1]).T if self.transpose else value.reshape(self.hf_shape)
+
+
+def ties(cfg: ModelConfig) -> list[Tie]:
+    d, h, kv, hd, f, v = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.kv_head_dim, cfg.d_ff, cfg.vocab_size
+    if family(cfg) == "gpt2":
+        layer = "transformer.h.{i}."
+        out = [Tie(("embed",), "transformer.wte.weight", (v, d)),
+               Tie(("pos_embed",), "transformer.wpe.weight", (cfg.max_seq_len, d)),
+               Tie(("final_norm", "scale"), "transformer.ln_f.weight", (d,)),
+               Tie(("final_norm", "bias"), "transformer.ln_f.bias", (d,))]
+        for norm, hf_norm in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
+            out += [Tie(("blocks", norm, "scale"), f"{layer}{hf_norm}.weight", (d,)),
+                    Tie(("blocks", norm, "bias"), f"{layer}{hf_norm}.bias", (d,))]
+        for k, (w, b) in enumerate((("wq", "q_bias"), ("wk", "k_bias"), ("wv", "v_bias"))):
+            cols = (k * d, (k + 1) * d)
+            out += [Tie(("blocks", "attn", w), f"{layer}attn.c_attn.weight", (d, d), cols=cols, fused_width=3 * d),
+                    Tie(("blocks", "attn", b), f"{layer}attn.c_attn.bias", (d,), cols=cols, fused_width=3 * d)]
+        return out + [Tie(("blocks", "attn", "wo"), f"{layer}attn.c_proj.weight", (d, d)),
+                      Tie(("blocks", "attn", "out_bias"), f"{layer}attn.c_proj.bias", (d,)),
+                      Tie(("blocks", "mlp", "wi"), f"{layer}mlp.c_fc.weight", (d, f)),
+                      Tie(("blocks", "mlp", "in_bias"), f"{layer}mlp.c_fc.bias", (f,)),
+                      Tie(("blocks", "mlp", "wo"), f"{layer}mlp.c_proj.weight", (f, d)),
+                      Tie(("blocks", "mlp", "out_bias"), f"{layer}mlp.c_proj.bias", (d,))]
+    layer = "model.layers.{i}."
+    out = [Tie(("embed",), "model.embed_tokens.weight", (v, d)),
+           Tie(("final_norm", "scale"), "model.norm.weight", (d,)),
+           Tie(("blocks", "attn_norm", "scale"), f"{layer}input_layernorm.weight", (d,)),
+           *([Tie(("blocks", "post_attn_norm", "scale"), f"{layer}post_attention_layernorm.weight", (d,)),
+              Tie(("blocks", "mlp_norm", "scale"), f"{layer}pre_feedforward_layernorm.weight", (d,)),
+              Tie(("blocks", "post_mlp_norm", "scale"), f"{layer}post_feedforward_layernorm.weight", (d,))]
+             if cfg.post_norms else [Tie(("blocks", "mlp_norm", "scale"), f"{layer}post_attention_layernorm.weight", (d,))]),
+           Tie(("blocks", "attn", "wq"), f"{layer}self_attn.q_proj.weight", (h * hd, d), transpose=True),
+           Tie(("blocks", "attn", "wk"), f"{layer}self_attn.k_proj.weight", (kv * hd, d), transpose=True),
+           Tie(("blocks", "attn", "wv"), f"{layer}self_attn.v_proj.weight", (kv * hd, d), transpose=True),
+           Tie(("blocks", "attn", "wo"), f"{layer}self_attn.o_proj.weight", (d, h * hd), transpose=True),
+           Tie(("blocks", "mlp", "wg"), f"{layer}mlp.gate_proj.weight", (f, d), transpose=True),
+           Tie(("blocks", "mlp", "wi"), f"{layer}mlp.up_proj.weight", (f, d), transpose=True),
+           Tie(("blocks", "mlp", "wo"), f"{layer}mlp.down_proj.weight", (d, f), transpose=True)]
+    if cfg.qkv_bias:
+        out += [Tie(("blocks", "attn", f"{x}_bias"), f"{layer}self_attn.{x}_proj.bias", (n * hd,))
+                for x, n in (("q", h), ("k", kv), ("v", kv))]
+    if cfg.qk_norm:
+        out += [Tie(("blocks", "attn", f"{x}_norm", "scale"), f"{layer}self_attn.{x}_norm.weight", (hd,)) for x in "qk"]
+    if not cfg.tie_embeddings:
+        out.append(Tie(("head",), "lm_head.weight", (v, d), transpose=True))
+    return [t for t in out if not (cfg.moe_experts and t.fax[:2] == ("blocks", "mlp"))] + moe_ties(cfg)
+
+
+def moe_ties(cfg: ModelConfig) -> list[Tie]:
+    """A mixture of experts' router, experts and shared expert: Mixtral's names, or Qwen's MoE's."""
+    if not cfg.moe_experts:
+        return []
+    d, e, f, shared = cfg.d_model, cfg.moe_experts, cfg.expert_d_ff, cfg.moe_shared_d_ff
+    layer = "model.layers.{i}."
+    if model_type(cfg) == "mixtral":
+        moe = f"{layer}block_sparse_moe."
+        names = {"wg": "w1", "wi": "w3", "wo": "w2"}
+    else:
+        moe = f"{layer}mlp."
+        names = {"wg": "gate_proj", "wi": "up_proj", "wo": "down_proj"}
+    out = [Tie(("blocks", "mlp", "router"), f"{moe}gate.weight", (e, d), transpose=True)]
+    for w, name in names.items():
+        shape = (d, f) if w == "wo" else (f, d)
+        out.append(Tie(("blocks", "mlp", w), f"{moe}experts.{{j}}.{name}.weight", shape, transpose=True))
+        if shared:
+            out.append(Tie(("blocks", "mlp", "shared", w), f"{moe}shared_expert.{name}.weight",
+                           (d, shared) if w == "wo" else (shared, d), transpose=True))
+    if cfg.moe_shared_gate:
+        out.append(Tie(("blocks", "mlp", "shared_gate"), f"{moe}shared_expert_gate.weight", (1, d), transpose=True))
+    return out
