@@ -39,8 +39,9 @@ class CheckpointDamaged(ConfigError):
         return CheckpointDamaged, (self.step, self.reason)
 
 TMP_MARKER = ".orbax-checkpoint-tmp"
-# Model settings that change only how the step is computed, not the shapes a checkpoint holds.
-COMPUTE_ONLY_MODEL_KEYS = {"dtype", "remat", "attention_impl"}
+# Model settings that change only how the step is computed, not the shapes a checkpoint holds: free to
+# differ on resume and from an import (a mixture's dispatch: capacity drops change the step, not the params)
+COMPUTE_ONLY_MODEL_KEYS = {"dtype", "remat", "attention_impl", "moe_dispatch", "moe_capacity_factor", "moe_imbalance"}
 
 
 class _QuietReadOnly(logging.Filter):

@@ -96,6 +96,10 @@ class LoraConfig:
         found = [f"lora.targets: unknown {', '.join(unknown)}; choose from {', '.join(LORA_TARGETS)}"] if unknown else []
         if "mlp.wg" in self.targets and model.activation not in ("swiglu", "geglu"):
             found.append("lora.targets: mlp.wg exists only with model.activation=swiglu or geglu")
+        experts = [t for t in self.targets if t.startswith("mlp.")] if model.moe_experts else []
+        if experts:
+            found.append(f"lora.targets: {', '.join(experts)} of a mixture of experts are per-expert weights, which "
+                         "fax's LoRA does not adapt; adapt the attention (attn.wq, attn.wk, attn.wv, attn.wo)")
         if not self.targets:
             found.append("lora.targets is empty; name the weights to adapt, e.g. [attn.wq, attn.wv]")
         return found

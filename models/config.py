@@ -97,6 +97,9 @@ class ModelConfig:
     moe_capacity_factor: float = 1.25  # with moe_dispatch=capacity
     moe_aux_loss: float = 0.01  # weight of the load-balancing loss (Switch: experts x sum of load x mean probability)
     moe_z_loss: float = 0.001  # weight of the router z-loss (mean squared logsumexp of the router logits)
+    # What the planner assumes of the busiest expert shard: its tokens over the mean (a dropless step waits
+    # for it); routers trained with a balance loss stay near 1.1-1.3 per group of devices
+    moe_imbalance: float = 1.2
 
     @property
     def kv_head_dim(self) -> int:
@@ -152,6 +155,8 @@ class ModelConfig:
         if self.moe_dispatch == "capacity" and not self.moe_capacity_factor > 0:
             out.append(f"model.moe_capacity_factor must be positive with model.moe_dispatch=capacity, "
                        f"got {self.moe_capacity_factor}")
+        if self.moe_imbalance < 1:
+            out.append(f"model.moe_imbalance={self.moe_imbalance}: the busiest shard's load over the mean is >= 1")
         if self.moe_shared_gate and not self.moe_shared_d_ff:
             out.append("model.moe_shared_gate needs a shared expert: set model.moe_shared_d_ff")
         if self.use_bias:

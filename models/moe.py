@@ -105,7 +105,7 @@ def expert_mlp(activation: str, rows: jax.Array, weights: tuple[jax.Array, ...],
 
 def _counts(ids: jax.Array, n: int) -> jax.Array:
     """How many of ``ids`` equal each of 0..n-1 (ids >= n, padding, are not counted)."""
-    return jnp.sum(ids[:, None] == jnp.arange(n)[None, :], axis=0, dtype=jnp.int32)
+    return jnp.bincount(ids, length=n).astype(jnp.int32)
 
 
 def dropless_experts(x: jax.Array, experts: jax.Array, weights: jax.Array, *expert_weights: jax.Array,

@@ -192,11 +192,11 @@ def routed_flops(m: ModelConfig) -> float:
 def routed_load(c: Candidate, w: Workload) -> float:
     """The routed experts' work on the busiest device over the even share: a capacity dispatch
     computes its full buffers (the capacity factor); a dropless one waits for the busiest expert shard
-    (``Workload.expert_imbalance``) when the experts are split over devices."""
+    (``model.moe_imbalance``) when the experts are split over devices."""
     m = w.model
     if m.moe_dispatch == "capacity":
         return m.moe_capacity_factor
-    return w.expert_imbalance if c.expert > 1 else 1.0
+    return m.moe_imbalance if c.expert > 1 else 1.0
 
 
 def recomputed(remat: str, m: ModelConfig) -> dict[str, float]:

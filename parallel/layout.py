@@ -55,9 +55,6 @@ class Workload:
     seq_len: int
     platform: str  # the devices' (jax platform name: cpu, gpu, tpu): picks the attention kernel
     slice_devices: int = 0  # devices per slice where several are joined by the DCN (0: one slice)
-    # A mixture of experts' busiest expert shard's tokens over the mean (dropless with an expert axis:
-    # the step waits for it); trained routers with a balance loss keep it near 1.1-1.3 per device group
-    expert_imbalance: float = 1.2
     compute_bytes: int = field(init=False)  # activations and communicated params, in the model's dtype
     attention_kernel: str = field(init=False)  # xla, cudnn, flash or blockwise
     flash_attention: bool = field(init=False)  # no seq x seq scores kept for the backward pass

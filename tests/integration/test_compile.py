@@ -16,13 +16,14 @@ def fax(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_a_tpu_slice_compiles_and_reports_memory_and_collectives_by_axis():
-    # a mixture of experts over every axis it has: the tokens reach their experts by all-to-all
-    done = fax("compile", "model=llama-tiny", "model.moe_experts=8", "train.batch_size=32", "parallel.fsdp=2",
-               "parallel.expert=4", "parallel.tensor=2", "--cluster", "v5e-16")
+    # a mixture of experts: tokens reach their experts by all-to-all, the rest of the params are gathered
+    # over the expert axis as over fsdp, each expert's MLP split over tensor (axes of sizes told apart)
+    done = fax("compile", "model=llama-tiny", "model.moe_experts=8", "train.batch_size=32", "parallel.fsdp=1",
+               "parallel.expert=8", "parallel.tensor=2", "--cluster", "v5e-16")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "v5e-16: 16 x TPU v5 lite, mesh fsdp=2 x expert=4 x tensor=2, 32 x 128 tokens/step" in done.stdout
+    assert "v5e-16: 16 x TPU v5 lite, mesh expert=8 x tensor=2, 32 x 128 tokens/step" in done.stdout
     assert "of 16 GiB (fits)" in done.stdout
-    assert "all-gather over fsdp" in done.stdout and "over tensor" in done.stdout
+    assert "all-gather over expert" in done.stdout and "all-reduce over tensor" in done.stdout
     assert "all-to-all over expert" in done.stdout
 
 

@@ -131,6 +131,8 @@ def test_moe_settings_are_checked_before_compiling():
                for p in layout_problems(cfg, cfg.parallel.axis_sizes(8)))
     dense = load_config(overrides=["model=llama-tiny", "parallel.expert=2", "parallel.fsdp=4"])
     assert any("a dense model" in p for p in layout_problems(dense, dense.parallel.axis_sizes(8)))
+    lora = load_config(overrides=MOE + ["lora.rank=4", "lora.targets=[attn.wq,mlp.wi]"])
+    assert any("lora.targets: mlp.wi of a mixture of experts" in p for p in lora.lora.problems(lora.model))
 
 
 def test_capacity_slots_fill_first_choices_first():

@@ -159,8 +159,8 @@ def grads_on_mesh(cfg, tokens: np.ndarray):
         lambda params, t: step_lib.batch_grads(training.graphdef, params, t,
                                                step_lib.pipeline_schedule(cfg, training.mesh.shape["stage"]),
                                                step_lib.Objective()), training.mesh))
-    loss, grads = fn(training.init()["params"], jax.device_put(tokens, training.batch_sharding))
-    return training, float(loss), jax.tree.map(np.asarray, grads)
+    parts, grads = fn(training.init()["params"], jax.device_put(tokens, training.batch_sharding))
+    return training, float(parts["loss"]), jax.tree.map(np.asarray, grads)
 
 
 @pytest.mark.parametrize("model", ["gpt-tiny", "llama-tiny"])

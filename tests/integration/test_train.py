@@ -85,11 +85,11 @@ def test_prompt_tokens_are_read_but_not_trained_on(tmp_path):
     tokens = Batch.of(ids, loss_mask=~prompt)
     expected = masked_cross_entropy(graphdef, params, tokens)
     objective = step_lib.Objective()
-    assert float(step_lib.batch_objective(graphdef, params, tokens, objective)[1]) == pytest.approx(expected, rel=1e-5)
+    assert float(step_lib.batch_objective(graphdef, params, tokens, objective)[1]["loss"]) == pytest.approx(expected, rel=1e-5)
     # Microbatches hold different numbers of targets: the loss and gradients are still the batch's.
     whole = jax.jit(step_lib.accumulated_grads, static_argnums=(0, 3, 4))(graphdef, params, tokens, 1, objective)
     parts = jax.jit(step_lib.accumulated_grads, static_argnums=(0, 3, 4))(graphdef, params, tokens, 4, objective)
-    assert float(parts[0]) == pytest.approx(float(whole[0]), rel=1e-6)
+    assert float(parts[0]["loss"]) == pytest.approx(float(whole[0]["loss"]), rel=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), parts[1], whole[1])
     evaluate = functools.partial(step_lib.eval_loss, graphdef=graphdef, schedule=step_lib.Schedule(1, 4),
                                  objective=objective, lora=cfg.lora)
