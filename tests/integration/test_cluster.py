@@ -1,4 +1,6 @@
-"""Ray mode: 2 emulated hosts x 4 CPU devices, one HostWorker actor and one JAX process each."""
+"""Ray mode: 2 emulated hosts x 4 CPU devices, one HostWorker actor and one JAX process each. The model is
+a mixture of experts over expert=8: its tokens cross the hosts by all-to-all, its other params are
+sharded over the axis as over fsdp."""
 
 import dataclasses
 import os
@@ -33,10 +35,11 @@ from fax.train.evaluate import evaluate_checkpoint  # noqa: E402
 from fax.parallel import make_mesh  # noqa: E402
 
 STEPS = 6
+MODEL = ["model=gpt-tiny", "model.use_bias=false", "model.moe_experts=8", "parallel.expert=8", "parallel.fsdp=1"]
 
 
 def settings(run_dir, corpus, *extra):
-    return ["model=gpt-tiny", f"run_dir={run_dir}", f"data.path={corpus}", "train.batch_size=8",
+    return [*MODEL, f"run_dir={run_dir}", f"data.path={corpus}", "train.batch_size=8",
             "train.seq_len=32", "train.sample_tokens=0", "train.log_every=1", f"train.steps={STEPS}",
             "checkpoint.every_n_steps=2", "cluster.heartbeat_timeout_s=10", *extra]
 
@@ -52,7 +55,7 @@ def losses(run_dir):
 
 def saved_params(run_dir, step):
     """A checkpoint's params, restored onto one device of this process."""
-    cfg = load_config(overrides=["model=gpt-tiny"])
+    cfg = load_config(overrides=[*MODEL[:3], "parallel.fsdp=1"])
     training = step_lib.build(cfg, make_mesh(cfg.parallel, jax.devices()[:1]))
     target = jax.eval_shape(training.init)["params"]
     return Checkpointer(str(run_dir / "checkpoints"), read_only=True).restore_params(
@@ -111,7 +114,7 @@ def test_bring_up_gives_each_host_its_rows(ray_run, small_corpus):
     assert [b["process_index"] for b in report["built"]] == [0, 1]
     assert [b["local_devices"] for b in report["built"]] == [4, 4]
     assert len(set(report["pids"])) == 2 and os.getpid() not in report["pids"]
-    assert report["rows"] == [[(0, 4)], [(4, 8)]]  # the batch is sharded over fsdp=8: 4 devices' rows per host
+    assert report["rows"] == [[(0, 4)], [(4, 8)]]  # the batch is sharded over expert=8: 4 devices' rows per host
     last_batch = Sampler(TokenDataset.open(small_corpus), 8, 32, seed=0).batch(STEPS - 1)
     seen = report["seen"]
     for host, rows in ((0, slice(0, 4)), (1, slice(4, 8))):
@@ -137,7 +140,7 @@ def test_ray_mode_matches_local_mode(ray_run, local_run, small_corpus):
     assert sorted(remote) == list(range(1, STEPS + 1))
     np.testing.assert_allclose([remote[s] for s in sorted(local)], [local[s] for s in sorted(local)], rtol=1e-5)
     # The hosts' evaluation of the final params equals one process's evaluation of the local run's.
-    cfg = load_config(overrides=settings(local_run, small_corpus))
+    cfg = load_config(overrides=settings(local_run, small_corpus, "parallel.expert=1"))
     training = step_lib.build(cfg, make_mesh(cfg.parallel, jax.devices()[:1]))
     params = saved_params(local_run, STEPS)
     alone = np.mean([float(training.evaluate(params, batch)) for batch in held_out(small_corpus)])
@@ -190,7 +193,7 @@ def test_checkpoints_move_between_ray_and_local_mode(ray_run, local_run, tmp_pat
 
 def test_a_host_that_never_joins_is_a_clear_error(ray_cluster, tmp_path, small_corpus):
     cfg = load_config(overrides=settings(tmp_path, small_corpus, "cluster.ray=true", "cluster.hosts=3",
-                                         "cluster.startup_timeout_s=5", "parallel.data=3", "parallel.fsdp=4",
+                                         "cluster.startup_timeout_s=5", "parallel.data=3", "parallel.fsdp=4", "parallel.expert=1",
                                          "train.batch_size=12"))
     started = time.monotonic()
     with pytest.raises(ClusterError, match=r"could not place 3 host workers of \{'fax_host': 1\} each within "
