@@ -272,7 +272,7 @@ class MoeMlp(nnx.Module):
             choice, dropped = experts, jnp.zeros(x.shape[:1], jnp.float32)
             run = functools.partial(moe.dropless_experts, **common)
         weight_axes = [moe.EXPERT_IN] * (len(expert_weights) - 1) + [moe.EXPERT_OUT]
-        y = per_device(run, [moe.TOKENS, moe.ROUTES, moe.ROUTES, *weight_axes], moe.TOKENS, collectives=True)(
+        y = per_device(run, [moe.TOKENS, moe.ROUTES, moe.ROUTES, *weight_axes], moe.TOKENS)(
             constrain(x, moe.TOKENS), choice, weights, *expert_weights)
         if cfg.moe_shared_d_ff:
             shared = self.shared(x)

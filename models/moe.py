@@ -10,8 +10,8 @@ MLP (the partial outputs are summed over it).
 Two dispatches (``model.moe_dispatch``):
 
 - ``dropless``: every routed token is computed. A device's assignments are sorted by expert and run
-  through grouped matmuls (``jax.lax.ragged_dot``); across expert shards each destination's buffer
-  holds the worst case (every local token to it), as the shapes are static.
+  through grouped matmuls (``grouped_matmul``); across expert shards each destination's buffer holds
+  the worst case (every local token to it), as the shapes are static.
 - ``capacity``: each expert takes at most ``capacity`` tokens of a sequence (first choices before
   second ones, then by position; GShard's priority); the rest pass by on the residual stream. The
   buffers [experts, capacity] are dense, so the matmuls are batched einsums.
@@ -26,8 +26,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
+from jax.experimental.pallas.ops.tpu.megablox import ops as megablox
 
 from fax.models.config import GATED, ModelConfig
+from fax.models.sharding import platform
 
 TOKENS = ("batch", "length", "embed")  # the routed experts' input and output (the sequence whole over tensor)
 ROUTES = ("batch", "length", None)  # each token's k choices
@@ -103,6 +105,27 @@ def expert_mlp(activation: str, rows: jax.Array, weights: tuple[jax.Array, ...],
     return matmul(h, w_out.astype(rows.dtype))
 
 
+def grouped_matmul(rows: jax.Array, weights: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """``rows`` [m, k], sorted by group, each group's through its weights [groups, k, n]: [m, n], zero
+    past the groups' rows. On TPUs the Pallas grouped-matmul kernels (their backward's weight gradient a
+    transposed grouped matmul: XLA's TPU lowering of ``ragged_dot``'s computes it densely, every group
+    for every row); elsewhere ``jax.lax.ragged_dot`` (XLA's CPU backend computes every group for every
+    row, forward too)."""
+    tiling = _tiling(rows.shape[0], rows.shape[1], weights.shape[-1])
+    if platform() == "tpu" and tiling:
+        out = megablox.gmm(rows, weights, group_sizes, preferred_element_type=rows.dtype, tiling=tiling)
+    else:
+        out = jax.lax.ragged_dot(rows, weights, group_sizes)
+    return jnp.where((jnp.arange(rows.shape[0]) < jnp.sum(group_sizes))[:, None], out, 0)
+
+
+def _tiling(m: int, k: int, n: int) -> tuple[int, int, int] | None:
+    """The grouped-matmul kernel's tiles: rows in a block of up to 128 that divides them (None: none
+    of at least 8 does), the other dimensions whole below 128, in tiles of 128 above."""
+    rows = next((t for t in (128, 64, 32, 16, 8) if m % t == 0), None)
+    return None if rows is None else (rows, min(k, 128), min(n, 128))
+
+
 def _counts(ids: jax.Array, n: int) -> jax.Array:
     """How many of ``ids`` equal each of 0..n-1 (ids >= n, padding, are not counted)."""
     return jnp.bincount(ids, length=n).astype(jnp.int32)
@@ -121,7 +144,7 @@ def dropless_experts(x: jax.Array, experts: jax.Array, weights: jax.Array, *expe
     rows = x.reshape(-1, d)[order // k]
     grouped = functools.partial(expert_mlp, activation, weights=expert_weights)
     if shards == 1:
-        out = grouped(rows, matmul=functools.partial(jax.lax.ragged_dot, group_sizes=_counts(ids, local)))
+        out = grouped(rows, matmul=functools.partial(grouped_matmul, group_sizes=_counts(ids, local)))
     else:
         # Assignments to each expert shard are contiguous in ``rows``: each goes to slot (its index
         # among that shard's) of the buffer sent there, sized for every token going there.
@@ -134,7 +157,7 @@ def dropless_experts(x: jax.Array, experts: jax.Array, weights: jax.Array, *expe
                                      tiled=True)
         received, received_ids = exchange(send).reshape(-1, d), exchange(send_ids).reshape(-1)
         by_expert = jnp.argsort(received_ids, stable=True)  # the padding (id ``local``) last
-        matmul = functools.partial(jax.lax.ragged_dot, group_sizes=_counts(received_ids, local))
+        matmul = functools.partial(grouped_matmul, group_sizes=_counts(received_ids, local))
         computed = grouped(received[by_expert], matmul=matmul)
         back = exchange(jnp.zeros_like(computed).at[by_expert].set(computed).reshape(shards, slots, d))
         out = back[shard, slot]

@@ -54,19 +54,17 @@ def platform() -> str:
     return jax.default_backend() if resolver is None else resolver(()).mesh.devices.flat[0].platform
 
 
-def per_device(fn: Callable, in_axes: Sequence[LogicalAxes], out_axes: LogicalAxes,
-               collectives: bool = False) -> Callable:
+def per_device(fn: Callable, in_axes: Sequence[LogicalAxes], out_axes: LogicalAxes) -> Callable:
     """``fn`` run on each device's block of its arguments, split by their logical axes (``jax.shard_map``;
     an axis named None is whole on every device): how a kernel without a sharding rule of its own runs
-    on a mesh. Without a resolver, ``fn`` itself. With ``collectives`` (``fn`` calls them over
-    ``mesh_axes``), JAX tracks which values vary over which axes, so that its gradients sum over the
-    devices they should."""
+    on a mesh, or a computation with collectives of its own over ``mesh_axes``. Without a resolver,
+    ``fn`` itself."""
     resolver = _resolver.get()
     if resolver is None:
         return fn
     specs = tuple(_resolved(axes).spec for axes in in_axes)
     return jax.shard_map(fn, mesh=resolver(()).mesh, in_specs=specs, out_specs=_resolved(out_axes).spec,
-                         check_vma=collectives)
+                         check_vma=False)
 
 
 def mesh_axes(name: str) -> tuple[str, ...]:

@@ -192,10 +192,13 @@ def routed_flops(m: ModelConfig) -> float:
 def routed_load(c: Candidate, w: Workload) -> float:
     """The routed experts' work on the busiest device over the even share: a capacity dispatch
     computes its full buffers (the capacity factor); a dropless one waits for the busiest expert shard
-    (``model.moe_imbalance``) when the experts are split over devices."""
+    (``model.moe_imbalance``) when the experts are split over devices. XLA's CPU backend computes a
+    grouped matmul as every local expert's for every row of its buffer."""
     m = w.model
     if m.moe_dispatch == "capacity":
         return m.moe_capacity_factor
+    if w.platform == "cpu":
+        return dispatched_rows(c, m) / m.moe_top_k * m.moe_experts / c.expert
     return m.moe_imbalance if c.expert > 1 else 1.0
 
 

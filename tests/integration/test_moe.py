@@ -18,7 +18,7 @@ from fax.train import step as step_lib
 MOE = ["model=llama-tiny", "model.moe_experts=4", "model.moe_top_k=2", "train.batch_size=16", "train.seq_len=32"]
 
 
-def losses(overrides: list[str], n_devices: int, steps: int = 3) -> list[dict[str, np.ndarray]]:
+def losses(overrides: list[str], n_devices: int, steps: int = 2) -> list[dict[str, np.ndarray]]:
     cfg = load_config(overrides=MOE + overrides)
     assert not layout_problems(cfg, cfg.parallel.axis_sizes(n_devices))
     training = step_lib.build(cfg, make_mesh(cfg.parallel, jax.devices()[:n_devices]))
@@ -34,7 +34,8 @@ def losses(overrides: list[str], n_devices: int, steps: int = 3) -> list[dict[st
 def test_expert_parallel_meshes_train_as_one_device(dispatch):
     extra = [f"model.moe_dispatch={dispatch}", "model.moe_capacity_factor=1.0"]
     one = losses(["parallel.fsdp=1", *extra], 1)
-    meshes = [["parallel.expert=4", "parallel.fsdp=2"], ["parallel.expert=2", "parallel.fsdp=2", "parallel.tensor=2"]]
+    meshes = [["parallel.expert=4", "parallel.fsdp=2"],
+              ["parallel.expert=2", "parallel.fsdp=2", "parallel.tensor=2", "model.remat=full"]]
     for mesh in meshes if dispatch == "dropless" else meshes[1:]:
         many = losses([*mesh, *extra], 8)
         for a, b in zip(one, many):
@@ -45,6 +46,18 @@ def test_expert_parallel_meshes_train_as_one_device(dispatch):
     assert first["expert_load"].shape == (4,) and first["expert_load"].sum() == pytest.approx(1.0)
     assert first["moe_balance"] >= 1.0 - 1e-6  # 1 exactly when perfectly even
     assert (first["moe_dropped"] > 0) == (dispatch == "capacity")
+
+
+def test_a_pipelined_mixture_trains_as_one_device():
+    """The router statistics travel with the rows through the stages (interleaved, expert-parallel):
+    the same losses, gradients and balance loss as one device accumulating the same microbatches."""
+    extra = ["model.n_layers=4", "train.microbatches=4"]
+    one = losses(["parallel.fsdp=1", *extra], 1)
+    piped = losses(["parallel.stage=2", "parallel.expert=2", "parallel.fsdp=2", "parallel.stage_remat=true",
+                    "parallel.virtual_stages=2", *extra], 8)
+    for a, b in zip(one, piped):
+        for key in ("loss", "grad_norm", "moe_balance", "expert_load"):
+            np.testing.assert_allclose(b[key], a[key], rtol=1e-5, err_msg=key)
 
 
 def reference_moe(x, router, wi, wg, wo, k, capacity=None):

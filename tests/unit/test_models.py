@@ -131,3 +131,29 @@ def test_auto_attention_is_the_fused_kernel_only_where_it_exists():
     assert attention_implementation(cfg.replace(dtype="bfloat16"), "tpu") == "xla"
     assert attention_implementation(cfg.replace(dtype="bfloat16"), "cpu") == "xla"
     assert attention_implementation(cfg.replace(attention_impl="cudnn"), "cpu") == "cudnn"  # as set
+
+
+def test_the_tpu_grouped_matmul_kernel_is_ragged_dots_in_interpret_mode(monkeypatch):
+    """On TPUs the experts' grouped matmuls are the Pallas kernels (whose weight gradient is grouped
+    too, where XLA's TPU lowering of ragged_dot's is dense): the same values and gradients, and zero
+    past the groups' rows (the padding of an all-to-all's buffer)."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    from fax.models import moe
+
+    rng = np.random.default_rng(0)
+    rows, weights = jnp.asarray(rng.normal(size=(96, 32)), jnp.float32), jnp.asarray(rng.normal(size=(4, 32, 48)), jnp.float32)
+    sizes = jnp.array([30, 0, 41, 17], jnp.int32)  # 88 rows in groups, 8 of padding
+
+    def loss(x, w):
+        return jnp.sum(moe.grouped_matmul(x, w, sizes) ** 2)
+
+    expected, expected_grads = moe.grouped_matmul(rows, weights, sizes), jax.grad(loss, (0, 1))(rows, weights)
+    monkeypatch.setattr(moe, "platform", lambda: "tpu")
+    with pltpu.force_tpu_interpret_mode():
+        got, grads = moe.grouped_matmul(rows, weights, sizes), jax.grad(loss, (0, 1))(rows, weights)
+        assert "pallas_call" in str(jax.make_jaxpr(jax.grad(loss, (0, 1)))(rows, weights))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
+    assert not np.asarray(got[88:]).any()
+    np.testing.assert_allclose(grads[0][:88], expected_grads[0][:88], rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(grads[1], expected_grads[1], rtol=1e-5, atol=1e-3)
