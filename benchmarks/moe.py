@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import jax
@@ -53,35 +52,20 @@ def main() -> None:
     import numpy as np
 
     from fax import load_config
-    from fax.checkpoint import abstract_like
     from fax.config import validate
     from fax.data import Batch
     from fax.models.config import train_flops_per_token
-    from fax.parallel import make_mesh
-    from fax.train import step as step_lib
+    from timed_steps import prepared, time_alternating
 
     tokens = Batch.of(np.random.default_rng(0).integers(0, 4096, (args.batch, 129)))
     runs = {}
     for name, extra in RUNS.items():
         cfg = load_config(overrides=SHAPE + extra + [f"train.batch_size={args.batch}"])
         validate(cfg, len(jax.devices()))
-        training = step_lib.build(cfg, make_mesh(cfg.parallel))
-        state = abstract_like(jax.eval_shape(training.init), training.state_shardings)
-        memory = step_lib.compile_step(training, state, tokens.tokens.shape).memory_analysis()
-        batch = jax.device_put(tokens, training.batch_sharding)
-        params = training.init()
-        _, metrics = training.step(jax.tree.map(lambda x: x.copy(), params), batch)  # compiles
-        runs[name] = {"training": training, "params": params, "batch": batch, "loss": float(metrics["loss"]),
-                      "dropped": float(metrics.get("moe_dropped", 0.0)), "temp_bytes": memory.temp_size_in_bytes,
-                      "flops_per_token": train_flops_per_token(cfg.model, cfg.seq_len), "times": []}
-    for _ in range(args.rounds):  # alternate, so that the machine's noise falls on all alike
-        for run in runs.values():
-            state = jax.tree.map(lambda x: x.copy(), run["params"])
-            started = time.perf_counter()
-            for _ in range(args.steps):
-                state, metrics = run["training"].step(state, run["batch"])
-            jax.block_until_ready(metrics)
-            run["times"].append((time.perf_counter() - started) / args.steps)
+        run = runs[name] = prepared(cfg, tokens)
+        run["dropped"] = float(run["metrics"].get("moe_dropped", 0.0))
+        run["flops_per_token"] = train_flops_per_token(cfg.model, cfg.seq_len)
+    time_alternating(runs, args.rounds, args.steps)
     dense = statistics.median(runs["dense fsdp=8"]["times"])
     rows = []
     print(f"{args.batch} rows of 128 tokens a step, 8 emulated devices ({jax.devices()[0].device_kind})")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import jax
@@ -44,10 +43,8 @@ def main() -> None:
 
     from fax import load_config
     from fax.config import validate
-    from fax.checkpoint import abstract_like
     from fax.data import Batch
-    from fax.parallel import make_mesh
-    from fax.train import step as step_lib
+    from timed_steps import prepared, time_alternating
 
     rows = []
     for micro in (4, 8, 16):
@@ -58,22 +55,8 @@ def main() -> None:
             cfg = load_config(overrides=SHAPE + extra + ["parallel.data=1", f"train.microbatches={accumulated}",
                                                          f"train.batch_size={args.rows * micro}"])
             validate(cfg, len(jax.devices()))
-            training = step_lib.build(cfg, make_mesh(cfg.parallel))
-            state = abstract_like(jax.eval_shape(training.init), training.state_shardings)
-            memory = step_lib.compile_step(training, state, tokens.tokens.shape).memory_analysis()
-            batch = jax.device_put(tokens, training.batch_sharding)
-            params = training.init()
-            _, metrics = training.step(jax.tree.map(lambda x: x.copy(), params), batch)  # compile; the first loss
-            runs[name] = {"training": training, "params": params, "batch": batch, "loss": float(metrics["loss"]),
-                          "temp_bytes": memory.temp_size_in_bytes, "times": []}
-        for _ in range(args.rounds):  # alternate, so that the machine's noise falls on all alike
-            for run in runs.values():
-                state = jax.tree.map(lambda x: x.copy(), run["params"])
-                started = time.perf_counter()
-                for _ in range(args.steps):
-                    state, metrics = run["training"].step(state, run["batch"])
-                jax.block_until_ready(metrics)
-                run["times"].append((time.perf_counter() - started) / args.steps)
+            runs[name] = prepared(cfg, tokens)
+        time_alternating(runs, args.rounds, args.steps)
         base = statistics.median(runs["unpipelined"]["times"])
         gpipe = statistics.median(runs["gpipe"]["times"])
         print(f"M={micro} ({args.rows * micro} rows of 128 tokens):")

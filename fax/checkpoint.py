@@ -40,8 +40,9 @@ class CheckpointDamaged(ConfigError):
 
 TMP_MARKER = ".orbax-checkpoint-tmp"
 # Model settings that change only how the step is computed, not the shapes a checkpoint holds: free to
-# differ on resume and from an import (a mixture's dispatch: capacity drops change the step, not the params)
-COMPUTE_ONLY_MODEL_KEYS = {"dtype", "remat", "attention_impl", "moe_dispatch", "moe_capacity_factor", "moe_imbalance"}
+# differ on resume and from an import (a mixture's dispatch and its router losses' weights, as the lr may)
+COMPUTE_ONLY_MODEL_KEYS = {"dtype", "remat", "attention_impl", "moe_dispatch", "moe_capacity_factor", "moe_imbalance",
+                           "moe_aux_loss", "moe_z_loss"}
 
 
 class _QuietReadOnly(logging.Filter):

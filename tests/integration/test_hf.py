@@ -113,7 +113,7 @@ def test_import_matches_transformers_and_export_loads_back(kind, tmp_path):
     np.testing.assert_allclose(hf_logits(back, TOKENS), want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("kind", [k for k in CONFIGS if k != "gpt2"])
+@pytest.mark.parametrize("kind", [k for k in CONFIGS if k not in ("gpt2", "qwen3_moe")])  # Qwen3-MoE: Qwen3's + Mixtral's
 def test_kv_cache_greedy_generation_equals_transformers(kind, tmp_path):
     """32 tokens through the serving engine's KV cache, greedy, from an imported checkpoint: the
     tokens transformers' greedy ``generate`` gives (Llama 3.1 scaling past its 16-token pretraining

@@ -121,7 +121,7 @@ def test_loss_in_chunks_equals_the_whole_loss_and_holds_fewer_logits():
 def test_remat_policies_do_not_change_the_step():
     tokens = batch(config("llama-tiny", (2, 2, 2)))
     _, _, none = one_step(config("llama-tiny", (2, 2, 2)), 8, tokens)
-    for policy in ("full", "dots_saveable", "save_qkv_proj", "save_dot_except_mlpwi", "offload_qkv_proj"):
+    for policy in ("full", "dots_saveable", "save_dot_except_mlpwi", "offload_qkv_proj"):
         _, _, metrics = one_step(config("llama-tiny", (2, 2, 2), f"model.remat={policy}"), 8, tokens)
         for key in ("loss", "grad_norm"):
             np.testing.assert_allclose(metrics[key], none[key], rtol=1e-5, err_msg=policy)
@@ -163,7 +163,7 @@ def grads_on_mesh(cfg, tokens: np.ndarray):
     return training, float(parts["loss"]), jax.tree.map(np.asarray, grads)
 
 
-@pytest.mark.parametrize("model", ["gpt-tiny", "llama-tiny"])
+@pytest.mark.parametrize("model", ["llama-tiny"])  # the schedules are the model's layers whatever they hold
 def test_pipeline_stages_match_one_stage(model):
     """GPipe, interleaved (V = 2, with sequence parallelism: the stages' hidden states split over
     tensor too) and stage-rematerialised schedules over S = 2 and 4 stages: the unpipelined step's
