@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from fax.models.config import LORA_TARGETS, ModelConfig, tensor_indivisible
+from fax.models.config import LORA_TARGETS, ModelConfig, expert_indivisible, tensor_indivisible
 from fax.models.presets import preset
 from fax.parallel.config import ParallelConfig
 from fax.parallel.layout import Candidate
@@ -363,7 +363,7 @@ def layout_problems(cfg: Config, sizes: dict[str, int]) -> list[str]:
     if m.d_model % (sizes["fsdp"] * sizes["expert"]):
         problems.append(f"model.d_model={m.d_model} is not divisible by parallel.fsdp x parallel.expert = "
                         f"{sizes['fsdp'] * sizes['expert']}")
-    if sizes["expert"] > 1 and (not m.moe_experts or m.moe_experts % sizes["expert"]):
+    if expert_indivisible(m, sizes["expert"]):
         problems.append(f"parallel.expert={sizes['expert']} must divide model.moe_experts={m.moe_experts} "
                         + ("(a dense model: set parallel.expert=1)" if not m.moe_experts else "(each device holds "
                            "an equal share of the experts)"))

@@ -169,9 +169,19 @@ def active_d_ff(cfg: ModelConfig) -> int:
     return cfg.moe_top_k * cfg.expert_d_ff + cfg.moe_shared_d_ff if cfg.moe_experts else cfg.d_ff
 
 
+def expert_param_count(cfg: ModelConfig) -> int:
+    """Parameters of one routed expert (its MLP's matrices)."""
+    return (3 if cfg.activation in GATED else 2) * cfg.d_model * cfg.expert_d_ff
+
+
 def routed_param_count(cfg: ModelConfig) -> int:
     """Parameters of one block's routed experts (0: a dense model): split over the expert axis."""
-    return cfg.moe_experts * (3 if cfg.activation in GATED else 2) * cfg.d_model * cfg.expert_d_ff
+    return cfg.moe_experts * expert_param_count(cfg)
+
+
+def expert_indivisible(cfg: ModelConfig, expert: int) -> bool:
+    """Whether ``expert`` devices cannot each hold an equal share of the experts (a dense model has none)."""
+    return expert > 1 and (not cfg.moe_experts or cfg.moe_experts % expert != 0)
 
 
 def named_widths(cfg: ModelConfig) -> dict[str, tuple[int, bool]]:
@@ -207,7 +217,7 @@ def mlp_param_count(cfg: ModelConfig, active: bool) -> int:
     per_width = (3 if cfg.activation in GATED else 2) * cfg.d_model
     if not cfg.moe_experts:
         return per_width * cfg.d_ff
-    routed = (cfg.moe_top_k if active else cfg.moe_experts) * per_width * cfg.expert_d_ff
+    routed = (cfg.moe_top_k if active else cfg.moe_experts) * expert_param_count(cfg)
     return cfg.d_model * cfg.moe_experts + routed + per_width * cfg.moe_shared_d_ff + cfg.d_model * cfg.moe_shared_gate
 
 

@@ -16,6 +16,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from fax.models import moe
+from fax.models.moe import activate  # every MLP's, the experts' too (moe cannot import this module)
 from fax.models.attention import attend, softcap
 from fax.models.config import GATED, ModelConfig
 from fax.models.lora import Adapted
@@ -228,12 +229,8 @@ class Mlp(nnx.Module):
         h = checkpoint_name(linear("bld,df->blf", x, self.wi[...]), "mlpwi")
         if cfg.use_bias:
             h = h + self.in_bias[...].astype(dt)
-        if cfg.activation in GATED:
-            gate = checkpoint_name(linear("bld,df->blf", x, self.wg[...]), "mlpwi")
-            h = (jax.nn.silu(gate) if cfg.activation == "swiglu" else jax.nn.gelu(gate, approximate=True)) * h
-        else:
-            h = jax.nn.gelu(h, approximate=True)
-        h = constrain(h, ("batch", "length", "mlp"))
+        gate = checkpoint_name(linear("bld,df->blf", x, self.wg[...]), "mlpwi") if cfg.activation in GATED else None
+        h = constrain(activate(cfg.activation, h, gate), ("batch", "length", "mlp"))
         y = linear("blf,fd->bld", h, self.wo[...])
         if cfg.use_bias:
             y = y + self.out_bias[...].astype(dt)

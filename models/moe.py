@@ -97,12 +97,16 @@ def expert_mlp(activation: str, rows: jax.Array, weights: tuple[jax.Array, ...],
     (in, out) or, gated, (in, gate, out), each [local experts, ...]."""
     w_in, w_out = weights[0], weights[-1]
     h = checkpoint_name(matmul(rows, w_in.astype(rows.dtype)), "mlpwi")
-    if activation in GATED:
-        gate = checkpoint_name(matmul(rows, weights[1].astype(rows.dtype)), "mlpwi")
-        h = (jax.nn.silu(gate) if activation == "swiglu" else jax.nn.gelu(gate, approximate=True)) * h
-    else:
-        h = jax.nn.gelu(h, approximate=True)
-    return matmul(h, w_out.astype(rows.dtype))
+    gate = checkpoint_name(matmul(rows, weights[1].astype(rows.dtype)), "mlpwi") if activation in GATED else None
+    return matmul(activate(activation, h, gate), w_out.astype(rows.dtype))
+
+
+def activate(activation: str, h: jax.Array, gate: jax.Array | None) -> jax.Array:
+    """An MLP's activation (``model.activation``) of its input projection ``h``: the tanh GELU of it, or
+    SiLU (swiglu) or the tanh GELU (geglu) of the ``gate`` projection times it."""
+    if activation not in GATED:
+        return jax.nn.gelu(h, approximate=True)
+    return (jax.nn.silu(gate) if activation == "swiglu" else jax.nn.gelu(gate, approximate=True)) * h
 
 
 def grouped_matmul(rows: jax.Array, weights: jax.Array, group_sizes: jax.Array) -> jax.Array:
@@ -149,7 +153,8 @@ def dropless_experts(x: jax.Array, experts: jax.Array, weights: jax.Array, *expe
         # Assignments to each expert shard are contiguous in ``rows``: each goes to slot (its index
         # among that shard's) of the buffer sent there, sized for every token going there.
         shard, slots = ids // local, b * length * min(k, local)
-        start = jnp.cumsum(_counts(shard, shards)) - _counts(shard, shards)
+        per_shard = _counts(shard, shards)
+        start = jnp.cumsum(per_shard) - per_shard
         slot = jnp.arange(ids.shape[0]) - start[shard]
         send = jnp.zeros((shards, slots, d), x.dtype).at[shard, slot].set(rows)
         send_ids = jnp.full((shards, slots), local, jnp.int32).at[shard, slot].set(ids % local)

@@ -17,7 +17,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from fax.models.config import GATED, NAMED_REMAT, ModelConfig, active_d_ff, named_widths, routed_param_count
+from fax.models.config import (NAMED_REMAT, ModelConfig, active_d_ff, expert_param_count, named_widths,
+                               routed_param_count)
 from fax.parallel.config import DCN_AXES, MESH_AXES
 from fax.parallel.hardware import ClusterSpec, Link, efficiency
 from fax.parallel.layout import Candidate, Workload, count_params, microbatch_tokens
@@ -186,7 +187,7 @@ def layer_matmul_flops(m: ModelConfig) -> dict[str, float]:
 def routed_flops(m: ModelConfig) -> float:
     """Forward FLOPs per token of a mixture's routed experts (those it is routed to): part of
     ``layer_matmul_flops``' MLP terms."""
-    return 2.0 * m.d_model * m.moe_top_k * m.expert_d_ff * (3 if m.activation in GATED else 2) if m.moe_experts else 0.0
+    return 2.0 * m.moe_top_k * expert_param_count(m) if m.moe_experts else 0.0
 
 
 def routed_load(c: Candidate, w: Workload) -> float:
@@ -276,8 +277,8 @@ def comm_times(c: Candidate, w: Workload, cluster: ClusterSpec) -> dict[str, flo
     activation = tokens * m.d_model * b
     # The experts are gathered over fsdp alone; the rest of the params over fsdp and expert, as one
     # group (hierarchically: expert's ring inside, with its share of the buffer, then fsdp's).
-    routed = routed_param_count(m) * layers / (c.expert * c.tensor)
-    dense = (stage_params - routed_param_count(m) * layers) / c.tensor
+    stage_routed = routed_param_count(m) * layers
+    routed, dense = stage_routed / (c.expert * c.tensor), (stage_params - stage_routed) / c.tensor
 
     def gather(nbytes_per_param: float) -> float:
         return (collective_time("fsdp", c, cluster, (dense + routed) * nbytes_per_param)

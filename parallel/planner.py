@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from fax.models.config import ModelConfig, tensor_indivisible
+from fax.models.config import ModelConfig, expert_indivisible, tensor_indivisible
 from fax.parallel.cost import Estimate, dcn_shares, estimate
 from fax.parallel.layout import Candidate, Workload
 from fax.parallel.memory import MEMORY_HEADROOM, memory
@@ -61,7 +61,7 @@ def problems(c: Candidate, w: Workload) -> list[tuple[str, str]]:
         found.append(("tensor", f"tensor={c.tensor} does not divide {indivisible}={getattr(m, indivisible)}"))
     if m.d_model % (c.fsdp * c.expert):
         found.append(("fsdp", f"fsdp={c.fsdp} x expert={c.expert} does not divide d_model={m.d_model}"))
-    if c.expert > 1 and (not m.moe_experts or m.moe_experts % c.expert):
+    if expert_indivisible(m, c.expert):
         found.append(("expert", f"expert={c.expert} does not divide the {m.moe_experts} experts"))
     if w.global_batch % (c.batch_shards * c.microbatches):
         found.append(("batch", f"batch {w.global_batch} does not split into data x fsdp x expert x microbatches = "
