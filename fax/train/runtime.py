@@ -31,6 +31,15 @@ RowRanges = list[tuple[int, int]]
 class Runtime(Protocol):
     """What the Trainer's loop drives: the processes of a run, local (``HostRuntime``) or on many hosts."""
 
+    @property
+    def checkpointer(self) -> Checkpointer:
+        """The run's checkpoints, opened when first saved or restored: evaluating a Hugging Face folder
+        (``run_dir`` hf:DIR) opens none, and creates no folder named after it."""
+        if self._checkpointer is None:
+            self._checkpointer = Checkpointer(checkpoint_dir(self.config.run_dir, self.config.checkpoint),
+                                              self.config.checkpoint)
+        return self._checkpointer
+
     def start(self, resume_step: int | None) -> float: ...  # state fresh or restored, step compiled; seconds
 
     def load_params(self, step: int | None) -> int: ...  # a checkpoint's params alone, to evaluate; its step
@@ -125,11 +134,20 @@ class HostRuntime:
         self.training = step_lib.build(config, run_mesh(config, self.devices))
         self.batch_shape = (config.train.batch_size, config.seq_len + 1)
         self.rows = host_rows(self.training.batch_sharding, self.batch_shape)
-        self.checkpointer = Checkpointer(checkpoint_dir(config.run_dir, config.checkpoint), config.checkpoint)
+        self._checkpointer: Checkpointer | None = None
         self.state: step_lib.State | None = None
         self.compiled: Any = None
         self.next_step = 1  # the number of the step the next call runs (1-based, as logged)
         self.trained_rows: Batch | None = None  # what ``step_values`` last trained on
+
+    @property
+    def checkpointer(self) -> Checkpointer:
+        """The run's checkpoints, opened when first saved or restored: evaluating a Hugging Face folder
+        (``run_dir`` hf:DIR) opens none, and creates no folder named after it."""
+        if self._checkpointer is None:
+            self._checkpointer = Checkpointer(checkpoint_dir(self.config.run_dir, self.config.checkpoint),
+                                              self.config.checkpoint)
+        return self._checkpointer
 
     def start(self, resume_step: int | None) -> float:
         """A fresh state, or the checkpoint of ``resume_step`` placed on this mesh; then compile.
@@ -225,4 +243,5 @@ class HostRuntime:
         raise RuntimeError("a local runtime has no workers to restart")  # WorkerFailure comes from Ray mode only
 
     def close(self) -> None:
-        self.checkpointer.close()
+        if self._checkpointer is not None:
+            self._checkpointer.close()

@@ -1,6 +1,7 @@
 """Hugging Face interop: imported GPT-2 / Llama checkpoints give transformers' logits; exports load back."""
 
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -288,6 +289,7 @@ def test_generate_eval_and_plan_take_a_hugging_face_folder_directly(hf_dir, caps
     logits = torch.tensor(hf_logits(model, tokens[:, :-1]))
     want = torch.nn.functional.cross_entropy(logits.reshape(-1, 320), torch.tensor(tokens[:, 1:]).long().reshape(-1))
     assert step == 0 and loss == pytest.approx(float(want), rel=1e-4)
+    assert not Path(f"hf:{folder}").exists()  # it made a folder of that name (relative) for checkpoints
     # A dataset of another tokenizer is refused before anything compiles (it trained on byte ids silently).
     with pytest.raises(ConfigError, match="was prepared with fax's byte tokenizer, not the tokenizer of .* Prepare "
                                           "the data with the checkpoint's tokenizer"):
