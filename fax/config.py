@@ -13,7 +13,8 @@ from typing import Any
 
 import yaml
 
-from fax.models.config import LORA_TARGETS, ModelConfig, expert_indivisible, tensor_indivisible
+from fax.models.config import (LORA_TARGETS, ModelConfig, expert_indivisible, mixed_layers, stack_units,
+                               tensor_indivisible)
 from fax.models.presets import preset
 from fax.parallel.config import ParallelConfig
 from fax.parallel.layout import Candidate
@@ -96,10 +97,10 @@ class LoraConfig:
         found = [f"lora.targets: unknown {', '.join(unknown)}; choose from {', '.join(LORA_TARGETS)}"] if unknown else []
         if "mlp.wg" in self.targets and model.activation not in ("swiglu", "geglu"):
             found.append("lora.targets: mlp.wg exists only with model.activation=swiglu or geglu")
-        experts = [t for t in self.targets if t.startswith("mlp.")] if model.moe_experts else []
-        if experts:
-            found.append(f"lora.targets: {', '.join(experts)} of a mixture of experts are per-expert weights, which "
-                         "fax's LoRA does not adapt; adapt the attention (attn.wq, attn.wk, attn.wv, attn.wo)")
+        if model.moe_experts and (mixed_layers(model) or any(t.startswith("mlp.") for t in self.targets)):
+            found.append("lora.targets: fax's LoRA adapts a mixture of experts' attention (attn.wq, attn.wk, attn.wv, "
+                         "attn.wo), not its per-expert MLPs, and nothing of one with dense blocks too "
+                         "(model.moe_first_dense, model.moe_every)")
         if not self.targets:
             found.append("lora.targets is empty; name the weights to adapt, e.g. [attn.wq, attn.wv]")
         return found
@@ -367,7 +368,7 @@ def layout_problems(cfg: Config, sizes: dict[str, int]) -> list[str]:
         problems.append(f"parallel.expert={sizes['expert']} must divide model.moe_experts={m.moe_experts} "
                         + ("(a dense model: set parallel.expert=1)" if not m.moe_experts else "(each device holds "
                            "an equal share of the experts)"))
-    problems.extend(cfg.parallel.problems(sizes, m.n_layers, t.microbatches))
+    problems.extend(cfg.parallel.problems(sizes, stack_units(m), t.microbatches))
     if cfg.seq_len % sizes["sequence"]:
         problems.append(f"train.seq_len={cfg.seq_len} is not divisible by parallel.sequence={sizes['sequence']}")
     elif cfg.parallel.tensor_sequence and cfg.seq_len % (sizes["sequence"] * tensor):

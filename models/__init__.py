@@ -14,7 +14,7 @@ _LAZY = {"fax.models.layers": ("CACHE_AXES", "KVCache"),
          "fax.models.moe": ("RouterStats",),
          "fax.models.transformer": ("SERVING_AXES", "DecoderLM", "RunLayers", "ServingWeights", "abstract", "apply",
                                     "apply_cached", "apply_hidden", "build", "empty_cache", "init_params",
-                                    "logical_axes", "head_logits", "scan_layers", "serving_weights", "unstack_layers")}
+                                    "LayerGroup", "layer_groups", "logical_axes", "head_logits", "scan_layers", "serving_weights", "unstack_layers")}
 _HOME = {name: module for module, names in _LAZY.items() for name in names}
 
 __all__ = ["ModelConfig", "param_count", "preset", "preset_names", "train_flops_per_token", *_HOME]

@@ -83,6 +83,10 @@ class ModelConfig:
     # Mixture of experts: every block's MLP becomes moe_experts experts of width moe_d_ff, each token run
     # through moe_top_k of them (0 experts: a dense model)
     moe_experts: int = 0
+    # Which blocks: after the first moe_first_dense (dense MLPs of width d_ff; DeepSeek-V3: 3), every
+    # moe_every-th one, the others dense
+    moe_first_dense: int = 0
+    moe_every: int = 1  # 1: every block after the dense first ones; 2: every other (Llama 4 Maverick's interleave)
     moe_top_k: int = 2  # experts per token
     moe_d_ff: int = 0  # width of each routed expert; 0: d_ff
     moe_shared_d_ff: int = 0  # width of the always-on shared expert(s) beside the routed ones (DeepSeek, Qwen-MoE); 0: none
@@ -148,6 +152,13 @@ class ModelConfig:
         if not self.moe_experts:
             return []
         out = []
+        if not 0 <= self.moe_first_dense < self.n_layers or self.moe_every < 1:
+            out.append(f"model.moe_first_dense={self.moe_first_dense} must be in [0, model.n_layers) and "
+                       f"model.moe_every={self.moe_every} >= 1")
+        elif (self.n_layers - self.moe_first_dense) % self.moe_every:
+            out.append(f"the {self.n_layers - self.moe_first_dense} layers after model.moe_first_dense="
+                       f"{self.moe_first_dense} do not split into groups of model.moe_every={self.moe_every}, each "
+                       "ending in a mixture: choose model.n_layers, moe_first_dense and moe_every to fit")
         if not 1 <= self.moe_top_k <= self.moe_experts:
             out.append(f"model.moe_top_k={self.moe_top_k} must be between 1 and model.moe_experts={self.moe_experts}")
         if self.moe_d_ff < 0 or self.moe_shared_d_ff < 0:
@@ -162,6 +173,38 @@ class ModelConfig:
         if self.use_bias:
             out.append("model.use_bias: the experts have no biases; set model.use_bias=false with model.moe_experts")
         return out
+
+
+def moe_layer_count(cfg: ModelConfig) -> int:
+    """How many blocks are mixtures of experts (``moe_first_dense``, ``moe_every``)."""
+    return (cfg.n_layers - cfg.moe_first_dense) // cfg.moe_every if cfg.moe_experts else 0
+
+
+def is_moe_layer(cfg: ModelConfig, layer: int) -> bool:
+    """Whether block ``layer`` (from 0) is a mixture: the last of each group of ``moe_every`` after the
+    dense first ones."""
+    return bool(cfg.moe_experts) and layer >= cfg.moe_first_dense and (
+        layer - cfg.moe_first_dense + 1) % cfg.moe_every == 0
+
+
+def mixed_layers(cfg: ModelConfig) -> bool:
+    """Whether a mixture of experts has dense blocks too."""
+    return bool(cfg.moe_experts) and (cfg.moe_first_dense > 0 or cfg.moe_every > 1)
+
+
+def layer_mix(cfg: ModelConfig) -> list[tuple[ModelConfig, int]]:
+    """The blocks' configs and how many blocks have each: a dense model's one; a mixture's, and where it
+    has dense blocks too, theirs (``moe_experts=0``: an MLP of width d_ff)."""
+    moe = moe_layer_count(cfg)
+    kinds = [(cfg.replace(moe_experts=0), cfg.n_layers - moe), (cfg, moe)] if cfg.moe_experts else [(cfg, cfg.n_layers)]
+    return [(kind, n) for kind, n in kinds if n]
+
+
+def stack_units(cfg: ModelConfig) -> int:
+    """Entries of the scanned stack of blocks, which pipeline stages split: a block each, or with
+    ``moe_every`` > 1 a group of that many (dense ones, then a mixture); the dense first blocks
+    (``moe_first_dense``) run before the stack."""
+    return moe_layer_count(cfg) if mixed_layers(cfg) else cfg.n_layers
 
 
 def active_d_ff(cfg: ModelConfig) -> int:
@@ -228,7 +271,8 @@ def param_count(cfg: ModelConfig) -> int:
     positions = cfg.max_seq_len * d if cfg.position == "learned" else 0
     final_norm = d * (2 if cfg.norm == "layernorm" else 1)
     head = 0 if cfg.tie_embeddings else d * cfg.vocab_size
-    return embed + positions + cfg.n_layers * block_param_count(cfg) + final_norm + head
+    blocks = sum(n * block_param_count(kind) for kind, n in layer_mix(cfg))
+    return embed + positions + blocks + final_norm + head
 
 
 def matmul_param_count(cfg: ModelConfig) -> int:
@@ -236,8 +280,8 @@ def matmul_param_count(cfg: ModelConfig) -> int:
     does; of a mixture of experts, those of the experts the token is routed to: its active parameters)."""
     d, hd = cfg.d_model, cfg.kv_head_dim
     attn = d * hd * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
-    mlp = mlp_param_count(cfg, active=True)
-    return cfg.n_layers * (attn + mlp) + d * cfg.vocab_size
+    mlp = sum(n * mlp_param_count(kind, active=True) for kind, n in layer_mix(cfg))
+    return cfg.n_layers * attn + mlp + d * cfg.vocab_size
 
 
 def tile(length: int) -> int | None:

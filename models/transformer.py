@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from fax.models.attention import softcap
-from fax.models.config import NAMED_REMAT, ModelConfig
+from fax.models.config import NAMED_REMAT, ModelConfig, mixed_layers, stack_units
 from fax.models.layers import RESIDUAL, Block, KVCache, Norm, compute_dtype, param
 from fax.models.moe import RouterStats
 from fax.models.sharding import constrain
@@ -43,8 +45,67 @@ def remat_policy(name: str) -> Callable:
             "dots_with_no_batch_dims_saveable": policies.dots_with_no_batch_dims_saveable}[name]
 
 
+def stacked(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs, axis: str | None) -> Any:
+    """``n`` modules from ``make``, their params stacked on a leading axis of logical name ``axis``."""
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=n, transform_metadata={nnx.PARTITION_NAME: axis})
+    def build(rngs: nnx.Rngs) -> nnx.Module:
+        return make(rngs)
+    return build(rngs)
+
+
+def run_stack(stack: nnx.Module, x: jax.Array, positions: jax.Array, documents: jax.Array | None) -> jax.Array:
+    """A stack of dense blocks (``stacked``) one after another."""
+    graphdef, params = nnx.split(stack)
+    return jax.lax.scan(lambda h, p: (nnx.merge(graphdef, p)(h, positions, documents)[0], None), x, params)[0]
+
+
+class MixtureGroup(nnx.Module):
+    """``moe_every`` - 1 dense blocks, then a mixture of experts': the entry of a stack whose mixtures
+    alternate with dense blocks (one compiled body, which pipeline stages split like blocks)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        dense = cfg.replace(moe_experts=0)
+        self.dense = stacked(lambda r: Block(dense, r), cfg.moe_every - 1, rngs, None)
+        self.moe = Block(cfg, rngs)
+
+    def __call__(self, x: jax.Array, positions: jax.Array, documents: jax.Array | None = None
+                 ) -> tuple[jax.Array, RouterStats]:
+        return self.moe(run_stack(self.dense, x, positions, documents), positions, documents)
+
+
+class LayerGroup(NamedTuple):
+    """Blocks stored stacked [*dims, ...] at ``path`` of the params: the one at index (u, j) is layer
+    first + u x step + j."""
+
+    path: tuple[str, ...]
+    dims: tuple[int, ...]
+    first: int
+    step: int
+    moe: bool
+
+    def layer(self, index: tuple[int, ...]) -> int:
+        return self.first + index[0] * self.step + sum(index[1:])
+
+
+def layer_groups(cfg: ModelConfig) -> list[LayerGroup]:
+    """Where each layer's block is stored: one stack [n_layers]; or, with dense blocks beside the
+    mixtures, the dense first blocks' stack and the stack of mixture groups (its dense blocks [units,
+    moe_every - 1], its mixtures [units])."""
+    if not mixed_layers(cfg):
+        return [LayerGroup(("blocks",), (cfg.n_layers,), 0, 1, bool(cfg.moe_experts))]
+    first, every, units = cfg.moe_first_dense, cfg.moe_every, stack_units(cfg)
+    groups = [LayerGroup(("dense_blocks",), (first,), 0, 1, False)] if first else []
+    if every == 1:
+        return groups + [LayerGroup(("blocks",), (units,), first, 1, True)]
+    return groups + [LayerGroup(("blocks", "dense"), (units, every - 1), first, every, False),
+                     LayerGroup(("blocks", "moe"), (units,), first + every - 1, every, True)]
+
+
 class DecoderLM(nnx.Module):
-    """Token + (learned) position embedding, a scanned stack of blocks, final norm, LM head."""
+    """Token + (learned) position embedding, a scanned stack of blocks, final norm, LM head. A mixture
+    of experts with dense blocks too runs its dense first blocks (``moe_first_dense``) before the
+    stack, whose entries are then mixture groups (``moe_every`` > 1) or mixture blocks."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -52,13 +113,11 @@ class DecoderLM(nnx.Module):
         if cfg.position == "learned":
             self.pos_embed = param(rngs, (cfg.max_seq_len, cfg.d_model), (None, "embed"), cfg.init_std)
 
-        @nnx.split_rngs(splits=cfg.n_layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=cfg.n_layers,
-                  transform_metadata={nnx.PARTITION_NAME: "layers"})
-        def stacked_blocks(rngs: nnx.Rngs) -> Block:
-            return Block(cfg, rngs)
-
-        self.blocks = stacked_blocks(rngs)
+        if cfg.moe_experts and cfg.moe_first_dense:  # not pipelined: every stage holds them
+            dense = cfg.replace(moe_experts=0)
+            self.dense_blocks = stacked(lambda r: Block(dense, r), cfg.moe_first_dense, rngs, None)
+        unit = MixtureGroup if cfg.moe_experts and cfg.moe_every > 1 else Block
+        self.blocks = stacked(lambda r: unit(cfg, r), stack_units(cfg), rngs, "layers")
         self.final_norm = Norm(cfg)
         if not cfg.tie_embeddings:
             self.head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std)
@@ -89,18 +148,25 @@ class DecoderLM(nnx.Module):
         each document is read as if it stood alone: it attends only to itself and its positions
         count from its first token."""
         positions = jnp.arange(tokens.shape[1]) if segments is None else document_positions(segments)
-        graphdef, layer_params = nnx.split(self.blocks)
 
-        def layer(carry: Carry, params: Params) -> Carry:
-            h, documents, stats = carry  # what travels with the rows (a pipeline splits the batch)
-            at = positions if documents is None else document_positions(documents)
-            h, layer_stats = nnx.merge(graphdef, params)(h, at, documents)
-            return h, documents, None if stats is None else jax.tree.map(jnp.add, stats, layer_stats)
+        def run(stack: nnx.Module, run_layers: RunLayers, carry: Carry) -> Carry:
+            graphdef, layer_params = nnx.split(stack)
 
-        if self.cfg.remat != "none":
-            layer = jax.checkpoint(layer, policy=remat_policy(self.cfg.remat), prevent_cse=False)
+            def layer(carry: Carry, params: Params) -> Carry:
+                h, documents, stats = carry  # what travels with the rows (a pipeline splits the batch)
+                at = positions if documents is None else document_positions(documents)
+                h, layer_stats = nnx.merge(graphdef, params)(h, at, documents)
+                return h, documents, stats if layer_stats is None else jax.tree.map(jnp.add, stats, layer_stats)
+
+            if self.cfg.remat != "none":
+                layer = jax.checkpoint(layer, policy=remat_policy(self.cfg.remat), prevent_cse=False)
+            return run_layers(layer, layer_params, carry)
+
         stats = RouterStats.zeros(tokens.shape[0], self.cfg.moe_experts) if self.cfg.moe_experts else None
-        h, _, stats = run_layers(layer, layer_params, (self._embed(tokens, positions), segments, stats))
+        carry = (self._embed(tokens, positions), segments, stats)
+        if self.cfg.moe_experts and self.cfg.moe_first_dense:
+            carry = run(self.dense_blocks, scan_layers, carry)
+        h, _, stats = run(self.blocks, run_layers, carry)
         return self.final_norm(h), stats
 
     def __call__(self, tokens: jax.Array, run_layers: RunLayers = scan_layers,
@@ -172,19 +238,49 @@ def apply_hidden(graphdef: nnx.GraphDef, params: Params, tokens: jax.Array, run_
     return hidden, model.lm_head(), stats
 
 
-def unstack_layers(params: Params) -> Params:
-    """The blocks' params as one tree per layer: inference indexes no stacked arrays (which would
-    copy every layer's weights at every token)."""
-    n = jax.tree.leaves(params["blocks"])[0].shape[0]
-    return {**params, "blocks": [jax.tree.map(lambda p, i=i: p[i], params["blocks"]) for i in range(n)]}
+def _get(tree: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _replaced(tree: Params, path: tuple[str, ...], value: Any) -> Params:
+    """A copy of ``tree`` with ``value`` at ``path`` (the dicts on the way copied, the rest shared)."""
+    return {**tree, path[0]: value if len(path) == 1 else _replaced(tree[path[0]], path[1:], value)}
+
+
+def _unstack(tree: Any, dims: tuple[int, ...]) -> Any:
+    """Leaves [*dims, ...] as nested lists of trees (a list per axis)."""
+    if not dims:
+        return tree
+    return [_unstack(jax.tree.map(lambda p, i=i: p[i], tree), dims[1:]) for i in range(dims[0])]
+
+
+def _restack(tree: Any) -> Any:
+    """Inverse of ``_unstack``, wherever it left lists."""
+    if isinstance(tree, list):
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *[_restack(t) for t in tree])
+    return {k: _restack(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
+
+
+def unstack_layers(cfg: ModelConfig, params: Params) -> Params:
+    """The blocks' params as one tree per block (nested lists where they were stacked): inference
+    indexes no stacked arrays (which would copy every layer's weights at every token)."""
+    for group in layer_groups(cfg):
+        params = _replaced(params, group.path, _unstack(_get(params, group.path), group.dims))
+    return params
 
 
 def _merge_unstacked(graphdef: nnx.GraphDef, params: Params) -> tuple[DecoderLM, list[Block]]:
-    """The model from params whose layers are unstacked (``unstack_layers``), and each layer's block."""
+    """The model from params whose layers are unstacked (``unstack_layers``), and each layer's block in order."""
     # The stacked blocks are only there to rebuild the module; nothing reads them, so XLA drops them.
-    model = nnx.merge(graphdef, {**params, "blocks": jax.tree.map(lambda *xs: jnp.stack(xs), *params["blocks"])})
-    block = nnx.graphdef(model.blocks)
-    return model, [nnx.merge(block, layer) for layer in params["blocks"]]
+    model = nnx.merge(graphdef, _restack(params))
+    blocks: list[Block] = [None] * model.cfg.n_layers  # type: ignore[list-item]
+    for group in layer_groups(model.cfg):
+        block, stored = nnx.graphdef(functools.reduce(getattr, group.path, model)), _get(params, group.path)
+        for index in np.ndindex(*group.dims):
+            blocks[group.layer(index)] = nnx.merge(block, functools.reduce(lambda t, i: t[i], index, stored))
+    return model, blocks
 
 
 class ServingWeights(NamedTuple):

@@ -56,14 +56,16 @@ class ParallelConfig:
                                  f"{sizes[axis]} (the slices it spans)")
         return {axis: sizes[axis] // across[axis] for axis in MESH_AXES}, across
 
-    def problems(self, sizes: dict[str, int], n_layers: int, microbatches: int) -> list[str]:
-        """What of the pipeline schedule and the slices does not fit resolved axis ``sizes``."""
+    def problems(self, sizes: dict[str, int], units: int, microbatches: int) -> list[str]:
+        """What of the pipeline schedule and the slices does not fit resolved axis ``sizes`` for a stack of
+        ``units`` blocks (``stack_units``)."""
         if self.virtual_stages < 1:
             return [f"parallel.virtual_stages={self.virtual_stages} must be >= 1 (1: one chunk of layers per stage)"]
         found = []
         chunks = sizes["stage"] * self.virtual_stages
-        if n_layers % chunks:
-            found.append(f"model.n_layers={n_layers} does not split into parallel.stage={sizes['stage']} x "
+        if units % chunks:
+            found.append(f"the stack's {units} blocks (model.n_layers, or a mixture of experts' groups of "
+                         f"model.moe_every after model.moe_first_dense) do not split into parallel.stage={sizes['stage']} x "
                          f"parallel.virtual_stages={self.virtual_stages} = {chunks} pipeline chunks; choose stage "
                          "and virtual stage counts whose product divides it")
         if sizes["stage"] > 1:

@@ -21,7 +21,7 @@ from fax.models.config import (NAMED_REMAT, ModelConfig, active_d_ff, expert_par
                                routed_param_count)
 from fax.parallel.config import DCN_AXES, MESH_AXES
 from fax.parallel.hardware import ClusterSpec, Link, efficiency
-from fax.parallel.layout import Candidate, Workload, count_params, microbatch_tokens
+from fax.parallel.layout import Candidate, Workload, count_params, device_layers, microbatch_tokens
 from fax.parallel.memory import MEMORY_HEADROOM, PARAM_BYTES, dispatched_rows, memory, remat_bytes_per_token
 
 # Share of the compute that XLA's asynchronous collectives can hide communication behind (the rest is
@@ -235,18 +235,15 @@ def elementwise_bytes(m: ModelConfig, c: Candidate, b: float) -> float:
     return (residual + dispatch + (heads + mlp) / c.tensor) * b
 
 
-def compute_times(c: Candidate, w: Workload, cluster: ClusterSpec) -> dict[str, float]:
-    """Seconds per step of one device's compute, by term: the layers' matmuls, their attention kernel,
-    their memory-bound work, and the LM head with its loss."""
-    m, d, b = w.model, cluster.device, w.compute_bytes
-    tokens = w.tokens / (c.batch_shards * c.sequence)  # through this device's layers, all microbatches
-    layer_tokens = tokens * m.n_layers / c.stages
-    again = recomputed(c.remat, m)
-    passes = {term: 3.0 + extra + c.stage_remat for term, extra in again.items()}  # forward + backward = 3
+def layer_times(c: Candidate, w: Workload, cluster: ClusterSpec, m: ModelConfig) -> dict[str, float]:
+    """Seconds per token through one block of config ``m`` (a kind of ``layer_mix``), forward and
+    backward with what the backward recomputes: its matmuls, its attention kernel, its memory-bound work."""
+    d, b = cluster.device, w.compute_bytes
+    passes = {term: 3.0 + extra + c.stage_remat for term, extra in recomputed(c.remat, m).items()}  # fwd + bwd = 3
     rows = microbatch_tokens(c, w)
     rate = d.peak_flops * efficiency(rows, m.d_model / c.tensor, d.knees, d.matmul_ceiling)
     routed = routed_flops(m)
-    matmul_time = (sum(layer_matmul_flops(m).values()) - routed) / c.tensor / rate  # a layer's, per token
+    matmul_time = (sum(layer_matmul_flops(m).values()) - routed) / c.tensor / rate
     if routed:  # each expert's matmuls have its share of the rows: fine-grained experts' are short
         expert_rows = rows * m.moe_top_k * c.expert / m.moe_experts
         expert_rate = d.peak_flops * efficiency(expert_rows, m.d_model / c.tensor, d.knees, d.matmul_ceiling)
@@ -256,16 +253,26 @@ def compute_times(c: Candidate, w: Workload, cluster: ClusterSpec) -> dict[str, 
     memory_bytes = elementwise_bytes(m, c, b) + (
         SCORE_TRAFFIC * m.n_heads / c.tensor * w.seq_len if kernel == "xla" else 0.0)
     kept = remat_bytes_per_token(c.remat, m, c.tensor, b, c.tensor_sequence)  # written forward, read backward
+    return {"matmul": matmul_time * passes["matmul"],
+            "attention": attention_flops * passes["attention"] / (d.peak_flops * d.matmul_ceiling * ATTENTION_RATE[kernel]),
+            "memory": (memory_bytes * passes["memory"] + 2 * kept) / d.hbm_bandwidth}
+
+
+def compute_times(c: Candidate, w: Workload, cluster: ClusterSpec) -> dict[str, float]:
+    """Seconds per step of one device's compute, by term: the layers' matmuls, their attention kernel,
+    their memory-bound work, and the LM head with its loss."""
+    m, d = w.model, cluster.device
+    tokens = w.tokens / (c.batch_shards * c.sequence)  # through this device's layers, all microbatches
+    terms = {"matmul": 0.0, "attention": 0.0, "memory": 0.0}
+    for kind, layers in device_layers(c, m):
+        for term, seconds in layer_times(c, w, cluster, kind).items():
+            terms[term] += tokens * layers * seconds
     # The head runs on each stage's share of the rows (spread), else on every stage for all of them.
     head_tokens = tokens / c.stages if c.stages > 1 and c.schedule.head_spread else tokens
     vocab = m.vocab_size / c.tensor
-    head_rate = d.peak_flops * efficiency(rows, min(vocab, m.d_model), d.knees, d.matmul_ceiling)
-    return {"matmul": layer_tokens * matmul_time * passes["matmul"],
-            "attention": layer_tokens * attention_flops * passes["attention"] / (
-                d.peak_flops * d.matmul_ceiling * ATTENTION_RATE[kernel]),
-            "memory": layer_tokens * (memory_bytes * passes["memory"] + 2 * kept) / d.hbm_bandwidth,
-            "head": head_tokens * (2.0 * m.d_model * vocab * (3 + (c.loss_chunks > 1)) / head_rate
-                                   + vocab * LOGIT_TRAFFIC / d.hbm_bandwidth)}
+    head_rate = d.peak_flops * efficiency(microbatch_tokens(c, w), min(vocab, m.d_model), d.knees, d.matmul_ceiling)
+    return {**terms, "head": head_tokens * (2.0 * m.d_model * vocab * (3 + (c.loss_chunks > 1)) / head_rate
+                                            + vocab * LOGIT_TRAFFIC / d.hbm_bandwidth)}
 
 
 def comm_times(c: Candidate, w: Workload, cluster: ClusterSpec) -> dict[str, float]:
@@ -273,11 +280,13 @@ def comm_times(c: Candidate, w: Workload, cluster: ClusterSpec) -> dict[str, flo
     m, b = w.model, w.compute_bytes
     stage_params = count_params(m) / c.stages
     tokens = microbatch_tokens(c, w)
-    layers = m.n_layers / c.stages
+    kinds = device_layers(c, m)
+    layers = sum(n for _, n in kinds)
+    mixtures = sum(n for kind, n in kinds if kind.moe_experts)
     activation = tokens * m.d_model * b
     # The experts are gathered over fsdp alone; the rest of the params over fsdp and expert, as one
     # group (hierarchically: expert's ring inside, with its share of the buffer, then fsdp's).
-    stage_routed = routed_param_count(m) * layers
+    stage_routed = routed_param_count(m) * mixtures
     routed, dense = stage_routed / (c.expert * c.tensor), (stage_params - stage_routed) / c.tensor
 
     def gather(nbytes_per_param: float) -> float:
@@ -295,7 +304,7 @@ def comm_times(c: Candidate, w: Workload, cluster: ClusterSpec) -> dict[str, flo
                                 passes=2),
         # a mixture's tokens to their experts' devices and back (all-to-all), forward and backward, and
         # again where the backward recomputes the layer
-        "expert": c.microbatches * layers * tensor_collectives * all_to_all_time(
+        "expert": c.microbatches * mixtures * tensor_collectives * all_to_all_time(
             "expert", c, cluster, tokens * dispatched_rows(c, m) * m.d_model * b) if m.moe_experts else 0.0,
         "tensor": c.microbatches * layers * tensor_collectives * collective_time("tensor", c, cluster, activation, 2),
         "sequence": c.microbatches * layers * 2 * collective_time("sequence", c, cluster, kv),

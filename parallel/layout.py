@@ -6,7 +6,8 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 
-from fax.models.config import ModelConfig, attention_implementation, param_count, train_flops_per_token
+from fax.models.config import (ModelConfig, attention_implementation, layer_mix, mixed_layers, param_count,
+                               train_flops_per_token)
 from fax.parallel.config import Schedule
 
 
@@ -78,3 +79,11 @@ count_params = functools.lru_cache(maxsize=64)(param_count)  # the planner asks 
 def microbatch_tokens(c: Candidate, w: Workload) -> float:
     """Tokens one device holds in one microbatch."""
     return w.tokens / (c.batch_shards * c.microbatches * c.sequence)
+
+
+def device_layers(c: Candidate, m: ModelConfig) -> list[tuple[ModelConfig, float]]:
+    """The blocks each device runs, by kind (``layer_mix``): its stage's share of the stack; a mixture's
+    dense first blocks (``moe_first_dense``) run before the pipeline, on every stage."""
+    first = m.moe_first_dense if mixed_layers(m) else 0
+    return [(kind, (n - first) / c.stages + first if not kind.moe_experts else n / c.stages)
+            for kind, n in layer_mix(m)]

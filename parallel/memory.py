@@ -5,7 +5,7 @@ weights, logits. Checked against XLA's TPU compiles of the planner's top layouts
 from __future__ import annotations
 
 from fax.models.config import NAMED_REMAT, ModelConfig, active_d_ff, block_param_count, named_widths, routed_param_count
-from fax.parallel.layout import Candidate, Workload, count_params, microbatch_tokens
+from fax.parallel.layout import Candidate, Workload, count_params, device_layers, microbatch_tokens
 
 MEMORY_HEADROOM = 0.9  # the share of device memory a plan may use (fragmentation, compiler temps)
 OPTIMIZER_BYTES = 8.0  # Adam: two fp32 moments per parameter
@@ -57,32 +57,37 @@ def memory(c: Candidate, w: Workload) -> dict[str, float]:
     m, b = w.model, w.compute_bytes
     shard = c.stages * c.fsdp * c.expert * c.tensor  # the experts over expert, the rest over it as over fsdp
     params = count_params(m) / shard
-    layers = m.n_layers / c.stages
+    kinds = device_layers(c, m)
+    mixtures = sum(n for kind, n in kinds if kind.moe_experts)
     tokens = microbatch_tokens(c, w)
     split = c.tensor if c.tensor_sequence else 1  # the residual stream's split (sequence parallelism)
-    per_token_layer = remat_bytes_per_token(c.remat, m, c.tensor, b, c.tensor_sequence)
+    # what the device's blocks keep per token, all of them
+    kept = sum(n * remat_bytes_per_token(c.remat, kind, c.tensor, b, c.tensor_sequence) for kind, n in kinds)
     if not w.flash_attention and c.remat in ("none", "dots_saveable"):  # XLA's attention: float32 scores kept
-        per_token_layer += SCORE_BYTES * m.n_heads * w.seq_len / c.tensor
+        kept += SCORE_BYTES * m.n_heads * w.seq_len / c.tensor * sum(n for _, n in kinds)
     # the backward's working set: a sublayer's activations at a time, recomputed (half a layer's)
-    recompute = 0 if c.remat == "none" else remat_bytes_per_token("none", m, c.tensor, b, c.tensor_sequence) * tokens / 2
+    recompute = 0 if c.remat == "none" else max(
+        remat_bytes_per_token("none", kind, c.tensor, b, c.tensor_sequence) for kind, _ in kinds) * tokens / 2
     found = {"params": params * PARAM_BYTES, "grads": params * PARAM_BYTES, "optimizer": params * OPTIMIZER_BYTES,
              "update": params * UPDATE_BYTES.get(w.platform, 0.0)}
     if c.stages == 1:
-        found["activations"] = per_token_layer * layers * tokens + recompute
+        found["activations"] = kept * tokens + recompute
     else:
         s = c.schedule
         # Each tick's stage input (kept by stage_remat for the recompute) and the last stage's output.
         ticks_kept = s.ticks * tokens * m.d_model / split * b * (1 + s.stage_remat)
         # GPipe keeps every tick's layer activations (a chunk of layers / V each); stage_remat one tick's.
         layer_ticks = 1 if s.stage_remat else s.ticks / s.virtual
-        found["activations"] = per_token_layer * layers * tokens * layer_ticks + recompute + ticks_kept
+        found["activations"] = kept * tokens * layer_ticks + recompute + ticks_kept
         if s.virtual > 1:  # the stage's chunks gathered from the layer-ordered params, and their gradients
             found["pipeline_params"] = 2 * params * PARAM_BYTES
     if m.moe_experts:  # a layer's rows sent to their experts and back, kept for the backward pass
-        found["dispatch"] = 2 * dispatched_rows(c, m) * m.d_model * b * tokens * (layers if c.remat == "none" else 1)
+        found["dispatch"] = 2 * dispatched_rows(c, m) * m.d_model * b * tokens * (mixtures if c.remat == "none" else 1)
     if c.fsdp * c.expert > 1:  # a layer's params gathered in the compute dtype, and the next one's (prefetched)
-        routed = routed_param_count(m)  # the experts are gathered over fsdp alone
-        found["gathered"] = 2 * (block_param_count(m) - routed + (routed / c.expert if c.fsdp > 1 else 0)) / c.tensor * b
+        def gathered(kind: ModelConfig) -> float:  # the experts are gathered over fsdp alone
+            routed = routed_param_count(kind)
+            return block_param_count(kind) - routed + (routed / c.expert if c.fsdp > 1 else 0)
+        found["gathered"] = 2 * max(gathered(kind) for kind, _ in kinds) / c.tensor * b
     # float32 logits of one microbatch's rows per device at a time (a pipeline's head takes its rows in as
     # many pieces), a piece of the sequence at a time
     found["logits"] = tokens * m.vocab_size / c.tensor * 4 / c.loss_chunks

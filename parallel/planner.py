@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from fax.models.config import ModelConfig, expert_indivisible, tensor_indivisible
+from fax.models.config import ModelConfig, expert_indivisible, stack_units, tensor_indivisible
 from fax.parallel.cost import Estimate, dcn_shares, estimate
 from fax.parallel.layout import Candidate, Workload
 from fax.parallel.memory import MEMORY_HEADROOM, memory
@@ -52,9 +52,9 @@ def factorizations(n: int, parts: int) -> Iterator[tuple[int, ...]]:
 def problems(c: Candidate, w: Workload) -> list[tuple[str, str]]:
     """Why a layout cannot run this model and batch at all, as (kind, message) (empty: it can)."""
     m, found = w.model, []
-    if m.n_layers % (c.stages * c.virtual_stages):
-        found.append(("stages", f"{m.n_layers} layers do not split into {c.stages} stages x {c.virtual_stages} "
-                                "virtual stages"))
+    if stack_units(m) % (c.stages * c.virtual_stages):
+        found.append(("stages", f"the stack's {stack_units(m)} blocks do not split into {c.stages} stages x "
+                                f"{c.virtual_stages} virtual stages"))
     found.extend(("stages", problem) for problem in c.schedule.problems())
     indivisible = tensor_indivisible(m, c.tensor)
     if indivisible:
@@ -82,7 +82,7 @@ def templates(cluster: ClusterSpec, w: Workload) -> dict[str, Candidate]:
     across hosts, data outermost); tensor inside a host with FSDP across."""
     n, host = cluster.devices, cluster.devices_per_host
     tensor = max(t for t in divisors(min(host, n)) if not tensor_indivisible(w.model, t))
-    stages = max((s for s in divisors(cluster.hosts) if w.model.n_layers % s == 0), default=1)
+    stages = max((s for s in divisors(cluster.hosts) if stack_units(w.model) % s == 0), default=1)
     rest = n // (tensor * stages)
     micro = next((mb for mb in (4 * stages, 2 * stages, stages, 1)
                   if w.global_batch % (rest * mb) == 0), 1)
@@ -96,7 +96,7 @@ def meshes(cluster: ClusterSpec, w: Workload, max_stages: int | None = None) -> 
     no remat); the expert axis only for a mixture of experts, in sizes that divide its experts."""
     experts = [e for e in divisors(w.model.moe_experts) if cluster.devices % e == 0] if w.model.moe_experts else [1]
     for stages in divisors(cluster.devices):
-        if max_stages is not None and stages > max_stages or stages > w.model.n_layers:
+        if max_stages is not None and stages > max_stages or stages > stack_units(w.model):
             continue
         for expert in experts:
             if (cluster.devices // stages) % expert:
@@ -113,7 +113,7 @@ def schedules(mesh: Candidate, w: Workload) -> Iterator[tuple[dict[str, Any], li
     kinds: list[dict[str, Any]] = [dict(remat=remat) for remat in PLANNED_REMAT]
     if mesh.stages > 1:  # the pipeline's own schedules (the stage recomputed needs no layer remat)
         kinds.append(dict(remat="none", stage_remat=True))
-        if w.model.n_layers % (2 * mesh.stages) == 0:  # interleaved (bounded too)
+        if stack_units(w.model) % (2 * mesh.stages) == 0:  # interleaved (bounded too)
             kinds.append(dict(remat="none", stage_remat=True, virtual_stages=2))
     for split in (False, True) if mesh.tensor > 1 else (False,):
         for kind in kinds:

@@ -99,7 +99,7 @@ def tensor_problems(store: SafetensorsDir, cfg: ModelConfig) -> list[str]:
     """What keeps a checkpoint's tensors from being exactly the model ``cfg``: tensors missing, of
     another shape or of a non-float dtype, and tensors the model has no place for (a bias of another
     family, say: dropped, they would change the logits without a word)."""
-    wanted = {tie.hf.format(**at): tie.stored_shape for tie in ties(cfg) for at in stored_indices(tie, cfg)}
+    wanted = {name: tie.stored_shape for tie in ties(cfg) for _, name in tie.entries()}
     found = {name: store.find(name) for name in wanted}
     problems = []
     missing = [name for name, stored in found.items() if stored is None]
@@ -127,25 +127,17 @@ def import_params(hf_dir: str | Path, cfg: ModelConfig, shardings: Params) -> Pa
     for tie in ties(cfg):
         sharding = _get(shardings, tie.fax)
         shape = _shapes(cfg)[tie.fax]
-        sizes = shape[:len(tie.leading)]  # layers, experts: one stored tensor each
+        lead = len(tie.leading)  # layers, experts: one stored tensor each
 
-        def piece(index: tuple[slice, ...], tie: Tie = tie, sizes: tuple = sizes, unit: tuple = shape[len(sizes):]
-                  ) -> np.ndarray:
-            def part(at: dict[str, int], depth: int = 0) -> np.ndarray:  # the stored tensors under ``at``
-                if depth == len(sizes):
-                    return tie.to_fax(store.read(store.find(tie.hf.format(**at))), unit)[index[depth:]]
-                return np.stack([part({**at, tie.leading[depth]: k}, depth + 1)
-                                 for k in range(sizes[depth])[index[depth]]])
-            return part({})
+        def piece(index: tuple[slice, ...], tie: Tie = tie, lead: int = lead, unit: tuple = shape[lead:]) -> np.ndarray:
+            def part(at: tuple[int, ...]) -> np.ndarray:  # the stored tensors under ``at``
+                if len(at) == lead:
+                    return tie.to_fax(store.read(store.find(tie.name(at))), unit)[index[lead:]]
+                return np.stack([part((*at, k)) for k in range(tie.leading[len(at)])[index[len(at)]]])
+            return part(())
 
         _set(params, tie.fax, jax.make_array_from_callback(shape, sharding, piece))
     return params
-
-
-def stored_indices(tie: Tie, cfg: ModelConfig) -> list[dict[str, int]]:
-    """The placeholders of each stored tensor a tie reads: every layer's, every layer's experts'."""
-    layers = [{"i": i} for i in range(cfg.n_layers)] if "i" in tie.leading else [{}]
-    return [{**at, "j": j} for at in layers for j in range(cfg.moe_experts)] if "j" in tie.leading else layers
 
 
 @functools.cache
@@ -214,9 +206,8 @@ def export_params(params: Params, cfg: ModelConfig, out_dir: str | Path, dtype: 
     writer, fused = SafetensorsShards(out, max_shard_bytes), {}
     for tie in ties(cfg):
         value = _get(params, tie.fax)
-        for at in stored_indices(tie, cfg):
-            name = tie.hf.format(**at)
-            part = tie.to_hf(np.asarray(jax.device_get(value[tuple(at.values())]), np.float32))
+        for index, name in tie.entries():
+            part = tie.to_hf(np.asarray(jax.device_get(value[index]), np.float32))
             if tie.cols:  # GPT-2's c_attn: written once its q, k and v columns are all in
                 whole, filled = fused.setdefault(name, (np.zeros(tie.stored_shape, np.float32), [0]))
                 whole[..., tie.cols[0]:tie.cols[1]] = part

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from fax.models import ModelConfig
+from fax.models.config import is_moe_layer, mixed_layers
 
 HF = "hf:"  # what names a Hugging Face folder where a run directory or a model preset may go
 # Mixtures of experts of Llama's layout: Mixtral (Mistral's), Qwen2-MoE (Qwen2's, a gated shared expert),
@@ -86,6 +87,8 @@ def moe_type(cfg: ModelConfig) -> str:
              if getattr(cfg, k) != ok]
     if kind == "mixtral" and not cfg.moe_norm_topk:
         wrong.append("model.moe_norm_topk=False (Mixtral renormalises its top-k weights)")
+    if kind == "mixtral" and mixed_layers(cfg):
+        wrong.append("dense blocks beside the mixtures (model.moe_first_dense, model.moe_every: Mixtral has none)")
     if (kind == "qwen2_moe") != bool(cfg.moe_shared_d_ff and cfg.moe_shared_gate):
         wrong.append("a shared expert (Qwen2-MoE has one, with its sigmoid gate, and q/k/v biases; Mixtral and "
                      "Qwen3-MoE none)")
@@ -125,8 +128,7 @@ def model_config(hf: dict[str, Any]) -> ModelConfig:
                                       "hidden_activation": (None, *TANH_GELU[1:]),
                                       "use_bidirectional_attention": (None, False),
                                       "attention_dropout": (None, 0, 0.0), "partial_rotary_factor": (None, 1, 1.0)})
-        problems += _unsupported(hf, {"router_jitter_noise": (None, 0, 0.0), "decoder_sparse_step": (None, 1),
-                                      "mlp_only_layers": (None, [])})
+        problems += _unsupported(hf, {"router_jitter_noise": (None, 0, 0.0)})
         if kind not in ("qwen2", "qwen2_moe") and hf.get("attention_bias"):
             problems.append("attention_bias=True (biases on all four attention projections: fax has them on "
                             "q, k and v alone, as Qwen2)")
@@ -160,12 +162,28 @@ def moe_settings(hf: dict[str, Any]) -> dict[str, Any]:
     if kind not in MOE:
         return {}
     qwen = kind != "mixtral"
-    return {"moe_experts": hf.get("num_local_experts") or hf["num_experts"], "moe_top_k": hf["num_experts_per_tok"],
+    return moe_layers(hf) | {"moe_experts": hf.get("num_local_experts") or hf["num_experts"], "moe_top_k": hf["num_experts_per_tok"],
             "moe_d_ff": hf["moe_intermediate_size"] if qwen else 0,
             "moe_shared_d_ff": hf.get("shared_expert_intermediate_size") or 0 if kind == "qwen2_moe" else 0,
             "moe_shared_gate": kind == "qwen2_moe" and bool(hf.get("shared_expert_intermediate_size")),
             "moe_norm_topk": bool(hf.get("norm_topk_prob", False)) if qwen else True,
             "moe_aux_loss": float(hf.get("router_aux_loss_coef", 0.0))}
+
+
+def moe_layers(hf: dict[str, Any]) -> dict[str, int]:
+    """``model.moe_first_dense`` and ``moe_every`` of a Qwen-MoE config, whose layer i is a mixture where
+    (i + 1) % decoder_sparse_step == 0 and i is not in mlp_only_layers; ValueError for a pattern fax's
+    stack (dense first blocks, then groups each ending in a mixture) cannot hold."""
+    n, step = hf["num_hidden_layers"], hf.get("decoder_sparse_step") or 1
+    moe = [i for i in range(n) if (i + 1) % step == 0 and i not in (hf.get("mlp_only_layers") or ())]
+    every = moe[1] - moe[0] if len(moe) > 1 else n - moe[0] if moe else 1
+    first = moe[0] + 1 - every if moe else 0
+    shape = ModelConfig(n_layers=n, moe_experts=1, moe_first_dense=first, moe_every=every)
+    if not moe or first < 0 or (n - first) % every or [i for i in range(n) if is_moe_layer(shape, i)] != moe:
+        raise ValueError(f"its mixtures are layers {moe} (decoder_sparse_step={step}, mlp_only_layers="
+                         f"{hf.get('mlp_only_layers')}); fax's are the last of each group of model.moe_every layers "
+                         "after model.moe_first_dense dense ones")
+    return {"moe_first_dense": first, "moe_every": every}
 
 
 def gemma2_settings(hf: dict[str, Any]) -> dict[str, Any]:
@@ -232,7 +250,10 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
         config |= {"num_local_experts": cfg.moe_experts, "intermediate_size": cfg.expert_d_ff}
     elif kind in MOE:
         config |= {"num_experts": cfg.moe_experts, "moe_intermediate_size": cfg.expert_d_ff,
-                   "norm_topk_prob": cfg.moe_norm_topk, "decoder_sparse_step": 1, "mlp_only_layers": []}
+                   "norm_topk_prob": cfg.moe_norm_topk}
+        step = cfg.moe_every if not cfg.moe_first_dense else 1  # else the dense layers listed
+        config |= {"decoder_sparse_step": step, "mlp_only_layers": [
+            i for i in range(cfg.n_layers) if (i + 1) % step == 0 and not is_moe_layer(cfg, i)]}
     if kind == "qwen2_moe":
         config |= {"shared_expert_intermediate_size": cfg.moe_shared_d_ff, "qkv_bias": True}
     if kind in MOE:

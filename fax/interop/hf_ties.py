@@ -3,11 +3,13 @@ expert), with the transpose and reshape between the layouts: import and export b
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
-from fax.models import ModelConfig
+from fax.models import LayerGroup, ModelConfig, layer_groups
 from fax.interop.hf_config import family, model_type
 
 
@@ -22,11 +24,19 @@ class Tie:
     transpose: bool = False  # torch Linear stores [out, in]
     cols: tuple[int, int] | None = None  # the columns of a fused tensor (last axis)
     fused_width: int = 0  # the fused tensor's last axis
+    layers: LayerGroup | None = None  # where the blocks of a per-layer tensor are stored (``ties`` places it)
+    leading: tuple[int, ...] = ()  # the fax parameter's leading axes, one HF tensor per entry: layers, experts
 
-    @property
-    def leading(self) -> tuple[str, ...]:
-        """The placeholders of ``hf``, each a leading axis of the fax parameter: layers, then experts."""
-        return tuple(k for k in ("i", "j") if "{" + k + "}" in self.hf)
+    def entries(self) -> Iterator[tuple[tuple[int, ...], str]]:
+        """Each entry of the leading axes and the HF tensor it is."""
+        for index in np.ndindex(*self.leading):
+            yield index, self.name(index)
+
+    def name(self, index: tuple[int, ...]) -> str:
+        """The HF tensor of entry ``index`` along the leading axes."""
+        layers = len(self.layers.dims) if self.layers else 0
+        at = {"i": self.layers.layer(index[:layers])} if self.layers else {}
+        return self.hf.format(**at, **({"j": index[layers]} if len(index) > layers else {}))
 
     @property
     def stored_shape(self) -> tuple[int, ...]:
@@ -42,6 +52,15 @@ class Tie:
 
 
 def ties(cfg: ModelConfig) -> list[Tie]:
+    """Every tie of the model, those of the blocks placed on the stacks that hold them (``placed``)."""
+    out = family_ties(cfg)
+    dense_mlp = [t for t in out if t.fax[:2] == ("blocks", "mlp")]
+    shared = [t for t in out if t not in dense_mlp]
+    return placed(cfg, shared, None) + placed(cfg, dense_mlp, False) + placed(cfg, moe_ties(cfg), True)
+
+
+def family_ties(cfg: ModelConfig) -> list[Tie]:
+    """The ties of GPT-2's or Llama's layout, a block's written for ``("blocks", ...)`` and HF layer ``{i}``."""
     d, h, kv, hd, f, v = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.kv_head_dim, cfg.d_ff, cfg.vocab_size
     if family(cfg) == "gpt2":
         layer = "transformer.h.{i}."
@@ -84,7 +103,22 @@ def ties(cfg: ModelConfig) -> list[Tie]:
         out += [Tie(("blocks", "attn", f"{x}_norm", "scale"), f"{layer}self_attn.{x}_norm.weight", (hd,)) for x in "qk"]
     if not cfg.tie_embeddings:
         out.append(Tie(("head",), "lm_head.weight", (v, d), transpose=True))
-    return [t for t in out if not (cfg.moe_experts and t.fax[:2] == ("blocks", "mlp"))] + moe_ties(cfg)
+    return out
+
+
+def placed(cfg: ModelConfig, block_ties: list[Tie], moe: bool | None) -> list[Tie]:
+    """Ties written for one block (fax ``("blocks", ...)``, HF ``{i}``) placed on every stack of blocks
+    (``layer_groups``) that has them: the dense MLP's on dense blocks, the experts' on mixtures (``moe``),
+    the rest (None) on all."""
+    out = []
+    for tie in block_ties:
+        if "{i}" not in tie.hf:
+            out.append(tie)
+            continue
+        experts = (cfg.moe_experts,) if "{j}" in tie.hf else ()
+        out += [dataclasses.replace(tie, fax=group.path + tie.fax[1:], layers=group, leading=group.dims + experts)
+                for group in layer_groups(cfg) if moe is None or group.moe == moe]
+    return out
 
 
 def moe_ties(cfg: ModelConfig) -> list[Tie]:

@@ -150,7 +150,7 @@ class Engine:
         self.end_ids = tuple(end_ids)  # tokens that end a request (not emitted): end of text, end of turn
         self.step: int | None = None  # the checkpoint step the params came from, if any
         self.graphdef, _, _, shardings = param_layout(Config(model=cfg), mesh)  # merged weights: no adapters
-        self.params = models.unstack_layers(jax.device_put(params, shardings))
+        self.params = models.unstack_layers(cfg, jax.device_put(params, shardings))
         head, qkv = (logical_sharding(axes, mesh) for axes in models.SERVING_AXES)
         self.weights = jax.jit(functools.partial(models.serving_weights, self.graphdef),
                                out_shardings=models.ServingWeights(head, [qkv] * cfg.n_layers))(self.params)

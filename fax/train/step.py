@@ -23,6 +23,7 @@ from fax.parallel import (BATCH_AXES, logical_sharding, optimizer_shardings, rep
                           with_activation_sharding)
 from fax.parallel.config import Schedule
 from fax.models.attention import softcap
+from fax.models.config import moe_layer_count
 from fax.parallel.pipeline import head_layout, pipeline, split_microbatches
 
 State = dict[str, Any]  # {"step": int32 scalar, "params": ..., "opt_state": ...}
@@ -80,7 +81,7 @@ class Objective:
     logit_softcap: float = 0.0  # model.logit_softcap
     moe_aux_loss: float = 0.0  # model.moe_aux_loss: weight of the load-balancing loss, per layer
     moe_z_loss: float = 0.0  # model.moe_z_loss
-    layers: int = 1  # model.n_layers: the router statistics are summed over them
+    layers: int = 1  # the mixtures of experts among the blocks: the router statistics are summed over them
 
     def __call__(self, hidden: jax.Array, head: jax.Array, targets: jax.Array, counted: jax.Array,
                  count: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -301,7 +302,7 @@ def build(cfg: Config, mesh: Mesh) -> ShardedTraining:
                   objective=Objective(cfg.train.z_loss, cfg.train.loss_chunks, cfg.data.document_mask,
                                       *head_layout(schedule), logit_softcap=cfg.model.logit_softcap,
                                       moe_aux_loss=cfg.model.moe_aux_loss, moe_z_loss=cfg.model.moe_z_loss,
-                                      layers=cfg.model.n_layers),
+                                      layers=max(1, moe_layer_count(cfg.model))),
                   lora=cfg.lora)
     step = functools.partial(train_step, tx=tx, lr=lr_schedule(cfg.optim, cfg.train.steps), seed=cfg.seed,
                              **layout)

@@ -17,9 +17,11 @@ def fax(*args: str) -> subprocess.CompletedProcess:
 
 def test_a_tpu_slice_compiles_and_reports_memory_and_collectives_by_axis():
     # a mixture of experts: tokens reach their experts by all-to-all, the rest of the params are gathered
-    # over the expert axis as over fsdp, each expert's MLP split over tensor (axes of sizes told apart)
-    done = fax("compile", "model=llama-tiny", "model.moe_experts=8", "train.batch_size=32", "parallel.fsdp=1",
-               "parallel.expert=8", "parallel.tensor=2", "--cluster", "v5e-16")
+    # over the expert axis as over fsdp, each expert's MLP split over tensor (axes of sizes told apart);
+    # a dense first block, then a group of a dense block and a mixture
+    done = fax("compile", "model=llama-tiny", "model.moe_experts=8", "model.n_layers=3", "model.moe_first_dense=1",
+               "model.moe_every=2", "train.batch_size=32", "parallel.fsdp=1", "parallel.expert=8", "parallel.tensor=2",
+               "--cluster", "v5e-16")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "v5e-16: 16 x TPU v5 lite, mesh expert=8 x tensor=2, 32 x 128 tokens/step" in done.stdout
     assert "of 16 GiB (fits)" in done.stdout

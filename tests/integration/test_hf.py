@@ -53,15 +53,16 @@ CONFIGS = {
                                                 final_logit_softcapping=3.0, attn_logit_softcapping=2.0,
                                                 query_pre_attn_scalar=24, sliding_window=64),
     # Mixtures of experts: top-2 of 4 (Mixtral); Qwen2-MoE's weights not renormalised, its gated shared
-    # expert and q/k/v biases; Qwen3-MoE's renormalised top-2 of 8 narrow experts and q/k norms
+    # expert and q/k/v biases, dense layers 0, 1 and 3 (a dense first layer, then every other layer a
+    # mixture); Qwen3-MoE's renormalised top-2 of 8 narrow experts and q/k norms
     "mixtral": lambda: transformers.MixtralConfig(vocab_size=320, max_position_embeddings=64, hidden_size=32,
                                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                                   intermediate_size=64, num_local_experts=4, num_experts_per_tok=2,
                                                   rope_theta=500.0),
     "qwen2_moe": lambda: transformers.Qwen2MoeConfig(
-        vocab_size=320, max_position_embeddings=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=320, max_position_embeddings=64, hidden_size=32, num_hidden_layers=5, num_attention_heads=4,
         num_key_value_heads=2, intermediate_size=64, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-        shared_expert_intermediate_size=48, norm_topk_prob=False, rope_theta=500.0),
+        shared_expert_intermediate_size=48, norm_topk_prob=False, rope_theta=500.0, mlp_only_layers=[0, 1, 3]),
     "qwen3_moe": lambda: transformers.Qwen3MoeConfig(
         vocab_size=320, max_position_embeddings=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, intermediate_size=64, num_experts=8, num_experts_per_tok=2,
@@ -107,7 +108,7 @@ def test_import_matches_transformers_and_export_loads_back(kind, tmp_path):
         *_, shardings = param_layout(Config(model=cfg), mesh)
         params = hf.import_params(tmp_path / "hf", cfg, shardings)
         # Straight into the target sharding: each device holds only its slice.
-        assert params["blocks"]["attn"]["wq"].sharding == shardings["blocks"]["attn"]["wq"]
+        assert jax.tree.all(jax.tree.map(lambda p, s: p.sharding == s, params, shardings))
         np.testing.assert_allclose(fax_logits(cfg, params, TOKENS), want, rtol=1e-4, atol=1e-4, err_msg=name)
     hf.export_params(params, cfg, tmp_path / "out")
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()

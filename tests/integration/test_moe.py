@@ -1,6 +1,8 @@
 """Mixture of experts: one computation on every mesh, the dispatch as a NumPy reference computes it,
 and the balance loss spreading the tokens."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,13 +49,16 @@ def test_expert_parallel_meshes_train_as_one_device(dispatch):
     assert (first["moe_dropped"] > 0) == (dispatch == "capacity")
 
 
-def test_a_pipelined_mixture_trains_as_one_device():
+@pytest.mark.parametrize("layers", [
+    ["model.n_layers=4", "parallel.virtual_stages=2"],
+    # a dense first block before the pipeline, then two groups of a dense block and a mixture, one per stage
+    ["model.n_layers=5", "model.moe_first_dense=1", "model.moe_every=2"]], ids=["interleaved", "dense-blocks-too"])
+def test_a_pipelined_mixture_trains_as_one_device(layers):
     """The router statistics travel with the rows through the stages (interleaved, expert-parallel):
     the same losses, gradients and balance loss as one device accumulating the same microbatches."""
-    extra = ["model.n_layers=4", "train.microbatches=4"]
+    extra = [*layers, "train.microbatches=4"]
     one = losses(["parallel.fsdp=1", *extra], 1)
-    piped = losses(["parallel.stage=2", "parallel.expert=2", "parallel.fsdp=2", "parallel.stage_remat=true",
-                    "parallel.virtual_stages=2", *extra], 8)
+    piped = losses(["parallel.stage=2", "parallel.expert=2", "parallel.fsdp=2", "parallel.stage_remat=true", *extra], 8)
     for a, b in zip(one, piped):
         for key in ("loss", "grad_norm", "moe_balance", "expert_load"):
             np.testing.assert_allclose(b[key], a[key], rtol=1e-5, err_msg=key)
@@ -144,7 +149,15 @@ def test_moe_settings_are_checked_before_compiling():
     dense = load_config(overrides=["model=llama-tiny", "parallel.expert=2", "parallel.fsdp=4"])
     assert any("a dense model" in p for p in layout_problems(dense, dense.parallel.axis_sizes(8)))
     lora = load_config(overrides=MOE + ["lora.rank=4", "lora.targets=[attn.wq,mlp.wi]"])
-    assert any("lora.targets: mlp.wi of a mixture of experts" in p for p in lora.lora.problems(lora.model))
+    assert any("not its per-expert MLPs" in p for p in lora.lora.problems(lora.model))
+    mixed = load_config(overrides=MOE + ["model.n_layers=5", "model.moe_first_dense=1", "model.moe_every=2"])
+    assert any("nothing of one with dense blocks too" in p for p in
+               dataclasses.replace(mixed.lora, rank=4).problems(mixed.model))
+    assert any("do not split into groups of model.moe_every=3" in p
+               for p in mixed.model.replace(moe_every=3).problems())
+    piped = load_config(overrides=MOE + ["model.n_layers=5", "model.moe_first_dense=1", "model.moe_every=2",
+                                         "parallel.stage=4", "parallel.fsdp=2", "train.microbatches=4"])
+    assert any("stack's 2 blocks" in p for p in layout_problems(piped, piped.parallel.axis_sizes(8)))
 
 
 def test_capacity_slots_fill_first_choices_first():

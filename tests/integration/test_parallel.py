@@ -228,7 +228,7 @@ def test_pipeline_schedule_runs_m_plus_s_minus_1_ticks():
 def test_pipeline_stages_must_divide_the_layers():
     from fax.config import ConfigError, validate
 
-    with pytest.raises(ConfigError, match=r"model.n_layers=2 does not split into parallel.stage=4"):
+    with pytest.raises(ConfigError, match=r"stack.s 2 blocks .* do not split into parallel.stage=4"):
         validate(config("gpt-tiny", (1, 2, 1), "parallel.stage=4"), 8)
 
 

@@ -122,7 +122,7 @@ def test_layouts_that_cannot_run_are_pruned_with_the_reason():
     # gpt-tiny: 2 layers, 8 heads, d_model 64
     w = Workload(models.preset("gpt-tiny"), global_batch=16, seq_len=128, platform="tpu")
     assert problems(Candidate(tensor=3), w) == [("tensor", "tensor=3 does not divide n_heads=8")]
-    assert problems(Candidate(stages=4), w) == [("stages", "2 layers do not split into 4 stages x 1 virtual stages")]
+    assert problems(Candidate(stages=4), w) == [("stages", "the stack's 2 blocks do not split into 4 stages x 1 virtual stages")]
     assert problems(Candidate(data=4, fsdp=2, microbatches=4), w) == [
         ("batch", "batch 16 does not split into data x fsdp x expert x microbatches = 32")]
     assert problems(Candidate(sequence=3), w) == [("sequence", "sequence=3 does not divide the sequence length 128")]
@@ -309,3 +309,25 @@ def test_mixtures_of_experts_are_planned_over_the_expert_axis(model, cluster, ba
     assert time.perf_counter() - started < 10
     assert result.best.candidate.expert > 1, result.best.candidate.describe()
     assert result.best.fits and "expert communication" in result.best.breakdown()
+
+
+def test_dense_blocks_beside_the_mixtures_are_costed_as_dense():
+    from fax.models.config import block_param_count
+    from fax.parallel.cost import comm_times, compute_times
+    from fax.parallel.layout import device_layers
+
+    cluster, c = cluster_preset("v5p-512"), Candidate(fsdp=32, expert=8)
+    every = models.preset("mixtral-8x7b")
+    other = every.replace(moe_every=2)  # every other block a mixture, the rest dense MLPs of d_ff
+    w, w_other = Workload(every, 256, 4096, "tpu"), Workload(other, 256, 4096, "tpu")
+    assert comm_times(c, w_other, cluster)["expert"] == pytest.approx(comm_times(c, w, cluster)["expert"] / 2)
+    dense = compute_times(c, Workload(every.replace(moe_experts=0), 256, 4096, "tpu"), cluster)["matmul"]
+    assert compute_times(c, w_other, cluster)["matmul"] == pytest.approx(
+        (dense + compute_times(c, w, cluster)["matmul"]) / 2)
+    # DeepSeek-V3: 3 dense blocks first, outside the pipeline (every stage runs them), 58 mixtures split
+    deepseek = models.preset("deepseek-v3")
+    kinds = device_layers(Candidate(stages=2, microbatches=4, fsdp=1024), deepseek)
+    assert [(kind.moe_experts, n) for kind, n in kinds] == [(0, 3), (256, 29)]
+    assert param_count(deepseek.replace(moe_first_dense=0)) - param_count(deepseek) == 3 * (
+        block_param_count(deepseek) - block_param_count(deepseek.replace(moe_experts=0)))
+    assert not problems(Candidate(stages=2, microbatches=2, fsdp=1024), Workload(deepseek, 2048, 4096, "gpu"))
