@@ -28,14 +28,23 @@ def attend(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, segments:
     kernel = attention_implementation(cfg, platform(), q.shape[1])
     if cfg.query_scale:  # the kernels divide by sqrt(head_dim): queries pre-scaled for query_scale's
         q = q * jnp.asarray((q.shape[-1] / cfg.query_scale) ** 0.5, q.dtype)
+    window = cfg.attention_window
     if kernel == "flash":
         return flash_attention(q, k, v, segments)
     if kernel == "blockwise":  # a length no tile divides (an explicit setting): the whole sequence one block
-        return blockwise_attention(q, k, v, segments, tile(q.shape[1]) or q.shape[1], cfg.attn_softcap)
+        return blockwise_attention(q, k, v, segments, tile(q.shape[1]) or q.shape[1], cfg.attn_softcap, window)
     if cfg.attn_softcap:
-        return softcapped_attention(q, k, v, segments, cfg.attn_softcap)
+        return softcapped_attention(q, k, v, segments, cfg.attn_softcap, window)
     mask = None if segments is None else (segments[:, :, None] == segments[:, None, :])[:, None]
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=kernel)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=kernel,
+                                        local_window_size=(window - 1, 0) if window else None)
+
+
+def visible(query_positions: jax.Array, key_positions: jax.Array, window: int = 0) -> jax.Array:
+    """Which keys each query sees [..., queries, keys]: those at or before it, and with a ``window``
+    the window - 1 before it at most (``model.attention_window``)."""
+    behind = query_positions[..., :, None] - key_positions[..., None, :]
+    return (behind >= 0) & (behind < window) if window else behind >= 0
 
 
 def softcap(x: jax.Array, cap: float) -> jax.Array:
@@ -44,17 +53,17 @@ def softcap(x: jax.Array, cap: float) -> jax.Array:
 
 
 def softcapped_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array | None,
-                         cap: float) -> jax.Array:
+                         cap: float, window: int = 0) -> jax.Array:
     """XLA's attention with soft-capped scores (which ``jax.nn.dot_product_attention`` has no
     setting for): float32 seq x seq scores, [b, length, heads, head_dim]."""
     batch, length, heads, head_dim = q.shape
     groups = q.reshape(batch, length, k.shape[2], heads // k.shape[2], head_dim)
     scores = softcap(jnp.einsum("blkgd,bskd->bkgls", groups, k, preferred_element_type=jnp.float32)
                      * head_dim ** -0.5, cap)
-    visible = jnp.tril(jnp.ones((length, length), bool))[None]
+    seen = visible(jnp.arange(length), jnp.arange(length), window)[None]
     if segments is not None:
-        visible = visible & (segments[:, :, None] == segments[:, None, :])
-    weights = jax.nn.softmax(jnp.where(visible[:, None, None], scores, MASKED), axis=-1)
+        seen = seen & (segments[:, :, None] == segments[:, None, :])
+    weights = jax.nn.softmax(jnp.where(seen[:, None, None], scores, MASKED), axis=-1)
     return jnp.einsum("bkgls,bskd->blkgd", weights.astype(v.dtype), v).reshape(q.shape)
 
 
@@ -81,10 +90,10 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Arra
 
 
 def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array | None,
-                        block: int, cap: float = 0.0) -> jax.Array:
+                        block: int, cap: float = 0.0, window: int = 0) -> jax.Array:
     """Causal attention over ``block`` keys at a time with a running maximum and sum (the softmax
-    computed online, as flash attention does), scores soft-capped at ``cap`` if given:
-    [b, length, heads, head_dim]."""
+    computed online, as flash attention does), scores soft-capped at ``cap`` and keys limited to a
+    ``window`` if given: [b, length, heads, head_dim]."""
     batch, length, heads, head_dim = q.shape
     kv_heads = k.shape[2]
     groups = (q.astype(jnp.float32) * head_dim ** -0.5).reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
@@ -98,9 +107,9 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.
         top, total, out = carry
         keys, values, key_segments, start = block_in
         scores = softcap(jnp.einsum("blkgd,bskd->blkgs", groups, keys.astype(jnp.float32)), cap)
-        visible = ((start + jnp.arange(block))[None, :] <= positions[:, None])[None] & (
+        seen = visible(positions, start + jnp.arange(block), window)[None] & (
             segments[:, :, None] == key_segments[:, None, :])  # [b, length, block]
-        scores = jnp.where(visible[:, :, None, None, :], scores, MASKED)
+        scores = jnp.where(seen[:, :, None, None, :], scores, MASKED)
         new_top = jnp.maximum(top, scores.max(-1))
         weights = jnp.exp(scores - new_top[..., None])
         rescale = jnp.exp(top - new_top)

@@ -79,6 +79,7 @@ class ModelConfig:
     # that keeps named tensors: save_qkv_proj, save_out_proj, save_dot_except_mlp, save_dot_except_mlpwi,
     # offload_qkv_proj (TPU/GPU: to host memory)
     remat: str = "none"
+    attention_window: int = 0  # each token attends to itself and the attention_window - 1 before it (Mistral); 0: all
     attention_impl: str = "auto"  # auto (cuDNN on GPUs in 16-bit, Pallas flash on TPUs, else XLA or blockwise), xla, cudnn, flash, blockwise
     # Mixture of experts: every block's MLP becomes moe_experts experts of width moe_d_ff, each token run
     # through moe_top_k of them (0 experts: a dense model)
@@ -138,6 +139,9 @@ class ModelConfig:
         if self.attn_softcap and self.attention_impl in ("flash", "cudnn"):
             out.append(f"model.attention_impl={self.attention_impl} has no score soft-capping "
                        f"(model.attn_softcap={self.attn_softcap}): use xla, blockwise or auto")
+        if self.attention_window < 0 or self.attention_window and self.attention_impl == "flash":
+            out.append(f"model.attention_window={self.attention_window} must be >= 0 (0: no window), and the "
+                       "Pallas flash kernel has none (model.attention_impl=flash): use auto, xla, cudnn or blockwise")
         if self.rope_scaling != "none" and not self.rope_factor >= 1:
             out.append(f"model.rope_factor must be >= 1 with model.rope_scaling={self.rope_scaling}, "
                        f"got {self.rope_factor}")
@@ -294,13 +298,14 @@ def attention_implementation(cfg: ModelConfig, platform: str, seq_len: int = 0) 
     ``auto`` is cuDNN's fused flash attention on GPUs in 16-bit (cuDNN has no float32 kernel), the
     Pallas flash-attention kernel on TPUs, and elsewhere XLA's attention, or from ``BLOCKWISE_FROM``
     tokens the blockwise one (no seq x seq scores); the two tiled kernels for lengths they tile. Scores
-    soft-capped (``attn_softcap``): XLA's or the blockwise one, on every platform."""
+    soft-capped (``attn_softcap``) or a window (``attention_window``, which the Pallas kernel lacks):
+    XLA's or the blockwise one, on TPUs too."""
     if cfg.attention_impl != "auto":
         return cfg.attention_impl
     if platform == "gpu" and cfg.dtype != "float32" and not cfg.attn_softcap:
         return "cudnn"
     tiled = seq_len > 0 and tile(seq_len) is not None
-    if platform == "tpu" and tiled and not cfg.attn_softcap:
+    if platform == "tpu" and tiled and not cfg.attn_softcap and not cfg.attention_window:
         return "flash"
     return "blockwise" if tiled and seq_len >= BLOCKWISE_FROM else "xla"
 

@@ -17,7 +17,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from fax.models import moe
 from fax.models.moe import activate  # every MLP's, the experts' too (moe cannot import this module)
-from fax.models.attention import attend, softcap
+from fax.models.attention import attend, softcap, visible
 from fax.models.config import GATED, ModelConfig
 from fax.models.lora import Adapted
 from fax.models.sharding import constrain, mesh_axes, per_device
@@ -186,22 +186,23 @@ class Attention(nnx.Module):
                         for c, new in zip(cache, (k, v)))
         if queries is not None:
             q, positions = take_tokens(q, queries), take_tokens(positions, queries)
-        out = cached_attention(q.astype(keys.dtype), keys, values, positions, self.cfg.query_scale, self.cfg.attn_softcap)
+        out = cached_attention(q.astype(keys.dtype), keys, values, positions, self.cfg.query_scale, self.cfg.attn_softcap,
+                               self.cfg.attention_window)
         return self._output(out.astype(x.dtype)), (keys, values)
 
 
 def cached_attention(q: jax.Array, keys: jax.Array, values: jax.Array, positions: jax.Array, query_scale: float = 0.0,
-                     cap: float = 0.0) -> jax.Array:
+                     cap: float = 0.0, window: int = 0) -> jax.Array:
     """Queries ``q`` [b, length, heads, head_dim] at ``positions`` [b, length] attend to the cached
     ``keys`` and ``values`` [b, kv_heads, slots, head_dim] at or before their positions (a query
-    head to its group's kv head), scores scaled by ``query_scale`` (0: head_dim) ** -0.5 and
-    soft-capped at ``cap`` if given: [b, length, heads, head_dim]."""
+    head to its group's kv head; within a ``window`` if given), scores scaled by ``query_scale``
+    (0: head_dim) ** -0.5 and soft-capped at ``cap`` if given: [b, length, heads, head_dim]."""
     batch, length, heads, head_dim = q.shape
     groups = q.reshape(batch, length, keys.shape[1], heads // keys.shape[1], head_dim)
     scores = softcap(jnp.einsum("btkgd,bksd->bkgts", groups, keys, preferred_element_type=jnp.float32)
                      * (query_scale or head_dim) ** -0.5, cap)
-    visible = jnp.arange(keys.shape[2])[None, :] <= positions[:, :, None]  # [batch, length, slots]
-    weights = jax.nn.softmax(jnp.where(visible[:, None, None], scores, -jnp.inf), axis=-1)
+    seen = visible(positions, jnp.arange(keys.shape[2]), window)  # [batch, length, slots]
+    weights = jax.nn.softmax(jnp.where(seen[:, None, None], scores, -jnp.inf), axis=-1)
     out = jnp.einsum("bkgts,bksd->btkgd", weights.astype(values.dtype), values)
     return out.reshape(batch, length, heads, head_dim)
 

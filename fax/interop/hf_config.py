@@ -67,6 +67,9 @@ def model_type(cfg: ModelConfig) -> str:
     if gemma and (len(gemma) < len(GEMMA) or cfg.qk_norm or cfg.qkv_bias):
         raise ValueError(f"{', '.join(f'model.{k}={v}' for k, v in GEMMA.items())} together (Gemma) and nothing "
                          "else of Qwen's match a Hugging Face architecture")
+    if gemma and cfg.attention_window:
+        raise ValueError(f"model.attention_window={cfg.attention_window}: Gemma's windows are every other layer's, "
+                         "not every layer's; no Hugging Face Gemma has this model")
     if gemma:
         return "gemma2" if cfg.post_norms else "gemma"
     if cfg.post_norms or cfg.logit_softcap or cfg.attn_softcap or cfg.query_scale:
@@ -77,7 +80,7 @@ def model_type(cfg: ModelConfig) -> str:
                          "norms, Qwen2 q/k/v biases)")
     if cfg.moe_experts:
         return moe_type(cfg)
-    return "qwen3" if cfg.qk_norm else "qwen2" if cfg.qkv_bias else "llama"
+    return "qwen3" if cfg.qk_norm else "qwen2" if cfg.qkv_bias else "mistral" if cfg.attention_window else "llama"
 
 
 def moe_type(cfg: ModelConfig) -> str:
@@ -136,8 +139,7 @@ def model_config(hf: dict[str, Any]) -> ModelConfig:
         if unknown:
             problems.append(f"config keys fax does not know: {', '.join(unknown)} (each may change the "
                             "computation; a model fax has not been checked against is refused, not guessed)")
-        cfg = ModelConfig(vocab_size=hf["vocab_size"], max_seq_len=min(hf["max_position_embeddings"],
-                                                                       sliding_window(hf) or hf["max_position_embeddings"]),
+        cfg = ModelConfig(vocab_size=hf["vocab_size"], **window_settings(hf),
                           d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
                           n_heads=hf["num_attention_heads"],
                           n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
@@ -213,16 +215,28 @@ def rope_settings(hf: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     return settings, [f"rope scaling {kind!r} (fax implements default, linear and llama3 RoPE)"]
 
 
-def sliding_window(hf: dict[str, Any]) -> int | None:
-    """The attention window of a config whose layers attend to a window (Mistral's ``sliding_window``,
-    Qwen's with ``use_sliding_window`` or sliding ``layer_types``); None when every layer attends to all.
-    Within the window, windowed attention is causal attention: the import's context is cut to it."""
-    window = hf.get("sliding_window")
-    if not window:
-        return None
-    windowed = hf["model_type"] in ("mistral", "mixtral") or hf.get("use_sliding_window") or \
-        "sliding_attention" in (hf.get("layer_types") or ())
-    return int(window) if windowed else None
+def windowed_layers(hf: dict[str, Any]) -> list[bool]:
+    """Which layers attend to a window of ``sliding_window`` tokens: Mistral's and Mixtral's all of them,
+    Qwen's and Gemma 2's those ``layer_types`` names (or Qwen's ``use_sliding_window`` from
+    ``max_window_layers`` on)."""
+    n = hf["num_hidden_layers"]
+    if not hf.get("sliding_window"):
+        return [False] * n
+    if hf["model_type"] in ("mistral", "mixtral"):
+        return [True] * n
+    if hf.get("layer_types"):
+        return [kind == "sliding_attention" for kind in hf["layer_types"]]
+    return [bool(hf.get("use_sliding_window")) and i >= (hf.get("max_window_layers") or 0) for i in range(n)]
+
+
+def window_settings(hf: dict[str, Any]) -> dict[str, int]:
+    """The context and ``model.attention_window``: the window where every layer has it; where only some
+    do (Gemma 2's every other layer) the context is cut to the window, within which windowed attention
+    is causal attention."""
+    context, windowed = hf["max_position_embeddings"], windowed_layers(hf)
+    if all(windowed):
+        return {"max_seq_len": context, "attention_window": int(hf["sliding_window"])}
+    return {"max_seq_len": min(context, int(hf["sliding_window"])) if any(windowed) else context}
 
 
 def hf_config(cfg: ModelConfig) -> dict[str, Any]:
@@ -232,7 +246,7 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
                 "n_inner": cfg.d_ff, "activation_function": "gelu_new", "layer_norm_epsilon": cfg.norm_eps,
                 "tie_word_embeddings": True, "torch_dtype": "float32"}
     kind = model_type(cfg)
-    architecture = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+    architecture = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                     "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "mixtral": "MixtralForCausalLM",
                     "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}[kind]
     config = {"model_type": kind, "architectures": [architecture], "vocab_size": cfg.vocab_size,
@@ -244,8 +258,11 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
               "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": "float32"}
     if kind not in ("qwen2", "qwen2_moe"):
         config |= {"attention_bias": False} | ({"mlp_bias": False} if kind == "llama" else {})
-    if kind in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral"):
-        config |= {"sliding_window": None} | ({} if kind == "mixtral" else {"use_sliding_window": False})
+    window = cfg.attention_window or None
+    if kind in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral", "mistral"):
+        config |= {"sliding_window": window} | ({} if kind in ("mixtral", "mistral") else {
+            "use_sliding_window": bool(window), "max_window_layers": 0,
+            "layer_types": [("sliding" if window else "full") + "_attention"] * cfg.n_layers})
     if kind == "mixtral":
         config |= {"num_local_experts": cfg.moe_experts, "intermediate_size": cfg.expert_d_ff}
     elif kind in MOE:

@@ -32,9 +32,10 @@ CONFIGS = {
         num_key_value_heads=2, intermediate_size=64, tie_word_embeddings=False,
         rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                       "original_max_position_embeddings": 16, "rope_theta": 500.0}),
+    # Mistral's sliding window, shorter than the sequences (24 tokens; 40 in the greedy decode)
     "mistral": lambda: transformers.MistralConfig(vocab_size=320, max_position_embeddings=64, hidden_size=32,
                                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                                  intermediate_size=64, sliding_window=None, rope_theta=500.0),
+                                                  intermediate_size=64, sliding_window=8, rope_theta=500.0),
     "qwen2": lambda: transformers.Qwen2Config(vocab_size=320, max_position_embeddings=64, hidden_size=32,
                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                               intermediate_size=64, tie_word_embeddings=True, rope_theta=500.0),
@@ -213,20 +214,25 @@ def test_older_rope_scaling_forms_load_exactly_or_are_refused_by_name(tmp_path):
             hf.model_config({**legacy, "rope_scaling": rope})
 
 
-def test_a_sliding_window_cuts_the_imported_context_to_the_window(tmp_path):
-    """Within its window, Mistral's sliding-window attention is causal attention: the import's
-    context is the window (it loaded as a 64-token model, its logits off by 11.3 past the window)."""
-    config = CONFIGS["mistral"]()
-    config.sliding_window = 16
-    model = hf_model(config, tmp_path / "hf")
-    cfg = hf.model_config(hf.read_config(tmp_path / "hf"))
-    assert cfg.max_seq_len == 16
-    *_, shardings = param_layout(Config(model=cfg), make_mesh(ParallelConfig(fsdp=1), jax.devices()[:1]))
-    params = hf.import_params(tmp_path / "hf", cfg, shardings)
-    tokens = TOKENS[:, :16]
-    np.testing.assert_allclose(fax_logits(cfg, params, tokens), hf_logits(model, tokens), rtol=1e-4, atol=1e-4)
-    qwen = {**CONFIGS["qwen2"]().to_dict(), "use_sliding_window": False, "sliding_window": 16}
-    assert hf.model_config(qwen).max_seq_len == 64  # a window Qwen does not use
+def test_sliding_windows_are_the_models_or_cut_its_context_where_some_layers_have_one():
+    """Mistral's window (every layer's) is the model's attention window, the context whole (it loaded as a
+    64-token model without one, its logits off by 11.3 past the window); a window some layers have
+    (Gemma 2's every other layer, Qwen's above max_window_layers) cuts the context to it, within which
+    windowed attention is causal attention; a window Qwen does not use changes nothing."""
+    mistral = hf.model_config(CONFIGS["mistral"]().to_dict())
+    assert (mistral.attention_window, mistral.max_seq_len) == (8, 64)
+    assert hf.hf_config(mistral)["model_type"] == "mistral" and hf.hf_config(mistral)["sliding_window"] == 8
+    gemma2 = hf.model_config({**CONFIGS["gemma2"]().to_dict(), "sliding_window": 16})
+    assert (gemma2.attention_window, gemma2.max_seq_len) == (0, 16)
+    qwen = CONFIGS["qwen2"]().to_dict()
+    assert hf.model_config({**qwen, "use_sliding_window": False, "sliding_window": 16}).max_seq_len == 64
+    partly = {**qwen, "use_sliding_window": True, "sliding_window": 16, "max_window_layers": 1,
+              "layer_types": ["full_attention", "sliding_attention"]}
+    assert (hf.model_config(partly).max_seq_len, hf.model_config(partly).attention_window) == (16, 0)
+    every = {**partly, "max_window_layers": 0, "layer_types": ["sliding_attention"] * 2}
+    assert hf.model_config(every).attention_window == 16
+    with pytest.raises(ValueError, match="Gemma's windows are every other layer's"):
+        hf.model_type(gemma2.replace(attention_window=16))
 
 
 def test_tensors_and_config_keys_the_model_would_not_use_are_refused_by_name(tmp_path):

@@ -75,3 +75,30 @@ def test_auto_picks_the_kernel_each_backend_has():
     assert attention_implementation(cfg, "cpu", 256) == "xla"
     assert attention_implementation(cfg, "cpu", 4100) == "xla"  # a length the blockwise kernel does not tile
     assert attention_implementation(cfg.replace(dtype="float32"), "gpu", 4096) == "blockwise"
+
+
+def test_a_window_limits_every_kernel_to_the_keys_just_before_each_query():
+    """Mistral's sliding window (each token sees itself and the window - 1 before it) in XLA's kernel,
+    the soft-capped one and the blockwise one, values and gradients, against a NumPy mask; the TPU's
+    auto pick leaves the Pallas kernel, which has no window."""
+    q, k, v, segments = inputs()
+    window = 24
+    behind = np.arange(128)[:, None] - np.arange(128)[None, :]
+    mask = jnp.asarray((behind >= 0) & (behind < window))[None] & (segments[:, :, None] == segments[:, None, :])
+
+    def reference(q, k, v, segments):
+        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
+
+    cfg = models.preset("llama-tiny").replace(attention_window=window)
+    kernels = [lambda q, k, v, s: attend(cfg, q, k, v, s),
+               lambda q, k, v, s: softcapped_attention(q, k, v, s, 1e6, window),
+               lambda q, k, v, s: blockwise_attention(q, k, v, s, 32, 0.0, window)]
+    assert not np.allclose(reference(q, k, v, segments), xla(q, k, v, segments), atol=1e-2)  # the window bites
+    for kernel in kernels:
+        def loss(f):
+            return lambda q, k, v: (f(q, k, v, segments) * jnp.sin(q)).sum()
+        np.testing.assert_allclose(kernel(q, k, v, segments), reference(q, k, v, segments), atol=2e-6)
+        for got, want in zip(jax.grad(loss(kernel), (0, 1, 2))(q, k, v), jax.grad(loss(reference), (0, 1, 2))(q, k, v)):
+            np.testing.assert_allclose(got, want, atol=2e-5)
+    assert attention_implementation(cfg.replace(dtype="bfloat16"), "tpu", 4096) == "blockwise"
+    assert any("model.attention_window" in p for p in cfg.replace(attention_impl="flash").problems())
