@@ -22,13 +22,18 @@ from fax.models.sharding import per_device, platform
 MASKED = -1e30  # a finite "minus infinity": a block with every key hidden still has a defined maximum
 
 
-def attend(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array | None) -> jax.Array:
+Window = int | jax.Array  # a layer's attention window: 0 none; traced where the layers alternate (global_every)
+
+
+def attend(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array | None,
+           window: Window | None = None) -> jax.Array:
     """Causal attention by the kernel ``cfg.attention_impl`` means for these shapes on the devices the
-    computation is laid out on: [b, length, heads, head_dim]."""
+    computation is laid out on, within ``window`` (default ``cfg.attention_window``): [b, length,
+    heads, head_dim]."""
     kernel = attention_implementation(cfg, platform(), q.shape[1])
     if cfg.query_scale:  # the kernels divide by sqrt(head_dim): queries pre-scaled for query_scale's
         q = q * jnp.asarray((q.shape[-1] / cfg.query_scale) ** 0.5, q.dtype)
-    window = cfg.attention_window
+    window = cfg.attention_window if window is None else window
     if kernel == "flash":
         return flash_attention(q, k, v, segments)
     if kernel == "blockwise":  # a length no tile divides (an explicit setting): the whole sequence one block
@@ -36,15 +41,20 @@ def attend(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, segments:
     if cfg.attn_softcap:
         return softcapped_attention(q, k, v, segments, cfg.attn_softcap, window)
     mask = None if segments is None else (segments[:, :, None] == segments[:, None, :])[:, None]
+    if not isinstance(window, int):  # a traced window: a mask (XLA's kernel; cuDNN's takes only a fixed one)
+        seen = visible(jnp.arange(q.shape[1]), jnp.arange(q.shape[1]), window)[None, None]
+        return jax.nn.dot_product_attention(q, k, v, mask=seen if mask is None else seen & mask, implementation="xla")
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=kernel,
                                         local_window_size=(window - 1, 0) if window else None)
 
 
-def visible(query_positions: jax.Array, key_positions: jax.Array, window: int = 0) -> jax.Array:
+def visible(query_positions: jax.Array, key_positions: jax.Array, window: Window = 0) -> jax.Array:
     """Which keys each query sees [..., queries, keys]: those at or before it, and with a ``window``
     the window - 1 before it at most (``model.attention_window``)."""
     behind = query_positions[..., :, None] - key_positions[..., None, :]
-    return (behind >= 0) & (behind < window) if window else behind >= 0
+    if isinstance(window, int):
+        return (behind >= 0) & (behind < window) if window else behind >= 0
+    return (behind >= 0) & ((window <= 0) | (behind < window))
 
 
 def softcap(x: jax.Array, cap: float) -> jax.Array:
@@ -53,7 +63,7 @@ def softcap(x: jax.Array, cap: float) -> jax.Array:
 
 
 def softcapped_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array | None,
-                         cap: float, window: int = 0) -> jax.Array:
+                         cap: float, window: Window = 0) -> jax.Array:
     """XLA's attention with soft-capped scores (which ``jax.nn.dot_product_attention`` has no
     setting for): float32 seq x seq scores, [b, length, heads, head_dim]."""
     batch, length, heads, head_dim = q.shape
@@ -90,7 +100,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Arra
 
 
 def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array | None,
-                        block: int, cap: float = 0.0, window: int = 0) -> jax.Array:
+                        block: int, cap: float = 0.0, window: Window = 0) -> jax.Array:
     """Causal attention over ``block`` keys at a time with a running maximum and sum (the softmax
     computed online, as flash attention does), scores soft-capped at ``cap`` and keys limited to a
     ``window`` if given: [b, length, heads, head_dim]."""

@@ -80,6 +80,7 @@ class ModelConfig:
     # offload_qkv_proj (TPU/GPU: to host memory)
     remat: str = "none"
     attention_window: int = 0  # each token attends to itself and the attention_window - 1 before it (Mistral); 0: all
+    global_every: int = 0  # with a window, every global_every-th layer attends to all (Gemma 2: 2); 0: none does
     attention_impl: str = "auto"  # auto (cuDNN on GPUs in 16-bit, Pallas flash on TPUs, else XLA or blockwise), xla, cudnn, flash, blockwise
     # Mixture of experts: every block's MLP becomes moe_experts experts of width moe_d_ff, each token run
     # through moe_top_k of them (0 experts: a dense model)
@@ -142,6 +143,9 @@ class ModelConfig:
         if self.attention_window < 0 or self.attention_window and self.attention_impl == "flash":
             out.append(f"model.attention_window={self.attention_window} must be >= 0 (0: no window), and the "
                        "Pallas flash kernel has none (model.attention_impl=flash): use auto, xla, cudnn or blockwise")
+        if self.global_every < 0 or self.global_every and (not self.attention_window or mixed_layers(self)):
+            out.append(f"model.global_every={self.global_every} needs model.attention_window (and no dense blocks "
+                       "beside a mixture of experts: model.moe_first_dense=0, model.moe_every=1)")
         if self.rope_scaling != "none" and not self.rope_factor >= 1:
             out.append(f"model.rope_factor must be >= 1 with model.rope_scaling={self.rope_scaling}, "
                        f"got {self.rope_factor}")
@@ -209,6 +213,11 @@ def stack_units(cfg: ModelConfig) -> int:
     ``moe_every`` > 1 a group of that many (dense ones, then a mixture); the dense first blocks
     (``moe_first_dense``) run before the stack."""
     return moe_layer_count(cfg) if mixed_layers(cfg) else cfg.n_layers
+
+
+def layer_window(cfg: ModelConfig, layer: int) -> int:
+    """The attention window of layer ``layer`` (from 0): ``attention_window``, 0 on the global layers."""
+    return 0 if cfg.global_every and (layer + 1) % cfg.global_every == 0 else cfg.attention_window
 
 
 def active_d_ff(cfg: ModelConfig) -> int:

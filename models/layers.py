@@ -17,7 +17,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from fax.models import moe
 from fax.models.moe import activate  # every MLP's, the experts' too (moe cannot import this module)
-from fax.models.attention import attend, softcap, visible
+from fax.models.attention import Window, attend, softcap, visible
 from fax.models.config import GATED, ModelConfig
 from fax.models.lora import Adapted
 from fax.models.sharding import constrain, mesh_axes, per_device
@@ -165,14 +165,15 @@ class Attention(nnx.Module):
             y = y + self.out_bias[...].astype(out.dtype)
         return checkpoint_name(constrain(y, RESIDUAL), "out_proj")
 
-    def __call__(self, x: jax.Array, positions: jax.Array, documents: jax.Array | None = None) -> jax.Array:
-        """Causal attention; with ``documents`` ([b, length] segment ids) a token sees only the
-        earlier tokens of its own document."""
+    def __call__(self, x: jax.Array, positions: jax.Array, documents: jax.Array | None = None,
+                 window: Window | None = None) -> jax.Array:
+        """Causal attention (within ``window``, default the model's); with ``documents`` ([b, length]
+        segment ids) a token sees only the earlier tokens of its own document."""
         q, k, v = self._project(x, positions)
-        return self._output(attend(self.cfg, q, k, v, documents))
+        return self._output(attend(self.cfg, q, k, v, documents, window))
 
     def cached(self, x: jax.Array, positions: jax.Array, cache: KVCache, fused: jax.Array,
-               queries: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+               queries: jax.Array | None = None, window: int | None = None) -> tuple[jax.Array, KVCache]:
         """New tokens (``x`` [b, length], at ``positions`` [b, length]) write their keys and values
         into ``cache`` (b rows; positions past its end are dropped), then attend to everything
         cached at or before them. Attention reads the whole cache: its owner sizes it to the rows
@@ -187,7 +188,7 @@ class Attention(nnx.Module):
         if queries is not None:
             q, positions = take_tokens(q, queries), take_tokens(positions, queries)
         out = cached_attention(q.astype(keys.dtype), keys, values, positions, self.cfg.query_scale, self.cfg.attn_softcap,
-                               self.cfg.attention_window)
+                               self.cfg.attention_window if window is None else window)
         return self._output(out.astype(x.dtype)), (keys, values)
 
 
@@ -297,14 +298,14 @@ class Block(nnx.Module):
     def _after_attention(self, out: jax.Array) -> jax.Array:
         return self.post_attn_norm(out) if self.cfg.post_norms else out
 
-    def __call__(self, x: jax.Array, positions: jax.Array, documents: jax.Array | None = None
-                 ) -> tuple[jax.Array, moe.RouterStats | None]:
+    def __call__(self, x: jax.Array, positions: jax.Array, documents: jax.Array | None = None,
+                 window: Window | None = None) -> tuple[jax.Array, moe.RouterStats | None]:
         """The block's output, and its router's statistics (None: a dense block)."""
-        x = x + self._after_attention(self.attn(self.attn_norm(x), positions, documents))
+        x = x + self._after_attention(self.attn(self.attn_norm(x), positions, documents, window))
         return self._mlp(x)
 
     def cached(self, x: jax.Array, positions: jax.Array, cache: KVCache, fused: jax.Array,
-               queries: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
-        h, cache = self.attn.cached(self.attn_norm(x), positions, cache, fused, queries)
+               queries: jax.Array | None = None, window: int | None = None) -> tuple[jax.Array, KVCache]:
+        h, cache = self.attn.cached(self.attn_norm(x), positions, cache, fused, queries, window)
         x = (x if queries is None else take_tokens(x, queries)) + self._after_attention(h)
         return self._mlp(x)[0], cache

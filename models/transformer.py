@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fax.models.attention import softcap
-from fax.models.config import NAMED_REMAT, ModelConfig, mixed_layers, stack_units
+from fax.models.attention import Window, softcap
+from fax.models.config import NAMED_REMAT, ModelConfig, layer_window, mixed_layers, stack_units
 from fax.models.layers import RESIDUAL, Block, KVCache, Norm, compute_dtype, param
 from fax.models.moe import RouterStats
 from fax.models.sharding import constrain
@@ -54,10 +54,11 @@ def stacked(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs, axis
     return build(rngs)
 
 
-def run_stack(stack: nnx.Module, x: jax.Array, positions: jax.Array, documents: jax.Array | None) -> jax.Array:
+def run_stack(stack: nnx.Module, x: jax.Array, positions: jax.Array, documents: jax.Array | None,
+              window: Window | None) -> jax.Array:
     """A stack of dense blocks (``stacked``) one after another."""
     graphdef, params = nnx.split(stack)
-    return jax.lax.scan(lambda h, p: (nnx.merge(graphdef, p)(h, positions, documents)[0], None), x, params)[0]
+    return jax.lax.scan(lambda h, p: (nnx.merge(graphdef, p)(h, positions, documents, window)[0], None), x, params)[0]
 
 
 class MixtureGroup(nnx.Module):
@@ -69,9 +70,9 @@ class MixtureGroup(nnx.Module):
         self.dense = stacked(lambda r: Block(dense, r), cfg.moe_every - 1, rngs, None)
         self.moe = Block(cfg, rngs)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, documents: jax.Array | None = None
-                 ) -> tuple[jax.Array, RouterStats]:
-        return self.moe(run_stack(self.dense, x, positions, documents), positions, documents)
+    def __call__(self, x: jax.Array, positions: jax.Array, documents: jax.Array | None = None,
+                 window: Window | None = None) -> tuple[jax.Array, RouterStats]:
+        return self.moe(run_stack(self.dense, x, positions, documents, window), positions, documents, window)
 
 
 class LayerGroup(NamedTuple):
@@ -147,26 +148,31 @@ class DecoderLM(nnx.Module):
         ([batch, length] ints: which packed document of its row a token belongs to, non-decreasing)
         each document is read as if it stood alone: it attends only to itself and its positions
         count from its first token."""
+        cfg = self.cfg
         positions = jnp.arange(tokens.shape[1]) if segments is None else document_positions(segments)
 
         def run(stack: nnx.Module, run_layers: RunLayers, carry: Carry) -> Carry:
             graphdef, layer_params = nnx.split(stack)
 
             def layer(carry: Carry, params: Params) -> Carry:
-                h, documents, stats = carry  # what travels with the rows (a pipeline splits the batch)
+                # what travels with the rows (a pipeline splits the batch); ``depth``: the layers they passed
+                h, documents, stats, depth = carry
                 at = positions if documents is None else document_positions(documents)
-                h, layer_stats = nnx.merge(graphdef, params)(h, at, documents)
-                return h, documents, stats if layer_stats is None else jax.tree.map(jnp.add, stats, layer_stats)
+                window = jnp.where((depth[0] + 1) % cfg.global_every == 0, 0, cfg.attention_window) \
+                    if cfg.global_every else None
+                h, layer_stats = nnx.merge(graphdef, params)(h, at, documents, window)
+                stats = stats if layer_stats is None else jax.tree.map(jnp.add, stats, layer_stats)
+                return h, documents, stats, depth + 1
 
-            if self.cfg.remat != "none":
-                layer = jax.checkpoint(layer, policy=remat_policy(self.cfg.remat), prevent_cse=False)
+            if cfg.remat != "none":
+                layer = jax.checkpoint(layer, policy=remat_policy(cfg.remat), prevent_cse=False)
             return run_layers(layer, layer_params, carry)
 
-        stats = RouterStats.zeros(tokens.shape[0], self.cfg.moe_experts) if self.cfg.moe_experts else None
-        carry = (self._embed(tokens, positions), segments, stats)
-        if self.cfg.moe_experts and self.cfg.moe_first_dense:
+        stats = RouterStats.zeros(tokens.shape[0], cfg.moe_experts) if cfg.moe_experts else None
+        carry = (self._embed(tokens, positions), segments, stats, jnp.zeros(tokens.shape[:1], jnp.int32))
+        if cfg.moe_experts and cfg.moe_first_dense:
             carry = run(self.dense_blocks, scan_layers, carry)
-        h, _, stats = run(self.blocks, run_layers, carry)
+        h, _, stats, _ = run(self.blocks, run_layers, carry)
         return self.final_norm(h), stats
 
     def __call__(self, tokens: jax.Array, run_layers: RunLayers = scan_layers,
@@ -319,7 +325,8 @@ def apply_cached(graphdef: nnx.GraphDef, params: Params, weights: ServingWeights
         # only where the logits are read: in a prefill, the prompts' last tokens (a fifth of the FLOPs
         # of a 4-layer model's prefill).
         final = i == len(blocks) - 1
-        x, layer_cache = block.cached(x, positions, layer_cache, fused, queries if final else None)
+        x, layer_cache = block.cached(x, positions, layer_cache, fused, queries if final else None,
+                                      layer_window(model.cfg, i))
         updated.append(layer_cache)
     logits = model._logits(x[:, -1:] if last is None else x, weights.head)
     return (logits if last is not None and last.ndim == 2 else logits[:, 0]), updated

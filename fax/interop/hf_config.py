@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from fax.models import ModelConfig
-from fax.models.config import is_moe_layer, mixed_layers
+from fax.models.config import is_moe_layer, layer_window, mixed_layers
 
 HF = "hf:"  # what names a Hugging Face folder where a run directory or a model preset may go
 # Mixtures of experts of Llama's layout: Mixtral (Mistral's), Qwen2-MoE (Qwen2's, a gated shared expert),
@@ -67,14 +67,17 @@ def model_type(cfg: ModelConfig) -> str:
     if gemma and (len(gemma) < len(GEMMA) or cfg.qk_norm or cfg.qkv_bias):
         raise ValueError(f"{', '.join(f'model.{k}={v}' for k, v in GEMMA.items())} together (Gemma) and nothing "
                          "else of Qwen's match a Hugging Face architecture")
-    if gemma and cfg.attention_window:
-        raise ValueError(f"model.attention_window={cfg.attention_window}: Gemma's windows are every other layer's, "
-                         "not every layer's; no Hugging Face Gemma has this model")
+    if gemma and cfg.attention_window and not cfg.post_norms:
+        raise ValueError(f"model.attention_window={cfg.attention_window}: Gemma has no attention window (Gemma 2 "
+                         "has, with model.post_norms)")
     if gemma:
         return "gemma2" if cfg.post_norms else "gemma"
     if cfg.post_norms or cfg.logit_softcap or cfg.attn_softcap or cfg.query_scale:
         raise ValueError("model.post_norms, model.logit_softcap, model.attn_softcap and model.query_scale are "
                          "Gemma 2's: they match a Hugging Face architecture only with Gemma's settings")
+    if cfg.global_every and not (cfg.qk_norm or cfg.qkv_bias):
+        raise ValueError(f"model.global_every={cfg.global_every}: Mistral's and Mixtral's window is every layer's; "
+                         "Qwen's and Gemma 2's may skip some layers")
     if cfg.qk_norm and cfg.qkv_bias:
         raise ValueError("model.qk_norm with model.qkv_bias matches no Hugging Face architecture (Qwen3 has q/k "
                          "norms, Qwen2 q/k/v biases)")
@@ -230,13 +233,23 @@ def windowed_layers(hf: dict[str, Any]) -> list[bool]:
 
 
 def window_settings(hf: dict[str, Any]) -> dict[str, int]:
-    """The context and ``model.attention_window``: the window where every layer has it; where only some
-    do (Gemma 2's every other layer) the context is cut to the window, within which windowed attention
-    is causal attention."""
+    """The context, ``model.attention_window`` and ``model.global_every``: the window where every layer
+    has it, or all but every k-th (Gemma 2's every other layer); where other layers have it the context
+    is cut to the window, within which windowed attention is causal attention."""
     context, windowed = hf["max_position_embeddings"], windowed_layers(hf)
-    if all(windowed):
-        return {"max_seq_len": context, "attention_window": int(hf["sliding_window"])}
-    return {"max_seq_len": min(context, int(hf["sliding_window"])) if any(windowed) else context}
+    if not any(windowed):
+        return {"max_seq_len": context}
+    window = int(hf["sliding_window"])
+    every = next((k for k in range(2, len(windowed) + 1) if windowed == [(i + 1) % k != 0 for i in range(len(windowed))]),
+                 0)
+    if all(windowed) or every:
+        return {"max_seq_len": context, "attention_window": window, "global_every": every}
+    return {"max_seq_len": min(context, window)}
+
+
+def layer_types(cfg: ModelConfig) -> list[str]:
+    """Each layer's attention as Qwen's and Gemma 2's configs name it."""
+    return ["sliding_attention" if layer_window(cfg, i) else "full_attention" for i in range(cfg.n_layers)]
 
 
 def hf_config(cfg: ModelConfig) -> dict[str, Any]:
@@ -261,8 +274,7 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
     window = cfg.attention_window or None
     if kind in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral", "mistral"):
         config |= {"sliding_window": window} | ({} if kind in ("mixtral", "mistral") else {
-            "use_sliding_window": bool(window), "max_window_layers": 0,
-            "layer_types": [("sliding" if window else "full") + "_attention"] * cfg.n_layers})
+            "use_sliding_window": bool(window), "max_window_layers": 0, "layer_types": layer_types(cfg)})
     if kind == "mixtral":
         config |= {"num_local_experts": cfg.moe_experts, "intermediate_size": cfg.expert_d_ff}
     elif kind in MOE:
@@ -276,10 +288,10 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
     if kind in MOE:
         config |= {"num_experts_per_tok": cfg.moe_top_k, "router_aux_loss_coef": cfg.moe_aux_loss,
                    "router_jitter_noise": 0.0}
-    if kind == "gemma2":  # every layer attends to the whole context (a window as long as it)
+    if kind == "gemma2":  # without a window every layer attends to the whole context (a window as long as it)
         config |= {"hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": int(cfg.query_scale or cfg.kv_head_dim),
                    "final_logit_softcapping": cfg.logit_softcap or None, "attn_logit_softcapping": cfg.attn_softcap or None,
-                   "sliding_window": cfg.max_seq_len, "layer_types": ["full_attention"] * cfg.n_layers}
+                   "sliding_window": window or cfg.max_seq_len, "layer_types": layer_types(cfg)}
     if cfg.rope_scaling != "none":
         config["rope_scaling"] = {"rope_type": cfg.rope_scaling, "factor": cfg.rope_factor} | (
             {"low_freq_factor": cfg.rope_low_freq_factor, "high_freq_factor": cfg.rope_high_freq_factor,

@@ -47,12 +47,12 @@ CONFIGS = {
                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                               head_dim=16, intermediate_size=64, rope_theta=500.0),
     # Gemma 2: norms after each sublayer, soft-capped scores and logits (low caps, so that they bite),
-    # queries scaled by 1/sqrt(24) (not head_dim's 16), local layers of a window as long as the context
+    # queries scaled by 1/sqrt(24) (not head_dim's 16), its first layer local (a window of 8), its second global
     "gemma2": lambda: transformers.Gemma2Config(vocab_size=320, max_position_embeddings=64, hidden_size=32,
                                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                                 head_dim=16, intermediate_size=64, rope_theta=500.0,
                                                 final_logit_softcapping=3.0, attn_logit_softcapping=2.0,
-                                                query_pre_attn_scalar=24, sliding_window=64),
+                                                query_pre_attn_scalar=24, sliding_window=8),
     # Mixtures of experts: top-2 of 4 (Mixtral); Qwen2-MoE's weights not renormalised, its gated shared
     # expert and q/k/v biases, dense layers 0, 1 and 3 (a dense first layer, then every other layer a
     # mixture); Qwen3-MoE's renormalised top-2 of 8 narrow experts and q/k norms
@@ -216,14 +216,16 @@ def test_older_rope_scaling_forms_load_exactly_or_are_refused_by_name(tmp_path):
 
 def test_sliding_windows_are_the_models_or_cut_its_context_where_some_layers_have_one():
     """Mistral's window (every layer's) is the model's attention window, the context whole (it loaded as a
-    64-token model without one, its logits off by 11.3 past the window); a window some layers have
-    (Gemma 2's every other layer, Qwen's above max_window_layers) cuts the context to it, within which
-    windowed attention is causal attention; a window Qwen does not use changes nothing."""
+    64-token model without one, its logits off by 11.3 past the window); Gemma 2's every other layer's
+    too, the others global; a window other layers have (Qwen's from max_window_layers on) cuts the
+    context to it, within which windowed attention is causal attention; a window Qwen does not use
+    changes nothing."""
     mistral = hf.model_config(CONFIGS["mistral"]().to_dict())
-    assert (mistral.attention_window, mistral.max_seq_len) == (8, 64)
+    assert (mistral.attention_window, mistral.global_every, mistral.max_seq_len) == (8, 0, 64)
     assert hf.hf_config(mistral)["model_type"] == "mistral" and hf.hf_config(mistral)["sliding_window"] == 8
-    gemma2 = hf.model_config({**CONFIGS["gemma2"]().to_dict(), "sliding_window": 16})
-    assert (gemma2.attention_window, gemma2.max_seq_len) == (0, 16)
+    gemma2 = hf.model_config(CONFIGS["gemma2"]().to_dict())
+    assert (gemma2.attention_window, gemma2.global_every, gemma2.max_seq_len) == (8, 2, 64)
+    assert hf.hf_config(gemma2)["layer_types"] == ["sliding_attention", "full_attention"]
     qwen = CONFIGS["qwen2"]().to_dict()
     assert hf.model_config({**qwen, "use_sliding_window": False, "sliding_window": 16}).max_seq_len == 64
     partly = {**qwen, "use_sliding_window": True, "sliding_window": 16, "max_window_layers": 1,
@@ -231,8 +233,10 @@ def test_sliding_windows_are_the_models_or_cut_its_context_where_some_layers_hav
     assert (hf.model_config(partly).max_seq_len, hf.model_config(partly).attention_window) == (16, 0)
     every = {**partly, "max_window_layers": 0, "layer_types": ["sliding_attention"] * 2}
     assert hf.model_config(every).attention_window == 16
-    with pytest.raises(ValueError, match="Gemma's windows are every other layer's"):
-        hf.model_type(gemma2.replace(attention_window=16))
+    with pytest.raises(ValueError, match="Gemma has no attention window"):
+        hf.model_type(hf.model_config(CONFIGS["gemma"]().to_dict()).replace(attention_window=16))
+    with pytest.raises(ValueError, match="Mistral's and Mixtral's window is every layer's"):
+        hf.model_type(mistral.replace(global_every=2))
 
 
 def test_tensors_and_config_keys_the_model_would_not_use_are_refused_by_name(tmp_path):

@@ -167,13 +167,14 @@ def grads_on_mesh(cfg, tokens: np.ndarray):
 def test_pipeline_stages_match_one_stage(model):
     """GPipe, interleaved (V = 2, with sequence parallelism: the stages' hidden states split over
     tensor too) and stage-rematerialised schedules over S = 2 and 4 stages: the unpipelined step's
-    loss and gradients."""
-    layers = "model.n_layers=8"
-    tokens = batch(config(model, (1, 8, 1), layers))
-    _, loss, grads = grads_on_mesh(config(model, (1, 8, 1), layers), tokens)
+    loss and gradients. Every third layer attends to all, the others to a window of 8 (Gemma 2's
+    alternation at another period): each row's layer count travels with it through the stages."""
+    layers = ("model.n_layers=8", "model.attention_window=8", "model.global_every=3")
+    tokens = batch(config(model, (1, 8, 1), *layers))
+    _, loss, grads = grads_on_mesh(config(model, (1, 8, 1), *layers), tokens)
     for stages, virtual, remat, (data, fsdp, tensor), micro in ((2, 1, False, (1, 2, 2), 4), (2, 2, True, (1, 2, 2), 4),
                                                                   (4, 1, True, (1, 2, 1), 2), (4, 2, True, (1, 2, 1), 4)):
-        cfg = config(model, (data, fsdp, tensor), layers, f"parallel.stage={stages}", f"train.microbatches={micro}",
+        cfg = config(model, (data, fsdp, tensor), *layers, f"parallel.stage={stages}", f"train.microbatches={micro}",
                      f"parallel.virtual_stages={virtual}", f"parallel.stage_remat={remat}",
                      f"parallel.tensor_sequence={virtual > 1 and tensor > 1}")
         training, piped_loss, piped = grads_on_mesh(cfg, tokens)
