@@ -238,9 +238,13 @@ def token_ids(tokenizer: HFTokenizer) -> dict[str, Any]:
             "pad_token_id": named.get("pad")}
 
 
-def _run_on_one_device(run_dir: str | Path, step: int | None, merged: bool) -> tuple[Any, Params, int]:
+def _run_on_local_devices(run_dir: str | Path, step: int | None, merged: bool) -> tuple[Any, Params, int]:
+    """A run's params split over this host's devices (fsdp over as many as divide d_model), so that no
+    device holds the whole model; an export then reads one layer's tensor at a time to the host."""
     config = run_config(run_dir)
-    params, step = run_params(run_dir, config, make_mesh(ParallelConfig(fsdp=1), jax.devices()[:1]), step, merged)
+    devices = jax.local_devices()
+    fsdp = max(n for n in range(1, len(devices) + 1) if config.model.d_model % n == 0)
+    params, step = run_params(run_dir, config, make_mesh(ParallelConfig(fsdp=fsdp), devices[:fsdp]), step, merged)
     return config, params, step
 
 
@@ -253,7 +257,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None
     export_dtype(dtype)
     tokenizer = Path(run_dir) / HFTokenizer.name  # the run's copy; fax's byte tokenizer has no Hugging Face form
     ids = token_ids(HFTokenizer(tokenizer)) if tokenizer.exists() else None
-    config, params, step = _run_on_one_device(run_dir, step, merged=True)
+    config, params, step = _run_on_local_devices(run_dir, step, merged=True)
     out = export_params(params, config.model, out_dir, dtype, max_shard_bytes, ids)
     if tokenizer.exists():
         copy_tokenizer(tokenizer, out)
@@ -272,7 +276,7 @@ def export_adapters(run_dir: str | Path, out_dir: str | Path, step: int | None =
     if family(config.model) == "gpt2":
         raise ValueError("PEFT's layout has no LoRA on part of GPT-2's fused q/k/v tensor (c_attn): export the "
                          "merged model instead (fax export without --adapters-only)")
-    config, params, step = _run_on_one_device(run_dir, step, merged=False)
+    config, params, step = _run_on_local_devices(run_dir, step, merged=False)
     modules = {tie.fax[1:]: tie.hf.removesuffix(".weight") for tie in ties(config.model) if tie.fax[0] == "blocks"}
     tensors = {}
     for target, ab in params["lora"].items():

@@ -276,7 +276,7 @@ def hf_dir(tmp_path_factory):
     return root / "llama", root / "data", model
 
 
-def test_generate_eval_and_plan_take_a_hugging_face_folder_directly(hf_dir, capsys):
+def test_generate_infer_eval_and_plan_take_a_hugging_face_folder_directly(hf_dir, capsys, tmp_path):
     """`fax generate hf:DIR` said "not a fax run directory", `fax plan --model hf:DIR` "unknown model
     preset": a checkpoint could not be used without training it first."""
     from fax.config import apply_overrides
@@ -290,7 +290,12 @@ def test_generate_eval_and_plan_take_a_hugging_face_folder_directly(hf_dir, caps
     ids = torch.tensor([tokenizer.encode(prompt).tolist()])
     greedy = model.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=0, pad_token_id=0)[0, ids.shape[1]:]
     assert main(["generate", f"hf:{folder}", "--prompt", prompt, "--max-tokens", "10", "--temperature", "0"]) == 0
-    assert capsys.readouterr().out == prompt + tokenizer.decode([t for t in greedy.tolist() if t != 0]) + "\n"
+    completion = tokenizer.decode([t for t in greedy.tolist() if t != 0])
+    assert capsys.readouterr().out == prompt + completion + "\n"
+    (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": prompt}) + "\n")
+    assert main(["infer", f"hf:{folder}", "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"),
+                 "--max-tokens", "10", "--engine", "local"]) == 0
+    assert json.loads((tmp_path / "out.jsonl").read_text())["completion"] == completion
     # eval: the checkpoint's loss on batches of a dataset prepared with its tokenizer, as transformers computes it
     overrides = [f"data.path={data}", "train.batch_size=8", "train.seq_len=16", "train.eval_batches=1"]
     step, loss = evaluate_checkpoint(f"hf:{folder}", overrides, split="train")
