@@ -54,12 +54,24 @@ class SafetensorsDir:
                     self.files[name], self.headers[name] = path, (tuple(stored.get_shape()), stored.get_dtype())
         if not self.files:
             raise ValueError(f"{hf_dir}: no *.safetensors files (fax never reads pickled .bin checkpoints)")
-        self.read = functools.lru_cache(maxsize=4)(self._read)  # a tensor serves every shard cut from it
+        self.read = functools.lru_cache(maxsize=2)(self._read)  # a whole tensor serves every shard cut from it
+        self.opened: dict[Path, Any] = {}
 
     def find(self, name: str) -> str | None:
         """The stored name: as given, or without the ``transformer.``/``model.`` prefix (a bare base model)."""
         bare = name.split(".", 1)[1] if name.startswith(("transformer.", "model.")) else name
         return next((n for n in (name, bare) if n in self.files), None)
+
+    def region(self, name: str, region: tuple[slice, ...] | None) -> np.ndarray:
+        """A region of a stored tensor as float32, reading only its bytes (None: the whole tensor;
+        bfloat16 tensors are read whole, numpy has no bfloat16)."""
+        path = self.files[name]
+        if path not in self.opened:
+            self.opened[path] = safe_open(path, framework="numpy")
+        stored = self.opened[path].get_slice(name)
+        if region is None or stored.get_dtype() == "BF16":
+            return self.read(name)[region or ()]
+        return stored[region].astype(np.float32)
 
     def _read(self, name: str) -> np.ndarray:
         """As float32. numpy has no bfloat16 (most published checkpoints): those go through jax on the host CPU."""
@@ -132,12 +144,29 @@ def import_params(hf_dir: str | Path, cfg: ModelConfig, shardings: Params) -> Pa
         def piece(index: tuple[slice, ...], tie: Tie = tie, lead: int = lead, unit: tuple = shape[lead:]) -> np.ndarray:
             def part(at: tuple[int, ...]) -> np.ndarray:  # the stored tensors under ``at``
                 if len(at) == lead:
-                    return tie.to_fax(store.read(store.find(tie.name(at))), unit)[index[lead:]]
+                    name = store.find(tie.name(at))
+                    return tie.piece(lambda region: store.region(name, region), unit, index[lead:])
                 return np.stack([part((*at, k)) for k in range(tie.leading[len(at)])[index[len(at)]]])
             return part(())
 
-        _set(params, tie.fax, jax.make_array_from_callback(shape, sharding, piece))
+        _set(params, tie.fax, array_from_pieces(shape, sharding, piece))
     return params
+
+
+def array_from_pieces(shape: tuple[int, ...], sharding: jax.sharding.Sharding,
+                      piece: Callable[[tuple[slice, ...]], np.ndarray]) -> jax.Array:
+    """``jax.make_array_from_callback``, one piece at a time: each is on its devices before the next is
+    read, so the host holds one device's slice, not every local device's at once. Replicas share a read."""
+    by_index: dict[tuple, list[jax.Device]] = {}
+    for device, index in sharding.addressable_devices_indices_map(shape).items():
+        by_index.setdefault(tuple(s.indices(n) for s, n in zip(index, shape)), []).append(device)
+    arrays = {}
+    for key, devices in by_index.items():
+        values = piece(tuple(slice(*k) for k in key))
+        for device in devices:
+            arrays[device] = jax.block_until_ready(jax.device_put(values, device))
+    return jax.make_array_from_single_device_arrays(
+        shape, sharding, [arrays[d] for d in sharding.addressable_devices_indices_map(shape)])
 
 
 @functools.cache

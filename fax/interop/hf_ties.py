@@ -4,7 +4,7 @@ expert), with the transpose and reshape between the layouts: import and export b
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,12 +43,52 @@ class Tie:
         """The shape of the HF tensor as stored (a fused tensor's whole)."""
         return (*self.hf_shape[:-1], self.fused_width) if self.cols else self.hf_shape
 
+    def piece(self, read: Callable[[tuple[slice, ...] | None], np.ndarray], unit: tuple[int, ...],
+              index: tuple[slice, ...]) -> np.ndarray:
+        """The part ``index`` of one entry (of shape ``unit``), reading through ``read`` (stored slices ->
+        array; None: the whole tensor) only the region of the stored tensor it comes from, where the
+        layouts keep it one block (a device's slice of the heads or the width: every fax layout here)."""
+        index = tuple(s if isinstance(s, slice) else slice(s, s + 1) for s in index)
+        index += (slice(None),) * (len(unit) - len(index))
+        view = self.hf_shape[::-1] if self.transpose else self.hf_shape  # the stored tensor as fax reads it
+        ranges = view_ranges(view, unit, index)
+        if ranges is None:
+            return self.to_fax(read(None), unit)[index]
+        stored = list(ranges[::-1] if self.transpose else ranges)
+        if self.cols:  # the columns of a fused tensor: its last axis, offset
+            last = stored[-1]
+            stored[-1] = slice(self.cols[0] + last.start, self.cols[0] + last.stop)
+        block = read(tuple(stored))
+        return (block.T if self.transpose else block).reshape(
+            [len(range(*s.indices(n))) for s, n in zip(index, unit)])
+
     def to_fax(self, tensor: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         part = tensor[..., self.cols[0]:self.cols[1]] if self.cols else tensor
         return (part.T if self.transpose else part).reshape(shape)
 
     def to_hf(self, value: np.ndarray) -> np.ndarray:
         return value.reshape(self.hf_shape[::-1]).T if self.transpose else value.reshape(self.hf_shape)
+
+
+def view_ranges(view: tuple[int, ...], unit: tuple[int, ...], index: tuple[slice, ...]) -> list[slice] | None:
+    """The range of each axis of ``view`` that ``index`` (slices of ``unit``, a reshape of ``view`` that
+    splits each of its axes into consecutive ones) covers; None where that is not one block (a split
+    axis sliced past its first part)."""
+    ranges, at = [], 0
+    for size in view:
+        group, width = [], 1
+        while width < size and at < len(unit):
+            group.append(at)
+            width *= unit[at]
+            at += 1
+        if width != size or not group:
+            return None
+        starts = [index[u].indices(unit[u]) for u in group]
+        if any(start != 0 or stop != unit[u] or step != 1 for u, (start, stop, step) in zip(group[1:], starts[1:])):
+            return None
+        inner = width // unit[group[0]]
+        ranges.append(slice(starts[0][0] * inner, starts[0][1] * inner))
+    return ranges if at == len(unit) else None
 
 
 def ties(cfg: ModelConfig) -> list[Tie]:
