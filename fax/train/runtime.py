@@ -31,15 +31,6 @@ RowRanges = list[tuple[int, int]]
 class Runtime(Protocol):
     """What the Trainer's loop drives: the processes of a run, local (``HostRuntime``) or on many hosts."""
 
-    @property
-    def checkpointer(self) -> Checkpointer:
-        """The run's checkpoints, opened when first saved or restored: evaluating a Hugging Face folder
-        (``run_dir`` hf:DIR) opens none, and creates no folder named after it."""
-        if self._checkpointer is None:
-            self._checkpointer = Checkpointer(checkpoint_dir(self.config.run_dir, self.config.checkpoint),
-                                              self.config.checkpoint)
-        return self._checkpointer
-
     def start(self, resume_step: int | None) -> float: ...  # state fresh or restored, step compiled; seconds
 
     def load_params(self, step: int | None) -> int: ...  # a checkpoint's params alone, to evaluate; its step
