@@ -22,7 +22,9 @@ from fax.models.sharding import per_device, platform
 MASKED = -1e30  # a finite "minus infinity": a block with every key hidden still has a defined maximum
 
 
-Window = int | jax.Array  # a layer's attention window: 0 none; traced where the layers alternate (global_every)
+# A layer's attention window (0: none): an int, or traced per row [b] where the layers alternate
+# (global_every: each row knows how many layers it has passed, so no device asks another)
+Window = int | jax.Array
 
 
 def attend(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array | None,
@@ -42,7 +44,7 @@ def attend(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, segments:
         return softcapped_attention(q, k, v, segments, cfg.attn_softcap, window)
     mask = None if segments is None else (segments[:, :, None] == segments[:, None, :])[:, None]
     if not isinstance(window, int):  # a traced window: a mask (XLA's kernel; cuDNN's takes only a fixed one)
-        seen = visible(jnp.arange(q.shape[1]), jnp.arange(q.shape[1]), window)[None, None]
+        seen = by_row(visible(jnp.arange(q.shape[1]), jnp.arange(q.shape[1]), window))[:, None]
         return jax.nn.dot_product_attention(q, k, v, mask=seen if mask is None else seen & mask, implementation="xla")
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=kernel,
                                         local_window_size=(window - 1, 0) if window else None)
@@ -54,7 +56,13 @@ def visible(query_positions: jax.Array, key_positions: jax.Array, window: Window
     behind = query_positions[..., :, None] - key_positions[..., None, :]
     if isinstance(window, int):
         return (behind >= 0) & (behind < window) if window else behind >= 0
+    window = window[:, None, None]  # per row: [b, queries, keys]
     return (behind >= 0) & ((window <= 0) | (behind < window))
+
+
+def by_row(seen: jax.Array) -> jax.Array:
+    """A ``visible`` mask with a leading axis of rows (1 where every row sees alike)."""
+    return seen if seen.ndim == 3 else seen[None]
 
 
 def softcap(x: jax.Array, cap: float) -> jax.Array:
@@ -70,7 +78,7 @@ def softcapped_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax
     groups = q.reshape(batch, length, k.shape[2], heads // k.shape[2], head_dim)
     scores = softcap(jnp.einsum("blkgd,bskd->bkgls", groups, k, preferred_element_type=jnp.float32)
                      * head_dim ** -0.5, cap)
-    seen = visible(jnp.arange(length), jnp.arange(length), window)[None]
+    seen = by_row(visible(jnp.arange(length), jnp.arange(length), window))
     if segments is not None:
         seen = seen & (segments[:, :, None] == segments[:, None, :])
     weights = jax.nn.softmax(jnp.where(seen[:, None, None], scores, MASKED), axis=-1)
@@ -117,7 +125,7 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.
         top, total, out = carry
         keys, values, key_segments, start = block_in
         scores = softcap(jnp.einsum("blkgd,bskd->blkgs", groups, keys.astype(jnp.float32)), cap)
-        seen = visible(positions, start + jnp.arange(block), window)[None] & (
+        seen = by_row(visible(positions, start + jnp.arange(block), window)) & (
             segments[:, :, None] == key_segments[:, None, :])  # [b, length, block]
         scores = jnp.where(seen[:, :, None, None, :], scores, MASKED)
         new_top = jnp.maximum(top, scores.max(-1))

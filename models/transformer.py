@@ -158,7 +158,7 @@ class DecoderLM(nnx.Module):
                 # what travels with the rows (a pipeline splits the batch); ``depth``: the layers they passed
                 h, documents, stats, depth = carry
                 at = positions if documents is None else document_positions(documents)
-                window = jnp.where((depth[0] + 1) % cfg.global_every == 0, 0, cfg.attention_window) \
+                window = jnp.where((depth + 1) % cfg.global_every == 0, 0, cfg.attention_window) \
                     if cfg.global_every else None
                 h, layer_stats = nnx.merge(graphdef, params)(h, at, documents, window)
                 stats = stats if layer_stats is None else jax.tree.map(jnp.add, stats, layer_stats)
