@@ -54,7 +54,6 @@ class SafetensorsDir:
                     self.files[name], self.headers[name] = path, (tuple(stored.get_shape()), stored.get_dtype())
         if not self.files:
             raise ValueError(f"{hf_dir}: no *.safetensors files (fax never reads pickled .bin checkpoints)")
-        self.read = functools.lru_cache(maxsize=2)(self._read)  # a whole tensor serves every shard cut from it
         self.opened: dict[Path, Any] = {}
 
     def find(self, name: str) -> str | None:
@@ -63,24 +62,14 @@ class SafetensorsDir:
         return next((n for n in (name, bare) if n in self.files), None)
 
     def region(self, name: str, region: tuple[slice, ...] | None) -> np.ndarray:
-        """A region of a stored tensor as float32, reading only its bytes (None: the whole tensor;
-        bfloat16 tensors are read whole, numpy has no bfloat16)."""
-        path = self.files[name]
+        """A region of a stored tensor (None: all of it) as float32, reading only its bytes. numpy has no
+        bfloat16 (most published checkpoints): those go through jax on the host CPU."""
+        path, (shape, dtype) = self.files[name], self.headers[name]
         if path not in self.opened:
-            self.opened[path] = safe_open(path, framework="numpy")
-        stored = self.opened[path].get_slice(name)
-        if region is None or stored.get_dtype() == "BF16":
-            return self.read(name)[region or ()]
-        return stored[region].astype(np.float32)
-
-    def _read(self, name: str) -> np.ndarray:
-        """As float32. numpy has no bfloat16 (most published checkpoints): those go through jax on the host CPU."""
-        with safe_open(self.files[name], framework="numpy") as f:
-            if f.get_slice(name).get_dtype() != "BF16":
-                return f.get_tensor(name).astype(np.float32)
-        with jax.default_device(jax.local_devices(backend="cpu")[0]), \
-                safe_open(self.files[name], framework="flax") as f:
-            return np.asarray(f.get_tensor(name), dtype=np.float32)
+            self.opened[path] = {framework: safe_open(path, framework=framework) for framework in ("numpy", "flax")}
+        stored = self.opened[path]["flax" if dtype == "BF16" else "numpy"].get_slice(name)
+        with jax.default_device(jax.local_devices(backend="cpu")[0]):
+            return np.asarray(stored[region or tuple(slice(None) for _ in shape)], np.float32)
 
 
 def _get(tree: Params, path: tuple[str, ...]) -> Any:
