@@ -244,7 +244,8 @@ def apply_hidden(graphdef: nnx.GraphDef, params: Params, tokens: jax.Array, run_
     return hidden, model.lm_head(), stats
 
 
-def _get(tree: Any, path: tuple[str, ...]) -> Any:
+def subtree(tree: Any, path: tuple) -> Any:
+    """The part of a nested tree (dicts, lists) at ``path``, its keys or indices one after another."""
     for key in path:
         tree = tree[key]
     return tree
@@ -273,7 +274,7 @@ def unstack_layers(cfg: ModelConfig, params: Params) -> Params:
     """The blocks' params as one tree per block (nested lists where they were stacked): inference
     indexes no stacked arrays (which would copy every layer's weights at every token)."""
     for group in layer_groups(cfg):
-        params = _replaced(params, group.path, _unstack(_get(params, group.path), group.dims))
+        params = _replaced(params, group.path, _unstack(subtree(params, group.path), group.dims))
     return params
 
 
@@ -283,9 +284,9 @@ def _merge_unstacked(graphdef: nnx.GraphDef, params: Params) -> tuple[DecoderLM,
     model = nnx.merge(graphdef, _restack(params))
     blocks: list[Block] = [None] * model.cfg.n_layers  # type: ignore[list-item]
     for group in layer_groups(model.cfg):
-        block, stored = nnx.graphdef(functools.reduce(getattr, group.path, model)), _get(params, group.path)
+        block, stored = nnx.graphdef(functools.reduce(getattr, group.path, model)), subtree(params, group.path)
         for index in np.ndindex(*group.dims):
-            blocks[group.layer(index)] = nnx.merge(block, functools.reduce(lambda t, i: t[i], index, stored))
+            blocks[group.layer(index)] = nnx.merge(block, subtree(stored, index))
     return model, blocks
 
 

@@ -27,6 +27,7 @@ from fax.checkpoint import COMPUTE_ONLY_MODEL_KEYS
 from fax.config import run_config
 from fax.data import HFTokenizer, chat, copy_tokenizer
 from fax.models import ModelConfig
+from fax.models.transformer import subtree
 from fax.params import run_params
 from fax.parallel import ParallelConfig, make_mesh
 from fax.interop.hf_config import HF, family, hf_config, model_config, model_type, read_config
@@ -70,12 +71,6 @@ class SafetensorsDir:
         stored = self.opened[path]["flax" if dtype == "BF16" else "numpy"].get_slice(name)
         with jax.default_device(jax.local_devices(backend="cpu")[0]):
             return np.asarray(stored[region or tuple(slice(None) for _ in shape)], np.float32)
-
-
-def _get(tree: Params, path: tuple[str, ...]) -> Any:
-    for key in path:
-        tree = tree[key]
-    return tree
 
 
 def _set(tree: Params, path: tuple[str, ...], value: Any) -> None:
@@ -126,7 +121,7 @@ def import_params(hf_dir: str | Path, cfg: ModelConfig, shardings: Params) -> Pa
         raise ValueError(f"{hf_dir}: cannot import it as a {model_type(cfg)} model: " + "; ".join(problems))
     params: Params = {}
     for tie in ties(cfg):
-        sharding = _get(shardings, tie.fax)
+        sharding = subtree(shardings, tie.fax)
         shape = _shapes(cfg)[tie.fax]
         lead = len(tie.leading)  # layers, experts: one stored tensor each
 
@@ -223,7 +218,7 @@ def export_params(params: Params, cfg: ModelConfig, out_dir: str | Path, dtype: 
     out.mkdir(parents=True, exist_ok=True)
     writer, fused = SafetensorsShards(out, max_shard_bytes), {}
     for tie in ties(cfg):
-        value = _get(params, tie.fax)
+        value = subtree(params, tie.fax)
         for index, name in tie.entries():
             part = tie.to_hf(np.asarray(jax.device_get(value[index]), np.float32))
             if tie.cols:  # GPT-2's c_attn: written once its q, k and v columns are all in

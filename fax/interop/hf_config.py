@@ -239,11 +239,11 @@ def window_settings(hf: dict[str, Any]) -> dict[str, int]:
     context, windowed = hf["max_position_embeddings"], windowed_layers(hf)
     if not any(windowed):
         return {"max_seq_len": context}
-    window = int(hf["sliding_window"])
-    every = next((k for k in range(2, len(windowed) + 1) if windowed == [(i + 1) % k != 0 for i in range(len(windowed))]),
-                 0)
-    if all(windowed) or every:
-        return {"max_seq_len": context, "attention_window": window, "global_every": every}
+    window, n = int(hf["sliding_window"]), len(windowed)
+    for every in range(n + 1):  # 0: every layer has the window; k: all but every k-th (``layer_window``)
+        shape = ModelConfig(n_layers=n, attention_window=window, global_every=every)
+        if every != 1 and [bool(layer_window(shape, i)) for i in range(n)] == windowed:
+            return {"max_seq_len": context, "attention_window": window, "global_every": every}
     return {"max_seq_len": min(context, window)}
 
 
