@@ -55,7 +55,7 @@ class SafetensorsDir:
                     self.files[name], self.headers[name] = path, (tuple(stored.get_shape()), stored.get_dtype())
         if not self.files:
             raise ValueError(f"{hf_dir}: no *.safetensors files (fax never reads pickled .bin checkpoints)")
-        self.opened: dict[Path, Any] = {}
+        self.opened: dict[tuple[Path, str], Any] = {}  # (file, framework) -> its open reader
 
     def find(self, name: str) -> str | None:
         """The stored name: as given, or without the ``transformer.``/``model.`` prefix (a bare base model)."""
@@ -66,9 +66,10 @@ class SafetensorsDir:
         """A region of a stored tensor (None: all of it) as float32, reading only its bytes. numpy has no
         bfloat16 (most published checkpoints): those go through jax on the host CPU."""
         path, (shape, dtype) = self.files[name], self.headers[name]
-        if path not in self.opened:
-            self.opened[path] = {framework: safe_open(path, framework=framework) for framework in ("numpy", "flax")}
-        stored = self.opened[path]["flax" if dtype == "BF16" else "numpy"].get_slice(name)
+        key = (path, "flax" if dtype == "BF16" else "numpy")
+        if key not in self.opened:
+            self.opened[key] = safe_open(path, framework=key[1])
+        stored = self.opened[key].get_slice(name)
         with jax.default_device(jax.local_devices(backend="cpu")[0]):
             return np.asarray(stored[region or tuple(slice(None) for _ in shape)], np.float32)
 
@@ -141,16 +142,16 @@ def array_from_pieces(shape: tuple[int, ...], sharding: jax.sharding.Sharding,
                       piece: Callable[[tuple[slice, ...]], np.ndarray]) -> jax.Array:
     """``jax.make_array_from_callback``, one piece at a time: each is on its devices before the next is
     read, so the host holds one device's slice, not every local device's at once. Replicas share a read."""
+    indices = sharding.addressable_devices_indices_map(shape)
     by_index: dict[tuple, list[jax.Device]] = {}
-    for device, index in sharding.addressable_devices_indices_map(shape).items():
+    for device, index in indices.items():
         by_index.setdefault(tuple(s.indices(n) for s, n in zip(index, shape)), []).append(device)
     arrays = {}
     for key, devices in by_index.items():
         values = piece(tuple(slice(*k) for k in key))
         for device in devices:
             arrays[device] = jax.block_until_ready(jax.device_put(values, device))
-    return jax.make_array_from_single_device_arrays(
-        shape, sharding, [arrays[d] for d in sharding.addressable_devices_indices_map(shape)])
+    return jax.make_array_from_single_device_arrays(shape, sharding, [arrays[d] for d in indices])
 
 
 @functools.cache
