@@ -5,7 +5,8 @@ datasheet figures.
 accelerators, whose peak is the bf16 rate; float32 on CPUs, which train in it) and all-reduces of two
 sizes over all devices, and saves a profile per device kind and count: the matmul rates by shape fit
 the efficiency curve's two knees and the peak (so the curve passes through the best measured rate),
-and the all-reduce times give the link's bandwidth and latency under the ring model.
+and the all-reduce times give the link's bandwidth and latency under the ring model. A collective
+permute of a small buffer (a pipeline tick's send) is timed apart: its fixed cost is not a ring step's.
 ``present_cluster`` reads the profile back.
 """
 
@@ -36,8 +37,8 @@ MATMUL_GRID = {"cpu": ((64, 256, 1024, 4096), (16, 64, 256, 1024), 256),
                "accelerator": ((256, 1024, 4096, 16384), (64, 256, 1024, 8192), 8192)}
 ALLREDUCE_BYTES = (2 ** 12, 2 ** 24)
 # 1: square matmuls timed on one device alone, no fitted knees; 2: no ceiling (a fixed 0.6), and one row of
-# each product used (XLA computed that row alone)
-PROFILE_VERSION = 3
+# each product used (XLA computed that row alone); 3: no send latency (a ring step's assumed)
+PROFILE_VERSION = 4
 # Device kinds as jax names them (lower case, no spaces) -> the family of ``hardware.DEVICES``, most specific first.
 KINDS = (("h200", "h200"), ("h100", "h100"), ("a100", "a100"), ("v6lite", "v6e"), ("v6e", "v6e"), ("v5lite", "v5e"),
          ("v5e", "v5e"), ("v5p", "v5p"), ("tpuv5", "v5p"), ("v4", "v4"))
@@ -95,23 +96,34 @@ def matmul_rates(devices: list, chained: int = 16) -> dict[tuple[int, int], floa
     return rates
 
 
-def allreduce_times(devices: list, chained: int = 16) -> dict[int, float]:
-    """Seconds to sum a buffer of each size held by every device into every device: ``chained``
-    dependent all-reduces run in one program, so the figure is the collective's own cost inside a
-    compiled step, not a program launch's."""
-    n = len(devices)
+def collective_time(devices: list, collective: Callable[[jax.Array], jax.Array], nbytes: int,
+                    chained: int = 16) -> float:
+    """Seconds of one ``collective`` (over mesh axis "x" of all ``devices``) of a buffer of ``nbytes`` per
+    device: ``chained`` dependent ones run in one program, so the figure is the collective's own cost
+    inside a compiled step, not a program launch's."""
     mesh = line_mesh(devices)
 
     @jax.jit
     @functools.partial(jax.shard_map, mesh=mesh, in_specs=PartitionSpec("x"), out_specs=PartitionSpec("x"))
     def chain(x: jax.Array) -> jax.Array:
-        return jax.lax.fori_loop(0, chained, lambda _, y: jax.lax.pcast(jax.lax.psum(y, "x") / n, "x", to="varying"), x)
+        return jax.lax.fori_loop(0, chained, lambda _, y: collective(y), x)
 
-    times = {}
-    for nbytes in ALLREDUCE_BYTES:
-        x = jax.device_put(jnp.ones((n, nbytes // 4), jnp.float32), NamedSharding(mesh, PartitionSpec("x")))
-        times[nbytes] = best_time(lambda: chain(x)) / chained
-    return times
+    x = jax.device_put(jnp.ones((len(devices), nbytes // 4), jnp.float32), NamedSharding(mesh, PartitionSpec("x")))
+    return best_time(lambda: chain(x)) / chained
+
+
+def allreduce_times(devices: list) -> dict[int, float]:
+    """Seconds to sum a buffer of each size held by every device into every device."""
+    n = len(devices)
+    return {nbytes: collective_time(devices, lambda y: jax.lax.pcast(jax.lax.psum(y, "x") / n, "x", to="varying"),
+                                    nbytes) for nbytes in ALLREDUCE_BYTES}
+
+
+def permute_time(devices: list) -> float:
+    """Seconds of each device sending a small buffer to the next (a collective permute, as each pipeline
+    tick does): a send's fixed cost."""
+    ring = [(i, (i + 1) % len(devices)) for i in range(len(devices))]
+    return collective_time(devices, lambda y: jax.lax.ppermute(y, "x", ring), ALLREDUCE_BYTES[0])
 
 
 def fit_knees(rates: dict[tuple[int, int], float]) -> tuple[float, float]:
@@ -154,7 +166,7 @@ def calibrate(devices: list) -> dict[str, Any]:
         times = allreduce_times(devices)
         bandwidth, latency = link_from_allreduce(times, len(devices))
         profile.update(allreduce_s={str(b): t for b, t in times.items()}, link_bandwidth=bandwidth,
-                       link_latency=latency)
+                       link_latency=latency, permute_latency=permute_time(devices))
     path = profile_path(devices[0].device_kind, len(devices))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(profile, indent=2))
@@ -169,7 +181,7 @@ def load_profile(device_kind: str, count: int) -> dict[str, Any] | None:
         return None
     profile = json.loads(path.read_text())
     if profile.get("version") != PROFILE_VERSION:
-        warnings.warn(f"{path} was measured by an older fax (square matmuls on one device); planning from "
+        warnings.warn(f"{path} was measured by an older fax; planning from "
                       f"datasheet figures: re-run `fax plan --calibrate` to measure these devices again", stacklevel=2)
         return None
     return profile
@@ -193,6 +205,6 @@ def present_cluster(devices: list | None = None, measured: bool = True) -> Clust
         device = dataclasses.replace(device, matmul_knees=tuple(profile["matmul_knees"]),
                                      matmul_ceiling=profile["matmul_ceiling"])
         if "link_bandwidth" in profile:
-            intra = Link(profile["link_bandwidth"], profile["link_latency"])
+            intra = Link(profile["link_bandwidth"], profile["link_latency"], profile["permute_latency"])
         name = f"{family}-{len(devices)} (present, calibrated)"
     return ClusterSpec(name, device, len(devices) // per_host, per_host, intra, inter, present=True)

@@ -308,8 +308,9 @@ def comm_times(c: Candidate, w: Workload, cluster: ClusterSpec) -> dict[str, flo
             "expert", c, cluster, tokens * dispatched_rows(c, m) * m.d_model * b) if m.moe_experts else 0.0,
         "tensor": c.microbatches * layers * tensor_collectives * collective_time("tensor", c, cluster, activation, 2),
         "sequence": c.microbatches * layers * 2 * collective_time("sequence", c, cluster, kv),
-        "stage": 0.0 if c.stages == 1 else 2 * c.schedule.virtual * c.microbatches * (
-            activation / (c.tensor if c.tensor_sequence else 1) / stage_link.bandwidth + stage_link.latency) + (
+        # each tick every stage sends its state to the next, forward and backward
+        "stage": 0.0 if c.stages == 1 else 2 * c.schedule.ticks * (
+            activation / (c.tensor if c.tensor_sequence else 1) / stage_link.bandwidth + stage_link.send_latency) + (
             # interleaved: the stage's other chunks' params forward, their gradients backward (all-to-all)
             2 * (c.stages - 1) / c.stages * stage_params * PARAM_BYTES / (c.fsdp * c.tensor) / stage_link.bandwidth
             if c.virtual_stages > 1 else 0.0),

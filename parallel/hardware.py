@@ -49,6 +49,14 @@ class Device:
 class Link:
     bandwidth: float  # bytes/s per device, one direction
     latency: float  # seconds per collective step
+    # seconds of a point-to-point send's fixed cost (a pipeline tick's collective permute); None: one
+    # step's. Measured apart on the present devices: XLA's CPU backend makes every send a rendezvous of
+    # all devices, far above a ring step's share of an all-reduce.
+    permute_latency: float | None = None
+
+    @property
+    def send_latency(self) -> float:
+        return self.latency if self.permute_latency is None else self.permute_latency
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """8 emulated CPU devices, set before jax initialises its backend."""
 
+import atexit
 import contextlib
 import gzip
 import json
@@ -12,6 +13,11 @@ os.environ.setdefault("FAX_CACHE", os.path.join(os.path.dirname(__file__), "..",
 # The tests run on CPU devices; with libtpu installed (the tpu extra, for `fax compile`) a process that
 # is not told so probes for a TPU at start-up, subprocesses and Ray workers included.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Many tests compile the same train or serving step (in this process, in `fax` subprocesses, in Ray workers):
+# XLA's persistent cache, shared through the environment and gone with the session, compiles each once.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="fax-xla-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 import jax  # noqa: E402
 

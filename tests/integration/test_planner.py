@@ -149,6 +149,8 @@ def test_calibration_measures_the_devices_and_the_planner_uses_it(tmp_path, monk
     assert json.loads((tmp_path / "calibration" / "cpu-8.json").read_text())["devices"] == 8
     calibrated = present_cluster()
     assert "calibrated" in calibrated.name and calibrated.intra.bandwidth == profile["link_bandwidth"]
+    # a send's fixed cost, timed apart: on XLA's CPU backend a rendezvous, dearer than a ring step
+    assert calibrated.intra.send_latency == profile["permute_latency"] > profile["link_latency"]
     # MFU stays against the nominal peak; the measured ceiling is against it
     assert calibrated.device.peak_flops == nominal.device.peak_flops
     assert calibrated.device.matmul_ceiling != nominal.device.matmul_ceiling

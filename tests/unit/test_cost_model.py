@@ -78,6 +78,13 @@ def test_cost_model_reproduces_hand_computed_figures():
     for term in ("matmul", "attention"):
         assert e3.compute_terms[term] == pytest.approx(e.compute_terms[term] * 4 / 3)
     assert e3.memory["activations"] < e.memory["activations"]
+    # 2 stages x 4 microbatches: 5 ticks, each a send of every stage's microbatch state forward and backward,
+    # at the link's send latency (measured apart on the present devices: a CPU send is a rendezvous)
+    piped = Candidate(stages=2, data=4, microbatches=4)
+    state = 16 * 128 / 4 / 4 * cfg.d_model * 2
+    assert estimate(piped, w, cluster).comm_s["stage"] == pytest.approx(2 * 5 * (state / link.bandwidth + link.latency))
+    slow_sends = dataclasses.replace(cluster, intra=dataclasses.replace(link, permute_latency=1e-3))
+    assert estimate(piped, w, slow_sends).comm_s["stage"] == pytest.approx(2 * 5 * (state / link.bandwidth + 1e-3))
 
 
 def test_memory_counts_attention_scores_unless_the_kernel_is_fused():
