@@ -148,8 +148,10 @@ def maxtext_runs() -> list[PublishedRun]:
 
 
 # Published layouts that fax's own step cannot hold, as predicted and confirmed by XLA's TPU compiler
-# (`fax compile` of the row's settings for its slice, memory per device): MaxText's step keeps less
-# (fax's keeps each layer's input in float32 and the optimizer update's temporaries, see parallel/cost.py).
+# (`fax compile` of the row's settings for its slice, memory per device). Per layer fax's step keeps what
+# MaxText's policy names (bf16 projections, the layer's input and the attention's output: 2.6 GiB a layer
+# for 32B on v5p-128, as predicted); the rest is XLA's working set of the backward (~21 GiB there, beside
+# 12 bytes per parameter of the optimizer update's temporaries on TPUs), which MaxText's step must keep smaller.
 TOO_LARGE_FOR_FAX = {
     ("MaxText 32B", "v5p-128"): "XLA: 104.5 GiB (98.6 of temporaries) of 95 GiB",
     ("MaxText 64B", "v5p-128"): "XLA: 97.8 GiB of 95 GiB",
