@@ -26,7 +26,7 @@ class Candidate:
     tensor_sequence: bool = False  # parallel.tensor_sequence: the residual stream split over tensor too
     expert: int = 1  # parallel.expert: a mixture's experts split over devices (more fsdp for the rest)
 
-    @property
+    @functools.cached_property
     def schedule(self) -> Schedule:
         return Schedule(self.stages, self.microbatches, self.virtual_stages, self.stage_remat)
 

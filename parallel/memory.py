@@ -4,6 +4,8 @@ weights, logits. Checked against XLA's TPU compiles of the planner's top layouts
 
 from __future__ import annotations
 
+import functools
+
 from fax.models.config import NAMED_REMAT, ModelConfig, active_d_ff, block_param_count, named_widths, routed_param_count
 from fax.parallel.layout import Candidate, Workload, count_params, device_layers, microbatch_tokens
 
@@ -18,6 +20,7 @@ SCORE_BYTES = 4.0  # a float32 attention score per head per key, kept unless the
 KEPT_IN_FLOAT32 = 4.0  # bytes of the activations XLA keeps in float32 (see ``remat_bytes_per_token``)
 
 
+@functools.lru_cache(maxsize=4096)  # the planner asks for the same few layouts' figures often
 def remat_bytes_per_token(remat: str, m: ModelConfig, tensor: int, b: float, split_residual: bool = False) -> float:
     """Activation bytes a layer keeps on the device per token for the backward pass; with
     ``split_residual`` (sequence parallelism) the residual stream's tensors are split over ``tensor``

@@ -135,6 +135,20 @@ def fitting_pieces(c: Candidate, w: Workload, budget: float) -> tuple[Candidate 
     return None, total
 
 
+def fewest_fitting(counts: list[int], run: Callable[[int], Candidate], w: Workload, budget: float) -> int:
+    """The index in ``counts`` (ascending) of the fewest microbatches with which a layout fits
+    ``budget`` (``len(counts)``: none does). Its memory only falls as they grow (fewer tokens at a time;
+    a pipeline's states in flight, ticks x tokens per microbatch, too), so a bisection finds it."""
+    low, high = 0, len(counts)
+    while low < high:
+        middle = (low + high) // 2
+        if fitting_pieces(run(counts[middle]), w, budget)[0] is None:
+            low = middle + 1
+        else:
+            high = middle
+    return low
+
+
 @dataclass(frozen=True)
 class Compiled:
     """What XLA reports for a candidate's step compiled on the present devices (per device)."""
@@ -223,7 +237,8 @@ def plan(model: ModelConfig, cluster: ClusterSpec, global_batch: int, seq_len: i
 
     def reject(reason: str, c: Candidate, message: str, count: int = 1) -> None:
         rejected[reason] += count
-        examples.setdefault(reason, f"{c.describe()}: {message}")
+        if reason not in examples:  # one example each (described once: most candidates are rejected)
+            examples[reason] = f"{c.describe()}: {message}"
 
     named = templates(cluster, w)
     for c in named.values():
@@ -248,17 +263,22 @@ def plan(model: ModelConfig, cluster: ClusterSpec, global_batch: int, seq_len: i
         for kind, counts in ways:
             searched += len(counts)
             previous = None
-            for i, mb in enumerate(counts):
-                c = Candidate(mesh.stages, mb, axes["data"], axes["fsdp"], axes["sequence"], axes["tensor"],
-                              expert=axes["expert"], **kind)
-                if found := problems(c, w):
-                    reject(f"indivisible {found[0][0]}", c, found[0][1])
-                    continue
-                pieces, needs = fitting_pieces(c, w, budget)
-                if pieces is None:
-                    reject("out of memory", c, f"needs {needs / 2 ** 30:.1f} GiB per device of "
-                                               f"{cluster.device.hbm_bytes / 2 ** 30:.0f} GiB")
-                    continue
+
+            def run(mb: int) -> Candidate:
+                return Candidate(mesh.stages, mb, axes["data"], axes["fsdp"], axes["sequence"], axes["tensor"],
+                                 expert=axes["expert"], **kind)
+
+            def out_of_memory(c: Candidate, count: int) -> None:
+                needs = fitting_pieces(c, w, budget)[1] if "out of memory" not in examples else 0.0
+                reject("out of memory", c, f"needs {needs / 2 ** 30:.1f} GiB per device of "
+                                           f"{cluster.device.hbm_bytes / 2 ** 30:.0f} GiB", count)
+
+            start = fewest_fitting(counts, run, w, budget)
+            if start:
+                out_of_memory(run(counts[0]), start)
+            for i, mb in enumerate(counts[start:], start):
+                c = run(mb)
+                pieces, _ = fitting_pieces(c, w, budget)
                 e = estimate(pieces, w, cluster)
                 fitting.append(e)
                 if c.stages == 1 or previous is not None and e.step_s > previous:
@@ -308,7 +328,9 @@ def alternatives(best: Estimate, ranked: list[Estimate], count: int = 3) -> list
         return dataclasses.astuple(dataclasses.replace(c, data=1, fsdp=1))
     seen, found = {kind(best.candidate)}, []
     for e in ranked:
-        if kind(e.candidate) not in seen and len(found) < count:
+        if len(found) == count:
+            break
+        if kind(e.candidate) not in seen:
             seen.add(kind(e.candidate))
             found.append((e, why_slower(best, e)))
     return found

@@ -9,10 +9,10 @@ from fax import models
 from fax.models.config import param_count
 from fax.parallel.cost import axis_links, estimate, remat_forwards
 from fax.parallel.layout import Candidate, Workload
-from fax.parallel.memory import memory, remat_bytes_per_token
+from fax.parallel.memory import MEMORY_HEADROOM, memory, remat_bytes_per_token
 from fax.parallel.calibrate import present_cluster
 from fax.parallel.hardware import cluster_preset
-from fax.parallel.planner import plan, problems
+from fax.parallel.planner import fewest_fitting, fitting_pieces, meshes, plan, problems, schedules, workload
 
 
 def test_cluster_presets_count_hosts_and_devices():
@@ -151,6 +151,27 @@ def test_large_plans_take_seconds_are_deterministic_and_beat_the_templates():
         again = plan(models.preset(name), cluster_preset(cluster), batch, seq, name)
         assert [e.candidate for e in again.ranked] == [e.candidate for e in result.ranked]
         assert 0.2 < result.best.mfu < 0.7  # the datasheet peak is never reached, nor is it a toy figure
+
+
+@pytest.mark.parametrize("name, cluster, batch, seq", [("gpt3-175b", "h100-1024", 1536, 2048),
+                                                       ("mixtral-8x7b", "v5p-512", 512, 4096)])
+def test_memory_falls_as_microbatches_grow_so_the_fewest_that_fit_are_found_by_bisection(name, cluster, batch, seq):
+    spec = cluster_preset(cluster)
+    w = workload(models.preset(name), spec, batch, seq)
+    budget = MEMORY_HEADROOM * spec.device.hbm_bytes
+    checked = 0
+    for mesh in list(meshes(spec, w))[::5]:
+        if problems(mesh, w):
+            continue
+        for kind, counts in schedules(mesh, w):
+            def run(mb: int, kind: dict = kind) -> Candidate:
+                return dataclasses.replace(mesh, microbatches=mb, **kind)
+            totals = [sum(memory(run(mb), w).values()) for mb in counts]
+            assert all(more <= fewer for fewer, more in zip(totals, totals[1:])), (run(1).describe(), totals)
+            fits = [fitting_pieces(run(mb), w, budget)[0] is not None for mb in counts]
+            assert fewest_fitting(counts, run, w, budget) == (fits.index(True) if any(fits) else len(counts))
+            checked += any(fits) and not all(fits)  # a count that does not fit below one that does
+    assert checked > 10
 
 
 def test_named_remat_policies_are_priced_by_what_they_keep():
