@@ -3,7 +3,7 @@
 
 - ``xla``: ``jax.nn.dot_product_attention``, which holds float32 seq x seq scores (and keeps them for
   the backward pass); ``cudnn``: the same call's fused flash attention on NVIDIA GPUs.
-- ``flash``: the Pallas TPU flash-attention kernel, run on each device's block of the batch and heads.
+- ``flash``: the Pallas TPU splash-attention kernel, run on each device's block of the batch and heads.
 - ``blockwise``: attention a block of keys at a time with a running softmax, in plain JAX: no
   seq x seq scores at any moment, forward or backward (each block's are recomputed), on any backend.
 """
@@ -14,7 +14,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.pallas.ops.tpu import flash_attention as pallas_flash
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
 from fax.models.config import ModelConfig, attention_implementation, tile
 from fax.models.sharding import per_device, platform
@@ -36,8 +37,8 @@ def attend(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, segments:
     if cfg.query_scale:  # the kernels divide by sqrt(head_dim): queries pre-scaled for query_scale's
         q = q * jnp.asarray((q.shape[-1] / cfg.query_scale) ** 0.5, q.dtype)
     window = cfg.attention_window if window is None else window
-    if kernel == "flash":
-        return flash_attention(q, k, v, segments)
+    if kernel == "flash":  # its window is fixed (``attention_implementation`` leaves it for alternating ones)
+        return flash_attention(q, k, v, segments, cfg.attn_softcap, cfg.attention_window)
     if kernel == "blockwise":  # a length no tile divides (an explicit setting): the whole sequence one block
         return blockwise_attention(q, k, v, segments, tile(q.shape[1]) or q.shape[1], cfg.attn_softcap, window)
     if cfg.attn_softcap:
@@ -85,26 +86,39 @@ def softcapped_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax
     return jnp.einsum("bkgls,bskd->blkgd", weights.astype(v.dtype), v).reshape(q.shape)
 
 
-def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array | None) -> jax.Array:
-    """The Pallas TPU kernel on every device's share of the batch and heads (the sequence whole):
-    [b, length, heads, head_dim]. Grouped kv heads are repeated to the query heads' count."""
+def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array | None, cap: float = 0.0,
+                    window: int = 0) -> jax.Array:
+    """The Pallas TPU splash-attention kernel (block-sparse flash attention: the blocks above the diagonal
+    are skipped; its backward pass reads one softmax statistic per query, where Pallas' older flash
+    kernel broadcast three of them over 128-512 float32 lanes, buffers of [b, heads, length, 512]) on
+    every device's share of the batch and kv heads, each kv head with its group of query heads (k and v
+    not repeated), scores soft-capped at ``cap`` and keys limited to a ``window`` if given: [b, length,
+    heads, head_dim]. Off a TPU it runs in Pallas' interpreter (tests)."""
     batch, length, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    group = heads // kv_heads
     block = tile(length)
-    sizes = pallas_flash.BlockSizes(block_q=block, block_k_major=block, block_k=block, block_b=1,
-                                    block_q_major_dkv=block, block_k_major_dkv=block, block_k_dkv=block,
-                                    block_q_dkv=block, block_k_major_dq=block, block_k_dq=block, block_q_dq=block)
+    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                              block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
     segments = jnp.zeros((batch, length), jnp.int32) if segments is None else segments.astype(jnp.int32)
-    group = heads // k.shape[2]
-    k, v = (jnp.repeat(x, group, axis=2) for x in (k, v))
 
     def local(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array) -> jax.Array:
-        heads_first = [x.transpose(0, 2, 1, 3) for x in (q, k, v)]
-        out = pallas_flash.flash_attention(*heads_first, segment_ids=pallas_flash.SegmentIds(segments, segments),
-                                           causal=True, sm_scale=head_dim ** -0.5, block_sizes=sizes)
-        return out.transpose(0, 2, 1, 3)
+        b, _, h, _ = q.shape  # this device's rows and query heads
+        seen = (splash_mask.LocalMask((length, length), window_size=(window - 1, 0), offset=0) if window
+                else splash_mask.CausalMask((length, length)))
+        kernel = splash.make_splash_mqa(splash_mask.MultiHeadMask([seen] * group), block_sizes=sizes, head_shards=1,
+                                        q_seq_shards=1, attn_logits_soft_cap=cap or None,
+                                        interpret=platform() != "tpu")
+        # [b, kv heads, group, length, head_dim]: the kernel takes one kv head and its query heads
+        grouped = (q * jnp.asarray(head_dim ** -0.5, q.dtype)).reshape(b, length, h // group, group, head_dim)
+        by_kv = jax.vmap(jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=splash.SegmentIds(s, s)),
+                                  in_axes=(0, 0, 0, None)), in_axes=(0, 0, 0, 0))
+        out = by_kv(grouped.transpose(0, 2, 3, 1, 4), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), segments)
+        return out.transpose(0, 3, 1, 2, 4).reshape(q.shape)
 
     rows = ("batch", None, "heads", None)
-    return per_device(local, (rows, rows, rows, ("batch", None)), rows)(q, k, v, segments)
+    kv_rows = ("batch", None, "kv_heads", None)
+    return per_device(local, (rows, kv_rows, kv_rows, ("batch", None)), rows)(q, k, v, segments)
 
 
 def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array | None,

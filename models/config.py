@@ -81,7 +81,7 @@ class ModelConfig:
     remat: str = "none"
     attention_window: int = 0  # each token attends to itself and the attention_window - 1 before it (Mistral); 0: all
     global_every: int = 0  # with a window, every global_every-th layer attends to all (Gemma 2: 2); 0: none does
-    attention_impl: str = "auto"  # auto (cuDNN on GPUs in 16-bit, Pallas flash on TPUs, else XLA or blockwise), xla, cudnn, flash, blockwise
+    attention_impl: str = "auto"  # auto (cuDNN on GPUs in 16-bit, Pallas splash on TPUs, else XLA or blockwise), xla, cudnn, flash, blockwise
     # Mixture of experts: every block's MLP becomes moe_experts experts of width moe_d_ff, each token run
     # through moe_top_k of them (0 experts: a dense model)
     moe_experts: int = 0
@@ -137,12 +137,14 @@ class ModelConfig:
                        "set model.head_dim explicitly")
         if self.position == "rope" and self.kv_head_dim % 2:
             out.append(f"RoPE needs an even head dimension, got {self.kv_head_dim}")
-        if self.attn_softcap and self.attention_impl in ("flash", "cudnn"):
+        if self.attn_softcap and self.attention_impl == "cudnn":
             out.append(f"model.attention_impl={self.attention_impl} has no score soft-capping "
                        f"(model.attn_softcap={self.attn_softcap}): use xla, blockwise or auto")
-        if self.attention_window < 0 or self.attention_window and self.attention_impl == "flash":
+        if self.attention_window < 0 or self.global_every and self.attention_impl == "flash":
             out.append(f"model.attention_window={self.attention_window} must be >= 0 (0: no window), and the "
-                       "Pallas flash kernel has none (model.attention_impl=flash): use auto, xla, cudnn or blockwise")
+                       "Pallas kernel's is fixed: it has no window that alternates with global layers "
+                       f"(model.global_every={self.global_every}, model.attention_impl=flash): use auto, xla, cudnn "
+                       "or blockwise")
         if self.global_every < 0 or self.global_every and (not self.attention_window or mixed_layers(self)):
             out.append(f"model.global_every={self.global_every} needs model.attention_window (and no dense blocks "
                        "beside a mixture of experts: model.moe_first_dense=0, model.moe_every=1)")
@@ -305,16 +307,16 @@ def tile(length: int) -> int | None:
 def attention_implementation(cfg: ModelConfig, platform: str, seq_len: int = 0) -> str:
     """The attention kernel ``cfg.attention_impl`` means on ``platform`` for sequences of ``seq_len``:
     ``auto`` is cuDNN's fused flash attention on GPUs in 16-bit (cuDNN has no float32 kernel), the
-    Pallas flash-attention kernel on TPUs, and elsewhere XLA's attention, or from ``BLOCKWISE_FROM``
+    Pallas splash-attention kernel on TPUs, and elsewhere XLA's attention, or from ``BLOCKWISE_FROM``
     tokens the blockwise one (no seq x seq scores); the two tiled kernels for lengths they tile. Scores
-    soft-capped (``attn_softcap``) or a window (``attention_window``, which the Pallas kernel lacks):
-    XLA's or the blockwise one, on TPUs too."""
+    soft-capped (``attn_softcap``: not cuDNN's) or a window that alternates with global layers
+    (``global_every``: the Pallas kernel's mask is fixed): XLA's or the blockwise one."""
     if cfg.attention_impl != "auto":
         return cfg.attention_impl
     if platform == "gpu" and cfg.dtype != "float32" and not cfg.attn_softcap:
         return "cudnn"
     tiled = seq_len > 0 and tile(seq_len) is not None
-    if platform == "tpu" and tiled and not cfg.attn_softcap and not cfg.attention_window:
+    if platform == "tpu" and tiled and not cfg.global_every:
         return "flash"
     return "blockwise" if tiled and seq_len >= BLOCKWISE_FROM else "xla"
 

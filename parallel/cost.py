@@ -32,7 +32,7 @@ OVERLAP = 0.8
 # fusion and compute/collective overlap, on in MaxText's published runs); on GPUs the tensor axis's
 # all-reduces sit between the matmuls that need them; XLA's CPU backend runs every collective in line.
 OVERLAPPED_AXES = {"tpu": ("fsdp", "data", "tensor"), "gpu": ("fsdp", "data"), "cpu": ()}
-# Of the full seq x seq square, the share a causal kernel computes: the fused kernels (Pallas flash on
+# Of the full seq x seq square, the share a causal kernel computes: the fused kernels (Pallas splash on
 # TPUs, cuDNN on GPUs) skip the blocks above the diagonal; XLA's and the blockwise one compute them all.
 CAUSAL_SHARE = {"flash": 0.5, "cudnn": 0.5, "blockwise": 1.0, "xla": 1.0}
 # The attention kernels' matmul rate relative to the device's ceiling: a fused kernel interleaves the

@@ -2,7 +2,6 @@
 packed documents; ``auto`` picks the kernel each backend has."""
 
 import jax
-import jax.experimental.pallas.tpu as pltpu
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -39,31 +38,30 @@ def test_blockwise_attention_is_xlas(block):
     assert_same_as_xla(lambda q, k, v, s: blockwise_attention(q, k, v, s, block), *inputs())
 
 
-def test_soft_capped_attention_is_xlas_when_the_cap_is_far_and_the_blockwise_kernel_caps_alike():
+def test_soft_capped_attention_is_xlas_when_the_cap_is_far_and_the_tiled_kernels_cap_alike():
     """Gemma 2's capped scores: the plain XLA form matches XLA's attention when the cap never bites,
-    and the blockwise kernel gives the same values and gradients as it when the cap does (cap 0.5)."""
+    and the blockwise kernel and the TPU's (interpreted) give the same values and gradients as it when
+    the cap does (cap 0.5)."""
     assert_same_as_xla(lambda q, k, v, s: softcapped_attention(q, k, v, s, 1e6), *inputs())
     q, k, v, segments = inputs()
     capped = softcapped_attention(q, k, v, segments, 0.5)
     assert not np.allclose(capped, xla(q, k, v, segments), atol=1e-2)
-    np.testing.assert_allclose(blockwise_attention(q, k, v, segments, 32, 0.5), capped, atol=2e-6)
-    grads = [jax.grad(lambda q, k, v: (f(q, k, v) * jnp.sin(q)).sum(), (0, 1, 2))(q, k, v)
-             for f in (lambda q, k, v: softcapped_attention(q, k, v, segments, 0.5),
-                       lambda q, k, v: blockwise_attention(q, k, v, segments, 32, 0.5))]
-    for got, want in zip(*grads):
-        np.testing.assert_allclose(got, want, atol=2e-5)
-    assert attention_implementation(models.preset("llama-tiny").replace(attn_softcap=50.0), "tpu", 1024) == "xla"
+    for kernel in (lambda q, k, v: blockwise_attention(q, k, v, segments, 32, 0.5),
+                   lambda q, k, v: flash_attention(q, k, v, segments, cap=0.5)):
+        np.testing.assert_allclose(kernel(q, k, v), capped, atol=2e-6)
+        grads = [jax.grad(lambda q, k, v: (f(q, k, v) * jnp.sin(q)).sum(), (0, 1, 2))(q, k, v)
+                 for f in (lambda q, k, v: softcapped_attention(q, k, v, segments, 0.5), kernel)]
+        for got, want in zip(*grads):
+            np.testing.assert_allclose(got, want, atol=2e-5)
+    cfg = models.preset("llama-tiny").replace(attn_softcap=50.0, dtype="bfloat16")
+    assert attention_implementation(cfg, "tpu", 1024) == "flash"
+    assert attention_implementation(cfg, "gpu", 1024) == "xla"  # cuDNN has no cap
 
 
-def test_blockwise_attention_set_for_a_length_no_tile_divides_runs_as_one_block():
-    q, k, v, segments = inputs(length=100)
-    cfg = models.preset("llama-tiny").replace(attention_impl="blockwise")
-    np.testing.assert_allclose(attend(cfg, q, k, v, segments), xla(q, k, v, segments), atol=2e-6)
-
-
-def test_the_tpu_flash_kernel_is_xlas_in_interpret_mode():
-    with pltpu.force_tpu_interpret_mode():
-        assert_same_as_xla(flash_attention, *inputs())
+@pytest.mark.parametrize("kv_heads", [2, 4])  # grouped query heads, and one kv head per query head
+def test_the_tpu_flash_kernel_is_xlas_in_interpret_mode(kv_heads):
+    # off a TPU the splash kernel runs in Pallas' interpreter: the kernel's own program, on the CPU
+    assert_same_as_xla(flash_attention, *inputs(kv_heads=kv_heads))
 
 
 def test_auto_picks_the_kernel_each_backend_has():
@@ -79,8 +77,8 @@ def test_auto_picks_the_kernel_each_backend_has():
 
 def test_a_window_limits_every_kernel_to_the_keys_just_before_each_query():
     """Mistral's sliding window (each token sees itself and the window - 1 before it) in XLA's kernel,
-    the soft-capped one and the blockwise one, values and gradients, against a NumPy mask; the TPU's
-    auto pick leaves the Pallas kernel, which has no window."""
+    the soft-capped one, the blockwise one and the TPU's (interpreted), values and gradients, against a
+    NumPy mask; a window that alternates with global layers leaves the TPU's, whose mask is fixed."""
     q, k, v, segments = inputs()
     window = 24
     behind = np.arange(128)[:, None] - np.arange(128)[None, :]
@@ -92,7 +90,8 @@ def test_a_window_limits_every_kernel_to_the_keys_just_before_each_query():
     cfg = models.preset("llama-tiny").replace(attention_window=window)
     kernels = [lambda q, k, v, s: attend(cfg, q, k, v, s),
                lambda q, k, v, s: softcapped_attention(q, k, v, s, 1e6, window),
-               lambda q, k, v, s: blockwise_attention(q, k, v, s, 32, 0.0, window)]
+               lambda q, k, v, s: blockwise_attention(q, k, v, s, 32, 0.0, window),
+               lambda q, k, v, s: flash_attention(q, k, v, s, window=window)]
     assert not np.allclose(reference(q, k, v, segments), xla(q, k, v, segments), atol=1e-2)  # the window bites
     for kernel in kernels:
         def loss(f):
@@ -100,5 +99,8 @@ def test_a_window_limits_every_kernel_to_the_keys_just_before_each_query():
         np.testing.assert_allclose(kernel(q, k, v, segments), reference(q, k, v, segments), atol=2e-6)
         for got, want in zip(jax.grad(loss(kernel), (0, 1, 2))(q, k, v), jax.grad(loss(reference), (0, 1, 2))(q, k, v)):
             np.testing.assert_allclose(got, want, atol=2e-5)
-    assert attention_implementation(cfg.replace(dtype="bfloat16"), "tpu", 4096) == "blockwise"
-    assert any("model.attention_window" in p for p in cfg.replace(attention_impl="flash").problems())
+    assert attention_implementation(cfg.replace(dtype="bfloat16"), "tpu", 4096) == "flash"
+    alternating = cfg.replace(global_every=2, dtype="bfloat16")
+    assert attention_implementation(alternating, "tpu", 4096) == "blockwise"
+    assert not cfg.replace(attention_impl="flash").problems()
+    assert any("model.global_every=2" in p for p in alternating.replace(attention_impl="flash").problems())
