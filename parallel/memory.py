@@ -25,8 +25,9 @@ def remat_bytes_per_token(remat: str, m: ModelConfig, tensor: int, b: float, spl
     """Activation bytes a layer keeps on the device per token for the backward pass; with
     ``split_residual`` (sequence parallelism) the residual stream's tensors are split over ``tensor``
     too. Counted as XLA keeps them in fax's step (measured on TPU compiles, ``KEPT_IN_FLOAT32``):
-    the layer's input in float32 (the norm's upcast; with sequence parallelism XLA keeps it in bfloat16
-    beside the attention's out-projection output instead: the same bytes); the dots policies add the
+    4 bytes per feature of the layer's input (with sequence parallelism XLA keeps it in bfloat16 beside
+    the attention's out-projection output: the same bytes; under full recomputation the bfloat16 input
+    and as many bytes again of per-layer temporaries); the dots policies add the
     outputs the backward needs of the projections (queries, keys, values, the MLP's input projections:
     the residual adds need neither out_proj's output nor mlpwo's), the named ones what they name, both
     in the compute dtype's ``b`` bytes; without remat autodiff keeps every matmul's input and the MLP activation's
