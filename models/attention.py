@@ -44,7 +44,7 @@ def attend(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, segments:
     if cfg.attn_softcap:
         return softcapped_attention(q, k, v, segments, cfg.attn_softcap, window)
     mask = None if segments is None else (segments[:, :, None] == segments[:, None, :])[:, None]
-    if not isinstance(window, int):  # a traced window: a mask (XLA's kernel; cuDNN's takes only a fixed one)
+    if not isinstance(window, int):  # a traced window (alternating layers): a mask, in XLA's kernel
         seen = by_row(visible(jnp.arange(q.shape[1]), jnp.arange(q.shape[1]), window))[:, None]
         return jax.nn.dot_product_attention(q, k, v, mask=seen if mask is None else seen & mask, implementation="xla")
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=kernel,

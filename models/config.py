@@ -140,11 +140,10 @@ class ModelConfig:
         if self.attn_softcap and self.attention_impl == "cudnn":
             out.append(f"model.attention_impl={self.attention_impl} has no score soft-capping "
                        f"(model.attn_softcap={self.attn_softcap}): use xla, blockwise or auto")
-        if self.attention_window < 0 or self.global_every and self.attention_impl == "flash":
-            out.append(f"model.attention_window={self.attention_window} must be >= 0 (0: no window), and the "
-                       "Pallas kernel's is fixed: it has no window that alternates with global layers "
-                       f"(model.global_every={self.global_every}, model.attention_impl=flash): use auto, xla, cudnn "
-                       "or blockwise")
+        if self.attention_window < 0 or self.global_every and self.attention_impl in ("flash", "cudnn"):
+            out.append(f"model.attention_window={self.attention_window} must be >= 0 (0: no window), and "
+                       f"model.attention_impl={self.attention_impl} has a fixed window, none that alternates with "
+                       f"global layers (model.global_every={self.global_every}): use auto, xla or blockwise")
         if self.global_every < 0 or self.global_every and (not self.attention_window or mixed_layers(self)):
             out.append(f"model.global_every={self.global_every} needs model.attention_window (and no dense blocks "
                        "beside a mixture of experts: model.moe_first_dense=0, model.moe_every=1)")
@@ -310,10 +309,10 @@ def attention_implementation(cfg: ModelConfig, platform: str, seq_len: int = 0) 
     Pallas splash-attention kernel on TPUs, and elsewhere XLA's attention, or from ``BLOCKWISE_FROM``
     tokens the blockwise one (no seq x seq scores); the two tiled kernels for lengths they tile. Scores
     soft-capped (``attn_softcap``: not cuDNN's) or a window that alternates with global layers
-    (``global_every``: the Pallas kernel's mask is fixed): XLA's or the blockwise one."""
+    (``global_every``: cuDNN's window and the Pallas kernel's mask are fixed): XLA's or the blockwise one."""
     if cfg.attention_impl != "auto":
         return cfg.attention_impl
-    if platform == "gpu" and cfg.dtype != "float32" and not cfg.attn_softcap:
+    if platform == "gpu" and cfg.dtype != "float32" and not cfg.attn_softcap and not cfg.global_every:
         return "cudnn"
     tiled = seq_len > 0 and tile(seq_len) is not None
     if platform == "tpu" and tiled and not cfg.global_every:

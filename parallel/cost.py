@@ -32,9 +32,9 @@ OVERLAP = 0.8
 # fusion and compute/collective overlap, on in MaxText's published runs); on GPUs the tensor axis's
 # all-reduces sit between the matmuls that need them; XLA's CPU backend runs every collective in line.
 OVERLAPPED_AXES = {"tpu": ("fsdp", "data", "tensor"), "gpu": ("fsdp", "data"), "cpu": ()}
-# Of the full seq x seq square, the share a causal kernel computes: the fused kernels (Pallas splash on
-# TPUs, cuDNN on GPUs) skip the blocks above the diagonal; XLA's and the blockwise one compute them all.
-CAUSAL_SHARE = {"flash": 0.5, "cudnn": 0.5, "blockwise": 1.0, "xla": 1.0}
+# The attention kernels that skip the blocks no query sees (above the diagonal, behind a window): the
+# fused ones (Pallas splash on TPUs, cuDNN on GPUs); XLA's and the blockwise one compute every block.
+SKIPPING_KERNELS = ("flash", "cudnn")
 # The attention kernels' matmul rate relative to the device's ceiling: a fused kernel interleaves the
 # softmax with two head_dim-deep matmuls (FlashAttention-2 reports ~0.7 of a GEMM's rate on A100s).
 ATTENTION_RATE = {"flash": 0.7, "cudnn": 0.7, "blockwise": 0.5, "xla": 0.7}
@@ -235,6 +235,18 @@ def elementwise_bytes(m: ModelConfig, c: Candidate, b: float) -> float:
     return (residual + dispatch + (heads + mlp) / c.tensor) * b
 
 
+def attended_share(kernel: str, m: ModelConfig, seq_len: int) -> float:
+    """The share of the full seq x seq square of scores a layer's attention kernel computes, averaged
+    over the layers: a skipping kernel computes what the queries see, each min(position + 1, window)
+    keys (half the square without a window); with ``global_every`` one layer in that many sees all."""
+    if kernel not in SKIPPING_KERNELS:
+        return 1.0
+    window = min(m.attention_window or seq_len, seq_len) / seq_len
+    local = window * (1 - window / 2)
+    windowed = 1 - 1 / m.global_every if m.global_every else 1.0
+    return windowed * local + (1 - windowed) * 0.5
+
+
 def layer_times(c: Candidate, w: Workload, cluster: ClusterSpec, m: ModelConfig) -> dict[str, float]:
     """Seconds per token through one block of config ``m`` (a kind of ``layer_mix``), forward and
     backward with what the backward recomputes: its matmuls, its attention kernel, its memory-bound work."""
@@ -249,7 +261,7 @@ def layer_times(c: Candidate, w: Workload, cluster: ClusterSpec, m: ModelConfig)
         expert_rate = d.peak_flops * efficiency(expert_rows, m.d_model / c.tensor, d.knees, d.matmul_ceiling)
         matmul_time += (routed * routed_load(c, w) + 2.0 * m.d_model * m.moe_experts) / c.tensor / expert_rate
     kernel = w.attention_kernel
-    attention_flops = 4.0 * w.seq_len * m.n_heads * m.kv_head_dim / c.tensor * CAUSAL_SHARE[kernel]
+    attention_flops = 4.0 * w.seq_len * m.n_heads * m.kv_head_dim / c.tensor * attended_share(kernel, m, w.seq_len)
     memory_bytes = elementwise_bytes(m, c, b) + (
         SCORE_TRAFFIC * m.n_heads / c.tensor * w.seq_len if kernel == "xla" else 0.0)
     kept = remat_bytes_per_token(c.remat, m, c.tensor, b, c.tensor_sequence)  # written forward, read backward

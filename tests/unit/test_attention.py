@@ -101,6 +101,9 @@ def test_a_window_limits_every_kernel_to_the_keys_just_before_each_query():
             np.testing.assert_allclose(got, want, atol=2e-5)
     assert attention_implementation(cfg.replace(dtype="bfloat16"), "tpu", 4096) == "flash"
     alternating = cfg.replace(global_every=2, dtype="bfloat16")
-    assert attention_implementation(alternating, "tpu", 4096) == "blockwise"
-    assert not cfg.replace(attention_impl="flash").problems()
-    assert any("model.global_every=2" in p for p in alternating.replace(attention_impl="flash").problems())
+    assert attention_implementation(cfg.replace(dtype="bfloat16"), "gpu", 4096) == "cudnn"
+    for platform in ("tpu", "gpu"):
+        assert attention_implementation(alternating, platform, 4096) == "blockwise"
+    for fixed in ("flash", "cudnn"):
+        assert not cfg.replace(attention_impl=fixed).problems()
+        assert any("model.global_every=2" in p for p in alternating.replace(attention_impl=fixed).problems())

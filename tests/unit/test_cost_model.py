@@ -7,7 +7,7 @@ import pytest
 
 from fax import models
 from fax.models.config import param_count
-from fax.parallel.cost import axis_links, estimate, remat_forwards
+from fax.parallel.cost import attended_share, axis_links, estimate, remat_forwards
 from fax.parallel.layout import Candidate, Workload
 from fax.parallel.memory import MEMORY_HEADROOM, memory, remat_bytes_per_token
 from fax.parallel.calibrate import present_cluster
@@ -172,6 +172,24 @@ def test_memory_falls_as_microbatches_grow_so_the_fewest_that_fit_are_found_by_b
             assert fewest_fitting(counts, run, w, budget) == (fits.index(True) if any(fits) else len(counts))
             checked += any(fits) and not all(fits)  # a count that does not fit below one that does
     assert checked > 10
+
+
+def test_a_skipping_kernel_computes_the_scores_its_queries_see():
+    """Causal: half the square; a window of a quarter of the sequence: each query's min(position + 1,
+    window) keys; one global layer in two: the mean of the two; XLA's kernel computes every score."""
+    m = models.preset("llama-7b").replace(dtype="bfloat16")
+    assert attended_share("cudnn", m, 4096) == attended_share("flash", m, 4096) == 0.5
+    windowed = m.replace(attention_window=1024)
+    assert attended_share("flash", windowed, 4096) == pytest.approx(0.25 * (1 - 0.125))
+    assert attended_share("flash", windowed.replace(attention_window=8192), 4096) == 0.5
+    alternating = windowed.replace(global_every=2)
+    assert attended_share("cudnn", alternating, 4096) == pytest.approx((0.25 * (1 - 0.125) + 0.5) / 2)
+    assert attended_share("xla", windowed, 4096) == attended_share("blockwise", alternating, 4096) == 1.0
+    cluster = cluster_preset("h100-8")
+    times = [estimate(Candidate(fsdp=8, remat="full"), Workload(model, 8, 4096, "gpu"), cluster).compute_terms
+             for model in (m, windowed)]
+    assert times[1]["attention"] / times[0]["attention"] == pytest.approx(0.25 * (1 - 0.125) / 0.5)
+    assert times[1]["matmul"] == times[0]["matmul"]
 
 
 def test_named_remat_policies_are_priced_by_what_they_keep():
