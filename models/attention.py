@@ -86,6 +86,20 @@ def softcapped_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax
     return jnp.einsum("bkgls,bskd->blkgd", weights.astype(v.dtype), v).reshape(q.shape)
 
 
+@functools.lru_cache(maxsize=32)
+def splash_kernel(length: int, group: int, window: int, cap: float, interpret: bool) -> splash.SplashAttentionKernel:
+    """The splash kernel of one kv head and its ``group`` query heads over sequences of ``length``: its
+    block masks are worked out in NumPy when it is made (seconds at 32k tokens, a minute at 128k), so a
+    process makes each once, however often steps are traced."""
+    block = tile(length)
+    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                              block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    seen = (splash_mask.LocalMask((length, length), window_size=(window - 1, 0), offset=0) if window
+            else splash_mask.CausalMask((length, length)))
+    return splash.make_splash_mqa(splash_mask.MultiHeadMask([seen] * group), block_sizes=sizes, head_shards=1,
+                                  q_seq_shards=1, attn_logits_soft_cap=cap or None, interpret=interpret)
+
+
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array | None, cap: float = 0.0,
                     window: int = 0) -> jax.Array:
     """The Pallas TPU splash-attention kernel (block-sparse flash attention: the blocks above the diagonal
@@ -95,20 +109,12 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Arra
     not repeated), scores soft-capped at ``cap`` and keys limited to a ``window`` if given: [b, length,
     heads, head_dim]. Off a TPU it runs in Pallas' interpreter (tests)."""
     batch, length, heads, head_dim = q.shape
-    kv_heads = k.shape[2]
-    group = heads // kv_heads
-    block = tile(length)
-    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
-                              block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    group = heads // k.shape[2]
     segments = jnp.zeros((batch, length), jnp.int32) if segments is None else segments.astype(jnp.int32)
 
     def local(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array) -> jax.Array:
         b, _, h, _ = q.shape  # this device's rows and query heads
-        seen = (splash_mask.LocalMask((length, length), window_size=(window - 1, 0), offset=0) if window
-                else splash_mask.CausalMask((length, length)))
-        kernel = splash.make_splash_mqa(splash_mask.MultiHeadMask([seen] * group), block_sizes=sizes, head_shards=1,
-                                        q_seq_shards=1, attn_logits_soft_cap=cap or None,
-                                        interpret=platform() != "tpu")
+        kernel = splash_kernel(length, group, window, cap, platform() != "tpu")
         # [b, kv heads, group, length, head_dim]: the kernel takes one kv head and its query heads
         grouped = (q * jnp.asarray(head_dim ** -0.5, q.dtype)).reshape(b, length, h // group, group, head_dim)
         by_kv = jax.vmap(jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=splash.SegmentIds(s, s)),
