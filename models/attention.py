@@ -38,7 +38,7 @@ def attend(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, segments:
         q = q * jnp.asarray((q.shape[-1] / cfg.query_scale) ** 0.5, q.dtype)
     window = cfg.attention_window if window is None else window
     if kernel == "flash":  # its window is fixed (``attention_implementation`` leaves it for alternating ones)
-        return flash_attention(q, k, v, segments, cfg.attn_softcap, cfg.attention_window)
+        return flash_attention(q, k, v, segments, cfg.attn_softcap, window)
     if kernel == "blockwise":  # a length no tile divides (an explicit setting): the whole sequence one block
         return blockwise_attention(q, k, v, segments, tile(q.shape[1]) or q.shape[1], cfg.attn_softcap, window)
     if cfg.attn_softcap:

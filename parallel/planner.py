@@ -268,14 +268,11 @@ def plan(model: ModelConfig, cluster: ClusterSpec, global_batch: int, seq_len: i
                 return Candidate(mesh.stages, mb, axes["data"], axes["fsdp"], axes["sequence"], axes["tensor"],
                                  expert=axes["expert"], **kind)
 
-            def out_of_memory(c: Candidate, count: int) -> None:
-                needs = fitting_pieces(c, w, budget)[1] if "out of memory" not in examples else 0.0
-                reject("out of memory", c, f"needs {needs / 2 ** 30:.1f} GiB per device of "
-                                           f"{cluster.device.hbm_bytes / 2 ** 30:.0f} GiB", count)
-
             start = fewest_fitting(counts, run, w, budget)
-            if start:
-                out_of_memory(run(counts[0]), start)
+            if start:  # the counts below it do not fit; the fewest are the example
+                needs = fitting_pieces(run(counts[0]), w, budget)[1] if "out of memory" not in examples else 0.0
+                reject("out of memory", run(counts[0]), f"needs {needs / 2 ** 30:.1f} GiB per device of "
+                                                        f"{cluster.device.hbm_bytes / 2 ** 30:.0f} GiB", start)
             for i, mb in enumerate(counts[start:], start):
                 c = run(mb)
                 pieces, _ = fitting_pieces(c, w, budget)

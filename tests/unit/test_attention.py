@@ -58,6 +58,12 @@ def test_soft_capped_attention_is_xlas_when_the_cap_is_far_and_the_tiled_kernels
     assert attention_implementation(cfg, "gpu", 1024) == "xla"  # cuDNN has no cap
 
 
+def test_blockwise_attention_set_for_a_length_no_tile_divides_runs_as_one_block():
+    q, k, v, segments = inputs(length=100)
+    cfg = models.preset("llama-tiny").replace(attention_impl="blockwise")
+    np.testing.assert_allclose(attend(cfg, q, k, v, segments), xla(q, k, v, segments), atol=2e-6)
+
+
 @pytest.mark.parametrize("kv_heads", [2, 4])  # grouped query heads, and one kv head per query head
 def test_the_tpu_flash_kernel_is_xlas_in_interpret_mode(kv_heads):
     # off a TPU the splash kernel runs in Pallas' interpreter: the kernel's own program, on the CPU
