@@ -10,7 +10,7 @@ model's throughput for each published layout next to the published figure (goal:
 <= 12%, none above 25%, every one predicted to fit), and the planner's own pick (never predicted slower),
 with why the published layout loses where it differs. ``--aot``: the top layouts of Llama-2-70B on
 v5p-128 and GPT-3 175B on v5p-512 compiled by XLA's TPU compiler, memory predicted vs compiled
-(goal: within 15%).
+(goal: within 15%); and fax's step under each published TPU layout, compiled: XLA's verdict.
 Quality: on the 8 emulated devices, the step time of ``--measure`` layouts (remat none, the pick and
 others spread over the ranking; two model sizes) is measured; printed: the pick's measured time /
 the best measured, and Spearman's rank correlation between predicted and measured step times.
@@ -87,6 +87,18 @@ def compiled_memory() -> list[dict]:
                          "compile_s": c["compile_s"]})
         rows[-1]["case_s"] = time.perf_counter() - started
     return rows
+
+
+def compiled_published() -> list[dict]:
+    """``published_runs.compiled`` for every TPU row, in a process of its own (libtpu)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(Path(__file__).parent / "published_runs.py"), "--aot"],
+                          capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"published rows compiled: {proc.stderr[-2000:]}")
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
 def timed_apart(name: str, batch: int, seq: int, layout) -> float | None:
@@ -168,6 +180,11 @@ def main() -> None:
         for r in results["compiled_memory"]:
             print(f"    {r['model']:<12}{r['cluster']:<9}{r['layout']:<56} predicted {r['predicted_gib']:6.1f} GiB, "
                   f"XLA {r['xla_gib']:6.1f} GiB ({r['ratio']:.2f}x){'' if r['fits'] else ', does not fit'}")
+        print("published TPU layouts, fax's step compiled ahead of time (XLA's peak per device):")
+        results["compiled_published"] = compiled_published()
+        for r in results["compiled_published"]:
+            print(f"    {r['run']:<14}{r['cluster']:<10} predicted {r['predicted_gib']:6.1f} GiB, XLA {r['xla_gib']:6.1f} "
+                  f"GiB ({r['predicted_gib'] / r['xla_gib']:.2f}x), {'fits' if r['fits'] else 'does not fit'}")
     profile = calibrate(jax.devices())  # as `fax plan --calibrate` does: the plans below use it
     here = present_cluster()
     print(f"calibrated {here.name}: knees (rows, cols) {here.device.knees[0]:.0f}, {here.device.knees[1]:.0f}, "

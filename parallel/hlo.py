@@ -1,4 +1,5 @@
-"""Reading a compiled, partitioned program: its collectives by kind and by the mesh axes they run over."""
+"""Reading a compiled, partitioned program: the memory it needs per device, and its collectives by kind
+and by the mesh axes they run over."""
 
 from __future__ import annotations
 
@@ -6,12 +7,36 @@ import itertools
 import math
 import re
 from collections import Counter
+from typing import Any
 
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "collective-permute", "all-to-all")
 _OP = re.compile(r"\s(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
 _EXPLICIT_GROUPS = re.compile(r"replica_groups=\{\{([0-9,]*)\}")
 _IOTA_GROUPS = re.compile(r"replica_groups=\[(\d+),(\d+)\]")
 _MESH_GROUPS = re.compile(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}")  # mesh['a'=4,'b'=2] {'a'}
+
+
+def memory_needed(compiled: Any, platform: str) -> float:
+    """The bytes per device a program compiled for ``platform`` needs, by XLA's own account. XLA:TPU
+    simulates its heap and checks the peak against HBM (a program whose peak fits compiles, one whose
+    does not is refused), while its temporaries' figure counts buffers that the peak shows never live
+    at once. The other backends report no peak (the arguments'), so there it is arguments + outputs
+    - donated + temporaries."""
+    memory = compiled.memory_analysis()
+    if platform == "tpu":
+        return float(memory.peak_memory_in_bytes)
+    return float(memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+                 + memory.temp_size_in_bytes)
+
+
+# The share of device memory a compiled step may use off TPUs, where the runtime keeps a little for
+# itself (XLA:TPU checks its peak against what it may use). Predictions keep ``MEMORY_HEADROOM``.
+COMPILED_HEADROOM = 0.95
+
+
+def fits_device(needed: float, hbm_bytes: float, platform: str) -> bool:
+    """Whether a compiled program that needs ``needed`` bytes (``memory_needed``) fits a device."""
+    return needed <= (hbm_bytes if platform == "tpu" else COMPILED_HEADROOM * hbm_bytes)
 
 
 def group_size(line: str) -> int | None:

@@ -14,6 +14,7 @@ OPTIMIZER_BYTES = 8.0  # Adam: two fp32 moments per parameter
 # The optimizer step's float32 temporaries per parameter, by platform: on TPUs the new moments and
 # parameters are computed in full before they replace the old (12-14 bytes per parameter in TPU compiles
 # of fax's step); XLA's GPU compile of it updates in place (an H100 compile of Llama 1B showed none).
+# They live after the backward pass has freed its activations: they add to the peak only past those.
 UPDATE_BYTES = {"tpu": 12.0}
 PARAM_BYTES = 4.0  # fp32 master parameters and gradients
 SCORE_BYTES = 4.0  # a float32 attention score per head per key, kept unless the attention kernel is fused
@@ -25,9 +26,9 @@ def remat_bytes_per_token(remat: str, m: ModelConfig, tensor: int, b: float, spl
     """Activation bytes a layer keeps on the device per token for the backward pass; with
     ``split_residual`` (sequence parallelism) the residual stream's tensors are split over ``tensor``
     too. Counted as XLA keeps them in fax's step (measured on TPU compiles, ``KEPT_IN_FLOAT32``):
-    4 bytes per feature of the layer's input (with sequence parallelism XLA keeps it in bfloat16 beside
-    the attention's out-projection output: the same bytes; under full recomputation the bfloat16 input
-    and as many bytes again of per-layer temporaries); the dots policies add the
+    where nothing else stays on the device (full recomputation, offloading) the layer's input, in the
+    compute dtype; otherwise 4 bytes per feature of it (with sequence parallelism XLA keeps it in
+    bfloat16 beside the attention's out-projection output: the same bytes), and the dots policies add the
     outputs the backward needs of the projections (queries, keys, values, the MLP's input projections:
     the residual adds need neither out_proj's output nor mlpwo's), the named ones what they name, both
     in the compute dtype's ``b`` bytes; without remat autodiff keeps every matmul's input and the MLP activation's
@@ -35,11 +36,12 @@ def remat_bytes_per_token(remat: str, m: ModelConfig, tensor: int, b: float, spl
     attention's output, the input projections and their product), in float32."""
     residual = tensor if split_residual else 1
     width = {name: w / (tensor if split else residual) for name, (w, split) in named_widths(m).items()}
+    saved = NAMED_REMAT[remat][0] if remat in NAMED_REMAT else None  # the named tensors kept on the device
+    if remat == "full" or saved == ():
+        return m.d_model / residual * b
     layer_input = m.d_model / residual * KEPT_IN_FLOAT32
-    if remat == "full":
-        return layer_input
-    if remat in NAMED_REMAT:  # the named tensors kept on the device
-        return layer_input + sum(width[n] for n in NAMED_REMAT[remat][0]) * b
+    if saved:
+        return layer_input + sum(width[n] for n in saved) * b
     projections = width["query_proj"] + width["key_proj"] + width["value_proj"] + width["mlpwi"]
     if remat == "none":
         return layer_input + (3 * m.d_model / residual + projections + width["attention_out"]
@@ -73,8 +75,10 @@ def memory(c: Candidate, w: Workload) -> dict[str, float]:
     # the backward's working set: a sublayer's activations at a time, recomputed (half a layer's)
     recompute = 0 if c.remat == "none" else max(
         remat_bytes_per_token("none", kind, c.tensor, b, c.tensor_sequence) for kind, _ in kinds) * tokens / 2
-    found = {"params": params * PARAM_BYTES, "grads": params * PARAM_BYTES, "optimizer": params * OPTIMIZER_BYTES,
-             "update": params * UPDATE_BYTES.get(w.platform, 0.0)}
+    # microbatches one after another: their running sum and the one being computed
+    accumulating = c.stages == 1 and c.microbatches > 1
+    found = {"params": params * PARAM_BYTES, "grads": params * PARAM_BYTES * (1 + accumulating),
+             "optimizer": params * OPTIMIZER_BYTES}
     if c.stages == 1:
         found["activations"] = kept * tokens + recompute
     else:
@@ -96,4 +100,8 @@ def memory(c: Candidate, w: Workload) -> dict[str, float]:
     # float32 logits of one microbatch's rows per device at a time (a pipeline's head takes its rows in as
     # many pieces), a piece of the sequence at a time
     found["logits"] = tokens * m.vocab_size / c.tensor * 4 / c.loss_chunks
+    update = params * UPDATE_BYTES.get(w.platform, 0.0) - sum(
+        v for k, v in found.items() if k not in ("params", "grads", "optimizer"))
+    if update > 0:  # past what the backward pass held
+        found["update"] = update
     return found

@@ -20,7 +20,7 @@ from fax.parallel.cost import Estimate, dcn_shares, estimate
 from fax.parallel.layout import Candidate, Workload
 from fax.parallel.memory import MEMORY_HEADROOM, memory
 from fax.parallel.hardware import ClusterSpec
-from fax.parallel.hlo import COLLECTIVES
+from fax.parallel.hlo import COLLECTIVES, fits_device, memory_needed
 
 MAX_MICROBATCHES = 1024
 # Remat policies searched (the cost model also prices the other named ones, e.g. a plan file's save_qkv_proj).
@@ -29,9 +29,6 @@ PLANNED_REMAT = ("none", "dots_saveable", "dots_with_no_batch_dims_saveable", "f
 # steps) where the whole logits do not fit.
 LOSS_CHUNKS = (2, 4, 8, 16, 32)
 DOMINATED = "dominated (slower with more microbatches)"
-# The share of device memory a compiled step may use: XLA's figure is the program's own; the runtime
-# keeps a little for itself. (Predictions keep ``MEMORY_HEADROOM``, a margin for the model's error.)
-COMPILED_HEADROOM = 0.95
 COMPILED_OUT_OF_MEMORY = "out of memory (compiled)"
 
 
@@ -137,15 +134,21 @@ def fitting_pieces(c: Candidate, w: Workload, budget: float) -> tuple[Candidate 
 
 def fewest_fitting(counts: list[int], run: Callable[[int], Candidate], w: Workload, budget: float) -> int:
     """The index in ``counts`` (ascending) of the fewest microbatches with which a layout fits
-    ``budget`` (``len(counts)``: none does). Its memory only falls as they grow (fewer tokens at a time;
-    a pipeline's states in flight, ticks x tokens per microbatch, too), so a bisection finds it."""
-    low, high = 0, len(counts)
+    ``budget`` (``len(counts)``: none does). Past one its memory only falls as they grow (fewer tokens
+    at a time; a pipeline's states in flight, ticks x tokens per microbatch, too), so a bisection
+    finds it; one microbatch, which keeps no running sum of gradients, is tried on its own."""
+    def fits(index: int) -> bool:
+        return fitting_pieces(run(counts[index]), w, budget)[0] is not None
+
+    low, high = int(counts[:1] == [1]), len(counts)  # past one, if one is the first
+    if low and fits(0):
+        return 0
     while low < high:
         middle = (low + high) // 2
-        if fitting_pieces(run(counts[middle]), w, budget)[0] is None:
-            low = middle + 1
-        else:
+        if fits(middle):
             high = middle
+        else:
+            low = middle + 1
     return low
 
 
@@ -156,7 +159,7 @@ class Compiled:
     layout: str
     predicted_s: float
     predicted_memory_bytes: float
-    memory_bytes: float  # arguments + outputs - donated + temporaries
+    memory_bytes: float  # XLA's (``memory_needed``)
     fits: bool
     flops: float  # XLA's count, which takes a loop body once: a floor for scanned layers
     collectives: dict[str, int]  # op -> occurrences in the partitioned program
@@ -164,13 +167,11 @@ class Compiled:
     measured_s: float | None = None
 
 
-def compiled_figures(e: Estimate, compiled: Any, compile_s: float, hbm_bytes: float) -> Compiled:
-    mem = compiled.memory_analysis()
-    used = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-            + mem.temp_size_in_bytes)
+def compiled_figures(e: Estimate, compiled: Any, compile_s: float, hbm_bytes: float, platform: str) -> Compiled:
+    used = memory_needed(compiled, platform)
     hlo = compiled.as_text()
     ops = {op: hlo.count(f" {op}(") + hlo.count(f" {op}-start(") for op in COLLECTIVES}
-    return Compiled(e.candidate.describe(), e.step_s, e.memory_bytes, float(used), used <= COMPILED_HEADROOM * hbm_bytes,
+    return Compiled(e.candidate.describe(), e.step_s, e.memory_bytes, used, fits_device(used, hbm_bytes, platform),
                     float((compiled.cost_analysis() or {}).get("flops", 0.0)), {k: v for k, v in ops.items() if v},
                     compile_s)
 
@@ -360,9 +361,9 @@ def _reject_unfit(result: Plan, example: str) -> None:
     result.examples.setdefault(COMPILED_OUT_OF_MEMORY, example)
 
 
-def validate(result: Plan, compile_candidate: Callable[[Candidate], Any], hbm_bytes: float, k: int = 3,
+def validate(result: Plan, compile_candidate: Callable[[Candidate], Any], hbm_bytes: float, platform: str, k: int = 3,
              measure: Callable[[Candidate], float] | None = None) -> Plan:
-    """Compile the ranked candidates on the present devices until ``k`` fit (or the list ends); those
+    """Compile the ranked candidates for devices of ``platform`` until ``k`` fit (or the list ends); those
     that do not fit are rejected. The pick is the first that fits, or with ``measure`` the fastest
     measured. Predicted and compiled figures are recorded side by side."""
     fitting: list[tuple[Estimate, Compiled]] = []
@@ -370,7 +371,7 @@ def validate(result: Plan, compile_candidate: Callable[[Candidate], Any], hbm_by
         started = time.perf_counter()
         try:
             compiled = compile_candidate(e.candidate)
-            figures = compiled_figures(e, compiled, time.perf_counter() - started, hbm_bytes)
+            figures = compiled_figures(e, compiled, time.perf_counter() - started, hbm_bytes, platform)
             if figures.fits and measure is not None:
                 figures = dataclasses.replace(figures, measured_s=measure(e.candidate))
         except Exception as error:  # XLA ran out of memory compiling (autotuning) or running it: does not fit

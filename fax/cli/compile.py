@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     print(f"memory per device: arguments {step.argument_bytes / gib:.2f} GiB, outputs {step.output_bytes / gib:.2f} GiB "
           f"(donated {step.alias_bytes / gib:.2f}), temporaries {step.temp_bytes / gib:.2f} GiB; "
-          f"total {step.total_bytes / gib:.2f} of {step.hbm_bytes / gib:.0f} GiB "
+          f"needed {step.needed_bytes / gib:.2f} of {step.hbm_bytes / gib:.0f} GiB "
           f"({'fits' if step.fits else 'DOES NOT FIT'})")
     print("collectives: " + (", ".join(f"{k} x{v}" for k, v in step.collectives.items()) or "none"))
     return 0 if step.fits else 1

@@ -15,7 +15,7 @@ from fax.checkpoint import abstract_like
 from fax.config import Config, ConfigError, validate
 from fax.parallel.calibrate import present_cluster
 from fax.parallel.hardware import tpu_topology
-from fax.parallel.hlo import collectives
+from fax.parallel.hlo import collectives, fits_device, memory_needed
 from fax.parallel.planner import out_of_memory
 from fax.train import step as step_lib
 from fax.train.runtime import run_mesh
@@ -28,23 +28,21 @@ class CompiledStep:
     target: str  # the cluster it was compiled for
     devices: int
     device_kind: str
+    platform: str
     mesh: dict[str, int]
     argument_bytes: int  # params, optimizer state and the batch shard
     output_bytes: int
     alias_bytes: int  # outputs that reuse donated arguments' buffers
     temp_bytes: int  # activations and XLA's scratch
+    needed_bytes: float  # what the step needs by XLA's account (``memory_needed``: on TPUs its peak)
     hbm_bytes: float
     collectives: dict[str, int]  # "all-gather over fsdp" -> occurrences in the partitioned program
     compile_s: float
     out_of_memory: str = ""  # the compiler's own refusal (TPU: it checks HBM itself); then no figures
 
     @property
-    def total_bytes(self) -> int:
-        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
-
-    @property
     def fits(self) -> bool:
-        return not self.out_of_memory and self.total_bytes <= self.hbm_bytes
+        return not self.out_of_memory and fits_device(self.needed_bytes, self.hbm_bytes, self.platform)
 
 
 def target_devices(cluster: str) -> tuple[list[Any], float, str]:
@@ -79,10 +77,11 @@ def compile_step(config: Config, devices: list[Any], hbm_bytes: float, target: s
     except jax.errors.JaxRuntimeError as e:
         if not out_of_memory(e):
             raise
-        return CompiledStep(target, len(devices), devices[0].device_kind, sizes, 0, 0, 0, 0, hbm_bytes, {},
-                            time.perf_counter() - started, str(e).split(": ", 1)[-1].splitlines()[0])
+        return CompiledStep(target, len(devices), devices[0].device_kind, devices[0].platform, sizes, 0, 0, 0, 0, 0,
+                            hbm_bytes, {}, time.perf_counter() - started, str(e).split(": ", 1)[-1].splitlines()[0])
     seconds = time.perf_counter() - started
     memory = compiled.memory_analysis()
-    return CompiledStep(target, len(devices), devices[0].device_kind, sizes, memory.argument_size_in_bytes,
+    platform = devices[0].platform
+    return CompiledStep(target, len(devices), devices[0].device_kind, platform, sizes, memory.argument_size_in_bytes,
                         memory.output_size_in_bytes, memory.alias_size_in_bytes, memory.temp_size_in_bytes,
-                        hbm_bytes, collectives(compiled.as_text(), sizes), seconds)
+                        memory_needed(compiled, platform), hbm_bytes, collectives(compiled.as_text(), sizes), seconds)

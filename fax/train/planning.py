@@ -114,6 +114,6 @@ def _compiled_plan(config: Config, cluster: ClusterSpec, devices: list[Any], hbm
     try:
         result = plan_layouts(config.model, cluster, config.train.batch_size, config.seq_len, name, top=top)
         compiler = layout_compiler(config, devices, cluster.slice_devices if cluster.slices > 1 else 0)
-        return validate_plan(result, compiler, hbm_bytes, k=validate, measure=measure)
+        return validate_plan(result, compiler, hbm_bytes, cluster.device.platform, k=validate, measure=measure)
     except ValueError as e:
         raise ConfigError(str(e)) from None

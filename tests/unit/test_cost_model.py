@@ -167,7 +167,8 @@ def test_memory_falls_as_microbatches_grow_so_the_fewest_that_fit_are_found_by_b
             def run(mb: int, kind: dict = kind) -> Candidate:
                 return dataclasses.replace(mesh, microbatches=mb, **kind)
             totals = [sum(memory(run(mb), w).values()) for mb in counts]
-            assert all(more <= fewer for fewer, more in zip(totals, totals[1:])), (run(1).describe(), totals)
+            rising = totals[1:] if counts[:1] == [1] else totals  # one microbatch keeps no running sum of gradients
+            assert all(more <= fewer for fewer, more in zip(rising, rising[1:])), (run(1).describe(), totals)
             fits = [fitting_pieces(run(mb), w, budget)[0] is not None for mb in counts]
             assert fewest_fitting(counts, run, w, budget) == (fits.index(True) if any(fits) else len(counts))
             checked += any(fits) and not all(fits)  # a count that does not fit below one that does
@@ -192,11 +193,25 @@ def test_a_skipping_kernel_computes_the_scores_its_queries_see():
     assert times[1]["matmul"] == times[0]["matmul"]
 
 
+def test_memory_counts_what_is_live_at_its_peak():
+    """Accumulated microbatches hold their running sum of gradients beside the one computed; on TPUs the
+    optimizer update's 12 bytes per parameter come after the backward pass has freed its activations,
+    so they add only past those (as XLA's peak counts them); a GPU compile updates in place."""
+    m = models.preset("llama-7b").replace(dtype="bfloat16")
+    few, many = Workload(m, 8, 128, "tpu"), Workload(m, 256, 2048, "tpu")
+    one, four = memory(Candidate(fsdp=8, remat="full"), many), memory(Candidate(fsdp=8, remat="full", microbatches=4), many)
+    assert four["grads"] == 2 * one["grads"] and "update" not in one  # the activations outweigh the update
+    small = memory(Candidate(fsdp=8, remat="full"), few)
+    backward = sum(v for k, v in small.items() if k not in ("params", "grads", "optimizer", "update"))
+    assert small["update"] == pytest.approx(3 * small["params"] - backward) and small["update"] > 0
+    assert "update" not in memory(Candidate(fsdp=8, remat="full"), Workload(m, 8, 128, "gpu"))
+
+
 def test_named_remat_policies_are_priced_by_what_they_keep():
     m = models.preset("llama-7b")
     order = ["none", "dots_saveable", "save_dot_except_mlpwi", "save_qkv_proj", "full"]
     kept = [remat_bytes_per_token(p, m, 1, 2.0) for p in order]
-    assert kept == sorted(kept, reverse=True) and kept[-1] == m.d_model * 4.0  # the input, float32
+    assert kept == sorted(kept, reverse=True) and kept[-1] == m.d_model * 2.0  # the input, in the compute dtype
     recomputed = [remat_forwards(p, m) for p in order]
     assert recomputed == sorted(recomputed) and recomputed[0] == 0.0 and recomputed[-1] == 1.0
     # Offloading keeps nothing on the device beyond the layer's input, and recomputes what saving would.
@@ -252,7 +267,7 @@ def published_runs_module():
 def test_published_runs_are_predicted_within_bounds_and_the_pick_is_never_slower():
     """Megatron-LM's Table 1 (all ten rows) and MaxText's v5p/v5e runs: the cost model's throughput
     for each published layout within 25% of the published one (mean error within 12%), each predicted
-    to fit but those that XLA's TPU compiler finds too large for fax's step, and the planner's pick
+    to fit but the two listed with XLA's verdict (``NOT_PREDICTED_TO_FIT``), and the planner's pick
     never predicted slower than the published layout."""
     published = published_runs_module()
     runs = published.published_runs()
@@ -262,7 +277,7 @@ def test_published_runs_are_predicted_within_bounds_and_the_pick_is_never_slower
     assert max(errors.values()) <= 0.25, errors
     assert sum(errors.values()) / len(errors) <= 0.12, errors
     unfit = {(r["run"], r["cluster"]) for r in rows if not r["fits"]}
-    assert unfit == set(published.TOO_LARGE_FOR_FAX), [(r["run"], r["memory_gib"]) for r in rows if not r["fits"]]
+    assert unfit == set(published.NOT_PREDICTED_TO_FIT), [(r["run"], r["memory_gib"]) for r in rows if not r["fits"]]
     # MaxText's 1T-class scaling (published per-device throughput rising with size on A100s) is kept
     megatron = [r["predicted_tokens_s"] * published.megatron_flops_per_token(run.model, 2048) / run.devices
                 for r, run in zip(rows, runs) if run.name.startswith("Megatron")]
