@@ -190,8 +190,10 @@ def compiled(run: PublishedRun) -> dict:
     from fax.train.aot import compile_step, target_devices
 
     step = compile_step(with_layout(load_config(None, fax_settings(run)), run.layout), *target_devices(run.cluster))
-    refused = re.search(r"temporaries \(([\d.]+)G\)", step.out_of_memory)  # XLA's refusal names what it needs
-    needed = float(refused.group(1)) if refused else step.needed_bytes / 2 ** 30 if not step.out_of_memory else None
+    needed = step.needed_bytes / 2 ** 30
+    if step.out_of_memory:  # XLA's refusal names what the step would need
+        refused = re.search(r"temporaries \(([\d.]+)G\)", step.out_of_memory)
+        needed = float(refused.group(1)) if refused else None
     return {"run": run.name, "cluster": run.cluster, "predicted_gib": compare(run)["memory_gib"], "xla_gib": needed,
             "fits": step.fits, "compile_s": step.compile_s}
 

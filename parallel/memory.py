@@ -9,7 +9,7 @@ import functools
 from fax.models.config import NAMED_REMAT, ModelConfig, active_d_ff, block_param_count, named_widths, routed_param_count
 from fax.parallel.layout import Candidate, Workload, count_params, device_layers, microbatch_tokens
 
-MEMORY_HEADROOM = 0.9  # the share of device memory a plan may use (fragmentation, compiler temps)
+MEMORY_HEADROOM = 0.9  # the share of device memory a plan may use: a margin for the model's error
 OPTIMIZER_BYTES = 8.0  # Adam: two fp32 moments per parameter
 # The optimizer step's float32 temporaries per parameter, by platform: on TPUs the new moments and
 # parameters are computed in full before they replace the old (12-14 bytes per parameter in TPU compiles
