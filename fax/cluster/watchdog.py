@@ -69,7 +69,9 @@ def watch(head_pid: int, folder: str) -> None:
         seen = descendants(head) or seen
         gcs = gcs or next((p for p in seen if p.name() == "gcs_server"), None)
         if gcs is not None and not alive(gcs):
-            return  # the cluster was shut down by its process
+            if alive(head):
+                return  # the cluster was shut down by its process
+            break  # the process was killed and its GCS ended right after: its agents may live on
         time.sleep(POLL_S)
     end(seen + naming(folder))
 
