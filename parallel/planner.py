@@ -168,7 +168,7 @@ class Compiled:
 
 
 def compiled_figures(e: Estimate, compiled: Any, compile_s: float, hbm_bytes: float, platform: str) -> Compiled:
-    used = memory_needed(compiled, platform)
+    used = memory_needed(compiled.memory_analysis(), platform)
     hlo = compiled.as_text()
     ops = {op: hlo.count(f" {op}(") + hlo.count(f" {op}-start(") for op in COLLECTIVES}
     return Compiled(e.candidate.describe(), e.step_s, e.memory_bytes, used, fits_device(used, hbm_bytes, platform),

@@ -84,4 +84,4 @@ def compile_step(config: Config, devices: list[Any], hbm_bytes: float, target: s
     platform = devices[0].platform
     return CompiledStep(target, len(devices), devices[0].device_kind, platform, sizes, memory.argument_size_in_bytes,
                         memory.output_size_in_bytes, memory.alias_size_in_bytes, memory.temp_size_in_bytes,
-                        memory_needed(compiled, platform), hbm_bytes, collectives(compiled.as_text(), sizes), seconds)
+                        memory_needed(memory, platform), hbm_bytes, collectives(compiled.as_text(), sizes), seconds)
