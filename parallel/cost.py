@@ -165,14 +165,11 @@ def dcn_shares(c: Candidate, slice_devices: int) -> dict[str, int] | None:
     return shares
 
 
-def axis_links(c: Candidate, cluster: ClusterSpec) -> dict[str, Link]:
-    """The slowest link each mesh axis crosses: the host's own, the one between hosts, or the DCN."""
-    links = {}
-    for axis in MESH_AXES:
-        stride, extent = axis_span(axis, c)
-        links[axis] = (cluster.dcn if extent > cluster.slice_devices else
-                       cluster.intra if extent <= cluster.devices_per_host or cluster.torus else cluster.inter)
-    return links
+def axis_link(axis: str, c: Candidate, cluster: ClusterSpec) -> Link:
+    """The slowest link ``axis``'s groups cross: the host's own, the one between hosts, or the DCN."""
+    _, extent = axis_span(axis, c)
+    return (cluster.dcn if extent > cluster.slice_devices else
+            cluster.intra if extent <= cluster.devices_per_host or cluster.torus else cluster.inter)
 
 
 def layer_matmul_flops(m: ModelConfig) -> dict[str, float]:
@@ -308,7 +305,7 @@ def comm_times(c: Candidate, w: Workload, cluster: ClusterSpec) -> dict[str, flo
     # 2 backward, 2 more where the backward recomputes the projections
     tensor_collectives = 4 + (2 if recomputed(c.remat, m)["matmul"] > 0 else 0)
     kv = 2 * tokens * m.n_kv_heads * m.kv_head_dim / c.tensor * b * c.sequence
-    stage_link = axis_links(c, cluster)["stage"]
+    stage_link = axis_link("stage", c, cluster)
     return {
         # fsdp: gather params for forward and backward, scatter gradients, for every microbatch
         "fsdp": c.microbatches * (2 * gather(b) + gather(PARAM_BYTES)),
@@ -327,6 +324,18 @@ def comm_times(c: Candidate, w: Workload, cluster: ClusterSpec) -> dict[str, flo
             2 * (c.stages - 1) / c.stages * stage_params * PARAM_BYTES / (c.fsdp * c.tensor) / stage_link.bandwidth
             if c.virtual_stages > 1 else 0.0),
     }
+
+
+def step_floor(c: Candidate, w: Workload, cluster: ClusterSpec) -> float:
+    """Seconds per step that no larger microbatch count takes ``c``'s mesh and schedule under: its
+    layers' compute (more microbatches only shorten the matmuls) and the collectives no overlap hides
+    that run per microbatch on a microbatch's activations (their bytes per step stay, their latencies
+    add up). The head is left out (a pipeline's spreads over the stages with more microbatches), and
+    the stage's sends (fewer bytes each with more microbatches)."""
+    terms, comm = compute_times(c, w, cluster), comm_times(c, w, cluster)
+    exposed = sum(comm[axis] for axis in ("tensor", "sequence", "expert")
+                  if axis not in OVERLAPPED_AXES[cluster.device.platform])
+    return sum(terms.values()) - terms["head"] + exposed
 
 
 def estimate(c: Candidate, w: Workload, cluster: ClusterSpec) -> Estimate:

@@ -8,7 +8,9 @@ predicted slower than the best of them. The same inputs always give the same pla
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import json
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -16,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from fax.models.config import ModelConfig, expert_indivisible, stack_units, tensor_indivisible
-from fax.parallel.cost import Estimate, dcn_shares, estimate
+from fax.parallel.cost import Estimate, dcn_shares, estimate, step_floor
 from fax.parallel.layout import Candidate, Workload
 from fax.parallel.memory import MEMORY_HEADROOM, memory
 from fax.parallel.hardware import ClusterSpec
@@ -29,6 +31,8 @@ PLANNED_REMAT = ("none", "dots_saveable", "dots_with_no_batch_dims_saveable", "f
 # steps) where the whole logits do not fit.
 LOSS_CHUNKS = (2, 4, 8, 16, 32)
 DOMINATED = "dominated (slower with more microbatches)"
+OUTRUN = "outrun (slower at best than the fastest layouts)"
+ALTERNATIVES = 3  # runners-up a plan explains
 COMPILED_OUT_OF_MEMORY = "out of memory (compiled)"
 
 
@@ -235,6 +239,20 @@ def plan(model: ModelConfig, cluster: ClusterSpec, global_batch: int, seq_len: i
     examples: dict[str, str] = {}
     fitting: list[Estimate] = []
     searched = 0
+    # The fastest step of each kind of layout found (``layout_kind``), and the step time past which a
+    # layout can be neither among the ``top`` nor a runner-up the plan explains: the ``keep``-th fastest
+    # kind's (there are at least ``keep`` layouts faster than it, one of each of those kinds).
+    fastest_by_kind: dict[Candidate, float] = {}
+    keep, outrun = max(top, ALTERNATIVES + 1), math.inf
+
+    def record(e: Estimate) -> None:
+        nonlocal outrun
+        fitting.append(e)
+        kind = layout_kind(e.candidate)
+        if e.step_s < fastest_by_kind.get(kind, math.inf):
+            fastest_by_kind[kind] = e.step_s
+            if e.step_s < outrun and len(fastest_by_kind) >= keep:
+                outrun = heapq.nsmallest(keep, fastest_by_kind.values())[-1]
 
     def reject(reason: str, c: Candidate, message: str, count: int = 1) -> None:
         rejected[reason] += count
@@ -245,7 +263,7 @@ def plan(model: ModelConfig, cluster: ClusterSpec, global_batch: int, seq_len: i
     for c in named.values():
         searched += 1
         if not problems(c, w) and (e := fitted(c, w, cluster)).fits:
-            fitting.append(e)
+            record(e)
     for mesh in meshes(cluster, w, max_stages):
         if found := problems(mesh, w):  # one microbatch: the batch problem is the batch shards' own
             kind, message = found[0]
@@ -269,6 +287,10 @@ def plan(model: ModelConfig, cluster: ClusterSpec, global_batch: int, seq_len: i
                 return Candidate(mesh.stages, mb, axes["data"], axes["fsdp"], axes["sequence"], axes["tensor"],
                                  expert=axes["expert"], **kind)
 
+            if counts and (floor := step_floor(run(counts[0]), w, cluster)) > outrun:
+                reject(OUTRUN, run(counts[0]), f"takes at least {floor:.3g} s per step (compute and "
+                       f"exposed collectives), more than {keep} faster kinds of layout", len(counts))
+                continue
             start = fewest_fitting(counts, run, w, budget)
             if start:  # the counts below it do not fit; the fewest are the example
                 needs = fitting_pieces(run(counts[0]), w, budget)[1] if "out of memory" not in examples else 0.0
@@ -278,7 +300,7 @@ def plan(model: ModelConfig, cluster: ClusterSpec, global_batch: int, seq_len: i
                 c = run(mb)
                 pieces, _ = fitting_pieces(c, w, budget)
                 e = estimate(pieces, w, cluster)
-                fitting.append(e)
+                record(e)
                 if c.stages == 1 or previous is not None and e.step_s > previous:
                     if len(counts) - i - 1:
                         reject(DOMINATED, c, f"fits in {mb} microbatches; more only cost time" if c.stages == 1
@@ -319,17 +341,20 @@ def why_slower(pick: Estimate, other: Estimate, terms: int = 3) -> str:
             + f" ({layout_changes(pick.candidate, other.candidate)})")
 
 
-def alternatives(best: Estimate, ranked: list[Estimate], count: int = 3) -> list[tuple[Estimate, str]]:
-    """The runners-up nearest the pick that differ from it and from each other in more than how the
-    batch splits between data and fsdp (the mesh's other axes, remat, schedule), each with why it lost."""
-    def kind(c: Candidate) -> tuple:
-        return dataclasses.astuple(dataclasses.replace(c, data=1, fsdp=1))
-    seen, found = {kind(best.candidate)}, []
+def layout_kind(c: Candidate) -> Candidate:
+    """``c`` but for how the batch splits between data and fsdp: the mesh's other axes, remat, schedule."""
+    return dataclasses.replace(c, data=1, fsdp=1)
+
+
+def alternatives(best: Estimate, ranked: list[Estimate], count: int = ALTERNATIVES) -> list[tuple[Estimate, str]]:
+    """The runners-up nearest the pick of other kinds than its and each other's (``layout_kind``), each
+    with why it lost."""
+    seen, found = {layout_kind(best.candidate)}, []
     for e in ranked:
         if len(found) == count:
             break
-        if kind(e.candidate) not in seen:
-            seen.add(kind(e.candidate))
+        if layout_kind(e.candidate) not in seen:
+            seen.add(layout_kind(e.candidate))
             found.append((e, why_slower(best, e)))
     return found
 

@@ -1,18 +1,18 @@
 """The cost model and the planner's search, analytically (nothing compiled)."""
 
-import time
 import dataclasses
 
 import pytest
 
 from fax import models
 from fax.models.config import param_count
-from fax.parallel.cost import attended_share, axis_links, estimate, remat_forwards
+from fax.parallel.cost import attended_share, axis_link, estimate, remat_forwards
 from fax.parallel.layout import Candidate, Workload
 from fax.parallel.memory import MEMORY_HEADROOM, memory, remat_bytes_per_token
 from fax.parallel.calibrate import present_cluster
 from fax.parallel.hardware import cluster_preset
-from fax.parallel.planner import fewest_fitting, fitting_pieces, meshes, plan, problems, schedules, workload
+from fax.parallel.planner import (OUTRUN, fewest_fitting, fitting_pieces, meshes, plan, problems, schedules,
+                                  workload)
 
 
 def test_cluster_presets_count_hosts_and_devices():
@@ -32,12 +32,11 @@ def test_cluster_presets_count_hosts_and_devices():
 
 def test_mesh_axes_cross_hosts_from_the_outside_in():
     h100 = cluster_preset("h100-16")  # 2 nodes of 8
-    links = axis_links(Candidate(data=2, tensor=8), h100)
-    assert links["tensor"] is h100.intra and links["data"] is h100.inter
-    links = axis_links(Candidate(fsdp=8, tensor=2), h100)
-    assert links["tensor"] is h100.intra and links["fsdp"] is h100.inter
-    links = axis_links(Candidate(fsdp=4, tensor=2, data=2), h100)
-    assert (links["tensor"], links["fsdp"], links["data"]) == (h100.intra, h100.intra, h100.inter)
+    def links(c: Candidate) -> dict:  # of the axes it splits
+        return {axis: axis_link(axis, c, h100) for axis, n in c.axes.items() if n > 1}
+    assert links(Candidate(data=2, tensor=8)) == {"tensor": h100.intra, "data": h100.inter}
+    assert links(Candidate(fsdp=8, tensor=2)) == {"tensor": h100.intra, "fsdp": h100.inter}
+    assert links(Candidate(fsdp=4, tensor=2, data=2)) == {"tensor": h100.intra, "fsdp": h100.intra, "data": h100.inter}
 
 
 def test_cost_model_reproduces_hand_computed_figures():
@@ -138,11 +137,9 @@ def test_layouts_that_cannot_run_are_pruned_with_the_reason():
         plan(models.preset("llama-70b"), cluster_preset("v4-8"), 64, 4096, "llama-70b")
 
 
-def test_large_plans_take_seconds_are_deterministic_and_beat_the_templates():
+def test_large_plans_are_deterministic_and_beat_the_templates():
     for name, cluster, batch, seq in (("gpt3-175b", "h100-1024", 1536, 2048), ("llama-70b", "v4-1024", 1024, 4096)):
-        started = time.perf_counter()
         result = plan(models.preset(name), cluster_preset(cluster), batch, seq, name)
-        assert time.perf_counter() - started < 10
         assert result.analytical and result.searched > 10_000 and result.best.fits
         assert result.best.memory_bytes <= 0.9 * cluster_preset(cluster).device.hbm_bytes
         for template in result.templates.values():
@@ -151,6 +148,17 @@ def test_large_plans_take_seconds_are_deterministic_and_beat_the_templates():
         again = plan(models.preset(name), cluster_preset(cluster), batch, seq, name)
         assert [e.candidate for e in again.ranked] == [e.candidate for e in result.ranked]
         assert 0.2 < result.best.mfu < 0.7  # the datasheet peak is never reached, nor is it a toy figure
+
+
+@pytest.mark.parametrize("name, cluster, batch, seq", [("llama-7b", "a100-64", 512, 2048),
+                                                       ("mixtral-8x7b", "v5p-512", 512, 4096)])
+def test_layouts_the_best_outrun_are_skipped_without_changing_the_plan(name, cluster, batch, seq):
+    model, spec = models.preset(name).replace(dtype="bfloat16"), cluster_preset(cluster)
+    pruned = plan(model, spec, batch, seq, name, top=10)
+    full = plan(model, spec, batch, seq, name, top=100_000)  # more kinds of layout than there are: none outrun
+    assert pruned.rejected[OUTRUN] > 0 and OUTRUN not in full.rejected and pruned.searched == full.searched
+    assert [e.candidate for e in pruned.ranked] == [e.candidate for e in full.ranked[:10]]
+    assert [(e.candidate, why) for e, why in pruned.alternatives] == [(e.candidate, why) for e, why in full.alternatives]
 
 
 @pytest.mark.parametrize("name, cluster, batch, seq", [("gpt3-175b", "h100-1024", 1536, 2048),
@@ -365,9 +373,7 @@ def test_a_mixture_of_experts_is_costed_by_its_active_parameters_and_its_all_to_
 @pytest.mark.parametrize("model, cluster, batch", [("mixtral-8x7b", "v5p-512", 256), ("deepseek-v3", "h100-2048", 2048)])
 def test_mixtures_of_experts_are_planned_over_the_expert_axis(model, cluster, batch):
     # capacity dispatch: the dropless one's all-to-all buffers are sized for the worst case (see fax.models.moe)
-    started = time.perf_counter()
     result = plan(models.preset(model).replace(moe_dispatch="capacity"), cluster_preset(cluster), batch, 4096)
-    assert time.perf_counter() - started < 10
     assert result.best.candidate.expert > 1, result.best.candidate.describe()
     assert result.best.fits and "expert communication" in result.best.breakdown()
 
