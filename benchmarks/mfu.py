@@ -50,7 +50,7 @@ def measure(model: str, seq_len: int, batch: int, remat: str, attention: str, lo
     from fax.data import Batch
     from fax.metrics import mfu, peak_flops_per_device
     from fax.parallel import make_mesh
-    from fax.parallel.planner import out_of_memory
+    from fax.parallel.validation import out_of_memory
 
     devices = jax.devices()
     cfg = load_config(overrides=[f"model={model}", f"model.max_seq_len={seq_len}", "model.dtype=bfloat16",

@@ -16,7 +16,7 @@ from fax.config import Config, ConfigError, validate
 from fax.parallel.calibrate import present_cluster
 from fax.parallel.hardware import tpu_topology
 from fax.parallel.hlo import collectives, fits_device, memory_needed
-from fax.parallel.planner import out_of_memory
+from fax.parallel.validation import out_of_memory
 from fax.train import step as step_lib
 from fax.train.runtime import run_mesh
 

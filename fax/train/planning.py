@@ -22,7 +22,7 @@ from fax.parallel.layout import Candidate
 from fax.parallel.calibrate import present_cluster
 from fax.parallel.planner import Plan, load_layout
 from fax.parallel.planner import plan as plan_layouts
-from fax.parallel.planner import validate as validate_plan
+from fax.parallel.validation import validate as validate_plan
 from fax.train import step as step_lib
 from fax.train.aot import target_devices
 

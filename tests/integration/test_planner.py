@@ -12,7 +12,7 @@ from fax.cli import main
 from fax.config import ConfigError
 from fax.train.loop import Trainer
 from fax.train.planning import layout_compiler, plan_here
-from fax.parallel import ParallelConfig, planner
+from fax.parallel import ParallelConfig, planner, validation
 from fax.parallel.calibrate import present_cluster
 from fax.parallel.hardware import efficiency
 from fax.parallel.hlo import COMPILED_HEADROOM
@@ -31,12 +31,12 @@ def test_present_plans_are_compiled_and_those_that_do_not_fit_are_rejected():
     needs = sorted({c.memory_bytes for c in result.validated})
     # A device that holds only the smallest of them: the others are rejected once compiled.
     small = planner.plan(models.preset("gpt-tiny"), present_cluster(), 16, 64, "gpt-tiny", top=50)
-    small = planner.validate(small, layout_compiler(tiny_config(), jax.devices()),
+    small = validation.validate(small, layout_compiler(tiny_config(), jax.devices()),
                              hbm_bytes=needs[0] / COMPILED_HEADROOM, platform="cpu", k=1)
     assert all(c.memory_bytes <= needs[0] for c in small.validated if c.fits)
     assert small.rejected.get("out of memory (compiled)", 0) == sum(not c.fits for c in small.validated)
     with pytest.raises(ValueError, match=r"fits cpu-8 \(present\) once compiled, e.g. .*: XLA needs"):
-        planner.validate(planner.plan(models.preset("gpt-tiny"), present_cluster(), 16, 64, top=2),
+        validation.validate(planner.plan(models.preset("gpt-tiny"), present_cluster(), 16, 64, top=2),
                          layout_compiler(tiny_config(), jax.devices()), hbm_bytes=1.0, platform="cpu")
 
 
@@ -52,7 +52,7 @@ def test_a_layout_that_runs_out_of_memory_compiling_is_rejected_not_fatal():
             raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 50.15GiB")
         return compile_layout(layout)
 
-    result = planner.validate(result, compile_or_run_out, hbm_bytes=2 ** 40, platform="cpu", k=1)
+    result = validation.validate(result, compile_or_run_out, hbm_bytes=2 ** 40, platform="cpu", k=1)
     assert result.best.candidate != first and result.validated[0].layout != first.describe()
     assert result.rejected["out of memory (compiled)"] == 1
     assert "50.15GiB" in result.examples["out of memory (compiled)"]
@@ -60,7 +60,7 @@ def test_a_layout_that_runs_out_of_memory_compiling_is_rejected_not_fatal():
     def broken(layout):
         raise RuntimeError("INTERNAL: a compiler bug")
     with pytest.raises(RuntimeError, match="compiler bug"):  # anything else is not a verdict on the layout
-        planner.validate(planner.plan(models.preset("gpt-tiny"), present_cluster(), 16, 64, top=2), broken, 2 ** 40,
+        validation.validate(planner.plan(models.preset("gpt-tiny"), present_cluster(), 16, 64, top=2), broken, 2 ** 40,
                          "cpu")
 
 
