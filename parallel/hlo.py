@@ -18,11 +18,10 @@ _MESH_GROUPS = re.compile(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}")  # m
 
 def memory_needed(memory: Any, platform: str) -> float:
     """The bytes per device a program compiled for ``platform`` needs, by XLA's own account (its
-    ``memory_analysis()``). XLA:TPU
-    simulates its heap and checks the peak against HBM (a program whose peak fits compiles, one whose
-    does not is refused), while its temporaries' figure counts buffers that the peak shows never live
-    at once. The other backends report no peak (the arguments'), so there it is arguments + outputs
-    - donated + temporaries."""
+    ``memory_analysis()``). XLA:TPU simulates its heap and checks the peak against HBM (a program whose
+    peak fits compiles, one whose does not is refused), while its temporaries' figure counts buffers
+    that the peak shows never live at once. The other backends report no peak (the arguments'), so
+    there it is arguments + outputs - donated + temporaries."""
     if platform == "tpu":
         return float(memory.peak_memory_in_bytes)
     return float(memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes

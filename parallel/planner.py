@@ -276,15 +276,18 @@ def plan(model: ModelConfig, cluster: ClusterSpec, global_batch: int, seq_len: i
                 return Candidate(mesh.stages, mb, axes["data"], axes["fsdp"], axes["sequence"], axes["tensor"],
                                  expert=axes["expert"], **kind)
 
-            if counts and (floor := step_floor(run(counts[0]), w, cluster)) > outrun:
-                reject(OUTRUN, run(counts[0]), f"takes at least {floor:.3g} s per step (compute and "
-                       f"exposed collectives), more than {keep} faster kinds of layout", len(counts))
+            if not counts:
+                continue
+            fewest = run(counts[0])
+            if (floor := step_floor(fewest, w, cluster)) > outrun:
+                reject(OUTRUN, fewest, f"takes at least {floor:.3g} s per step (compute and exposed collectives), "
+                       f"more than {keep} faster kinds of layout", len(counts))
                 continue
             start = fewest_fitting(counts, run, w, budget)
             if start:  # the counts below it do not fit; the fewest are the example
-                needs = fitting_pieces(run(counts[0]), w, budget)[1] if "out of memory" not in examples else 0.0
-                reject("out of memory", run(counts[0]), f"needs {needs / 2 ** 30:.1f} GiB per device of "
-                                                        f"{cluster.device.hbm_bytes / 2 ** 30:.0f} GiB", start)
+                needs = fitting_pieces(fewest, w, budget)[1] if "out of memory" not in examples else 0.0
+                reject("out of memory", fewest, f"needs {needs / 2 ** 30:.1f} GiB per device of "
+                                                f"{cluster.device.hbm_bytes / 2 ** 30:.0f} GiB", start)
             for i, mb in enumerate(counts[start:], start):
                 c = run(mb)
                 pieces, _ = fitting_pieces(c, w, budget)
