@@ -14,6 +14,8 @@ _OP = re.compile(r"\s(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
 _EXPLICIT_GROUPS = re.compile(r"replica_groups=\{\{([0-9,]*)\}")
 _IOTA_GROUPS = re.compile(r"replica_groups=\[(\d+),(\d+)\]")
 _MESH_GROUPS = re.compile(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}")  # mesh['a'=4,'b'=2] {'a'}
+# XLA:TPU runs a reduce-scatter as a fusion of its own whose body is a (padded) all-reduce and a slice
+_FUSED_REDUCE_SCATTER = re.compile(r"^%?all-reduce-scatter[\w.\-]* \(")
 
 
 def memory_needed(memory: Any, platform: str) -> float:
@@ -61,12 +63,17 @@ def axes_of(size: int, axis_sizes: dict[str, int]) -> str:
 
 def collectives(hlo: str, axis_sizes: dict[str, int]) -> dict[str, int]:
     """Occurrences of each collective in ``hlo`` (``compiled.as_text()``), by kind and the mesh axes
-    it runs over, e.g. ``{"all-gather over fsdp": 12}``; a point-to-point permute has no axes."""
+    it runs over, e.g. ``{"all-gather over fsdp": 12}``; a point-to-point permute has no axes. The all-reduce
+    inside XLA:TPU's reduce-scatter fusion counts as the reduce-scatter it is."""
     found: Counter[str] = Counter()
+    scattering = False  # inside the body of a reduce-scatter fusion
     for line in hlo.splitlines():
+        if " -> " in line and line.rstrip().endswith("{"):  # a computation's header
+            scattering = bool(_FUSED_REDUCE_SCATTER.match(line))
         op = _OP.search(line)
         if not op or "-done(" in line:
             continue
+        kind = "reduce-scatter" if scattering and op.group(1) == "all-reduce" else op.group(1)
         size = group_size(line)
-        found[op.group(1) if size is None else f"{op.group(1)} over {axes_of(size, axis_sizes)}"] += 1
+        found[kind if size is None else f"{kind} over {axes_of(size, axis_sizes)}"] += 1
     return dict(sorted(found.items()))

@@ -28,6 +28,7 @@ def test_a_tpu_slice_compiles_and_reports_memory_and_collectives_by_axis():
     assert "of 16 GiB (fits)" in done.stdout
     assert "all-gather over expert" in done.stdout and "all-reduce over tensor" in done.stdout
     assert "all-to-all over expert" in done.stdout
+    assert "reduce-scatter over expert" in done.stdout  # the gathered params' gradients (XLA:TPU's fusion)
 
 
 def test_a_step_that_does_not_fit_exits_1_with_the_compilers_reason():

@@ -253,10 +253,22 @@ def test_collectives_are_counted_by_the_mesh_axes_they_run_over():
         "%b = f32[8] all-gather-done(%a)",
         "%c = f32[8] all-reduce(f32[8] %x), replica_groups={{0,1},{2,3},{4,5},{6,7}}, to_apply=%add",
         "%d = f32[8] all-reduce(f32[8] %x), replica_groups=mesh['axis_0'=4,'axis_1'=2] {'axis_0','axis_1'}",
-        "%e = f32[8] collective-permute(f32[8] %x), source_target_pairs={{0,1},{1,0}}"])
+        "%e = f32[8] collective-permute(f32[8] %x), source_target_pairs={{0,1},{1,0}}",
+        "}",
+        # XLA:TPU's reduce-scatter: a fusion whose body all-reduces a padded buffer and slices it
+        "%all-reduce-scatter.1 (input: f32[8]) -> f32[2] {",
+        "  %pad = f32[12] pad(%input, %zero), padding=0_4",
+        "  %all-reduce.2 = f32[12] all-reduce(%pad), replica_groups={{0,1,2,3},{4,5,6,7}}, to_apply=%add",
+        "  ROOT %slice = f32[2] dynamic-slice(%all-reduce.2, %i), dynamic_slice_sizes={2}",
+        "}",
+        "ENTRY %main (p: f32[8]) -> f32[2] {",
+        "  %f = f32[2] fusion(%p), kind=kCustom, calls=%all-reduce-scatter.1",
+        "  ROOT %g = f32[8] all-reduce(f32[8] %x), replica_groups={{0,1,2,3},{4,5,6,7}}, to_apply=%add",
+        "}"])
     sizes = {"stage": 1, "data": 2, "fsdp": 4, "sequence": 1, "tensor": 1}
     assert collectives(hlo, sizes) == {"all-gather over fsdp": 1, "all-reduce over data": 1,
-                                       "all-reduce over data x fsdp": 1, "collective-permute": 1}
+                                       "all-reduce over data x fsdp": 1, "all-reduce over fsdp": 1,
+                                       "collective-permute": 1, "reduce-scatter over fsdp": 1}
 
 
 def published_runs_module():
