@@ -309,8 +309,10 @@ def comm_times(c: Candidate, w: Workload, cluster: ClusterSpec) -> dict[str, flo
     return {
         # fsdp: gather params for forward and backward, scatter gradients, for every microbatch
         "fsdp": c.microbatches * (2 * gather(b) + gather(PARAM_BYTES)),
-        "data": collective_time("data", c, cluster, stage_params * PARAM_BYTES / (c.fsdp * c.expert * c.tensor),
-                                passes=2),
+        # data: the gradients' all-reduce; microbatches one after another reduce their own (inside the loop
+        # over layers, where XLA cannot move it out), a pipeline's ticks once (the sum it keeps is moved out)
+        "data": (c.microbatches if c.stages == 1 else 1) * collective_time(
+            "data", c, cluster, stage_params * PARAM_BYTES / (c.fsdp * c.expert * c.tensor), passes=2),
         # a mixture's tokens to their experts' devices and back (all-to-all), forward and backward, and
         # again where the backward recomputes the layer
         "expert": c.microbatches * mixtures * tensor_collectives * all_to_all_time(

@@ -86,6 +86,19 @@ def test_cost_model_reproduces_hand_computed_figures():
     assert estimate(piped, w, slow_sends).comm_s["stage"] == pytest.approx(2 * 5 * (state / link.bandwidth + 1e-3))
 
 
+def test_microbatches_one_after_another_all_reduce_their_gradients_each_and_a_pipelines_once():
+    # as XLA partitions fax's step: each microbatch's gradients are all-reduced over data inside the
+    # backward loop over the layers; a pipeline's sum over its ticks is reduced once, after the loop
+    cfg, cluster = models.preset("gpt-mini").replace(dtype="bfloat16"), cluster_preset("h100-64")
+    w = Workload(cfg, global_batch=256, seq_len=128, platform="gpu")
+
+    def data_s(**axes: int) -> float:
+        return estimate(Candidate(**axes), w, cluster).comm_s["data"]
+    assert data_s(data=64) > 0 and data_s(data=64, microbatches=4) == pytest.approx(4 * data_s(data=64))
+    assert data_s(stages=2, data=32) > 0
+    assert data_s(stages=2, data=32, microbatches=4) == pytest.approx(data_s(stages=2, data=32))
+
+
 def test_memory_counts_attention_scores_unless_the_kernel_is_fused():
     llama = models.preset("llama-1b").replace(attention_impl="xla")
     none = Candidate(remat="none")
