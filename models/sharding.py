@@ -34,8 +34,9 @@ def activation_sharding(resolver: Resolver | None) -> Iterator[None]:
 def axis_aliases(aliases: dict[str, str]) -> Iterator[None]:
     """Inside this block, read each logical axis named in ``aliases`` as its alias: how a caller lays
     out the activations of code it runs (a pipeline's LM head: its rows over the stages too) without
-    that code knowing."""
-    token = _aliases.set({**_aliases.get(), **aliases})
+    that code knowing. An alias to a name the enclosing block aliases reads as that one's alias."""
+    outer = _aliases.get()
+    token = _aliases.set({**outer, **{name: outer.get(alias, alias) for name, alias in aliases.items()}})
     try:
         yield
     finally:

@@ -309,9 +309,11 @@ def comm_times(c: Candidate, w: Workload, cluster: ClusterSpec) -> dict[str, flo
     return {
         # fsdp: gather params for forward and backward, scatter gradients, for every microbatch
         "fsdp": c.microbatches * (2 * gather(b) + gather(PARAM_BYTES)),
-        # data: the gradients' all-reduce; microbatches one after another reduce their own (inside the loop
-        # over layers, where XLA cannot move it out), a pipeline's ticks once (the sum it keeps is moved out)
-        "data": (c.microbatches if c.stages == 1 else 1) * collective_time(
+        # data: the gradients' all-reduce, once: a pipeline's ticks and the data replicas' microbatches
+        # (``accumulated_grads``) sum theirs apart; with fsdp or expert each microbatch's are reduce-scattered
+        # over data too (fsdp's share of the bytes). A mixture's microbatches one after another, without
+        # either, all-reduce their own (inside the loop over the layers, where XLA cannot move it out).
+        "data": (c.microbatches if c.stages == 1 and m.moe_experts and c.fsdp * c.expert == 1 else 1) * collective_time(
             "data", c, cluster, stage_params * PARAM_BYTES / (c.fsdp * c.expert * c.tensor), passes=2),
         # a mixture's tokens to their experts' devices and back (all-to-all), forward and backward, and
         # again where the backward recomputes the layer

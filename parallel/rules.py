@@ -33,6 +33,7 @@ DEFAULT_RULES: Rules = {
     "layers": ("stage",),  # consecutive layers per pipeline stage
     "stage": ("stage",),
     "pipelined_batch": ("stage", "data", "fsdp", "expert"),  # a pipeline's output rows: the head spread over the stages
+    "replica_batch": ("fsdp", "expert"),  # one data replica's rows (each replica sums its own gradients)
 }
 
 BATCH_AXES = ("batch", "length")

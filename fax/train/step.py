@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fax import models
 from fax.config import Config, LoraConfig, OptimConfig
@@ -179,12 +179,18 @@ def loss_and_grads(graphdef: nnx.GraphDef, params: Any, batch: Batch, objective:
 
 
 def accumulated_grads(graphdef: nnx.GraphDef, params: Any, batch: Batch, microbatches: int,
-                      objective: Objective, to_model: ToModel = _same) -> tuple[dict[str, jax.Array], Any]:
+                      objective: Objective, to_model: ToModel = _same,
+                      replica_sums: Any = None) -> tuple[dict[str, jax.Array], Any]:
     """Mean objective parts and gradient over ``microbatches`` equal slices of the batch, one slice at a time.
 
     Microbatch m takes rows m, m + M, m + 2M, ...: each device's block of the batch then feeds
     every microbatch, so no microbatch sits on a subset of the devices. Each draws dropout masks
     of its own, the same as in a pipeline.
+
+    With ``replica_sums`` (``replica_sum_shardings``) each data replica sums the gradients of its own
+    rows over the microbatches, as one [replicas, ...] array split over data, and they are reduced once,
+    after the last: XLA would otherwise all-reduce every microbatch's gradients over data inside the
+    backward loop over the layers (where no pass moves a reduction out).
     """
     if microbatches == 1:
         return loss_and_grads(graphdef, params, batch, objective, to_model=to_model)
@@ -194,22 +200,48 @@ def accumulated_grads(graphdef: nnx.GraphDef, params: Any, batch: Batch, microba
         return loss_and_grads(graphdef, params, constrain_rows(mb), objective,
                               to_model=lambda p: lora_lib.for_microbatch(to_model(p), index), count=count)
 
-    def body(sums: Any, mb_index: tuple[Batch, jax.Array]) -> tuple[Any, None]:
-        return jax.tree.map(jnp.add, sums, of(*mb_index)), None
+    def of_replicas(mb: Batch, index: jax.Array) -> tuple[dict[str, jax.Array], Any]:
+        replicas = jax.tree.leaves(replica_sums)[0].mesh.shape["data"]
+        rows = jax.tree.map(lambda x: x.reshape(replicas, x.shape[0] // replicas, *x.shape[1:]), mb)
+        with axis_aliases({"batch": "replica_batch"}):  # the data axis is the replicas' own
+            parts, grads = jax.vmap(of, in_axes=(0, None), spmd_axis_name="data")(rows, index)
+        return parts, jax.lax.with_sharding_constraint(grads, replica_sums)
 
-    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(of, jax.tree.map(lambda x: x[0], micro), jnp.int32(0)))
+    run = of if replica_sums is None else of_replicas
+
+    def body(sums: Any, mb_index: tuple[Batch, jax.Array]) -> tuple[Any, None]:
+        return jax.tree.map(jnp.add, sums, run(*mb_index)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(run, jax.tree.map(lambda x: x[0], micro), jnp.int32(0)))
     sums, _ = jax.lax.scan(body, zeros, (micro, jnp.arange(microbatches)))
+    if replica_sums is not None:
+        sums = jax.tree.map(lambda total: total.sum(0), sums)
     return jax.tree.map(lambda total: total / microbatches, sums)
 
 
+def replica_sum_shardings(cfg: Config, mesh: Mesh, param_shardings: Any) -> Any:
+    """The shardings of the data replicas' own gradient sums (``accumulated_grads``): [replicas, ...]
+    over data, then as each trainable param. None where there is nothing to sum apart; with fsdp, whose
+    reduce-scatter of each microbatch's gradients XLA runs over data and fsdp together, while it would
+    reduce the replicas' sums over fsdp whole; and where it would change the step: a mixture's router
+    statistics (its balance loss, its capacity) and LoRA's dropout masks depend on which rows are
+    computed together."""
+    dropout = cfg.lora.rank > 0 and cfg.lora.dropout > 0
+    if (mesh.shape["data"] == 1 or cfg.train.microbatches == 1 or mesh.shape["stage"] > 1
+            or mesh.shape["fsdp"] * mesh.shape["expert"] > 1 or cfg.model.moe_experts or dropout):
+        return None
+    return jax.tree.map(lambda s: NamedSharding(mesh, PartitionSpec("data", *s.spec)),
+                        trainable(param_shardings, cfg.lora))
+
+
 def batch_grads(graphdef: nnx.GraphDef, params: Any, batch: Batch, schedule: Schedule, objective: Objective,
-                to_model: ToModel = _same) -> tuple[dict[str, jax.Array], Any]:
+                to_model: ToModel = _same, replica_sums: Any = None) -> tuple[dict[str, jax.Array], Any]:
     """The objective's parts and gradient of a batch: with pipeline stages the microbatches flow through the pipeline,
     otherwise they accumulate one after another (the same dropout masks either way)."""
     if schedule.stages > 1:
         run_layers = pipeline(schedule, lora_lib.for_microbatch)
         return loss_and_grads(graphdef, params, batch, objective, run_layers, to_model)
-    return accumulated_grads(graphdef, params, batch, schedule.microbatches, objective, to_model)
+    return accumulated_grads(graphdef, params, batch, schedule.microbatches, objective, to_model, replica_sums)
 
 
 def eval_loss(params: Any, batch: Batch, *, graphdef: nnx.GraphDef, schedule: Schedule, objective: Objective,
@@ -231,14 +263,14 @@ def eval_loss(params: Any, batch: Batch, *, graphdef: nnx.GraphDef, schedule: Sc
 
 def train_step(state: State, batch: Batch, *, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                lr: optax.Schedule, schedule: Schedule, objective: Objective, lora: LoraConfig,
-               seed: int) -> tuple[State, dict[str, jax.Array]]:
+               seed: int, replica_sums: Any = None) -> tuple[State, dict[str, jax.Array]]:
     params = trainable(state["params"], lora)
     step_key = jax.random.fold_in(jax.random.key(seed), state["step"])
 
     def to_model(p: Any) -> Any:
         return model_params(with_trainable(state["params"], p, lora), lora, step_key)
 
-    parts, grads = batch_grads(graphdef, params, batch, schedule, objective, to_model)
+    parts, grads = batch_grads(graphdef, params, batch, schedule, objective, to_model, replica_sums)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     params = with_trainable(state["params"], optax.apply_updates(params, updates), lora)
     metrics = {**parts, "grad_norm": optax.tree.norm(grads), "lr": lr(state["step"])}
@@ -305,7 +337,7 @@ def build(cfg: Config, mesh: Mesh) -> ShardedTraining:
                                       layers=max(1, moe_layer_count(cfg.model))),
                   lora=cfg.lora)
     step = functools.partial(train_step, tx=tx, lr=lr_schedule(cfg.optim, cfg.train.steps), seed=cfg.seed,
-                             **layout)
+                             replica_sums=replica_sum_shardings(cfg, mesh, param_shardings), **layout)
     return ShardedTraining(
         mesh=mesh,
         graphdef=graphdef,

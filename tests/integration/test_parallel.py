@@ -1,5 +1,7 @@
 """Shardings follow the logical rules; every mesh computes the same step as one device."""
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -95,6 +97,54 @@ def test_gradient_accumulation_equals_full_batch(model):
     np.testing.assert_allclose(acc["grad_norm"], full["grad_norm"], rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                  acc_state["params"], full_state["params"])
+
+
+def looped_all_reduces(hlo: str, sizes: dict[str, int]) -> list[str]:
+    """The mesh axes of each all-reduce inside a loop of a compiled program (``compiled.as_text()``)."""
+    from fax.parallel.hlo import axes_of, group_size
+
+    bodies, calls, comp = set(), {}, ""
+    for line in hlo.splitlines():
+        if " -> " in line and line.rstrip().endswith("{"):
+            comp = line.split()[1 if line.startswith("ENTRY") else 0].lstrip("%")
+        calls.setdefault(comp, set()).update(re.findall(r"(?:calls|to_apply|body|condition)=%?([\w.\-]+)", line))
+        bodies.update(re.findall(r"body=%?([\w.\-]+)", line))
+    looped, todo = set(), list(bodies)
+    while todo:  # the loops' bodies and what they call
+        if (name := todo.pop()) not in looped:
+            looped.add(name)
+            todo.extend(calls.get(name, ()))
+    found, comp = [], ""
+    for line in hlo.splitlines():
+        if " -> " in line and line.rstrip().endswith("{"):
+            comp = line.split()[1 if line.startswith("ENTRY") else 0].lstrip("%")
+        elif comp in looped and re.search(r"\sall-reduce(-start)?\(", line):
+            found.append(axes_of(group_size(line) or 0, sizes))
+    return found
+
+
+def test_data_replicas_sum_their_microbatches_gradients_apart_and_reduce_them_once():
+    """Gradient accumulation over data (and tensor): the step is one device's whole batch, and no
+    all-reduce over data is left inside a loop (XLA would reduce each microbatch's gradients there)."""
+    tokens = batch(config("llama-tiny", (1, 1, 1)))
+    _, one_state, one = one_step(config("llama-tiny", (1, 1, 1)), 1, tokens)
+    cfg = config("llama-tiny", (4, 1, 2), "train.microbatches=4")
+    training, state, acc = one_step(cfg, 8, tokens)
+    np.testing.assert_allclose(acc["loss"], one["loss"], rtol=1e-5)
+    np.testing.assert_allclose(acc["grad_norm"], one["grad_norm"], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 jax.device_get(state["params"]), jax.device_get(one_state["params"]))
+    sizes = dict(training.mesh.shape)
+    hlo = step_lib.compile_step(training, abstract_like(jax.eval_shape(training.init), training.state_shardings),
+                                (16, 33)).as_text()
+    assert "tensor" in looped_all_reduces(hlo, sizes)  # the loops are seen: tensor's activations in them
+    assert "data" not in looped_all_reduces(hlo, sizes)
+    # A mixture of experts' microbatches need their rows together: each one's gradients are reduced
+    mixture = config("llama-tiny", (4, 1, 2), "train.microbatches=4", "model.moe_experts=4")
+    training = build(mixture, 8)
+    hlo = step_lib.compile_step(training, abstract_like(jax.eval_shape(training.init), training.state_shardings),
+                                (16, 33)).as_text()
+    assert "data" in looped_all_reduces(hlo, dict(training.mesh.shape))
 
 
 def test_loss_in_chunks_equals_the_whole_loss_and_holds_fewer_logits():

@@ -86,17 +86,20 @@ def test_cost_model_reproduces_hand_computed_figures():
     assert estimate(piped, w, slow_sends).comm_s["stage"] == pytest.approx(2 * 5 * (state / link.bandwidth + 1e-3))
 
 
-def test_microbatches_one_after_another_all_reduce_their_gradients_each_and_a_pipelines_once():
-    # as XLA partitions fax's step: each microbatch's gradients are all-reduced over data inside the
-    # backward loop over the layers; a pipeline's sum over its ticks is reduced once, after the loop
-    cfg, cluster = models.preset("gpt-mini").replace(dtype="bfloat16"), cluster_preset("h100-64")
-    w = Workload(cfg, global_batch=256, seq_len=128, platform="gpu")
+def test_data_replicas_all_reduce_their_gradients_once_but_a_mixtures_microbatches_each():
+    # as fax's step runs: the data replicas sum their microbatches' gradients apart (a pipeline its
+    # ticks'); a mixture of experts' microbatches, whose router statistics need their rows together,
+    # are reduced each inside the backward loop over the layers
+    cluster = cluster_preset("h100-64")
+    dense = Workload(models.preset("gpt-mini").replace(dtype="bfloat16"), 256, 128, "gpu")
+    mixture = Workload(models.preset("gpt-mini").replace(dtype="bfloat16", moe_experts=8), 256, 128, "gpu")
 
-    def data_s(**axes: int) -> float:
+    def data_s(w: Workload, **axes: int) -> float:
         return estimate(Candidate(**axes), w, cluster).comm_s["data"]
-    assert data_s(data=64) > 0 and data_s(data=64, microbatches=4) == pytest.approx(4 * data_s(data=64))
-    assert data_s(stages=2, data=32) > 0
-    assert data_s(stages=2, data=32, microbatches=4) == pytest.approx(data_s(stages=2, data=32))
+    assert data_s(dense, data=64) > 0 and data_s(dense, data=64, microbatches=4) == pytest.approx(data_s(dense, data=64))
+    assert data_s(dense, stages=2, data=32, microbatches=4) == pytest.approx(data_s(dense, stages=2, data=32))
+    assert data_s(mixture, data=64) > 0
+    assert data_s(mixture, data=64, microbatches=4) == pytest.approx(4 * data_s(mixture, data=64))
 
 
 def test_memory_counts_attention_scores_unless_the_kernel_is_fused():
