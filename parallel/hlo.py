@@ -15,7 +15,7 @@ _EXPLICIT_GROUPS = re.compile(r"replica_groups=\{\{([0-9,]*)\}")
 _IOTA_GROUPS = re.compile(r"replica_groups=\[(\d+),(\d+)\]")
 _MESH_GROUPS = re.compile(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}")  # mesh['a'=4,'b'=2] {'a'}
 # XLA:TPU runs a reduce-scatter as a fusion of its own whose body is a (padded) all-reduce and a slice
-_FUSED_REDUCE_SCATTER = re.compile(r"^%?all-reduce-scatter[\w.\-]* \(")
+FUSED_REDUCE_SCATTER = "all-reduce-scatter"
 
 
 def memory_needed(memory: Any, platform: str) -> float:
@@ -61,6 +61,13 @@ def axes_of(size: int, axis_sizes: dict[str, int]) -> str:
     return " or ".join(matches) or f"{size} devices"
 
 
+def computation_name(line: str) -> str | None:
+    """The name of the computation a line of HLO text (``compiled.as_text()``) opens, else None."""
+    if " -> " not in line or not line.rstrip().endswith("{"):
+        return None
+    return line.split()[1 if line.startswith("ENTRY") else 0].lstrip("%")
+
+
 def collectives(hlo: str, axis_sizes: dict[str, int]) -> dict[str, int]:
     """Occurrences of each collective in ``hlo`` (``compiled.as_text()``), by kind and the mesh axes
     it runs over, e.g. ``{"all-gather over fsdp": 12}``; a point-to-point permute has no axes. The all-reduce
@@ -68,8 +75,8 @@ def collectives(hlo: str, axis_sizes: dict[str, int]) -> dict[str, int]:
     found: Counter[str] = Counter()
     scattering = False  # inside the body of a reduce-scatter fusion
     for line in hlo.splitlines():
-        if " -> " in line and line.rstrip().endswith("{"):  # a computation's header
-            scattering = bool(_FUSED_REDUCE_SCATTER.match(line))
+        if (name := computation_name(line)) is not None:
+            scattering = name.startswith(FUSED_REDUCE_SCATTER)
         op = _OP.search(line)
         if not op or "-done(" in line:
             continue

@@ -101,26 +101,20 @@ def test_gradient_accumulation_equals_full_batch(model):
 
 def looped_all_reduces(hlo: str, sizes: dict[str, int]) -> list[str]:
     """The mesh axes of each all-reduce inside a loop of a compiled program (``compiled.as_text()``)."""
-    from fax.parallel.hlo import axes_of, group_size
+    from fax.parallel.hlo import axes_of, computation_name, group_size
 
-    bodies, calls, comp = set(), {}, ""
+    lines: dict[str, list[str]] = {}
+    comp = ""
     for line in hlo.splitlines():
-        if " -> " in line and line.rstrip().endswith("{"):
-            comp = line.split()[1 if line.startswith("ENTRY") else 0].lstrip("%")
-        calls.setdefault(comp, set()).update(re.findall(r"(?:calls|to_apply|body|condition)=%?([\w.\-]+)", line))
-        bodies.update(re.findall(r"body=%?([\w.\-]+)", line))
-    looped, todo = set(), list(bodies)
+        comp = computation_name(line) or comp
+        lines.setdefault(comp, []).append(line)
+    looped, todo = set(), re.findall(r"body=%?([\w.\-]+)", hlo)
     while todo:  # the loops' bodies and what they call
         if (name := todo.pop()) not in looped:
             looped.add(name)
-            todo.extend(calls.get(name, ()))
-    found, comp = [], ""
-    for line in hlo.splitlines():
-        if " -> " in line and line.rstrip().endswith("{"):
-            comp = line.split()[1 if line.startswith("ENTRY") else 0].lstrip("%")
-        elif comp in looped and re.search(r"\sall-reduce(-start)?\(", line):
-            found.append(axes_of(group_size(line) or 0, sizes))
-    return found
+            todo.extend(re.findall(r"(?:calls|to_apply|body|condition)=%?([\w.\-]+)", "\n".join(lines.get(name, ()))))
+    return [axes_of(group_size(line) or 0, sizes) for name in looped for line in lines.get(name, ())
+            if re.search(r"\sall-reduce(-start)?\(", line)]
 
 
 def test_data_replicas_sum_their_microbatches_gradients_apart_and_reduce_them_once():
