@@ -150,12 +150,14 @@ def maxtext_runs() -> list[PublishedRun]:
 
 # Published layouts the cost model does not let through (more than ``MEMORY_HEADROOM`` of the chip's
 # memory), beside XLA's verdict: `fax compile` of the row's settings for its slice, the peak per device
-# that XLA:TPU holds against HBM. Per layer fax's step keeps what MaxText's policy names (bf16
-# projections, the layer's input and the attention's output: 2.6 GiB a layer for 32B on v5p-128); 32B's
-# 7 rows per chip then need 3 GiB more than the 95.7 GiB XLA may use, which MaxText's step fits into.
+# that XLA:TPU holds against HBM. Per layer fax's step keeps what MaxText's policy names (bf16 q, k, v
+# and MLP input projections, the attention's output projection and the layer's input: 2.6 GiB a layer
+# for 32B on v5p-128, 84 GiB for the 32 layers); with the params and Adam state (5.5 GiB) that leaves
+# XLA 6 GiB of the 95.7 it may use for the backward's working set, and its buffers take 8.
 NOT_PREDICTED_TO_FIT = {
     ("MaxText 32B", "v5p-128"): "predicted 98.0 GiB; XLA 98.6 GiB of the 95.7 it may use: does not fit",
-    ("MaxText 64B", "v5p-128"): "predicted 90.0 GiB, past the planner's 10% margin of 95 GiB; XLA 91.2 GiB: fits",
+    ("MaxText 64B", "v5p-128"): "predicted 90.0 GiB: fits the chip, past the planner's 10% margin, which "
+                                "`fax plan --validate` leaves to the compiler; XLA 91.2 GiB: fits",
 }
 
 
@@ -168,12 +170,14 @@ def compare(run: PublishedRun) -> dict:
     from fax.parallel.cost import estimate
     from fax.parallel.layout import Workload
     from fax.parallel.hardware import cluster_preset
+    from fax.parallel.hlo import compiled_share
 
     cluster = cluster_preset(run.cluster)
     e = estimate(run.layout, Workload(run.model, run.global_batch, run.seq_len, cluster.device.platform), cluster)
     return {"run": run.name, "cluster": run.cluster, "layout": run.layout.describe(),
             "published_tokens_s": run.tokens_per_s, "predicted_tokens_s": e.tokens_per_s,
             "ratio": e.tokens_per_s / run.tokens_per_s, "fits": e.fits, "memory_gib": e.memory_bytes / 2 ** 30,
+            "fits_device": e.memory_bytes <= compiled_share(cluster.device.platform) * cluster.device.hbm_bytes,
             "estimate": e}
 
 

@@ -342,7 +342,8 @@ def step_floor(c: Candidate, w: Workload, cluster: ClusterSpec) -> float:
     return sum(terms.values()) - terms["head"] + exposed
 
 
-def estimate(c: Candidate, w: Workload, cluster: ClusterSpec) -> Estimate:
+def estimate(c: Candidate, w: Workload, cluster: ClusterSpec, memory_share: float = MEMORY_HEADROOM) -> Estimate:
+    """``c``'s predicted step and memory; it fits where its memory is within ``memory_share`` of the device's."""
     devices = cluster.devices
     terms = compute_times(c, w, cluster)
     compute = sum(terms.values())
@@ -359,4 +360,4 @@ def estimate(c: Candidate, w: Workload, cluster: ClusterSpec) -> Estimate:
     flops = w.flops_per_token * w.tokens
     return Estimate(c, step, compute, bubble, comm, sum(exposed.values()), mem, w.tokens / step,
                     flops / (step * devices * cluster.device.peak_flops),
-                    sum(mem.values()) <= MEMORY_HEADROOM * cluster.device.hbm_bytes, terms, exposed)
+                    sum(mem.values()) <= memory_share * cluster.device.hbm_bytes, terms, exposed)

@@ -35,9 +35,14 @@ def memory_needed(memory: Any, platform: str) -> float:
 COMPILED_HEADROOM = 0.95
 
 
+def compiled_share(platform: str) -> float:
+    """The share of a device's memory a compiled program may need on ``platform``."""
+    return 1.0 if platform == "tpu" else COMPILED_HEADROOM
+
+
 def fits_device(needed: float, hbm_bytes: float, platform: str) -> bool:
     """Whether a compiled program that needs ``needed`` bytes (``memory_needed``) fits a device."""
-    return needed <= (hbm_bytes if platform == "tpu" else COMPILED_HEADROOM * hbm_bytes)
+    return needed <= compiled_share(platform) * hbm_bytes
 
 
 def group_size(line: str) -> int | None:

@@ -202,11 +202,11 @@ class Plan:
         return json.dumps(self.to_dict(), indent=2)
 
 
-def fitted(c: Candidate, w: Workload, cluster: ClusterSpec) -> Estimate:
+def fitted(c: Candidate, w: Workload, cluster: ClusterSpec, memory_share: float = MEMORY_HEADROOM) -> Estimate:
     """``c``'s estimate; where it does not fit but does with the LM head and loss in pieces, that of
     the fewest pieces that fit."""
-    pieces, _ = fitting_pieces(c, w, MEMORY_HEADROOM * cluster.device.hbm_bytes)
-    return estimate(pieces or c, w, cluster)
+    pieces, _ = fitting_pieces(c, w, memory_share * cluster.device.hbm_bytes)
+    return estimate(pieces or c, w, cluster, memory_share)
 
 
 def workload(model: ModelConfig, cluster: ClusterSpec, global_batch: int, seq_len: int) -> Workload:
@@ -215,15 +215,18 @@ def workload(model: ModelConfig, cluster: ClusterSpec, global_batch: int, seq_le
 
 
 def plan(model: ModelConfig, cluster: ClusterSpec, global_batch: int, seq_len: int, name: str = "",
-         top: int = 10, max_stages: int | None = None) -> Plan:
+         top: int = 10, max_stages: int | None = None, memory_share: float = MEMORY_HEADROOM) -> Plan:
     """The fastest predicted layout that fits, with the ``top`` best and the rejected ones counted; a
     layout that does not fit is tried again with the LM head and loss in pieces (``fitting_pieces``).
     Without a pipeline more microbatches only cost time, so a way of running a mesh stops at the
     fewest that fit; a pipeline's bubble shrinks with them until its matmuls get too short, so it goes
-    on until a count is slower than the one before."""
+    on until a count is slower than the one before. A layout fits where its predicted memory is within
+    ``memory_share`` of the device's: ``MEMORY_HEADROOM``, a margin for the prediction's error, where
+    nothing checks the pick; the compiler's own limit (``hlo.compiled_share``) where the ranking is
+    compiled before use, so that the compiler, not the margin, turns away those that do not fit."""
     started = time.perf_counter()
     w = workload(model, cluster, global_batch, seq_len)
-    budget = MEMORY_HEADROOM * cluster.device.hbm_bytes
+    budget = memory_share * cluster.device.hbm_bytes
     rejected: Counter[str] = Counter()
     examples: dict[str, str] = {}
     fitting: list[Estimate] = []
@@ -251,7 +254,7 @@ def plan(model: ModelConfig, cluster: ClusterSpec, global_batch: int, seq_len: i
     named = templates(cluster, w)
     for c in named.values():
         searched += 1
-        if not problems(c, w) and (e := fitted(c, w, cluster)).fits:
+        if not problems(c, w) and (e := fitted(c, w, cluster, memory_share)).fits:
             record(e)
     for mesh in meshes(cluster, w, max_stages):
         if found := problems(mesh, w):  # one microbatch: the batch problem is the batch shards' own
@@ -291,7 +294,7 @@ def plan(model: ModelConfig, cluster: ClusterSpec, global_batch: int, seq_len: i
             for i, mb in enumerate(counts[start:], start):
                 c = run(mb)
                 pieces, _ = fitting_pieces(c, w, budget)
-                e = estimate(pieces, w, cluster)
+                e = estimate(pieces, w, cluster, memory_share)
                 record(e)
                 if c.stages == 1 or previous is not None and e.step_s > previous:
                     if len(counts) - i - 1:
@@ -309,7 +312,7 @@ def plan(model: ModelConfig, cluster: ClusterSpec, global_batch: int, seq_len: i
     for key, c in named.items():
         issue = problems(c, w)
         by_template[key] = "; ".join(m for _, m in issue) if issue else (
-            unique.get(fitted(c, w, cluster).candidate) or "out of memory")
+            unique.get(fitted(c, w, cluster, memory_share).candidate) or "out of memory")
     return Plan(cluster.name, name, global_batch, seq_len, ranked[0], ranked[:top], by_template,
                 dict(rejected.most_common()), examples, searched, time.perf_counter() - started,
                 analytical=not cluster.present, alternatives=alternatives(ranked[0], ranked))

@@ -18,6 +18,7 @@ from fax.data import Batch
 from fax.parallel import make_mesh
 from fax.parallel.cost import dcn_shares
 from fax.parallel.hardware import ClusterSpec, cluster_preset
+from fax.parallel.hlo import compiled_share
 from fax.parallel.layout import Candidate
 from fax.parallel.calibrate import present_cluster
 from fax.parallel.planner import Plan, load_layout
@@ -110,9 +111,11 @@ def plan_for_slices(config: Config, cluster: str, name: str = "", validate: int 
 
 def _compiled_plan(config: Config, cluster: ClusterSpec, devices: list[Any], hbm_bytes: float, name: str, top: int,
                    validate: int, measure: Callable[[Candidate], float] | None = None) -> Plan:
-    """The planner's ranking for ``cluster``, compiled on ``devices`` until ``validate`` layouts fit."""
+    """The planner's ranking for ``cluster``, compiled on ``devices`` until ``validate`` layouts fit: the
+    ranking admits the layouts predicted within what the compiler allows, which then decides."""
     try:
-        result = plan_layouts(config.model, cluster, config.train.batch_size, config.seq_len, name, top=top)
+        result = plan_layouts(config.model, cluster, config.train.batch_size, config.seq_len, name, top=top,
+                              memory_share=compiled_share(cluster.device.platform))
         compiler = layout_compiler(config, devices, cluster.slice_devices if cluster.slices > 1 else 0)
         return validate_plan(result, compiler, hbm_bytes, cluster.device.platform, k=validate, measure=measure)
     except ValueError as e:

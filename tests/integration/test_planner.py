@@ -129,6 +129,10 @@ def test_plan_takes_what_train_takes_explains_its_pick_and_judges_one_layout(cap
     assert main(["plan", "model=llama-70b", "train.batch_size=64", "train.seq_len=4096", "--cluster", "h100-64",
                  "--layout", '{"fsdp": 64, "remat": "none"}']) == 1
     assert "DOES NOT RUN: needs" in capsys.readouterr().out
+    # predicted at 92% of an H100: past the planner's 10% margin, within what its compiler allows
+    assert main(["plan", "model=llama-7b", "model.n_layers=132", "train.batch_size=64", "train.seq_len=2048",
+                 "--cluster", "h100-64", "--layout", '{"fsdp": 64}']) == 1
+    assert "MAY NOT FIT: needs 73.5 GiB per device, above 72.0 GiB" in capsys.readouterr().out
     assert main(["plan", *settings, "--cluster", "h100-64", "--layout", '{"pipes": 2}']) == 2
     assert "is not a readable layout" in capsys.readouterr().err
 
