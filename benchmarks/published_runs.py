@@ -170,14 +170,14 @@ def compare(run: PublishedRun) -> dict:
     from fax.parallel.cost import estimate
     from fax.parallel.layout import Workload
     from fax.parallel.hardware import cluster_preset
-    from fax.parallel.hlo import compiled_share
+    from fax.parallel.hlo import fits_device
 
     cluster = cluster_preset(run.cluster)
     e = estimate(run.layout, Workload(run.model, run.global_batch, run.seq_len, cluster.device.platform), cluster)
     return {"run": run.name, "cluster": run.cluster, "layout": run.layout.describe(),
             "published_tokens_s": run.tokens_per_s, "predicted_tokens_s": e.tokens_per_s,
             "ratio": e.tokens_per_s / run.tokens_per_s, "fits": e.fits, "memory_gib": e.memory_bytes / 2 ** 30,
-            "fits_device": e.memory_bytes <= compiled_share(cluster.device.platform) * cluster.device.hbm_bytes,
+            "fits_device": fits_device(e.memory_bytes, cluster.device.hbm_bytes, cluster.device.platform),
             "estimate": e}
 
 

@@ -126,7 +126,7 @@ def judge(config, cluster, args: argparse.Namespace) -> int:
     import json
     import math
 
-    from fax.parallel.hlo import compiled_share
+    from fax.parallel.hlo import fits_device
     from fax.parallel.memory import MEMORY_HEADROOM
     from fax.parallel.planner import fitted, load_layout, problems, workload
 
@@ -142,7 +142,7 @@ def judge(config, cluster, args: argparse.Namespace) -> int:
     e = fitted(layout, w, cluster)
     budget = MEMORY_HEADROOM * cluster.device.hbm_bytes
     # past the margin for the prediction's error but within what the compiler allows: compiling decides
-    tight = not e.fits and e.memory_bytes <= compiled_share(cluster.device.platform) * cluster.device.hbm_bytes
+    tight = not e.fits and fits_device(e.memory_bytes, cluster.device.hbm_bytes, cluster.device.platform)
     if not found and not e.fits:
         found.append(f"needs {e.memory_bytes / 2 ** 30:.1f} GiB per device, above {budget / 2 ** 30:.1f} GiB "
                      f"({MEMORY_HEADROOM:.0%} of {cluster.device.hbm_bytes / 2 ** 30:.0f} GiB, the margin for the "
