@@ -16,7 +16,7 @@ others spread over the ranking; two model sizes) is measured; printed: the pick'
 the best measured, and Spearman's rank correlation between predicted and measured step times. Each
 layout is timed in ``--rounds`` interleaved rounds (every layout once per round, in a new order each
 round) and its fastest kept: one timing per layout let the shared machine's drift between layouts
-reorder them (a layout measured 79-106 ms in three rounds).
+reorder them.
 """
 
 from __future__ import annotations

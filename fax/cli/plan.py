@@ -141,8 +141,10 @@ def judge(config, cluster, args: argparse.Namespace) -> int:
         found.insert(0, f"its mesh has {math.prod(layout.axes.values())} devices, the cluster {cluster.devices}")
     e = fitted(layout, w, cluster)
     budget = MEMORY_HEADROOM * cluster.device.hbm_bytes
-    # past the margin for the prediction's error but within what the compiler allows: compiling decides
-    tight = not e.fits and fits_device(e.memory_bytes, cluster.device.hbm_bytes, cluster.device.platform)
+    # memory its only problem, past the margin for the prediction's error but within what the compiler
+    # allows: compiling decides
+    tight = not found and not e.fits and fits_device(e.memory_bytes, cluster.device.hbm_bytes,
+                                                     cluster.device.platform)
     if not found and not e.fits:
         found.append(f"needs {e.memory_bytes / 2 ** 30:.1f} GiB per device, above {budget / 2 ** 30:.1f} GiB "
                      f"({MEMORY_HEADROOM:.0%} of {cluster.device.hbm_bytes / 2 ** 30:.0f} GiB, the margin for the "
@@ -155,7 +157,7 @@ def judge(config, cluster, args: argparse.Namespace) -> int:
     print(f"{e.candidate.describe()} on {cluster.name}, batch {config.train.batch_size} x {config.seq_len}: "
           f"{e.step_s:.3f} s/step, {e.tokens_per_s:,.0f} tokens/s, MFU {e.mfu:.2f}")
     print_breakdown(e)
-    print("fits" if not found else ("MAY NOT FIT: " if tight and len(found) == 1 else "DOES NOT RUN: ") + "; ".join(found))
+    print("fits" if not found else ("MAY NOT FIT: " if tight else "DOES NOT RUN: ") + "; ".join(found))
     return 0 if not found else 1
 
 

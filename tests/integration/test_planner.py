@@ -133,6 +133,10 @@ def test_plan_takes_what_train_takes_explains_its_pick_and_judges_one_layout(cap
     assert main(["plan", "model=llama-7b", "model.n_layers=132", "train.batch_size=64", "train.seq_len=2048",
                  "--cluster", "h100-64", "--layout", '{"fsdp": 64}']) == 1
     assert "MAY NOT FIT: needs 73.5 GiB per device, above 72.0 GiB" in capsys.readouterr().out
+    # the same memory with a mesh that is not the cluster's: it cannot run, whatever the compiler says
+    assert main(["plan", "model=llama-7b", "model.n_layers=132", "train.batch_size=64", "train.seq_len=2048",
+                 "--cluster", "h100-128", "--layout", '{"fsdp": 64}']) == 1
+    assert "DOES NOT RUN: its mesh has 64 devices, the cluster 128" in capsys.readouterr().out
     assert main(["plan", *settings, "--cluster", "h100-64", "--layout", '{"pipes": 2}']) == 2
     assert "is not a readable layout" in capsys.readouterr().err
 

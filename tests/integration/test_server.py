@@ -449,7 +449,7 @@ def test_sigterm_stops_fax_serve_and_every_ray_process_it_started(run_dir, tmp_p
         listening = {(p.name(), c.laddr.ip) for p in map(psutil.Process, started) for c in p.net_connections("inet")
                      if c.status == psutil.CONN_LISTEN}
         exposed = {(name, ip) for name, ip in listening if ip not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")}
-        # (its process title names the method it runs at that moment, e.g. ``...CompletionServer.check_health``)
+        # The replica's process title names the method it runs at that moment (``...CompletionServer.check_health``).
         replica = "ray::ServeReplica:fax:CompletionServer"
         assert len(listening) > 5, listening
         assert all(name.split(".")[0] == replica and ip == "::" for name, ip in exposed), exposed
