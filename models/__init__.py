@@ -10,7 +10,7 @@ from typing import Any
 from fax.models.config import ModelConfig, param_count, train_flops_per_token
 from fax.models.presets import preset, preset_names
 
-_LAZY = {"fax.models.layers": ("CACHE_AXES", "KVCache"),
+_LAZY = {"fax.models.layers": ("CACHE_AXES", "KVCache", "lookup"),
          "fax.models.moe": ("RouterStats",),
          "fax.models.transformer": ("SERVING_AXES", "DecoderLM", "RunLayers", "ServingWeights", "abstract", "apply",
                                     "apply_cached", "apply_hidden", "build", "empty_cache", "init_params",

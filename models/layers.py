@@ -25,6 +25,25 @@ from fax.models.sharding import constrain, mesh_axes, per_device
 RESIDUAL = ("batch", "residual_length", "embed")  # the stream between the blocks
 
 
+def lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
+    """Rows [batch, length, embed] of a [vocab, embed] ``table`` at int ``ids`` [batch, length]. Where
+    the vocabulary is split over devices, each looks up the ids that fall in its own rows (zeros for
+    the rest) and the pieces are summed over the split. XLA, left to itself, may gather the whole table
+    onto every device, build its gradient whole there and all-reduce it over every device (it does on
+    TPUs where the rows go on split along the sequence over the vocabulary's axis)."""
+    vocab_axes = mesh_axes("vocab")
+    if not vocab_axes or set(vocab_axes) & {*mesh_axes("batch"), *mesh_axes("length")}:
+        return constrain(table, ("vocab", None))[ids]  # whole along embed: the rows need no resharding
+
+    def local(rows: jax.Array, ids: jax.Array) -> jax.Array:
+        ids = ids - jax.lax.axis_index(vocab_axes) * rows.shape[0]
+        mine = (ids >= 0) & (ids < rows.shape[0])
+        found = jnp.where(mine[..., None], rows[jnp.where(mine, ids, 0)], jnp.zeros((), rows.dtype))
+        return jax.lax.psum(found, vocab_axes)
+
+    return per_device(local, [("vocab", None), ("batch", "length")], ("batch", "length", None))(table, ids)
+
+
 def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str | None, ...],
           init: str | float) -> nnx.Param:
     """A float32 parameter: ``init`` is 'zeros', 'ones' or the std of a normal."""

@@ -69,12 +69,14 @@ def per_device(fn: Callable, in_axes: Sequence[LogicalAxes], out_axes: LogicalAx
 
 
 def mesh_axes(name: str) -> tuple[str, ...]:
-    """The mesh axes that logical axis ``name`` is split over here (none without a resolver), for the
-    collectives of a function run ``per_device``."""
+    """The mesh axes that logical axis ``name`` is split over here, those of more than one device
+    (none without a resolver), for the collectives of a function run ``per_device``."""
     if _resolver.get() is None:
         return ()
-    entry = _resolved((name,)).spec[0]
-    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    sharding = _resolved((name,))
+    entry = sharding.spec[0]
+    axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    return tuple(axis for axis in axes if sharding.mesh.shape[axis] > 1)
 
 
 def constrain(x: jax.Array, axes: LogicalAxes) -> jax.Array:

@@ -13,7 +13,7 @@ from flax import nnx
 
 from fax.models.attention import Window, softcap
 from fax.models.config import NAMED_REMAT, ModelConfig, layer_window, mixed_layers, stack_units
-from fax.models.layers import RESIDUAL, Block, KVCache, Norm, compute_dtype, param
+from fax.models.layers import RESIDUAL, Block, KVCache, Norm, compute_dtype, lookup, param
 from fax.models.moe import RouterStats
 from fax.models.sharding import constrain
 
@@ -125,8 +125,7 @@ class DecoderLM(nnx.Module):
 
     def _embed(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
         cfg, dt = self.cfg, compute_dtype(self.cfg)
-        # Gather from a table whole along embed, so the lookup needs no resharding of its output.
-        x = constrain(self.embed[...].astype(dt), ("vocab", None))[tokens]
+        x = lookup(self.embed[...].astype(dt), tokens)
         if cfg.embed_scale:
             x = x * jnp.asarray(cfg.d_model ** 0.5, dt)  # rounded to the compute dtype first, as Gemma does
         if cfg.position == "learned":

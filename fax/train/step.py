@@ -37,7 +37,7 @@ def loss_sums(hidden: jax.Array, head: jax.Array, targets: jax.Array, counted: j
     # The targets' logits from their own columns of the head: the backward then scatters into the
     # head's gradient, not into a [length, vocab] buffer per row (which XLA may build for every piece
     # of the loss at once, outside the loop over them).
-    columns = constrain(head.astype(hidden.dtype).T, ("vocab", None))[targets]  # whole along embed, as the embedding's
+    columns = models.lookup(head.astype(hidden.dtype).T, targets)
     target_logits = softcap(jnp.einsum("bld,bld->bl", hidden, columns).astype(jnp.float32), cap)
     return jnp.stack([jnp.sum(jnp.where(counted, log_z - target_logits, 0.0)),
                       jnp.sum(jnp.where(counted, log_z**2, 0.0))])

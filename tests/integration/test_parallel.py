@@ -313,3 +313,15 @@ def test_stage_remat_bounds_pipeline_memory_as_microbatches_grow():
     assert temps[False, 16] > 2 * temps[False, 4]
     assert temps[True, 16] < 1.3 * temps[True, 4]
     assert temps[True, 4] < temps[False, 4]
+
+
+def test_a_vocabulary_split_over_tensor_is_never_gathered_whole():
+    """The embedding lookup and the loss's target logits read each device's rows of the vocabulary
+    (the pieces summed over the tensor axis): no device holds a whole [vocab, embed] table or its
+    gradient, which XLA, left to itself, builds on every device and all-reduces over all of them."""
+    cfg = config("llama-tiny", (1, 2, 4), "parallel.tensor_sequence=true")  # vocabulary 512, embed 128, untied
+    training = build(cfg, 8)
+    state = abstract_like(jax.eval_shape(training.init), training.state_shardings)
+    hlo = step_lib.compile_step(training, state, (16, 33)).as_text()
+    whole = re.findall(r"\b(?:bf16|f32)\[(?:512,128|128,512)\]", hlo)
+    assert not whole, f"{len(whole)} whole-table arrays"
