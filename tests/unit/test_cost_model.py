@@ -321,9 +321,9 @@ def published_runs_module():
 def test_published_runs_are_predicted_within_bounds_and_the_pick_is_never_slower():
     """Megatron-LM's Table 1 (all ten rows) and MaxText's v5p/v5e runs: the cost model's throughput
     for each published layout within 25% of the published one (mean error within 12%), each predicted
-    to fit but the two listed with XLA's verdict (``NOT_PREDICTED_TO_FIT``: one past the chip, one past
-    the planner's margin only), and the planner's pick
-    never predicted slower than the published layout."""
+    to fit the chip and all but the one listed with XLA's verdict (``NOT_PREDICTED_TO_FIT``: past the
+    planner's margin only) within the margin, and the planner's pick never predicted slower than the
+    published layout."""
     published = published_runs_module()
     runs = published.published_runs()
     assert len([r for r in runs if r.name.startswith("Megatron")]) == 10 and len(runs) >= 16
@@ -333,8 +333,8 @@ def test_published_runs_are_predicted_within_bounds_and_the_pick_is_never_slower
     assert sum(errors.values()) / len(errors) <= 0.12, errors
     unfit = {(r["run"], r["cluster"]) for r in rows if not r["fits"]}
     assert unfit == set(published.NOT_PREDICTED_TO_FIT), [(r["run"], r["memory_gib"]) for r in rows if not r["fits"]]
-    # of those, the one inside the margin fits the chip: a compiled ranking keeps it (XLA: it fits)
-    assert {(r["run"], r["cluster"]) for r in rows if not r["fits_device"]} == {("MaxText 32B", "v5p-128")}
+    # that one fits the chip: a compiled ranking keeps it (XLA: it fits)
+    assert all(r["fits_device"] for r in rows), [(r["run"], r["memory_gib"]) for r in rows if not r["fits_device"]]
     # MaxText's 1T-class scaling (published per-device throughput rising with size on A100s) is kept
     megatron = [r["predicted_tokens_s"] * published.megatron_flops_per_token(run.model, 2048) / run.devices
                 for r, run in zip(rows, runs) if run.name.startswith("Megatron")]
