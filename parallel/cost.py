@@ -262,9 +262,13 @@ def layer_times(c: Candidate, w: Workload, cluster: ClusterSpec, m: ModelConfig)
     memory_bytes = elementwise_bytes(m, c, b) + (
         SCORE_TRAFFIC * m.n_heads / c.tensor * w.seq_len if kernel == "xla" else 0.0)
     kept = remat_bytes_per_token(c.remat, m, c.tensor, b, c.tensor_sequence)  # written forward, read backward
+    # A pipeline's tick loop keeps each tick's stack of layer activations, copied from the layer loop's
+    # own stack (nested loops in the compiled step): written and read once more. With stage_remat the
+    # tick loop keeps the stage's input, and the stack lives inside one tick's recomputation.
+    stacks = 2 if c.stages > 1 and not c.stage_remat else 1
     return {"matmul": matmul_time * passes["matmul"],
             "attention": attention_flops * passes["attention"] / (d.peak_flops * d.matmul_ceiling * ATTENTION_RATE[kernel]),
-            "memory": (memory_bytes * passes["memory"] + 2 * kept) / d.hbm_bandwidth}
+            "memory": (memory_bytes * passes["memory"] + 2 * stacks * kept) / d.hbm_bandwidth}
 
 
 def compute_times(c: Candidate, w: Workload, cluster: ClusterSpec) -> dict[str, float]:

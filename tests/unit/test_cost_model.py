@@ -6,7 +6,7 @@ import pytest
 
 from fax import models
 from fax.models.config import param_count
-from fax.parallel.cost import attended_share, axis_link, estimate, remat_forwards
+from fax.parallel.cost import attended_share, axis_link, estimate, layer_times, remat_forwards
 from fax.parallel.layout import Candidate, Workload
 from fax.parallel.memory import MEMORY_HEADROOM, memory, remat_bytes_per_token
 from fax.parallel.calibrate import present_cluster
@@ -372,6 +372,21 @@ def test_any_cluster_size_slices_and_the_links_each_axis_crosses():
     h100 = cluster_preset("h100-16")
     assert collective_time("fsdp", Candidate(fsdp=16), h100, 8e9) == pytest.approx(
         7 / 8 * 8e9 / 450e9 + 7 * 8e-6 + 1 / 2 * 1e9 / 50e9 + 15e-6)
+
+
+def test_a_pipeline_without_stage_remat_moves_its_kept_activations_twice():
+    # The tick loop copies each tick's stack of layer activations from the layer loop's stack (both
+    # loops are in the compiled step): one more write and read of what the layers keep, per token.
+    m = models.preset("llama-7b").replace(dtype="bfloat16")
+    w, cluster = Workload(m, 64, 4096, "gpu"), cluster_preset("h100-64")
+    bandwidth = cluster.device.hbm_bandwidth
+    for remat in ("none", "full"):
+        kept = remat_bytes_per_token(remat, m, 1, 2.0)
+        flat, piped, recomputed = (layer_times(Candidate(stages=s, microbatches=8, fsdp=8, remat=remat,
+                                                         stage_remat=r), w, cluster, m)["memory"]
+                                   for s, r in ((1, False), (8, False), (8, True)))
+        assert piped - flat == pytest.approx(2 * kept / bandwidth)
+        assert recomputed > flat  # stage_remat: the stage's forward again, its stack once
 
 
 def test_sequence_parallelism_splits_the_residual_streams_memory_and_work():
