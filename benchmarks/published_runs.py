@@ -123,8 +123,7 @@ def maxtext_model(scale: int) -> ModelConfig:
                        dtype="bfloat16", attention_impl="flash")
 
 
-# (scale, cluster, tensor, per-device batch, remat, TFLOP/s per chip). 32B on v5p-128: the config's
-# batch as it stands, 6 (earlier revisions: 7, at which fax's step needs 98.1 GiB of the 95.7 XLA may use).
+# (scale, cluster, tensor, per-device batch, remat, TFLOP/s per chip), the configs as they stand (see above)
 MAXTEXT_RUNS = (
     (32, "v5p-128", 4, 6, "dots_with_no_batch_dims_saveable", 328),
     (64, "v5p-128", 4, 3, "dots_with_no_batch_dims_saveable", 323),
